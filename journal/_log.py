@@ -1,0 +1,519 @@
+"""The journal's synchronous core: recovery, batch writes, rotation, reads, compaction.
+
+Blocking on purpose. Exactly one thread writes (the owner thread of ``_journal.Journal``,
+or a test or command-line tool calling it directly); reads may come from any thread. Every
+public method raises ``JournalFatalError`` once the log is poisoned.
+
+Durability rules kept here (ARCHITECTURE.md section 2):
+
+* a batch is written whole, then fsynced once; positions are returned only after the fsync;
+* a failed fsync, or a failed write that is not ENOSPC, poisons the log for good;
+* ENOSPC during a write truncates the partial batch away and fsyncs the truncation, so no
+  frame of a failed append can come back after a crash; the log stays usable;
+* a new segment (header written, file fsynced) counts only after its directory is fsynced;
+* at open, the newest segment and the directory are fsynced before the first batch, because
+  after ``kill -9`` what recovery read may still be only in the page cache, and the next sync
+  mark must not vouch for bytes that are not on disk yet.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import posixpath
+import threading
+from array import array
+from collections.abc import Container, Generator, Iterable, Iterator, Sequence
+from typing import Final
+
+import attrs
+
+from journal._format import (
+    FRAME_HEADER_SIZE,
+    HEADER_SIZE,
+    MARK_TYPE,
+    SegmentHeader,
+    decode_frame,
+    encode_frame,
+    encode_header,
+    encode_mark,
+    parse_segment_name,
+    segment_name,
+)
+from journal._fs import FS, File
+from journal._segment import SegmentScan, TornTail, scan_segment
+from journal.errors import (
+    CorruptJournalError,
+    JournalClosedError,
+    JournalFatalError,
+    JournalFullError,
+    RecordTooLargeError,
+)
+
+log = logging.getLogger("journal")
+
+DEFAULT_SEGMENT_SIZE: Final = 64 * 1024 * 1024
+DEFAULT_MAX_RECORD_SIZE: Final = 64 * 1024 * 1024
+COMPACTION_CHUNK: Final = 4 * 1024 * 1024  # bytes copied per step, so appends interleave
+
+
+@attrs.frozen(order=True)
+class Position:
+    """Where a record stands: segment number and the frame's offset in it."""
+
+    segment: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.segment}:{self.offset}"
+
+
+@attrs.frozen
+class Record:
+    seq: int
+    type: int
+    payload: bytes
+    position: Position
+
+
+@attrs.frozen
+class RecoveryReport:
+    segments: int
+    records: int
+    bytes: int
+    torn: TornTail | None = None
+    broken_path: str | None = None
+
+
+@attrs.frozen
+class Compaction:
+    removed_segments: tuple[int, ...]
+    copied: int
+    relocated: dict[Position, Position]
+
+
+def _check_type(rtype: int) -> None:
+    if not 1 <= rtype <= 255:
+        raise ValueError(f"record type must be 1..255 (0 is the journal's own), got {rtype}")
+
+
+def _unique_path(fs: FS, path: str) -> str:
+    candidate, n = path, 0
+    while fs.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
+
+
+class Log:
+    def __init__(self, fs: FS, directory: str, segment_size: int, max_record_size: int) -> None:
+        self.fs = fs
+        self.directory = directory
+        self.segment_size = segment_size
+        self.max_record_size = max_record_size
+        self._index: dict[int, SegmentScan] = {}
+        self._lock = threading.Lock()  # guards _index and _relocated against readers
+        self._relocated: dict[Position, Position] = {}
+        self._active: File | None = None
+        self._active_number = 0
+        self._active_size = 0
+        self._attested = 0  # durable_end of the newest sync mark in the active segment
+        self._next_seq = 1
+        self._poison: BaseException | None = None
+        self._closed = False
+        self.syncs = 0  # file fsyncs done by this log: the benchmark reads it
+
+    # -- opening and recovery --------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        fs: FS,
+        directory: str,
+        *,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+    ) -> tuple[Log, RecoveryReport]:
+        """Open (creating if needed) and recover the journal in ``directory``.
+
+        Raises ``CorruptJournalError`` without modifying anything when acknowledged bytes
+        are damaged; repairs a torn tail of the newest segment (saved to ``*.broken``).
+        """
+        self = cls(fs, directory, segment_size, max_record_size)
+        if not fs.exists(directory):
+            fs.mkdir(directory)
+            fs.sync_dir(posixpath.dirname(posixpath.abspath(directory)) or "/")
+        numbers = sorted(
+            n for n in (parse_segment_name(name) for name in fs.listdir(directory)) if n
+        )
+        scans = [
+            scan_segment(
+                fs.read_file(self._path(n)),
+                n,
+                newest=(i == len(numbers) - 1),
+                max_record_size=max_record_size,
+            )
+            for i, n in enumerate(numbers)
+        ]
+        torn = scans[-1].torn if scans else None
+        broken = self._repair(scans[-1]) if scans and torn is not None else None
+        if scans and scans[-1].header is None:
+            scans.pop()
+        for scan in scans:
+            self._index[scan.number] = scan
+            self._next_seq = max(self._next_seq, scan.newest_seq + 1)
+        if scans:
+            last = scans[-1]
+            self._active_number = last.number
+            self._active = fs.open(self._path(last.number))
+            self._active_size = last.valid_end
+            self._sync(self._active)
+            fs.sync_dir(directory)
+        else:
+            self._new_segment(numbers[-1] if numbers else 1)
+        report = RecoveryReport(
+            segments=len(self._index),
+            records=sum(s.records for s in self._index.values()),
+            bytes=sum(s.valid_end for s in self._index.values()),
+            torn=torn,
+            broken_path=broken,
+        )
+        return self, report
+
+    def _repair(self, scan: SegmentScan) -> str:
+        """Save a torn tail to ``<segment>.broken`` (durably), then cut it off (durably)."""
+        assert scan.torn is not None
+        path = self._path(scan.number)
+        data = self.fs.read_file(path)
+        broken = _unique_path(self.fs, path + ".broken")
+        f = self.fs.create(broken)
+        try:
+            f.append(data[scan.torn.offset :])
+            self._sync(f)
+        finally:
+            f.close()
+        if scan.header is None:
+            self.fs.remove(path)
+        else:
+            seg = self.fs.open(path)
+            try:
+                seg.truncate(scan.torn.offset)
+                self._sync(seg)
+            finally:
+                seg.close()
+        self.fs.sync_dir(self.directory)
+        log.warning(
+            "journal: torn tail in segment %d at offset %d (%d bytes, never acknowledged) "
+            "saved to %s and truncated",
+            scan.number,
+            scan.torn.offset,
+            scan.torn.length,
+            broken,
+        )
+        return broken
+
+    # -- helpers -----------------------------------------------------------------------
+    def _path(self, number: int) -> str:
+        return posixpath.join(self.directory, segment_name(number))
+
+    def _check_usable(self) -> None:
+        if self._poison is not None:
+            raise JournalFatalError(
+                "journal poisoned by an earlier I/O failure; restart to re-read the disk"
+            ) from self._poison
+        if self._closed:
+            raise JournalClosedError("journal is closed")
+
+    def _poisoned(self, exc: BaseException) -> JournalFatalError:
+        self._poison = exc
+        log.critical("journal: I/O failure, no more writes until restart: %s", exc)
+        return JournalFatalError(f"journal write failed, durability unknown: {exc}")
+
+    def _sync(self, f: File) -> None:
+        f.sync()
+        self.syncs += 1
+
+    def _new_segment(self, number: int) -> None:
+        path = self._path(number)
+        f = self.fs.create(path)
+        try:
+            f.append(encode_header(SegmentHeader(number=number, first_seq=self._next_seq)))
+            self._sync(f)
+            self.fs.sync_dir(self.directory)
+        except BaseException:
+            f.close()
+            raise
+        old, self._active = self._active, f
+        if old is not None:
+            old.close()
+        scan = SegmentScan(
+            number=number,
+            header=SegmentHeader(number, self._next_seq),
+            size=HEADER_SIZE,
+            valid_end=HEADER_SIZE,
+        )
+        with self._lock:
+            self._index[number] = scan
+        self._active_number = number
+        self._active_size = HEADER_SIZE
+        self._attested = 0
+
+    # -- writing (owner thread only) -----------------------------------------------
+    @property
+    def active_segment(self) -> int:
+        return self._active_number
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    def rotate(self) -> int:
+        """Seal the active segment and start the next; returns the new segment's number."""
+        self._check_usable()
+        number = self._active_number + 1
+        try:
+            self._new_segment(number)
+        except OSError as exc:
+            self._rotation_failed(number, exc)
+        return number
+
+    def _rotation_failed(self, number: int, exc: OSError) -> None:
+        if exc.errno == errno.ENOSPC:
+            try:
+                if self.fs.exists(self._path(number)):
+                    self.fs.remove(self._path(number))
+                    self.fs.sync_dir(self.directory)
+            except OSError as cleanup:
+                raise self._poisoned(cleanup) from exc
+            raise JournalFullError("no space left for a new journal segment") from exc
+        raise self._poisoned(exc) from exc
+
+    def write_batch(self, items: Sequence[tuple[int, bytes]]) -> list[Position]:
+        """Append new records (type, payload) as one batch; return their positions once
+        fsynced. Raises RecordTooLargeError, JournalFullError or JournalFatalError."""
+        for rtype, payload in items:
+            _check_type(rtype)
+            if len(payload) > self.max_record_size:
+                raise RecordTooLargeError(
+                    f"record of {len(payload)} bytes over the limit of {self.max_record_size}"
+                )
+        first = self._next_seq
+        return self._write([(first + i, t, p) for i, (t, p) in enumerate(items)], new=True)
+
+    def _write(self, items: Sequence[tuple[int, int, bytes]], *, new: bool) -> list[Position]:
+        self._check_usable()
+        if not items:
+            return []
+        batch_bytes = sum(FRAME_HEADER_SIZE + len(p) for _, _, p in items)
+        if self._active_size > HEADER_SIZE and self._active_size + batch_bytes > self.segment_size:
+            self.rotate()
+        start = self._active_size
+        newest = self._next_seq - 1
+        frames = [encode_mark(newest, start)]
+        offsets = []
+        offset = start + len(frames[0])
+        for seq, rtype, payload in items:
+            frame = encode_frame(seq, rtype, payload)
+            frames.append(frame)
+            offsets.append(offset)
+            offset += len(frame)
+        assert self._active is not None
+        try:
+            self._active.append(b"".join(frames))
+        except OSError as exc:
+            self._write_failed(start, exc)
+        try:
+            self._sync(self._active)
+        except OSError as exc:
+            raise self._poisoned(exc) from exc
+        self._active_size = offset
+        self._attested = start
+        scan = self._index[self._active_number]
+        with self._lock:
+            for (seq, rtype, payload), off in zip(items, offsets, strict=True):
+                scan.seqs.append(seq)
+                scan.offsets.append(off)
+                scan.lengths.append(len(payload))
+                scan.types.append(rtype)
+            scan.valid_end = scan.size = offset
+        if new:
+            self._next_seq = items[-1][0] + 1
+        return [Position(self._active_number, off) for off in offsets]
+
+    def _write_failed(self, start: int, exc: OSError) -> None:
+        if exc.errno != errno.ENOSPC:
+            raise self._poisoned(exc) from exc
+        assert self._active is not None
+        try:
+            self._active.truncate(start)
+            self._sync(self._active)
+        except OSError as cleanup:
+            raise self._poisoned(cleanup) from exc
+        raise JournalFullError("no space left on the journal's disk; append refused") from exc
+
+    def close(self) -> None:
+        """Attest everything written with a final sync mark, then close. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self._poison is None and self._active is not None:
+                if self._active_size > max(self._attested, HEADER_SIZE):
+                    mark = encode_mark(self._next_seq - 1, self._active_size)
+                    try:
+                        self._active.append(mark)
+                        self._sync(self._active)
+                    except OSError as exc:
+                        raise self._poisoned(exc) from exc
+                    self._active_size += len(mark)
+                    self._attested = self._active_size
+        finally:
+            self._closed = True
+            if self._active is not None:
+                self._active.close()
+                self._active = None
+
+    # -- reading (any thread) --------------------------------------------------------
+    def _read_frame(self, f: File, pos: Position, length: int | None) -> Record:
+        if length is None:
+            head = f.pread(pos.offset, FRAME_HEADER_SIZE)
+            length = int.from_bytes(head[:4], "little") if len(head) == FRAME_HEADER_SIZE else 0
+        data = f.pread(pos.offset, FRAME_HEADER_SIZE + min(length, self.max_record_size))
+        frame = decode_frame(data, 0, self.max_record_size)
+        if frame is None or frame.type == MARK_TYPE:
+            raise CorruptJournalError(pos.segment, pos.offset, "no valid record at this position")
+        payload = data[frame.payload_offset : frame.end]
+        return Record(seq=frame.seq, type=frame.type, payload=payload, position=pos)
+
+    def read(self, position: Position) -> Record:
+        """The record at ``position`` (following a move made by the last compaction)."""
+        self._check_usable()
+        for _ in range(2):
+            with self._lock:
+                pos = self._relocated.get(position, position)
+            try:
+                f = self.fs.open(self._path(pos.segment))
+            except FileNotFoundError:
+                continue  # compacted away while we looked: the relocation is there now
+            try:
+                return self._read_frame(f, pos, None)
+            finally:
+                f.close()
+        raise KeyError(f"no record at {position}: its segment was compacted away")
+
+    def records(self) -> Iterator[Record]:
+        """Every record, each seq once, in seq order (copies made by compaction included)."""
+        self._check_usable()
+        with self._lock:
+            runs = [
+                _runs(n, s.seqs[:], s.offsets[:], s.lengths[:])
+                for n, s in sorted(self._index.items())
+            ]
+        files: dict[int, File] = {}
+        try:
+            last = 0
+            for seq, segment, offset, length in heapq.merge(*runs):
+                if seq == last:
+                    continue  # a copy whose original (or another copy) was already yielded
+                last = seq
+                f = files.get(segment)
+                if f is None:
+                    f = files[segment] = self.fs.open(self._path(segment))
+                record = self._read_frame(f, Position(segment, offset), length)
+                if record.seq != seq:
+                    raise CorruptJournalError(segment, offset, "record changed since it was read")
+                yield record
+        finally:
+            for f in files.values():
+                f.close()
+
+    def stats(self) -> dict[int, SegmentScan]:
+        with self._lock:
+            return dict(self._index)
+
+    # -- compaction (owner thread) -------------------------------------------------
+    def compact_steps(self, live: Container[Position]) -> Generator[None, None, Compaction]:
+        """Copy the live records of every sealed segment forward, then delete those segments.
+
+        A generator: each ``next()`` copies about COMPACTION_CHUNK bytes, so the owner thread
+        can write waiting batches between steps. Copies keep their seq, so a crash at any point
+        leaves at worst duplicates, which replay drops. Segments are removed oldest first, the
+        directory fsynced after each, so a crash leaves a suffix of them: a record made dead by
+        a later record never comes back without that later record.
+        """
+        self._check_usable()
+        sealed = sorted(n for n in self._index if n != self._active_number)
+        wanted: list[tuple[int, int, int]] = []
+        for n in sealed:
+            scan = self._index[n]
+            wanted.extend(
+                (seq, n, off)
+                for seq, off in zip(scan.seqs, scan.offsets, strict=True)
+                if Position(n, off) in live
+            )
+        wanted.sort()
+        relocated: dict[Position, Position] = {}
+        files: dict[int, File] = {}
+        try:
+            chunk: list[tuple[Position, Record]] = []
+            size = 0
+            previous = 0
+            for seq, n, off in wanted:
+                if seq == previous:
+                    continue  # the caller named a record and its copy: one is enough
+                previous = seq
+                f = files.get(n)
+                if f is None:
+                    f = files[n] = self.fs.open(self._path(n))
+                rec = self._read_frame(f, Position(n, off), None)
+                chunk.append((Position(n, off), rec))
+                size += len(rec.payload)
+                if size >= COMPACTION_CHUNK:
+                    relocated.update(self._copy(chunk))
+                    chunk, size = [], 0
+                    yield
+            relocated.update(self._copy(chunk))
+        finally:
+            for f in files.values():
+                f.close()
+        with self._lock:
+            self._relocated = dict(relocated)
+        for n in sealed:
+            try:
+                self.fs.remove(self._path(n))
+                self.fs.sync_dir(self.directory)
+            except OSError as exc:
+                raise self._poisoned(exc) from exc
+            with self._lock:
+                del self._index[n]
+        return Compaction(tuple(sealed), len(relocated), relocated)
+
+    def _copy(self, chunk: list[tuple[Position, Record]]) -> Iterable[tuple[Position, Position]]:
+        if not chunk:
+            return []
+        items = [(r.seq, r.type, r.payload) for _, r in chunk]
+        new_positions = self._write(items, new=False)
+        return zip((old for old, _ in chunk), new_positions, strict=True)
+
+    def compact(self, live: Container[Position]) -> Compaction:
+        """``compact_steps`` run to the end, for callers without an owner thread."""
+        steps = self.compact_steps(live)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                result: Compaction = stop.value
+                return result
+
+
+def _runs(
+    segment: int, seqs: array[int], offsets: array[int], lengths: array[int]
+) -> Iterator[tuple[int, int, int, int]]:
+    """A segment's records as one sorted stream (it holds a few sorted runs: copies, new)."""
+    starts = [0] + [i for i in range(1, len(seqs)) if seqs[i] <= seqs[i - 1]] + [len(seqs)]
+    streams = [
+        ((seqs[i], segment, offsets[i], lengths[i]) for i in range(a, b))
+        for a, b in zip(starts, starts[1:], strict=False)
+        if a < b
+    ]
+    return heapq.merge(*streams)
+
