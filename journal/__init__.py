@@ -16,6 +16,7 @@ from journal.errors import (
     JournalError,
     JournalFatalError,
     JournalFullError,
+    JournalReadError,
     RecordTooLargeError,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "JournalError",
     "JournalFatalError",
     "JournalFullError",
+    "JournalReadError",
     "Log",
     "OsFS",
     "Position",

@@ -50,7 +50,8 @@ class FS(Protocol):
     def exists(self, path: str) -> bool: ...
 
     def mkdir(self, path: str) -> None:
-        """Create one directory level; do nothing if it exists."""
+        """Create one directory (its parent must exist); do nothing if it exists. Not
+        durable until the parent directory is synced."""
 
     def remove(self, path: str) -> None: ...
 
@@ -130,7 +131,11 @@ class OsFS:
         return os.path.exists(path)
 
     def mkdir(self, path: str) -> None:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(path, mode=0o700)
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise
 
     def remove(self, path: str) -> None:
         os.remove(path)

@@ -98,6 +98,7 @@ class Journal:
         self._jobs: collections.deque[_Job] = collections.deque()
         self._closing = False
         self._stopped = trio.Event()
+        self._close_error: JournalError | None = None
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self.batches = 0
         self.appends = 0
@@ -146,12 +147,12 @@ class Journal:
         """Seal the active segment; returns the number of the new one."""
         return await self._job(_step_once(partial(self._log.rotate)))  # type: ignore[no-any-return]
 
-    async def compact(self, live: Container[Position]) -> Compaction:
-        """Copy the records at ``live`` positions out of every sealed segment, then delete the
-        sealed segments. Returns where each copied record now stands (``relocated``); until
+    async def compact(self, dead: Container[Position]) -> Compaction:
+        """Copy every record not named ``dead`` out of the sealed segments, then delete the
+        sealed segments (a record the caller has not heard of yet is kept). Returns where each copied record now stands (``relocated``); until
         the next compaction, ``read()`` of an old position follows the move. Appends keep
         flowing between compaction steps."""
-        return await self._job(self._log.compact_steps(live))  # type: ignore[no-any-return]
+        return await self._job(self._log.compact_steps(dead))  # type: ignore[no-any-return]
 
     async def read(self, position: Position) -> Record:
         """One record by position, read in a worker thread."""
@@ -181,7 +182,10 @@ class Journal:
 
     async def aclose(self) -> None:
         """Stop taking appends, let the owner thread write what it holds, attest it with a
-        final sync mark, and close the files. Waits at most CLOSE_TIMEOUT, even if cancelled."""
+        final sync mark, and close the files. Waits at most CLOSE_TIMEOUT, even if cancelled.
+
+        Raises ``JournalFatalError`` once if the final mark could not be written: every
+        acknowledged record was already durable, but the disk is failing."""
         with self._cv:
             already = self._closing
             self._closing = True
@@ -192,6 +196,9 @@ class Journal:
             await self._stopped.wait()
         if scope.cancelled_caught:
             log.error("journal: writer thread did not finish within %ss", CLOSE_TIMEOUT)
+        if self._close_error is not None:
+            error, self._close_error = self._close_error, None
+            _reraise(error)
 
     # -- the owner thread ----------------------------------------------------------
     def _start(self) -> None:
@@ -222,7 +229,7 @@ class Journal:
             try:
                 self._log.close()
             except JournalError as exc:
-                log.error("journal: closing failed: %s", exc)
+                self._close_error = exc
             self._token.run_sync_soon(self._finish, self._stopped)
 
     def _write(self, batch: _Batch) -> None:

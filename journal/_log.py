@@ -48,6 +48,7 @@ from journal.errors import (
     JournalClosedError,
     JournalFatalError,
     JournalFullError,
+    JournalReadError,
     RecordTooLargeError,
 )
 
@@ -98,6 +99,37 @@ def _check_type(rtype: int) -> None:
         raise ValueError(f"record type must be 1..255 (0 is the journal's own), got {rtype}")
 
 
+def _make_dirs(fs: FS, directory: str) -> None:
+    """Create ``directory`` and any missing parents, then fsync it and every ancestor.
+
+    A directory entry is no more durable than a file's until its parent is synced, and an
+    existing directory is no proof: an earlier run may have died between its mkdir and the
+    sync. So every open syncs the whole chain, a few directory fsyncs at startup.
+    """
+    chain = []
+    path = posixpath.abspath(directory)
+    while True:
+        chain.append(path)
+        parent = posixpath.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for path in reversed(chain):  # root first
+        if not fs.exists(path):
+            fs.mkdir(path)
+    for path in chain:  # the journal directory first, then up to the root
+        fs.sync_dir(path)
+
+
+def _close_quietly(f: File) -> None:
+    """Close a handle whose data is already synced (or no longer matters): a failing close
+    changes nothing durable, so it is logged, not raised."""
+    try:
+        f.close()
+    except OSError as exc:
+        log.warning("journal: closing a file failed: %s", exc)
+
+
 def _unique_path(fs: FS, path: str) -> str:
     candidate, n = path, 0
     while fs.exists(candidate):
@@ -138,11 +170,19 @@ class Log:
 
         Raises ``CorruptJournalError`` without modifying anything when acknowledged bytes
         are damaged; repairs a torn tail of the newest segment (saved to ``*.broken``).
+        Raises ``JournalFatalError`` when the disk fails during recovery.
         """
+        try:
+            return cls._open(fs, directory, segment_size, max_record_size)
+        except OSError as exc:
+            raise JournalFatalError(f"cannot open the journal in {directory}: {exc}") from exc
+
+    @classmethod
+    def _open(
+        cls, fs: FS, directory: str, segment_size: int, max_record_size: int
+    ) -> tuple[Log, RecoveryReport]:
         self = cls(fs, directory, segment_size, max_record_size)
-        if not fs.exists(directory):
-            fs.mkdir(directory)
-            fs.sync_dir(posixpath.dirname(posixpath.abspath(directory)) or "/")
+        _make_dirs(fs, directory)
         numbers = sorted(
             n for n in (parse_segment_name(name) for name in fs.listdir(directory)) if n
         )
@@ -191,7 +231,7 @@ class Log:
             f.append(data[scan.torn.offset :])
             self._sync(f)
         finally:
-            f.close()
+            _close_quietly(f)
         if scan.header is None:
             self.fs.remove(path)
         else:
@@ -200,7 +240,7 @@ class Log:
                 seg.truncate(scan.torn.offset)
                 self._sync(seg)
             finally:
-                seg.close()
+                _close_quietly(seg)
         self.fs.sync_dir(self.directory)
         log.warning(
             "journal: torn tail in segment %d at offset %d (%d bytes, never acknowledged) "
@@ -241,11 +281,11 @@ class Log:
             self._sync(f)
             self.fs.sync_dir(self.directory)
         except BaseException:
-            f.close()
+            _close_quietly(f)
             raise
         old, self._active = self._active, f
         if old is not None:
-            old.close()
+            _close_quietly(old)
         scan = SegmentScan(
             number=number,
             header=SegmentHeader(number, self._next_seq),
@@ -369,7 +409,7 @@ class Log:
         finally:
             self._closed = True
             if self._active is not None:
-                self._active.close()
+                _close_quietly(self._active)
                 self._active = None
 
     # -- reading (any thread) --------------------------------------------------------
@@ -394,10 +434,14 @@ class Log:
                 f = self.fs.open(self._path(pos.segment))
             except FileNotFoundError:
                 continue  # compacted away while we looked: the relocation is there now
+            except OSError as exc:
+                raise JournalReadError(f"cannot read the record at {pos}: {exc}") from exc
             try:
                 return self._read_frame(f, pos, None)
+            except OSError as exc:
+                raise JournalReadError(f"cannot read the record at {pos}: {exc}") from exc
             finally:
-                f.close()
+                _close_quietly(f)
         raise KeyError(f"no record at {position}: its segment was compacted away")
 
     def records(self) -> Iterator[Record]:
@@ -415,24 +459,32 @@ class Log:
                 if seq == last:
                     continue  # a copy whose original (or another copy) was already yielded
                 last = seq
-                f = files.get(segment)
-                if f is None:
-                    f = files[segment] = self.fs.open(self._path(segment))
-                record = self._read_frame(f, Position(segment, offset), length)
+                try:
+                    f = files.get(segment)
+                    if f is None:
+                        f = files[segment] = self.fs.open(self._path(segment))
+                    record = self._read_frame(f, Position(segment, offset), length)
+                except OSError as exc:
+                    raise JournalReadError(f"replay failed in segment {segment}: {exc}") from exc
                 if record.seq != seq:
                     raise CorruptJournalError(segment, offset, "record changed since it was read")
                 yield record
         finally:
             for f in files.values():
-                f.close()
+                _close_quietly(f)
 
     def stats(self) -> dict[int, SegmentScan]:
         with self._lock:
             return dict(self._index)
 
     # -- compaction (owner thread) -------------------------------------------------
-    def compact_steps(self, live: Container[Position]) -> Generator[None, None, Compaction]:
-        """Copy the live records of every sealed segment forward, then delete those segments.
+    def compact_steps(self, dead: Container[Position]) -> Generator[None, None, Compaction]:
+        """Copy every record of the sealed segments that is not named ``dead`` forward, then
+        delete those segments.
+
+        The caller names what is dead, not what is live, so a record it has not heard of yet
+        (its append completed, its task not yet resumed) is kept: forgetting costs disk, never
+        an acknowledged record.
 
         A generator: each ``next()`` copies about COMPACTION_CHUNK bytes, so the owner thread
         can write waiting batches between steps. Copies keep their seq, so a crash at any point
@@ -448,7 +500,7 @@ class Log:
             wanted.extend(
                 (seq, n, off)
                 for seq, off in zip(scan.seqs, scan.offsets, strict=True)
-                if Position(n, off) in live
+                if Position(n, off) not in dead
             )
         wanted.sort()
         relocated: dict[Position, Position] = {}
@@ -459,12 +511,15 @@ class Log:
             previous = 0
             for seq, n, off in wanted:
                 if seq == previous:
-                    continue  # the caller named a record and its copy: one is enough
+                    continue  # a record and its copy both survived a crash: one is enough
                 previous = seq
-                f = files.get(n)
-                if f is None:
-                    f = files[n] = self.fs.open(self._path(n))
-                rec = self._read_frame(f, Position(n, off), None)
+                try:
+                    f = files.get(n)
+                    if f is None:
+                        f = files[n] = self.fs.open(self._path(n))
+                    rec = self._read_frame(f, Position(n, off), None)
+                except OSError as exc:
+                    raise JournalReadError(f"compaction could not read {n}:{off}: {exc}") from exc
                 chunk.append((Position(n, off), rec))
                 size += len(rec.payload)
                 if size >= COMPACTION_CHUNK:
@@ -474,7 +529,7 @@ class Log:
             relocated.update(self._copy(chunk))
         finally:
             for f in files.values():
-                f.close()
+                _close_quietly(f)
         with self._lock:
             self._relocated = dict(relocated)
         for n in sealed:
@@ -494,9 +549,9 @@ class Log:
         new_positions = self._write(items, new=False)
         return zip((old for old, _ in chunk), new_positions, strict=True)
 
-    def compact(self, live: Container[Position]) -> Compaction:
+    def compact(self, dead: Container[Position]) -> Compaction:
         """``compact_steps`` run to the end, for callers without an owner thread."""
-        steps = self.compact_steps(live)
+        steps = self.compact_steps(dead)
         while True:
             try:
                 next(steps)

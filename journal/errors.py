@@ -40,6 +40,11 @@ class JournalFullError(JournalError):
     """
 
 
+class JournalReadError(JournalError):
+    """Reading a record failed with an I/O error. Writes are not affected; the read may be
+    retried, and a persistent failure wants the disk looked at."""
+
+
 class JournalClosedError(JournalError):
     """The journal was closed; no more appends are taken."""
 

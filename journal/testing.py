@@ -155,15 +155,10 @@ class CrashableMemFS:
 
     def mkdir(self, path: str) -> None:
         with self._lock:
-            node = self._root
-            for part in _split(path):
-                child = node.entries.get(part)
-                if child is None:
-                    child = _DirNode()
-                    node.entries[part] = child
-                if not isinstance(child, _DirNode):
-                    raise FileExistsError(errno.EEXIST, "a file is in the way", path)
-                node = child
+            parent, name = self._parent(path)
+            child = parent.entries.setdefault(name, _DirNode())
+            if not isinstance(child, _DirNode):
+                raise FileExistsError(errno.EEXIST, "a file is in the way", path)
 
     def remove(self, path: str) -> None:
         with self._lock:
