@@ -1,0 +1,5 @@
+import sys
+
+from atmosrelay.cli import main
+
+sys.exit(main())

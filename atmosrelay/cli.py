@@ -1,0 +1,163 @@
+"""The ``atmosrelay`` command line.
+
+    atmosrelay serve [--config FILE]           run the relay until SIGTERM/SIGINT
+    atmosrelay journal check DIR [--json]      verify every frame (exit 0 ok, 1 torn, 2 corrupt)
+    atmosrelay journal dump DIR [--json]       one line per record: seq, type, position, size
+    atmosrelay config defaults                 print the embedded default config
+
+Human output by default, ``--json`` for scripts. Every refusal is one line on stderr that says
+what is wrong and what to do, with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from atmosrelay import __version__
+from atmosrelay.config import DEFAULTS_TOML, ConfigError, load_config
+from atmosrelay.runtime import run_relay
+from journal import CorruptJournalError, JournalError, check_journal, dump_journal
+
+EXIT_USAGE = 64  # sysexits EX_USAGE: bad config or arguments
+EXIT_CORRUPT = 2
+
+
+def _err(message: str) -> None:
+    print(f"atmosrelay: {message}", file=sys.stderr)
+
+
+def _announce(message: str) -> None:
+    print(f"atmosrelay: {message}", flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=config.relay.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    _announce(f"config: {config.source}; data directory {config.relay.data_dir}")
+    try:
+        trio.run(lambda: run_relay(config, announce=_announce))
+    except CorruptJournalError as exc:
+        _err(f"{exc}")
+        _err(
+            f"refusing to start: acknowledged mail may be damaged. Inspect it with "
+            f"'atmosrelay journal check {config.journal_dir}'; nothing was modified."
+        )
+        return EXIT_CORRUPT
+    except JournalError as exc:
+        _err(f"journal failure: {exc}")
+        return 1
+    return 0
+
+
+def cmd_journal_check(args: argparse.Namespace) -> int:
+    try:
+        report = check_journal(args.dir)
+    except FileNotFoundError:
+        _err(f"no journal directory at {args.dir}")
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return report.exit_code
+    print(f"journal {args.dir}")
+    for seg in report.segments:
+        seqs = "" if seg.first_seq is None else f" seq {seg.first_seq}..{seg.last_seq}"
+        print(f"  segment {seg.number}: {seg.records} records, {seg.bytes} bytes{seqs}")
+    print(f"  total: {len(report.segments)} segments, {report.records} records, {report.bytes} bytes")
+    if report.broken_files:
+        print(f"  saved torn tails: {', '.join(report.broken_files)}")
+    if report.corruption is not None:
+        c = report.corruption
+        print(f"CORRUPT: segment {c.segment} at offset {c.offset}: {c.reason}")
+    elif report.torn is not None:
+        t = report.torn
+        print(
+            f"TORN TAIL: segment {t.segment} at offset {t.offset}, {t.length} bytes never "
+            "acknowledged; the next start saves them to .broken and truncates"
+        )
+    else:
+        print("healthy")
+    return report.exit_code
+
+
+def cmd_journal_dump(args: argparse.Namespace) -> int:
+    try:
+        for line in dump_journal(args.dir):
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "seq": line.seq,
+                            "type": line.type,
+                            "segment": line.position.segment,
+                            "offset": line.position.offset,
+                            "size": line.size,
+                        }
+                    )
+                )
+            else:
+                print(f"{line.seq}\ttype={line.type}\t{line.position}\t{line.size}")
+    except FileNotFoundError:
+        _err(f"no journal directory at {args.dir}")
+        return EXIT_USAGE
+    except CorruptJournalError as exc:
+        _err(str(exc))
+        return EXIT_CORRUPT
+    except BrokenPipeError:  # `| head` closed the pipe: not an error
+        return 0
+    return 0
+
+
+def cmd_config_defaults(args: argparse.Namespace) -> int:
+    print(DEFAULTS_TOML, end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atmosrelay", description="SMTP submission relay for atproto identities."
+    )
+    parser.add_argument("--version", action="version", version=f"atmosrelay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the relay until SIGTERM or SIGINT")
+    serve.add_argument("--config", help="TOML config file (default: $ATMOSRELAY_CONFIG)")
+    serve.set_defaults(func=cmd_serve)
+
+    journal = sub.add_parser("journal", help="inspect a journal directory (read-only)")
+    jsub = journal.add_subparsers(dest="journal_command", required=True, metavar="ACTION")
+    check = jsub.add_parser("check", help="verify every frame; exit 0 ok, 1 torn, 2 corrupt")
+    check.add_argument("dir")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(func=cmd_journal_check)
+    dump = jsub.add_parser("dump", help="one line per record: seq, type, position, size")
+    dump.add_argument("dir")
+    dump.add_argument("--json", action="store_true")
+    dump.set_defaults(func=cmd_journal_dump)
+
+    config = sub.add_parser("config", help="configuration helpers")
+    csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    defaults = csub.add_parser("defaults", help="print the embedded default config")
+    defaults.set_defaults(func=cmd_config_defaults)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

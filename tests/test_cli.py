@@ -1,0 +1,175 @@
+"""The command line through its real entry point (``python -m atmosrelay``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from journal import Log, OsFS
+from journal._format import FRAME_HEADER_SIZE, segment_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "atmosrelay", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+
+
+def make_journal(directory: Path, n: int = 10) -> list[int]:
+    log, _ = Log.open(OsFS(), str(directory), segment_size=64 * 1024)
+    offsets = [log.write_batch([(1 + i % 2, b"record %d" % i + b"." * 500)])[0].offset for i in range(n)]
+    return offsets  # not closed: like a crash, so the last batch is not attested
+
+
+def test_check_healthy_journal(tmp_path: Path) -> None:
+    make_journal(tmp_path / "j")
+    result = run("journal", "check", str(tmp_path / "j"))
+    assert result.returncode == 0, result.stderr
+    assert "10 records" in result.stdout and "healthy" in result.stdout
+    data = json.loads(run("journal", "check", str(tmp_path / "j"), "--json").stdout)
+    assert data["status"] == "healthy" and data["records"] == 10
+
+
+def test_check_torn_tail_exits_1_and_modifies_nothing(tmp_path: Path) -> None:
+    offsets = make_journal(tmp_path / "j")
+    seg = tmp_path / "j" / segment_name(1)
+    seg.write_bytes(seg.read_bytes()[: offsets[-1] + FRAME_HEADER_SIZE + 3])
+    before = seg.read_bytes()
+    result = run("journal", "check", str(tmp_path / "j"), "--json")
+    assert result.returncode == 1
+    data = json.loads(result.stdout)
+    assert data["status"] == "torn-tail"
+    assert data["torn_tail"]["offset"] == offsets[-1]
+    assert seg.read_bytes() == before
+
+
+def test_check_corruption_exits_2_with_segment_and_offset(tmp_path: Path) -> None:
+    offsets = make_journal(tmp_path / "j")
+    seg = tmp_path / "j" / segment_name(1)
+    data = bytearray(seg.read_bytes())
+    data[offsets[3] + FRAME_HEADER_SIZE + 2] ^= 1
+    seg.write_bytes(bytes(data))
+    result = run("journal", "check", str(tmp_path / "j"))
+    assert result.returncode == 2
+    assert f"CORRUPT: segment 1 at offset {offsets[3]}" in result.stdout
+
+
+def test_dump_lists_every_record(tmp_path: Path) -> None:
+    offsets = make_journal(tmp_path / "j", n=5)
+    result = run("journal", "dump", str(tmp_path / "j"))
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[2] for line in lines] == [f"1:{o}" for o in offsets]
+    js = [json.loads(x) for x in run("journal", "dump", str(tmp_path / "j"), "--json").stdout.splitlines()]
+    assert [(r["seq"], r["type"], r["offset"], r["size"]) for r in js] == [
+        (i + 1, 1 + i % 2, offsets[i], len(b"record %d" % i) + 500) for i in range(5)
+    ]
+
+
+def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    for action in ("check", "dump"):
+        result = run("journal", action, str(tmp_path / "nope"))
+        assert result.returncode == 64
+        assert f"no journal directory at {tmp_path / 'nope'}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[journal]\nsegment_size = "big"\n', "journal.segment_size: expected an integer >= 65536"),
+        ("[journal]\nsegment_size = 10\n", "journal.segment_size: expected an integer >= 65536"),
+        ("[jornal]\n", "jornal: unknown section; known: relay, journal"),
+        ("[relay]\ndata_der = 'x'\n", "relay.data_der: unknown setting"),
+        ("[relay]\nlog_level = 'loud'\n", "relay.log_level: expected one of"),
+        ("[relay\n", "not valid TOML"),
+        ("relay = 3\n", "relay: expected a table"),
+    ],
+)
+def test_invalid_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "relay.toml").write_text(text)
+    result = run("serve", "--config", str(tmp_path / "relay.toml"))
+    assert result.returncode == 64
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreadable_config_and_env_var(tmp_path: Path) -> None:
+    result = run("serve", env={"ATMOSRELAY_CONFIG": str(tmp_path / "missing.toml")})
+    assert result.returncode == 64 and "cannot read" in result.stderr
+
+
+def _serve(tmp_path: Path) -> subprocess.Popen[str]:
+    (tmp_path / "relay.toml").write_text(f'[relay]\ndata_dir = "{tmp_path / "var"}"\n')
+    return subprocess.Popen(
+        [sys.executable, "-m", "atmosrelay", "serve", "--config", str(tmp_path / "relay.toml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def _until_ready(proc: subprocess.Popen[str]) -> list[str]:
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.strip())
+        if "ready" in line:
+            return lines
+    raise AssertionError(f"never ready: {lines} {proc.stderr.read() if proc.stderr else ''}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_recovers_reports_and_stops_on_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    offsets = make_journal(tmp_path / "var" / "journal", n=7)
+    seg = tmp_path / "var" / "journal" / segment_name(1)
+    seg.write_bytes(seg.read_bytes()[: offsets[-1] + 5])  # tear the last record
+    proc = _serve(tmp_path)
+    try:
+        lines = _until_ready(proc)
+        assert any("6 record(s)" in x and "torn tail in segment 1" in x for x in lines), lines
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert f"{sig.name} received" in out and "journal closed" in out
+    check = run("journal", "check", str(tmp_path / "var" / "journal"), "--json")
+    assert check.returncode == 0
+    assert json.loads(check.stdout)["broken_files"] == [segment_name(1) + ".broken"]
+
+
+def test_serve_refuses_a_corrupt_journal_and_modifies_nothing(tmp_path: Path) -> None:
+    offsets = make_journal(tmp_path / "var" / "journal")
+    seg = tmp_path / "var" / "journal" / segment_name(1)
+    data = bytearray(seg.read_bytes())
+    data[offsets[2] + 30] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    proc = _serve(tmp_path)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert f"segment 1 at offset {offsets[2]}" in err
+    assert "atmosrelay journal check" in err
+    assert seg.read_bytes() == bytes(data)
+    assert sorted(os.listdir(tmp_path / "var" / "journal")) == [segment_name(1)]
+
+
+def test_config_defaults_is_valid_and_complete() -> None:
+    result = run("config", "defaults")
+    assert result.returncode == 0
+    assert "segment_size = 67108864" in result.stdout
