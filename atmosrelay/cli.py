@@ -74,7 +74,9 @@ def cmd_journal_check(args: argparse.Namespace) -> int:
     for seg in report.segments:
         seqs = "" if seg.first_seq is None else f" seq {seg.first_seq}..{seg.last_seq}"
         print(f"  segment {seg.number}: {seg.records} records, {seg.bytes} bytes{seqs}")
-    print(f"  total: {len(report.segments)} segments, {report.records} records, {report.bytes} bytes")
+    print(
+        f"  total: {len(report.segments)} segments, {report.records} records, {report.bytes} bytes"
+    )
     if report.broken_files:
         print(f"  saved torn tails: {', '.join(report.broken_files)}")
     if report.corruption is not None:

@@ -125,9 +125,7 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
                 f"journal.max_record_size: expected at most {1024 * MIB} (1 GiB), got {max_record}"
             )
         return Config(
-            relay=RelaySettings(
-                data_dir=Path(_str(relay, "relay", "data_dir")), log_level=level
-            ),
+            relay=RelaySettings(data_dir=Path(_str(relay, "relay", "data_dir")), log_level=level),
             journal=JournalSettings(segment_size=segment_size, max_record_size=max_record),
             source=source,
         )

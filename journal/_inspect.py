@@ -78,9 +78,7 @@ def _scans(fs: FS, directory: str, max_record_size: int) -> Iterator[SegmentScan
     numbers = _numbers(fs, directory)
     for i, n in enumerate(numbers):
         data = fs.read_file(posixpath.join(directory, segment_name(n)))
-        yield scan_segment(
-            data, n, newest=i == len(numbers) - 1, max_record_size=max_record_size
-        )
+        yield scan_segment(data, n, newest=i == len(numbers) - 1, max_record_size=max_record_size)
 
 
 def check_journal(

@@ -23,10 +23,10 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import AsyncIterator, Container, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Container, Generator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 
 import attrs
 import trio
@@ -73,7 +73,7 @@ class _Job:
     error: BaseException | None = None
 
 
-def _step_once(fn: partial[T]) -> Generator[None, None, T]:
+def _step_once(fn: Callable[[], T]) -> Generator[None, None, T]:
     return fn()
     yield  # a generator that finishes in one step
 
@@ -145,14 +145,16 @@ class Journal:
 
     async def rotate(self) -> int:
         """Seal the active segment; returns the number of the new one."""
-        return await self._job(_step_once(partial(self._log.rotate)))  # type: ignore[no-any-return]
+        return cast(int, await self._job(_step_once(self._log.rotate)))
 
     async def compact(self, dead: Container[Position]) -> Compaction:
         """Copy every record not named ``dead`` out of the sealed segments, then delete the
-        sealed segments (a record the caller has not heard of yet is kept). Returns where each copied record now stands (``relocated``); until
-        the next compaction, ``read()`` of an old position follows the move. Appends keep
-        flowing between compaction steps."""
-        return await self._job(self._log.compact_steps(dead))  # type: ignore[no-any-return]
+        sealed segments (a record the caller has not heard of yet is kept).
+
+        Returns where each copied record now stands (``relocated``); until the next
+        compaction, ``read()`` of an old position follows the move. Appends keep flowing
+        between compaction steps."""
+        return cast(Compaction, await self._job(self._log.compact_steps(dead)))
 
     async def read(self, position: Position) -> Record:
         """One record by position, read in a worker thread."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+import itertools
 import logging
 import posixpath
 import threading
@@ -396,16 +397,16 @@ class Log:
         if self._closed:
             return
         try:
-            if self._poison is None and self._active is not None:
-                if self._active_size > max(self._attested, HEADER_SIZE):
-                    mark = encode_mark(self._next_seq - 1, self._active_size)
-                    try:
-                        self._active.append(mark)
-                        self._sync(self._active)
-                    except OSError as exc:
-                        raise self._poisoned(exc) from exc
-                    self._active_size += len(mark)
-                    self._attested = self._active_size
+            unattested = self._active_size > max(self._attested, HEADER_SIZE)
+            if self._poison is None and self._active is not None and unattested:
+                mark = encode_mark(self._next_seq - 1, self._active_size)
+                try:
+                    self._active.append(mark)
+                    self._sync(self._active)
+                except OSError as exc:
+                    raise self._poisoned(exc) from exc
+                self._active_size += len(mark)
+                self._attested = self._active_size
         finally:
             self._closed = True
             if self._active is not None:
@@ -567,8 +568,7 @@ def _runs(
     starts = [0] + [i for i in range(1, len(seqs)) if seqs[i] <= seqs[i - 1]] + [len(seqs)]
     streams = [
         ((seqs[i], segment, offsets[i], lengths[i]) for i in range(a, b))
-        for a, b in zip(starts, starts[1:], strict=False)
+        for a, b in itertools.pairwise(starts)
         if a < b
     ]
     return heapq.merge(*streams)
-

@@ -17,7 +17,9 @@ from journal._format import FRAME_HEADER_SIZE, segment_name
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "atmosrelay", *args],
         capture_output=True,
@@ -30,7 +32,9 @@ def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) 
 
 def make_journal(directory: Path, n: int = 10) -> list[int]:
     log, _ = Log.open(OsFS(), str(directory), segment_size=64 * 1024)
-    offsets = [log.write_batch([(1 + i % 2, b"record %d" % i + b"." * 500)])[0].offset for i in range(n)]
+    offsets = [
+        log.write_batch([(1 + i % 2, b"record %d" % i + b"." * 500)])[0].offset for i in range(n)
+    ]
     return offsets  # not closed: like a crash, so the last batch is not attested
 
 
@@ -38,9 +42,11 @@ def test_check_healthy_journal(tmp_path: Path) -> None:
     make_journal(tmp_path / "j")
     result = run("journal", "check", str(tmp_path / "j"))
     assert result.returncode == 0, result.stderr
-    assert "10 records" in result.stdout and "healthy" in result.stdout
+    assert "10 records" in result.stdout
+    assert "healthy" in result.stdout
     data = json.loads(run("journal", "check", str(tmp_path / "j"), "--json").stdout)
-    assert data["status"] == "healthy" and data["records"] == 10
+    assert data["status"] == "healthy"
+    assert data["records"] == 10
 
 
 def test_check_torn_tail_exits_1_and_modifies_nothing(tmp_path: Path) -> None:
@@ -73,7 +79,10 @@ def test_dump_lists_every_record(tmp_path: Path) -> None:
     assert result.returncode == 0
     lines = result.stdout.splitlines()
     assert [line.split("\t")[2] for line in lines] == [f"1:{o}" for o in offsets]
-    js = [json.loads(x) for x in run("journal", "dump", str(tmp_path / "j"), "--json").stdout.splitlines()]
+    js = [
+        json.loads(x)
+        for x in run("journal", "dump", str(tmp_path / "j"), "--json").stdout.splitlines()
+    ]
     assert [(r["seq"], r["type"], r["offset"], r["size"]) for r in js] == [
         (i + 1, 1 + i % 2, offsets[i], len(b"record %d" % i) + 500) for i in range(5)
     ]
@@ -108,7 +117,8 @@ def test_invalid_config_names_the_key(tmp_path: Path, text: str, message: str) -
 
 def test_unreadable_config_and_env_var(tmp_path: Path) -> None:
     result = run("serve", env={"ATMOSRELAY_CONFIG": str(tmp_path / "missing.toml")})
-    assert result.returncode == 64 and "cannot read" in result.stderr
+    assert result.returncode == 64
+    assert "cannot read" in result.stderr
 
 
 def _serve(tmp_path: Path) -> subprocess.Popen[str]:
@@ -148,7 +158,8 @@ def test_serve_recovers_reports_and_stops_on_signal(tmp_path: Path, sig: signal.
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
-    assert f"{sig.name} received" in out and "journal closed" in out
+    assert f"{sig.name} received" in out
+    assert "journal closed" in out
     check = run("journal", "check", str(tmp_path / "var" / "journal"), "--json")
     assert check.returncode == 0
     assert json.loads(check.stdout)["broken_files"] == [segment_name(1) + ".broken"]
@@ -161,7 +172,7 @@ def test_serve_refuses_a_corrupt_journal_and_modifies_nothing(tmp_path: Path) ->
     data[offsets[2] + 30] ^= 0xFF
     seg.write_bytes(bytes(data))
     proc = _serve(tmp_path)
-    out, err = proc.communicate(timeout=30)
+    _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 2
     assert f"segment 1 at offset {offsets[2]}" in err
     assert "atmosrelay journal check" in err

@@ -122,7 +122,8 @@ def test_last_record_torn_at_every_byte_offset(fill: str) -> None:
         log, report = Log.open(fs, DIR)
         got = [r.payload for r in log.records()]
         assert got == [b"rec-%08d|" % i for i in range(4)], f"cut {cut}"
-        assert report.torn is not None and report.torn.offset == start, f"cut {cut}"
+        assert report.torn is not None
+        assert report.torn.offset == start, f"cut {cut}"
         assert report.broken_path is not None
         assert fs.read_file(report.broken_path) == torn[start:]
         log.write_batch([(3, b"after")])
@@ -151,7 +152,9 @@ def test_flipped_byte_mid_log_is_loud_and_nothing_is_modified(where: str) -> Non
         Log.open(crashed, DIR)
     assert (info.value.segment, info.value.offset) == (target.segment, target.offset)
     after = {n: crashed.read_file(f"{DIR}/{n}") for n in crashed.listdir(DIR)}
-    assert after == before and after[seg] == flipped
+    assert after == before
+    assert after[seg] == flipped
     report = check_journal(DIR, fs=crashed)
     assert report.exit_code == 2
-    assert report.corruption is not None and report.corruption.offset == target.offset
+    assert report.corruption is not None
+    assert report.corruption.offset == target.offset

@@ -110,9 +110,14 @@ async def test_failed_fsync_poisons_and_is_never_retried() -> None:
     async with open_journal(DIR, fs=fs) as journal:
         await journal.append(1, b"first")
         syncs_before = sum(1 for r in fs.log if r.op == "sync")
-        with pytest.raises(JournalFatalError):
-            for i in range(10):
+        errors = []
+        for i in range(10):
+            try:
                 await journal.append(1, b"x%d" % i)
+            except JournalFatalError as exc:
+                errors.append(exc)
+                break
+        assert errors, "the failed fsync was not reported"
         syncs_at_fault = sum(1 for r in fs.log if r.op == "sync")
         for _ in range(3):
             with pytest.raises(JournalFatalError):
@@ -139,7 +144,8 @@ async def test_enospc_fails_the_append_cleanly(nth_write: int) -> None:
                 refused.append(data)
             else:
                 acked.append(data)
-    assert len(refused) == 1 and len(acked) == 11  # the journal went on after ENOSPC
+    assert len(refused) == 1
+    assert len(acked) == 11
     for crashed in (base, base.crash_clone(keep_unsynced=1.0), base.crash_clone(garbage=True)):
         got = [r.payload for r in recover(crashed)]
         assert got == acked  # the half-written batch was cut away durably

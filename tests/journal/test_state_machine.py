@@ -38,7 +38,7 @@ class JournalMachine(RuleBasedStateMachine):
 
     def _reopen(self, fs: CrashableMemFS) -> None:
         self.fs = fs
-        self.log, report = Log.open(fs, DIR, segment_size=self.segment_size)
+        self.log, _report = Log.open(fs, DIR, segment_size=self.segment_size)
         # Recovery's positions are where the records really stand now.
         by_seq = {r.seq: r.position for r in self.log.records()}
         self.model = {seq: (t, p, by_seq.get(seq, pos)) for seq, (t, p, pos) in self.model.items()}
