@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -47,24 +48,32 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+async def _drive(
+    appenders: int, seconds: float, append: Callable[[], Awaitable[object]]
+) -> tuple[list[float], float]:
+    """Run ``appenders`` tasks calling ``append`` until ``seconds`` pass; return each call's
+    latency and the elapsed time."""
+    latencies: list[float] = []
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def appender() -> None:
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            await append()
+            latencies.append(time.perf_counter() - t)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(appenders):
+            nursery.start_soon(appender)
+    return latencies, time.perf_counter() - start
+
+
 async def _group(directory: str, appenders: int, size: int, seconds: float) -> dict[str, float]:
     payload = os.urandom(size)
-    latencies: list[float] = []
     async with open_journal(directory) as journal:
         syncs0 = journal.syncs
-        start = time.perf_counter()
-        deadline = start + seconds
-
-        async def appender() -> None:
-            while time.perf_counter() < deadline:
-                t = time.perf_counter()
-                await journal.append(1, payload)
-                latencies.append(time.perf_counter() - t)
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(appenders):
-                nursery.start_soon(appender)
-        elapsed = time.perf_counter() - start
+        latencies, elapsed = await _drive(appenders, seconds, lambda: journal.append(1, payload))
         syncs = journal.syncs - syncs0
     return _row(latencies, syncs, elapsed)
 
@@ -73,24 +82,15 @@ async def _per_append(
     directory: str, appenders: int, size: int, seconds: float
 ) -> dict[str, float]:
     payload = os.urandom(size)
-    latencies: list[float] = []
     log, _ = await trio.to_thread.run_sync(lambda: Log.open(OsFS(), directory))
     lock = trio.Lock()
+
+    async def append_alone() -> None:
+        async with lock:
+            await trio.to_thread.run_sync(log.write_batch, [(1, payload)])
+
     syncs0 = log.syncs
-    start = time.perf_counter()
-    deadline = start + seconds
-
-    async def appender() -> None:
-        while time.perf_counter() < deadline:
-            t = time.perf_counter()
-            async with lock:
-                await trio.to_thread.run_sync(log.write_batch, [(1, payload)])
-            latencies.append(time.perf_counter() - t)
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(appenders):
-            nursery.start_soon(appender)
-    elapsed = time.perf_counter() - start
+    latencies, elapsed = await _drive(appenders, seconds, append_alone)
     syncs = log.syncs - syncs0
     log.close()
     return _row(latencies, syncs, elapsed)

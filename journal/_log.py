@@ -453,12 +453,17 @@ class Log:
                 _runs(n, s.seqs[:], s.offsets[:], s.lengths[:])
                 for n, s in sorted(self._index.items())
             ]
+        return self._read_sorted(heapq.merge(*runs))
+
+    def _read_sorted(self, entries: Iterable[tuple[int, int, int, int]]) -> Iterator[Record]:
+        """Read (seq, segment, offset, length) entries sorted by seq, each seq once: after a
+        crash in compaction a record and its copy may both exist; one is enough."""
         files: dict[int, File] = {}
         try:
             last = 0
-            for seq, segment, offset, length in heapq.merge(*runs):
+            for seq, segment, offset, length in entries:
                 if seq == last:
-                    continue  # a copy whose original (or another copy) was already yielded
+                    continue
                 last = seq
                 try:
                     f = files.get(segment)
@@ -466,7 +471,7 @@ class Log:
                         f = files[segment] = self.fs.open(self._path(segment))
                     record = self._read_frame(f, Position(segment, offset), length)
                 except OSError as exc:
-                    raise JournalReadError(f"replay failed in segment {segment}: {exc}") from exc
+                    raise JournalReadError(f"reading segment {segment} failed: {exc}") from exc
                 if record.seq != seq:
                     raise CorruptJournalError(segment, offset, "record changed since it was read")
                 yield record
@@ -495,42 +500,26 @@ class Log:
         """
         self._check_usable()
         sealed = sorted(n for n in self._index if n != self._active_number)
-        wanted: list[tuple[int, int, int]] = []
+        wanted: list[tuple[int, int, int, int]] = []
         for n in sealed:
             scan = self._index[n]
             wanted.extend(
-                (seq, n, off)
-                for seq, off in zip(scan.seqs, scan.offsets, strict=True)
+                (seq, n, off, length)
+                for seq, off, length in zip(scan.seqs, scan.offsets, scan.lengths, strict=True)
                 if Position(n, off) not in dead
             )
         wanted.sort()
         relocated: dict[Position, Position] = {}
-        files: dict[int, File] = {}
-        try:
-            chunk: list[tuple[Position, Record]] = []
-            size = 0
-            previous = 0
-            for seq, n, off in wanted:
-                if seq == previous:
-                    continue  # a record and its copy both survived a crash: one is enough
-                previous = seq
-                try:
-                    f = files.get(n)
-                    if f is None:
-                        f = files[n] = self.fs.open(self._path(n))
-                    rec = self._read_frame(f, Position(n, off), None)
-                except OSError as exc:
-                    raise JournalReadError(f"compaction could not read {n}:{off}: {exc}") from exc
-                chunk.append((Position(n, off), rec))
-                size += len(rec.payload)
-                if size >= COMPACTION_CHUNK:
-                    relocated.update(self._copy(chunk))
-                    chunk, size = [], 0
-                    yield
-            relocated.update(self._copy(chunk))
-        finally:
-            for f in files.values():
-                _close_quietly(f)
+        chunk: list[Record] = []
+        size = 0
+        for record in self._read_sorted(wanted):
+            chunk.append(record)
+            size += len(record.payload)
+            if size >= COMPACTION_CHUNK:
+                relocated.update(self._copy(chunk))
+                chunk, size = [], 0
+                yield
+        relocated.update(self._copy(chunk))
         with self._lock:
             self._relocated = dict(relocated)
         for n in sealed:
@@ -543,12 +532,11 @@ class Log:
                 del self._index[n]
         return Compaction(tuple(sealed), len(relocated), relocated)
 
-    def _copy(self, chunk: list[tuple[Position, Record]]) -> Iterable[tuple[Position, Position]]:
+    def _copy(self, chunk: list[Record]) -> Iterable[tuple[Position, Position]]:
         if not chunk:
             return []
-        items = [(r.seq, r.type, r.payload) for _, r in chunk]
-        new_positions = self._write(items, new=False)
-        return zip((old for old, _ in chunk), new_positions, strict=True)
+        new_positions = self._write([(r.seq, r.type, r.payload) for r in chunk], new=False)
+        return zip((r.position for r in chunk), new_positions, strict=True)
 
     def compact(self, dead: Container[Position]) -> Compaction:
         """``compact_steps`` run to the end, for callers without an owner thread."""

@@ -26,14 +26,16 @@ def ident(record_payload: bytes) -> int:
     return int(record_payload[4:12])
 
 
-class _SnapFile:
-    def __init__(self, fs: SnapshotFS, inner: File) -> None:
-        self._fs = fs
+class HookedFile:
+    """Forwards to a real File and calls ``after(op, inner)`` after each mutating call."""
+
+    def __init__(self, inner: File, after: Callable[[str, File], None]) -> None:
         self._inner = inner
+        self._after = after
 
     def append(self, data: bytes) -> None:
         self._inner.append(data)
-        self._fs.snap("append")
+        self._after("append", self._inner)
 
     def pread(self, offset: int, size: int) -> bytes:
         return self._inner.pread(offset, size)
@@ -43,11 +45,11 @@ class _SnapFile:
 
     def truncate(self, size: int) -> None:
         self._inner.truncate(size)
-        self._fs.snap("truncate")
+        self._after("truncate", self._inner)
 
     def sync(self) -> None:
         self._inner.sync()
-        self._fs.snap("sync")
+        self._after("sync", self._inner)
 
     def close(self) -> None:
         self._inner.close()
@@ -78,13 +80,16 @@ class SnapshotFS:
             clone = self.inner.crash_clone(seed=n, **self.crash)  # type: ignore[arg-type]
             self.snapshots.append(Snapshot(n, after, clone, frozenset(self.acked)))
 
+    def _after(self, op: str, _: File) -> None:
+        self.snap(op)
+
     def create(self, path: str) -> File:
-        f = _SnapFile(self, self.inner.create(path))
+        f = HookedFile(self.inner.create(path), self._after)
         self.snap("create")
         return f
 
     def open(self, path: str) -> File:
-        return _SnapFile(self, self.inner.open(path))
+        return HookedFile(self.inner.open(path), self._after)
 
     def read_file(self, path: str) -> bytes:
         return self.inner.read_file(path)

@@ -10,33 +10,9 @@ import trio
 from journal import Position, RecordTooLargeError, open_journal
 from journal._fs import File
 from journal.testing import CrashableMemFS
+from tests.journal.helpers import HookedFile
 
 DIR = "/gc"
-
-
-class _RecordingFile:
-    def __init__(self, fs: RecordingFS, inner: File) -> None:
-        self._fs = fs
-        self._inner = inner
-
-    def append(self, data: bytes) -> None:
-        self._inner.append(data)
-
-    def pread(self, offset: int, size: int) -> bytes:
-        return self._inner.pread(offset, size)
-
-    def size(self) -> int:
-        return self._inner.size()
-
-    def truncate(self, size: int) -> None:
-        self._inner.truncate(size)
-
-    def sync(self) -> None:
-        self._inner.sync()
-        self._fs.event(("sync", self._inner.size()))
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 class RecordingFS(CrashableMemFS):
@@ -52,11 +28,15 @@ class RecordingFS(CrashableMemFS):
         with self._events_lock:
             self.events.append(e)
 
+    def _after(self, op: str, inner: File) -> None:
+        if op == "sync":
+            self.event(("sync", inner.size()))
+
     def create(self, path: str) -> File:
-        return _RecordingFile(self, super().create(path))
+        return HookedFile(super().create(path), self._after)
 
     def open(self, path: str) -> File:
-        return _RecordingFile(self, super().open(path))
+        return HookedFile(super().open(path), self._after)
 
 
 @pytest.mark.parametrize(("appenders", "sharing"), [(1, 1), (10, 2), (100, 5)])
