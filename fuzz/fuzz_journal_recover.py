@@ -59,6 +59,7 @@ def check_one(data: bytes) -> None:
 def main() -> None:  # pragma: no cover - needs atheris
     import atheris
 
+    atheris.instrument_all()  # the journal was imported above: instrument what is loaded
     atheris.Setup(sys.argv, lambda data: check_one(bytes(data)))
     atheris.Fuzz()
 
