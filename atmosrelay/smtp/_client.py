@@ -1,0 +1,234 @@
+"""ClientConnection: the client side of SMTP, sans-IO, for delivery to remote servers.
+
+    conn = ClientConnection()
+    event = conn.next_event()          # NEED_DATA until the greeting is read
+    await stream.send_all(conn.send(Hello("relay.example", extended=True)))
+    ... ServerReply(Hello, reply, capabilities)
+    await stream.send_all(conn.send(MailFrom(sender)) + conn.send(RcptTo(rcpt)) + conn.send(Data()))
+    ... ServerReply(MailFrom, 250) ServerReply(RcptTo, 250) ServerReply(Data, 354)
+    await stream.send_all(conn.send_data(body) + conn.end_data())
+    ... ServerReply(EndOfMessage, 250)
+
+Replies are matched to commands in order (RFC 2920). Commands may be sent before earlier
+replies arrive only where RFC 2920 allows it (after MAIL, RCPT, RSET, BDAT) and only if the
+server advertised PIPELINING. Reply bytes that arrive when no reply is due are an attack or a
+broken server: RemoteProtocolError (the STARTTLS case is the plaintext injection of 2011).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from typing import Final
+
+from atmosrelay.smtp._dotstuff import DotStuffer
+from atmosrelay.smtp._errors import LocalProtocolError, RemoteProtocolError
+from atmosrelay.smtp._events import (
+    NEED_DATA,
+    AuthLogin,
+    AuthPlain,
+    Bdat,
+    ConnectionClosed,
+    Data,
+    EndOfMessage,
+    Event,
+    Expn,
+    Greet,
+    Hello,
+    Help,
+    MailFrom,
+    Noop,
+    Quit,
+    RcptTo,
+    Rset,
+    ServerReply,
+    StartTLS,
+    TLSReady,
+    Vrfy,
+    _Sentinel,
+)
+from atmosrelay.smtp._extensions import (
+    ServerCapabilities,
+    format_mail_params,
+    format_path,
+    format_rcpt_params,
+    parse_enhanced,
+)
+from atmosrelay.smtp._replies import Reply
+
+MAX_REPLY_LINE: Final = 2048  # RFC 5321 4.5.3.1.5 says 512; be lenient with real servers
+MAX_REPLY_LINES: Final = 200  # an EHLO reply is about 20 lines; bound what we hold
+# Commands after which more may be sent without waiting (RFC 2920 section 3.1, RFC 3030).
+_PIPELINABLE: Final = (MailFrom, RcptTo, Rset, Bdat)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class ClientConnection:
+    def __init__(self, *, after_starttls: bool = False) -> None:
+        """``after_starttls``: continue over TLS on the same connection; no greeting comes,
+        and EHLO must be sent again (RFC 3207 section 4.2)."""
+        self._buf = bytearray()
+        self._eof = False
+        self._pending: deque[Event] = deque() if after_starttls else deque([Greet()])
+        self.capabilities: ServerCapabilities | None = None
+        self.closed = False
+        self._tls = False
+        self._in_data = False  # 354 received: content may be sent
+        self._stuffer: DotStuffer | None = None
+        self._login_password: str | None = None
+
+    # -- commands out -----------------------------------------------------------------
+    def send(self, command: Event) -> bytes:
+        """The bytes for ``command``. Raises LocalProtocolError if it may not be sent now."""
+        if self.closed or self._tls:
+            raise LocalProtocolError("connection is closed or switching to TLS")
+        if self._in_data:
+            raise LocalProtocolError("in message content: use send_data() and end_data()")
+        if self._pending:
+            pipelining = self.capabilities is not None and self.capabilities.has("PIPELINING")
+            if not pipelining or not all(isinstance(c, _PIPELINABLE) for c in self._pending):
+                raise LocalProtocolError(
+                    f"must wait for the reply to {type(self._pending[-1]).__name__}"
+                )
+        line = self._format(command)
+        self._pending.append(command)
+        if isinstance(command, Bdat):
+            return line + command.data
+        return line
+
+    def _format(self, c: Event) -> bytes:
+        if isinstance(c, Hello):
+            text = f"{'EHLO' if c.extended else 'HELO'} {c.hostname}"
+        elif isinstance(c, MailFrom):
+            if not c.sender.is_ascii and not c.params.smtputf8:
+                raise LocalProtocolError("a non-ASCII address needs MailParams(smtputf8=True)")
+            text = f"MAIL FROM:{format_path(c.sender)}{format_mail_params(c.params)}"
+        elif isinstance(c, RcptTo):
+            text = f"RCPT TO:{format_path(c.recipient)}{format_rcpt_params(c.params)}"
+        elif isinstance(c, Bdat):
+            text = f"BDAT {len(c.data)}{' LAST' if c.last else ''}"
+        elif isinstance(c, AuthPlain):
+            raw = f"{c.authzid}\0{c.username}\0{c.password}".encode()
+            text = f"AUTH PLAIN {_b64(raw)}"
+        elif isinstance(c, AuthLogin):
+            self._login_password = c.password
+            text = f"AUTH LOGIN {_b64(c.username.encode())}"
+        elif isinstance(c, (Vrfy, Expn, Help)):
+            text = f"{type(c).__name__.upper()} {c.argument}".rstrip()
+        elif isinstance(c, (Data, Rset, Noop, Quit, StartTLS)):
+            text = {Data: "DATA", Rset: "RSET", Noop: "NOOP", Quit: "QUIT", StartTLS: "STARTTLS"}[
+                type(c)
+            ]
+        else:
+            raise LocalProtocolError(f"not a client command: {c!r}")
+        if "\r" in text or "\n" in text or "\0" in text:
+            raise LocalProtocolError("CR, LF or NUL in a command")
+        return text.encode("utf-8") + b"\r\n"
+
+    def continue_auth(self) -> bytes:
+        """After a 334 to AUTH LOGIN: the password line."""
+        if (
+            self._login_password is None
+            or not self._pending
+            or not isinstance(self._pending[0], AuthLogin)
+        ):
+            raise LocalProtocolError("no AUTH LOGIN awaits the password")
+        password, self._login_password = self._login_password, None
+        return _b64(password.encode()).encode("ascii") + b"\r\n"
+
+    def send_data(self, data: bytes) -> bytes:
+        """Message content after the 354, dot-stuffed. Raises LocalProtocolError on a bare
+        CR or LF (refusing to send what another server could split)."""
+        if not self._in_data or self._stuffer is None:
+            raise LocalProtocolError("no 354 received: DATA first")
+        return self._stuffer.stuff(data)
+
+    def end_data(self) -> bytes:
+        if not self._in_data or self._stuffer is None:
+            raise LocalProtocolError("no 354 received: DATA first")
+        out = self._stuffer.end()
+        self._in_data, self._stuffer = False, None
+        self._pending.append(EndOfMessage())
+        return out
+
+    # -- replies in -------------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | _Sentinel:
+        """ServerReply, TLSReady, ConnectionClosed or NEED_DATA. Raises RemoteProtocolError."""
+        if self._tls:
+            return TLSReady()
+        if self.closed:
+            return ConnectionClosed()
+        reply = self._parse_reply()
+        if reply is None:
+            if self._eof:
+                self.closed = True
+                return ConnectionClosed()
+            return NEED_DATA
+        if not self._pending:
+            if reply.code == 421:
+                self.closed = True
+                return ServerReply(None, reply)
+            raise RemoteProtocolError(f"reply {reply.code} when none was due")
+        command = self._pending[0]
+        if isinstance(command, AuthLogin) and reply.code == 334:
+            return ServerReply(command, reply)  # the caller answers with continue_auth()
+        self._pending.popleft()
+        capabilities = None
+        if isinstance(command, Hello) and reply.is_positive and command.extended:
+            capabilities = self.capabilities = ServerCapabilities.parse(reply)
+        elif isinstance(command, Data) and reply.code == 354:
+            if self._pending:
+                raise RemoteProtocolError("354 while other replies are still due")
+            self._in_data, self._stuffer = True, DotStuffer()
+        elif isinstance(command, StartTLS) and reply.code == 220:
+            if self._buf:
+                self.closed = True
+                raise RemoteProtocolError("bytes after the STARTTLS 220: injection attempt")
+            self._tls = True
+        elif isinstance(command, Quit) or reply.code == 421:
+            self.closed = True
+        return ServerReply(command, reply, capabilities)
+
+    def _parse_reply(self) -> Reply | None:
+        buf = self._buf
+        lines: list[str] = []
+        pos = 0
+        code = None
+        while True:
+            end = buf.find(b"\r\n", pos, pos + MAX_REPLY_LINE)
+            if end == -1:
+                if len(buf) - pos >= MAX_REPLY_LINE:
+                    raise RemoteProtocolError("reply line too long")
+                return None
+            raw = bytes(buf[pos:end])
+            if b"\r" in raw or b"\n" in raw:
+                raise RemoteProtocolError("bare CR or LF in a reply")
+            if len(raw) < 3 or not raw[:3].isdigit() or raw[3:4] not in (b"", b" ", b"-"):
+                raise RemoteProtocolError(f"malformed reply line {raw[:40]!r}")
+            line_code = int(raw[:3])
+            if not 200 <= line_code <= 599 or (code is not None and line_code != code):
+                raise RemoteProtocolError(f"bad reply code in {raw[:40]!r}")
+            code = line_code
+            lines.append(raw[4:].decode("utf-8", "replace"))
+            pos = end + 2
+            if len(lines) > MAX_REPLY_LINES:
+                raise RemoteProtocolError("reply has too many lines")
+            if raw[3:4] != b"-":
+                break
+        del buf[:pos]
+        enhanced, first = parse_enhanced(lines[0])
+        if enhanced is not None:
+            rest = [
+                parse_enhanced(line)[1] if line.startswith(enhanced) else line for line in lines[1:]
+            ]
+            lines = [first, *rest]
+        return Reply(code, enhanced, tuple(lines))
