@@ -52,6 +52,7 @@ def _r(code: int, enhanced: str | None, *lines: str) -> Reply:
 
 # -- session ------------------------------------------------------------------------------
 GREETING = _r(220, None, "{hostname} ESMTP atmosrelay")
+NO_SERVICE = _r(554, "5.3.2", "No SMTP service here")  # a refusing greeting (RFC 5321 3.1)
 CLOSING = _r(221, "2.0.0", "Bye")
 OK = _r(250, "2.0.0", "Ok")
 HELO_OK = _r(250, None, "{hostname}")
