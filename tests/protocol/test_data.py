@@ -128,7 +128,8 @@ def test_refused_bdat_chunk_is_consumed_not_executed() -> None:
         ServerConnection(), [b"EHLO c\r\nBDAT 30\r\n" + payload + b"QUIT\r\n"]
     )
     assert not [e for e in events if isinstance(e, MailFrom)]
-    assert b"503 5.5.1" in out and out.endswith(b"221 2.0.0 Bye\r\n")
+    assert b"503 5.5.1" in out
+    assert out.endswith(b"221 2.0.0 Bye\r\n")
 
 
 def _scripts() -> dict[str, bytes]:
@@ -137,7 +138,8 @@ def _scripts() -> dict[str, bytes]:
     return {
         "pipelined": HEAD + b"Subject: a\r\n\r\n" + lines + b"\r\n.\r\nRSET\r\nNOOP\r\nQUIT\r\n",
         "auth-login": b"EHLO c\r\nAUTH LOGIN\r\ndXNlcg==\r\nc2VjcmV0\r\nQUIT\r\n",
-        "auth-plain-cancel": b"EHLO c\r\nAUTH PLAIN\r\n*\r\nAUTH PLAIN AHVzZXIAc2VjcmV0\r\nQUIT\r\n",
+        "auth-plain-cancel": b"EHLO c\r\nAUTH PLAIN\r\n*\r\n"
+        + b"AUTH PLAIN AHVzZXIAc2VjcmV0\r\nQUIT\r\n",
         "bdat": b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nBDAT 10\r\n"
         + b"0123456789BDAT 4 LAST\r\nabcdQUIT\r\n",
         "errors": b"EHLO c\r\nFOO\r\nMAIL FROM:bad\r\n"

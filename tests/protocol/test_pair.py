@@ -57,12 +57,13 @@ def test_pipelined_transaction_and_queue_id() -> None:
     (done,) = talk(
         client, server, client.send_data(b"Subject: x\r\n\r\nbody\r\n") + client.end_data()
     )
-    assert done.reply.code == 250 and done.reply.lines == ("Ok: queued as Q1",)
+    assert done.reply.code == 250
+    assert done.reply.lines == ("Ok: queued as Q1",)
     assert server.state is State.READY
 
 
 def test_data_must_wait_for_its_354() -> None:
-    client, server = pair()
+    client, _server = pair()
     client.send(MailFrom(A))
     client.send(RcptTo(B))
     client.send(Data())
@@ -73,7 +74,7 @@ def test_data_must_wait_for_its_354() -> None:
 
 
 def test_no_pipelining_without_the_extension() -> None:
-    client, server = pair(Capabilities(pipelining=False))
+    client, _server = pair(Capabilities(pipelining=False))
     client.send(MailFrom(A))
     with pytest.raises(LocalProtocolError, match="must wait"):
         client.send(RcptTo(B))
@@ -87,7 +88,8 @@ def test_auth_mechanisms(mechanism: str, password: str, code: int) -> None:
         replies = talk(client, server, client.send(AuthPlain("alice", password)))
     else:
         (challenge,) = talk(client, server, client.send(AuthLogin("alice", password)))
-        assert challenge.reply.code == 334 and challenge.reply.lines == ("UGFzc3dvcmQ6",)
+        assert challenge.reply.code == 334
+        assert challenge.reply.lines == ("UGFzc3dvcmQ6",)
         replies = talk(client, server, client.continue_auth())
     assert codes(replies) == [code]
     assert server.authenticated is (code == 235)
@@ -156,7 +158,8 @@ def test_rset_in_each_state_starts_over(where: str) -> None:
         talk(client, server, client.send(Bdat(b"part\r\n")))
         assert server.state is State.CHUNKING
     assert codes(talk(client, server, client.send(Rset()))) == [250]
-    assert server.state is State.READY and server.recipients == 0
+    assert server.state is State.READY
+    assert server.recipients == 0
     assert codes(talk(client, server, client.send(MailFrom(A)))) == [250]
 
 
@@ -176,4 +179,5 @@ def test_too_many_recipients_is_452_and_the_rest_go_later() -> None:
 def test_quit_closes_both_sides() -> None:
     client, server = pair()
     assert codes(talk(client, server, client.send(Quit()))) == [221]
-    assert server.state is State.CLOSED and client.closed
+    assert server.state is State.CLOSED
+    assert client.closed

@@ -77,7 +77,8 @@ def reach(state: State) -> ServerConnection:
         while isinstance(event, (BdatChunk, MessageData)):
             event = conn.next_event()
         reply = answer(conn, event)
-        assert reply is not None and reply.is_positive, (state, event)
+        assert reply is not None
+        assert reply.is_positive, (state, event)
         conn.send(reply)
     assert conn.state is state
     return conn
