@@ -37,12 +37,11 @@ def _unescape(text: str) -> bytes:
     return codecs.escape_decode(text.encode("utf-8"))[0]  # type: ignore[no-any-return]
 
 
-def parse(path: Path) -> tuple[dict[str, object], str | None, bytes, list[str], list[str]]:
+def parse(path: Path) -> tuple[dict[str, object], str | None, bytes, list[str]]:
     options: dict[str, object] = {}
     greeting = None
     client = bytearray()
     expected: list[str] = []
-    header: list[str] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("# server: "):
             options = json.loads(line[len("# server: ") :])
@@ -54,9 +53,7 @@ def parse(path: Path) -> tuple[dict[str, object], str | None, bytes, list[str], 
             client += _unescape(line[3:])
         elif line.startswith("S: "):
             expected.append(line[3:])
-        elif line.startswith("#"):
-            header.append(line)
-    return options, greeting, bytes(client), expected, header
+    return options, greeting, bytes(client), expected
 
 
 def make_server(options: dict[str, object]) -> ServerConnection:
@@ -72,7 +69,7 @@ def make_server(options: dict[str, object]) -> ServerConnection:
 def run(path: Path, how: str) -> list[str]:
     import random
 
-    options, greeting, client, _, _ = parse(path)
+    options, greeting, client, _ = parse(path)
 
     def respond(conn: ServerConnection, event: Event) -> Reply | None:
         if isinstance(event, Greet) and greeting:
@@ -91,10 +88,11 @@ def test_there_are_at_least_twenty_scenarios() -> None:
 def test_transcript(path: Path) -> None:
     got = run(path, "whole")
     if os.environ.get("ATMOS_REGEN_TRANSCRIPTS"):
-        options, greeting, _, _, header = parse(path)
-        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if not x.startswith("S: ")]
+        lines = [
+            x for x in path.read_text(encoding="utf-8").splitlines() if not x.startswith("S: ")
+        ]
         path.write_text("\n".join([*lines, *("S: " + g for g in got)]) + "\n", encoding="utf-8")
         return
-    _, _, _, expected, _ = parse(path)
+    _, _, _, expected = parse(path)
     assert got == expected
     assert run(path, "bytes") == expected
