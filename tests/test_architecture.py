@@ -39,3 +39,60 @@ def test_modules_stay_small() -> None:
         if (n := len(p.read_text().splitlines())) > 600
     }
     assert not big, f"split these modules: {big}"
+
+
+SANS_IO_FORBIDDEN = {
+    "trio",
+    "socket",
+    "ssl",
+    "time",
+    "logging",
+    "asyncio",
+    "selectors",
+    "threading",
+    "subprocess",
+}
+
+
+def test_smtp_package_is_sans_io() -> None:
+    files = sorted((ROOT / "atmosrelay" / "smtp").glob("*.py"))
+    assert len(files) >= 8
+    offenders = {str(p.relative_to(ROOT)): sorted(_imports(p) & SANS_IO_FORBIDDEN) for p in files}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_state_changes_only_through_the_table() -> None:
+    """Outside _states.py, ``self.state`` is set only from next_state(), to a terminal state
+    (CLOSED/ERROR: EOF, a broken peer), or to the initial state in __init__."""
+    allowed_names = {"CLOSED", "ERROR", "GREETING", "CONNECTED"}
+    bad = []
+    for path in (ROOT / "atmosrelay" / "smtp").glob("*.py"):
+        if path.name == "_states.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Assign):
+                continue
+            targets = [
+                t for t in node.targets if isinstance(t, ast.Attribute) and t.attr == "state"
+            ]
+            if not targets:
+                continue
+            value = node.value
+            ok = (
+                (
+                    isinstance(value, ast.Call)
+                    and isinstance(value.func, ast.Name)
+                    and value.func.id == "next_state"
+                )
+                or (isinstance(value, ast.Attribute) and value.attr in allowed_names)
+                or (
+                    isinstance(value, ast.IfExp)
+                    and all(
+                        isinstance(v, ast.Attribute) and v.attr in allowed_names
+                        for v in (value.body, value.orelse)
+                    )
+                )
+            )
+            if not ok:
+                bad.append(f"{path.name}:{node.lineno}")
+    assert not bad, f"state set outside the table: {bad}"

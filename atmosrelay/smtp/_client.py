@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 from atmosrelay.smtp._dotstuff import DotStuffer
 from atmosrelay.smtp._errors import LocalProtocolError, RemoteProtocolError
@@ -58,6 +59,10 @@ from atmosrelay.smtp._replies import Reply
 
 MAX_REPLY_LINE: Final = 2048  # RFC 5321 4.5.3.1.5 says 512; be lenient with real servers
 MAX_REPLY_LINES: Final = 200  # an EHLO reply is about 20 lines; bound what we hold
+# Servers repeat their replies ("250 2.1.0 Ok"): parse each distinct line once. Bounded,
+# since some carry per-message values (queue ids) and never repeat.
+_REPLY_CACHE_SIZE: Final = 2048
+_REPLY_CACHE: dict[bytes, Reply] = {}
 # Commands after which more may be sent without waiting (RFC 2920 section 3.1, RFC 3030).
 _PIPELINABLE: Final = (MailFrom, RcptTo, Rset, Bdat)
 
@@ -79,6 +84,8 @@ class ClientConnection:
         self._in_data = False  # 354 received: content may be sent
         self._stuffer: DotStuffer | None = None
         self._login_password: str | None = None
+        # Pending commands that end a pipeline group (RFC 2920 3.1); the greeting is one.
+        self._barriers = len(self._pending)
 
     # -- commands out -----------------------------------------------------------------
     def send(self, command: Event) -> bytes:
@@ -87,46 +94,32 @@ class ClientConnection:
             raise LocalProtocolError("connection is closed or switching to TLS")
         if self._in_data:
             raise LocalProtocolError("in message content: use send_data() and end_data()")
-        if self._pending:
-            pipelining = self.capabilities is not None and self.capabilities.has("PIPELINING")
-            if not pipelining or not all(isinstance(c, _PIPELINABLE) for c in self._pending):
-                raise LocalProtocolError(
-                    f"must wait for the reply to {type(self._pending[-1]).__name__}"
-                )
-        line = self._format(command)
-        self._pending.append(command)
-        if isinstance(command, Bdat):
-            return line + command.data
-        return line
-
-    def _format(self, c: Event) -> bytes:
-        if isinstance(c, Hello):
-            text = f"{'EHLO' if c.extended else 'HELO'} {c.hostname}"
-        elif isinstance(c, MailFrom):
-            if not c.sender.is_ascii and not c.params.smtputf8:
-                raise LocalProtocolError("a non-ASCII address needs MailParams(smtputf8=True)")
-            text = f"MAIL FROM:{format_path(c.sender)}{format_mail_params(c.params)}"
-        elif isinstance(c, RcptTo):
-            text = f"RCPT TO:{format_path(c.recipient)}{format_rcpt_params(c.params)}"
-        elif isinstance(c, Bdat):
-            text = f"BDAT {len(c.data)}{' LAST' if c.last else ''}"
-        elif isinstance(c, AuthPlain):
-            raw = f"{c.authzid}\0{c.username}\0{c.password}".encode()
-            text = f"AUTH PLAIN {_b64(raw)}"
-        elif isinstance(c, AuthLogin):
-            self._login_password = c.password
-            text = f"AUTH LOGIN {_b64(c.username.encode())}"
-        elif isinstance(c, (Vrfy, Expn, Help)):
-            text = f"{type(c).__name__.upper()} {c.argument}".rstrip()
-        elif isinstance(c, (Data, Rset, Noop, Quit, StartTLS)):
-            text = {Data: "DATA", Rset: "RSET", Noop: "NOOP", Quit: "QUIT", StartTLS: "STARTTLS"}[
-                type(c)
-            ]
-        else:
-            raise LocalProtocolError(f"not a client command: {c!r}")
-        if "\r" in text or "\n" in text or "\0" in text:
+        if self._pending and (
+            self._barriers or self.capabilities is None or not self.capabilities.has("PIPELINING")
+        ):
+            raise LocalProtocolError(
+                f"must wait for the reply to {type(self._pending[-1]).__name__}"
+            )
+        formatter = _FORMAT.get(type(command))
+        if formatter is None:
+            raise LocalProtocolError(f"not a client command: {command!r}")
+        line = formatter(self, command)
+        if "\r" in line or "\n" in line or "\0" in line:
             raise LocalProtocolError("CR, LF or NUL in a command")
-        return text.encode("utf-8") + b"\r\n"
+        self._pending.append(command)
+        if not isinstance(command, _PIPELINABLE):
+            self._barriers += 1
+        wire = line.encode("utf-8") + b"\r\n"
+        return wire + command.data if isinstance(command, Bdat) else wire
+
+    def _format_mail(self, c: MailFrom) -> str:
+        if not c.sender.is_ascii and not c.params.smtputf8:
+            raise LocalProtocolError("a non-ASCII address needs MailParams(smtputf8=True)")
+        return f"MAIL FROM:{format_path(c.sender)}{format_mail_params(c.params)}"
+
+    def _format_auth_login(self, c: AuthLogin) -> str:
+        self._login_password = c.password
+        return f"AUTH LOGIN {_b64(c.username.encode())}"
 
     def continue_auth(self) -> bytes:
         """After a 334 to AUTH LOGIN: the password line."""
@@ -152,6 +145,7 @@ class ClientConnection:
         out = self._stuffer.end()
         self._in_data, self._stuffer = False, None
         self._pending.append(EndOfMessage())
+        self._barriers += 1
         return out
 
     # -- replies in -------------------------------------------------------------------
@@ -164,6 +158,9 @@ class ClientConnection:
     def next_event(self) -> Event | _Sentinel:
         """ServerReply, TLSReady, ConnectionClosed or NEED_DATA. Raises RemoteProtocolError."""
         if self._tls:
+            if self._buf:  # the server spoke after its 220: the plaintext injection of 2011
+                self.closed = True
+                raise RemoteProtocolError("bytes after the STARTTLS 220: injection attempt")
             return TLSReady()
         if self.closed:
             return ConnectionClosed()
@@ -181,25 +178,40 @@ class ClientConnection:
         command = self._pending[0]
         if isinstance(command, AuthLogin) and reply.code == 334:
             return ServerReply(command, reply)  # the caller answers with continue_auth()
-        self._pending.popleft()
+        if not isinstance(self._pending.popleft(), _PIPELINABLE):
+            self._barriers -= 1
         capabilities = None
-        if isinstance(command, Hello) and reply.is_positive and command.extended:
+        kind = type(command)
+        if kind is Hello and reply.code < 400 and command.extended:  # type: ignore[attr-defined]
             capabilities = self.capabilities = ServerCapabilities.parse(reply)
-        elif isinstance(command, Data) and reply.code == 354:
+        elif kind is Data and reply.code == 354:
             if self._pending:
                 raise RemoteProtocolError("354 while other replies are still due")
             self._in_data, self._stuffer = True, DotStuffer()
-        elif isinstance(command, StartTLS) and reply.code == 220:
-            if self._buf:
-                self.closed = True
-                raise RemoteProtocolError("bytes after the STARTTLS 220: injection attempt")
-            self._tls = True
-        elif isinstance(command, Quit) or reply.code == 421:
+        elif kind is StartTLS and reply.code == 220:
+            self._tls = True  # next_event() reports TLSReady, or the injection
+        elif kind is Quit or reply.code == 421:
             self.closed = True
         return ServerReply(command, reply, capabilities)
 
     def _parse_reply(self) -> Reply | None:
         buf = self._buf
+        # Fast path: a whole single-line reply "ddd text" (most replies after EHLO).
+        end = buf.find(b"\r\n", 0, MAX_REPLY_LINE)
+        if end >= 4 and buf[3] == 0x20:
+            raw = bytes(buf[:end])
+            cached = _REPLY_CACHE.get(raw)
+            if cached is not None:
+                del buf[: end + 2]
+                return cached
+            well_formed = raw[:3].isdigit() and 200 <= int(raw[:3]) <= 599
+            if well_formed and b"\r" not in raw and b"\n" not in raw:
+                del buf[: end + 2]
+                enhanced, text = parse_enhanced(raw[4:].decode("utf-8", "replace"))
+                reply = Reply(int(raw[:3]), enhanced, (text,))
+                if len(_REPLY_CACHE) < _REPLY_CACHE_SIZE:
+                    _REPLY_CACHE[raw] = reply
+                return reply
         lines: list[str] = []
         pos = 0
         code = None
@@ -232,3 +244,24 @@ class ClientConnection:
             ]
             lines = [first, *rest]
         return Reply(code, enhanced, tuple(lines))
+
+
+_Formatter = Callable[[ClientConnection, Any], str]
+_FORMAT: Final[dict[type, _Formatter]] = {
+    Hello: lambda _, c: f"{'EHLO' if c.extended else 'HELO'} {c.hostname}",
+    MailFrom: ClientConnection._format_mail,
+    RcptTo: lambda _, c: f"RCPT TO:{format_path(c.recipient)}{format_rcpt_params(c.params)}",
+    Bdat: lambda _, c: f"BDAT {len(c.data)}{' LAST' if c.last else ''}",
+    AuthPlain: lambda _, c: (
+        "AUTH PLAIN " + _b64(f"{c.authzid}\0{c.username}\0{c.password}".encode())
+    ),
+    AuthLogin: ClientConnection._format_auth_login,
+    Vrfy: lambda _, c: f"VRFY {c.argument}".rstrip(),
+    Expn: lambda _, c: f"EXPN {c.argument}".rstrip(),
+    Help: lambda _, c: f"HELP {c.argument}".rstrip(),
+    Data: lambda _, c: "DATA",
+    Rset: lambda _, c: "RSET",
+    Noop: lambda _, c: "NOOP",
+    Quit: lambda _, c: "QUIT",
+    StartTLS: lambda _, c: "STARTTLS",
+}

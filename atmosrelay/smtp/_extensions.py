@@ -41,6 +41,12 @@ _IPV4: Final = re.compile(
 _XTEXT_CHAR: Final = re.compile(r"\+([0-9A-F]{2})")
 _ESMTP_KEYWORD: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _ENHANCED: Final = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
+# The common case in one match: <dot-atom@host.name>, ASCII, LDH labels of 1-63 characters.
+_SIMPLE_PATH: Final = re.compile(
+    r"<([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*)"
+    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)>"
+)
 
 
 class AddressError(ValueError):
@@ -64,7 +70,7 @@ class Address:
 
     @property
     def is_ascii(self) -> bool:
-        return str(self).isascii()
+        return self.local.isascii() and self.domain.isascii()
 
     def __str__(self) -> str:
         return f"{self.local}@{self.domain}" if self.domain else self.local
@@ -106,6 +112,11 @@ def _check_domain(domain: str, bad: Reply) -> None:
 
 def parse_path(text: str, *, allow_null: bool, bad: Reply, postmaster_ok: bool = False) -> Address:
     """Parse ``<...>`` (the angle brackets included). Raises AddressError with ``bad``."""
+    simple = _SIMPLE_PATH.fullmatch(text)
+    if simple is not None and len(text) <= MAX_PATH:
+        local, domain = simple.group(1), simple.group(2)
+        if len(local) <= MAX_LOCAL_PART and len(domain) <= MAX_DOMAIN:
+            return Address(local, domain)
     if len(text.encode("utf-8")) > MAX_PATH:
         raise AddressError(bad, "path longer than 256 octets")
     if len(text) < 2 or text[0] != "<" or text[-1] != ">":
@@ -227,8 +238,14 @@ def _need(caps: Capabilities, offered: bool, key: str) -> None:
         raise AddressError(R.PARAMETER_NOT_IMPLEMENTED, f"{key} not offered")
 
 
+_NO_MAIL_PARAMS: Final = MailParams()
+_NO_RCPT_PARAMS: Final = RcptParams()
+
+
 def parse_mail_params(text: str, caps: Capabilities) -> MailParams:
     """MAIL FROM parameters. Raises AddressError (501/555/552)."""
+    if not text or text.isspace():
+        return _NO_MAIL_PARAMS  # frozen, so one instance serves every parameterless MAIL
     p = _split_params(text)
     size = body = ret = envid = auth = None
     smtputf8 = False
@@ -275,6 +292,8 @@ _NOTIFY_WORDS: Final = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 
 def parse_rcpt_params(text: str, caps: Capabilities) -> RcptParams:
     """RCPT TO parameters. Raises AddressError (501/555)."""
+    if not text or text.isspace():
+        return _NO_RCPT_PARAMS
     p = _split_params(text)
     notify: tuple[str, ...] | None = None
     orcpt: tuple[str, str] | None = None
@@ -301,6 +320,8 @@ def parse_rcpt_params(text: str, caps: Capabilities) -> RcptParams:
 
 
 def format_mail_params(p: MailParams) -> str:
+    if p == _NO_MAIL_PARAMS:
+        return ""
     out = []
     if p.size is not None:
         out.append(f"SIZE={p.size}")
@@ -318,6 +339,8 @@ def format_mail_params(p: MailParams) -> str:
 
 
 def format_rcpt_params(p: RcptParams) -> str:
+    if p == _NO_RCPT_PARAMS:
+        return ""
     out = []
     if p.notify:
         out.append("NOTIFY=" + ",".join(p.notify))
@@ -327,7 +350,7 @@ def format_rcpt_params(p: RcptParams) -> str:
 
 
 def format_path(addr: Address) -> str:
-    return f"<{addr}>"
+    return f"<{addr.local}@{addr.domain}>" if addr.domain else f"<{addr.local}>"
 
 
 @attrs.frozen

@@ -11,11 +11,14 @@ from __future__ import annotations
 import attrs
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Reply:
     code: int
     enhanced: str | None  # "2.0.0"; None for replies that never carry one (220/221 lines)
     lines: tuple[str, ...]
+    # Catalogue replies are encoded once and cached; ones filled with per-message values
+    # (queue ids) would only churn the cache.
+    cacheable: bool = attrs.field(default=True, eq=False, repr=False)
 
     @property
     def text(self) -> str:
@@ -32,18 +35,37 @@ class Reply:
         for line in filled:
             if "\r" in line or "\n" in line:
                 raise ValueError("reply text must not contain CR or LF")
-        return attrs.evolve(self, lines=filled)
+        return Reply(self.code, self.enhanced, filled, cacheable=False)
 
     def to_bytes(self, *, enhanced: bool = True) -> bytes:
         """The reply on the wire; ``enhanced=False`` drops enhanced codes (RFC 2034 says a
-        server uses them only when it advertises ENHANCEDSTATUSCODES)."""
+        server uses them only when it advertises ENHANCEDSTATUSCODES). Cached: catalogue
+        replies are encoded once."""
+        if not self.cacheable:
+            return self._encode(enhanced)
+        key = (self, enhanced)
+        wire = _WIRE.get(key)
+        if wire is None:
+            wire = self._encode(enhanced)
+            if len(_WIRE) < _WIRE_CACHE_SIZE:
+                _WIRE[key] = wire
+        return wire
+
+    def _encode(self, enhanced: bool) -> bytes:
         prefix = f"{self.enhanced} " if enhanced and self.enhanced else ""
+        if len(self.lines) == 1:
+            return f"{self.code} {prefix}{self.lines[0]}\r\n".encode()
         last = len(self.lines) - 1
         out = []
         for i, line in enumerate(self.lines):
             sep = " " if i == last else "-"
             out.append(f"{self.code}{sep}{prefix}{line}\r\n")
         return "".join(out).encode("utf-8")
+
+
+# Bounded all the same: a caller may build replies by hand.
+_WIRE_CACHE_SIZE = 4096
+_WIRE: dict[tuple[Reply, bool], bytes] = {}
 
 
 def _r(code: int, enhanced: str | None, *lines: str) -> Reply:

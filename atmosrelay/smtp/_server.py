@@ -475,30 +475,39 @@ class ServerConnection:
         if self.state in (State.ERROR, State.CLOSED) and reply.code != 421:
             raise LocalProtocolError(f"connection is {self.state.value}")
         inp = self._owed if self._owing else None
-        self.state = next_state(self.state, inp, reply.code)
-        self._bookkeeping(self._pending, reply)
+        old = self.state
+        new = self.state = next_state(old, inp, reply.code)
+        if inp is not None and reply.code < 400:
+            self._count(inp, self._pending)
+        if new is not old:
+            self._entered(new)
         self._owing, self._owed, self._pending = False, None, None
         return reply.to_bytes(enhanced=self._caps.enhancedstatuscodes)
 
-    def _bookkeeping(self, event: Event | None, reply: Reply) -> None:
-        positive = reply.is_positive
-        if isinstance(event, Hello) and positive:
+    def _count(self, inp: Input, event: Event | None) -> None:
+        """What an accepted command changes besides the state."""
+        if inp is Input.RCPT:
+            self.recipients += 1
+        elif inp is Input.MAIL:
+            assert isinstance(event, MailFrom)
+            self.recipients, self._smtputf8 = 0, event.params.smtputf8
+        elif inp is Input.EHLO or inp is Input.HELO:
+            assert isinstance(event, Hello)
             self.client_hostname = event.hostname
             self.recipients, self._smtputf8 = 0, False
-        elif isinstance(event, MailFrom) and positive:
-            self.recipients, self._smtputf8 = 0, event.params.smtputf8
-        elif isinstance(event, RcptTo) and positive:
-            self.recipients += 1
-        elif isinstance(event, AuthCredentials) and positive:
-            self.authenticated = True
-        elif isinstance(event, Rset) and positive:
+        elif inp is Input.RSET:
             self.recipients, self._smtputf8 = 0, False
-        if self.state is State.DATA and self._data is None:
+        elif inp is Input.AUTH_CREDENTIALS:
+            self.authenticated = True
+
+    def _entered(self, state: State) -> None:
+        """Readers live exactly as long as the states that use them."""
+        if state is State.DATA:
             self._data = DataReader(self._caps.size, self.max_text_line)
-        elif self.state is not State.DATA:
+        else:
             self._data = None
-        if self.state is not State.CHUNKING:
-            self._bdat = None  # the message's chunks are over
+            if state is not State.CHUNKING:
+                self._bdat = None  # the message's chunks are over
 
     def send_failed(self) -> None:
         """The caller could not write a reply: the connection is unusable."""

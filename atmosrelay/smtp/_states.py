@@ -23,6 +23,10 @@ import attrs
 
 
 class State(enum.Enum):
+    # Members are singletons: hash by identity (in C) rather than enum's Python-level hash,
+    # since every command looks the table up by (state, input).
+    __hash__ = object.__hash__
+
     GREETING = "greeting"  # connected; the greeting is owed
     REJECTED = "rejected"  # greeted with 4xx/5xx: only QUIT (RFC 5321 3.1)
     CONNECTED = "connected"  # greeted; EHLO/HELO needed
@@ -40,6 +44,8 @@ class State(enum.Enum):
 
 
 class Input(enum.Enum):
+    __hash__ = object.__hash__
+
     GREET = "greet"
     EHLO = "ehlo"
     HELO = "helo"

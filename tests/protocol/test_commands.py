@@ -246,8 +246,9 @@ def test_client_refuses_bytes_after_the_starttls_220() -> None:
     client.next_event()
     client.send(StartTLS())
     client.receive_data(b"220 2.0.0 go ahead\r\n250 2.0.0 injected\r\n")
+    assert client.next_event().reply.code == 220  # type: ignore[union-attr]
     with pytest.raises(RemoteProtocolError, match="injection"):
-        client.next_event()
+        client.next_event()  # instead of TLSReady
 
 
 def test_client_refuses_unsolicited_replies_but_reports_421() -> None:
