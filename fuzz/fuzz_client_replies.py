@@ -11,8 +11,6 @@ have (see fuzz_server_bytes.py).
 
 from __future__ import annotations
 
-import sys
-
 from atmosrelay.smtp import (
     NEED_DATA,
     Address,
@@ -31,6 +29,7 @@ from atmosrelay.smtp import (
     StartTLS,
     TLSReady,
 )
+from fuzz._harness import atheris_main, same_however_split
 
 SCRIPT = [
     Hello("relay.fuzz", True),
@@ -85,21 +84,8 @@ def run(chunks: list[bytes]) -> list[object]:
 
 
 def check_one(data: bytes) -> None:
-    if not data:
-        return
-    step, stream = data[0] % 13 + 1, data[1:]
-    whole = run([stream])
-    split = run([stream[i : i + step] for i in range(0, len(stream), step)])
-    assert whole == split, "chunking changed the result"
-
-
-def main() -> None:  # pragma: no cover - needs atheris
-    import atheris
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, lambda data: check_one(bytes(data)))
-    atheris.Fuzz()
+    same_however_split(run, data, 13)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    atheris_main(check_one)

@@ -11,8 +11,7 @@ suite runs a Hypothesis twin of the same ``check_one``.
 
 from __future__ import annotations
 
-import sys
-
+from fuzz._harness import atheris_main
 from journal import CorruptJournalError, Log
 from journal._format import segment_name
 from journal.testing import CrashableMemFS
@@ -56,13 +55,5 @@ def check_one(data: bytes) -> None:
     assert [r.payload for r in again.records()] == got, "a second recovery disagreed"
 
 
-def main() -> None:  # pragma: no cover - needs atheris
-    import atheris
-
-    atheris.instrument_all()  # the journal was imported above: instrument what is loaded
-    atheris.Setup(sys.argv, lambda data: check_one(bytes(data)))
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    atheris_main(check_one)

@@ -12,8 +12,6 @@ there. Both mean the same thing, "never executed as SMTP", and are recorded the 
 
 from __future__ import annotations
 
-import sys
-
 from atmosrelay.smtp import (
     NEED_DATA,
     PAUSED,
@@ -35,6 +33,7 @@ from atmosrelay.smtp import (
     TLSReady,
 )
 from atmosrelay.smtp import replies as R
+from fuzz._harness import atheris_main, same_however_split
 
 CAPS = Capabilities(starttls=True, auth=("PLAIN", "LOGIN"), size=4096)
 _SIMPLE = {
@@ -104,21 +103,8 @@ def run(chunks: list[bytes]) -> tuple[list[object], bytes]:
 
 
 def check_one(data: bytes) -> None:
-    if not data:
-        return
-    step, stream = data[0] % 17 + 1, data[1:]
-    whole = run([stream])
-    split = run([stream[i : i + step] for i in range(0, len(stream), step)])
-    assert whole == split, "chunking changed the result"
-
-
-def main() -> None:  # pragma: no cover - needs atheris
-    import atheris
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, lambda data: check_one(bytes(data)))
-    atheris.Fuzz()
+    same_however_split(run, data, 17)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    atheris_main(check_one)

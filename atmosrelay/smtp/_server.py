@@ -287,7 +287,8 @@ class ServerConnection:
         return self._sequenced(Expn(arg.strip()), Input.EXPN, line)
 
     def _path_and_params(self, arg: str, keyword: str) -> tuple[str, str] | None:
-        """Split ``FROM:<path> params`` (spaces after the colon are tolerated)."""
+        """Split ``FROM:<path> params`` (spaces after the colon are tolerated); None when
+        malformed, including parameters not separated from the path by a space."""
         if arg[: len(keyword)].upper() != keyword:
             return None
         rest = arg[len(keyword) :].lstrip(" ")
@@ -299,15 +300,16 @@ class ServerConnection:
             while i < n and rest[i] != '"':
                 i += 2 if rest[i] == "\\" else 1
             close = rest.find(">", i)
-        if close == -1:
+        params = rest[close + 1 :]
+        if close == -1 or (params and not params.startswith(" ")):
             return None
-        return rest[: close + 1], rest[close + 1 :]
+        return rest[: close + 1], params
 
     def _cmd_mail(self, verb: str, arg: str, line: bytes) -> Event:
         if not allowed(self.state, Input.MAIL):
             return self._error(R.BAD_SEQUENCE, line)
         parts = self._path_and_params(arg, "FROM:")
-        if parts is None or (parts[1] and not parts[1].startswith(" ")):
+        if parts is None:
             return self._error(R.BAD_SENDER_SYNTAX, line)
         try:
             sender = parse_path(parts[0], allow_null=True, bad=R.BAD_SENDER_SYNTAX)
@@ -322,7 +324,7 @@ class ServerConnection:
         if not allowed(self.state, Input.RCPT):
             return self._error(R.BAD_SEQUENCE, line)
         parts = self._path_and_params(arg, "TO:")
-        if parts is None or (parts[1] and not parts[1].startswith(" ")):
+        if parts is None:
             return self._error(R.BAD_RECIPIENT_SYNTAX, line)
         try:
             rcpt = parse_path(
