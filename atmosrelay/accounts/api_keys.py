@@ -1,0 +1,253 @@
+"""API keys: issue, verify, revoke, with a verified-key cache and brute-force brakes.
+
+Format: ``atmos_`` + 32 random bytes in URL-safe base64 (43 characters), 49 octets in all,
+inside bcrypt's 72-octet limit. The key id is the first 8 characters after ``atmos_``: not
+secret (it is how a key is looked up, listed and revoked) and leaving 35 characters, over 200
+bits, unknown. At rest: the bcrypt hash only (cost 12 by default). The key is shown once.
+
+Verifying never stalls the event loop: bcrypt runs in worker threads (at most
+``bcrypt_concurrency`` at once). A successful check is remembered for ``cache_ttl`` seconds in
+a bounded cache keyed by HMAC-SHA256(process secret, username, key), never the key itself, so
+an app opening a hundred connections pays for one bcrypt. Revoking drops the key's entries at
+once; a revocation made by another process (the operator CLI) is noticed through SQLite's
+``data_version`` within ``revocation_poll`` seconds (``watch_revocations``).
+
+Brute force: failures are scored per client IP and per username; scores decay with a half-life.
+Past ``free_failures`` each failure is answered only after an escalating delay; past
+``lockout_score`` the IP or username is locked out for ``lockout_seconds`` (no bcrypt at all).
+Unknown usernames cost a bcrypt too, so timing does not tell which usernames exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import math
+import secrets
+from collections import OrderedDict
+from typing import Final
+
+import attrs
+import bcrypt
+import trio
+
+from atmosrelay.accounts.identity import username_candidates
+from atmosrelay.accounts.store import AsyncStore, Store
+
+PREFIX: Final = "atmos_"
+KEY_ID_LENGTH: Final = 8
+SECRET_LENGTH: Final = 43  # base64url of 32 bytes, unpadded
+
+
+@attrs.frozen
+class AuthSettings:
+    bcrypt_cost: int = 12
+    bcrypt_concurrency: int = 2  # the machine's cores; more only queues in the kernel
+    cache_ttl: float = 300.0
+    cache_size: int = 10_000
+    free_failures: float = 3.0
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    lockout_score: float = 10.0
+    lockout_seconds: float = 900.0
+    half_life: float = 600.0
+    revocation_poll: float = 1.0
+
+
+@attrs.frozen
+class IssuedKey:
+    key_id: str
+    did: str
+    secret: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class Verified:
+    did: str
+    key_id: str
+    cached: bool
+
+
+@attrs.frozen
+class Refused:
+    reason: str  # for logs, never for the peer: "unknown-user", "bad-key", "locked-out", ...
+    retry_after: float  # seconds until another attempt may succeed (0: any time)
+
+
+def new_secret() -> str:
+    return PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode("ascii").rstrip("=")
+
+
+def key_id_of(secret: str) -> str | None:
+    """The key id of a well-formed key, else None."""
+    if not secret.startswith(PREFIX) or len(secret) != len(PREFIX) + SECRET_LENGTH:
+        return None
+    return secret[len(PREFIX) : len(PREFIX) + KEY_ID_LENGTH]
+
+
+def issue(store: Store, did: str, *, cost: int) -> IssuedKey:
+    """Create a key for ``did`` (blocking: bcrypt). The secret is returned once, never stored."""
+    store.member(did)
+    for _ in range(5):
+        secret = new_secret()
+        key_id = key_id_of(secret)
+        assert key_id is not None
+        try:
+            store.key(key_id)
+        except Exception:
+            hashed = bcrypt.hashpw(secret.encode("ascii"), bcrypt.gensalt(cost))
+            store.add_key(key_id, did, hashed)
+            return IssuedKey(key_id, did, secret)
+    raise RuntimeError("could not find a free key id")  # 48 random bits: never in practice
+
+
+@attrs.define
+class _Score:
+    value: float = 0.0
+    at: float = 0.0
+    locked_until: float = 0.0
+
+    def current(self, now: float, half_life: float) -> float:
+        return self.value * 0.5 ** ((now - self.at) / half_life) if self.value else 0.0
+
+
+class KeyChecker:
+    """Verifies (username, key) pairs for the relay. Times come from trio's clock."""
+
+    def __init__(self, store: AsyncStore, settings: AuthSettings = AuthSettings()) -> None:
+        self.store = store
+        self.settings = settings
+        self._cache_secret = secrets.token_bytes(32)
+        self._cache: OrderedDict[bytes, tuple[str, str, float]] = OrderedDict()
+        self._by_key: dict[str, set[bytes]] = {}
+        self._scores: dict[str, _Score] = {}
+        self._bcrypt = trio.CapacityLimiter(settings.bcrypt_concurrency)
+        # A real hash to check against when the username is unknown (same cost, same time).
+        self._dummy = bcrypt.hashpw(new_secret().encode(), bcrypt.gensalt(settings.bcrypt_cost))
+        self.bcrypt_calls = 0
+
+    # -- the cache ------------------------------------------------------------------------
+    def _digest(self, username: str, secret: str) -> bytes:
+        message = username.encode("utf-8") + b"\0" + secret.encode("utf-8", "replace")
+        return hmac.new(self._cache_secret, message, hashlib.sha256).digest()
+
+    def forget_key(self, key_id: str) -> None:
+        """Drop every cached verification of ``key_id`` (call on revocation)."""
+        for digest in self._by_key.pop(key_id, ()):
+            self._cache.pop(digest, None)
+
+    def forget_all(self) -> None:
+        self._cache.clear()
+        self._by_key.clear()
+
+    def _remember(self, digest: bytes, did: str, key_id: str, now: float) -> None:
+        self._cache[digest] = (did, key_id, now + self.settings.cache_ttl)
+        self._by_key.setdefault(key_id, set()).add(digest)
+        while len(self._cache) > self.settings.cache_size:
+            old, (_, old_key, _) = self._cache.popitem(last=False)
+            self._by_key.get(old_key, set()).discard(old)
+
+    # -- brute force ------------------------------------------------------------------------
+    def _locked(self, names: list[str], now: float) -> float:
+        return max((s.locked_until - now for n in names if (s := self._scores.get(n))), default=0.0)
+
+    def _fail(self, names: list[str], now: float) -> float:
+        """Record a failure; return the delay before answering it."""
+        st = self.settings
+        worst = 0.0
+        for name in names:
+            score = self._scores.setdefault(name, _Score())
+            score.value = score.current(now, st.half_life) + 1.0
+            score.at = now
+            if score.value >= st.lockout_score:
+                score.locked_until = now + st.lockout_seconds
+            worst = max(worst, score.value)
+        if worst <= st.free_failures:
+            return 0.0
+        doublings = math.floor(worst - st.free_failures - 1)
+        return float(min(st.max_delay, st.base_delay * 2.0**doublings))
+
+    def _succeed(self, names: list[str]) -> None:
+        for name in names:
+            score = self._scores.get(name)
+            if score is not None and score.locked_until == 0.0:
+                del self._scores[name]
+
+    # -- verification -----------------------------------------------------------------------
+    async def verify(self, username: str, secret: str, client_ip: str) -> Verified | Refused:
+        """Check a key. A refusal is returned after its delay has been served."""
+        now = trio.current_time()
+        names = [f"ip:{client_ip}", f"user:{username.lower()}"]
+        locked = self._locked(names, now)
+        if locked > 0:
+            return Refused("locked-out", locked)
+        digest = self._digest(username, secret)
+        hit = self._cache.get(digest)
+        if hit is not None and hit[2] > now:
+            self._cache.move_to_end(digest)
+            return Verified(hit[0], hit[1], cached=True)
+        result = await self._verify_cold(username, secret)
+        now = trio.current_time()
+        if isinstance(result, Verified):
+            self._remember(digest, result.did, result.key_id, now)
+            self._succeed(names)
+            return result
+        delay = self._fail(names, now)
+        if delay:
+            await trio.sleep(delay)
+        return Refused(result, self._locked(names, trio.current_time()))
+
+    async def _verify_cold(self, username: str, secret: str) -> Verified | str:
+        candidates = username_candidates(username)
+        did = None
+        if candidates:
+            name = candidates[0]
+            if name.startswith("did:"):
+                did = name if await self._member_exists(name) else None
+            else:
+                did = await self.store.run(self.store.sync.did_for_handle, name)
+        key_id = key_id_of(secret)
+        key = None
+        if did is not None and key_id is not None:
+            keys = await self.store.run(self.store.sync.keys, did)
+            key = next((k for k in keys if k.key_id == key_id and k.revoked_at is None), None)
+        hashed = key.bcrypt_hash if key is not None else self._dummy
+        ok = await self._checkpw(secret, hashed)
+        if key is None or did is None:
+            return "unknown-user" if did is None else "bad-key"
+        if not ok:
+            return "bad-key"
+        await self.store.run(self.store.sync.touch_key, key.key_id)
+        return Verified(did, key.key_id, cached=False)
+
+    async def _member_exists(self, did: str) -> bool:
+        try:
+            await self.store.run(self.store.sync.member, did)
+        except Exception:
+            return False
+        return True
+
+    async def _checkpw(self, secret: str, hashed: bytes) -> bool:
+        self.bcrypt_calls += 1
+        data = secret.encode("utf-8", "replace")[:72]
+        return await trio.to_thread.run_sync(bcrypt.checkpw, data, hashed, limiter=self._bcrypt)
+
+    async def revoke(self, key_id: str) -> None:
+        await self.store.run(self.store.sync.revoke_key, key_id)
+        self.forget_key(key_id)
+
+    async def watch_revocations(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run forever: when another process changes the database, drop cached entries of
+        revoked keys. Start it in the relay's nursery."""
+        version = await self.store.run(self.store.sync.data_version)
+        task_status.started()
+        while True:
+            await trio.sleep(self.settings.revocation_poll)
+            now_version = await self.store.run(self.store.sync.data_version)
+            if now_version != version:
+                version = now_version
+                for key_id in await self.store.run(self.store.sync.revoked_keys):
+                    self.forget_key(key_id)

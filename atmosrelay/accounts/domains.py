@@ -1,0 +1,125 @@
+"""Sending domains: enrollment, the DNS ownership proof, and what to publish.
+
+A domain belongs to one member; a subdomain is a separate domain. Enrollment creates a random
+challenge token (bound to that member and domain by its row) and the domain's DKIM keys.
+Proof: a TXT record ``_atmos-challenge.<domain>`` holding ``atmos-verify=<token>``. A failed
+verification says exactly what DNS returned, so the operator can fix the record.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Final
+
+import attrs
+import dns.asyncresolver
+
+from atmosrelay.accounts import dkim_keys
+from atmosrelay.accounts.identity import ResolutionError, hostname_ok, txt_records
+from atmosrelay.accounts.store import Domain, Store
+
+CHALLENGE_PREFIX: Final = "_atmos-challenge"
+VERIFY_PREFIX: Final = "atmos-verify="
+DMARC_VALUE: Final = "v=DMARC1; p=reject; adkim=r; aspf=r"
+
+
+class DomainError(ValueError):
+    """A bad domain request; the message says what to do."""
+
+
+def normalize_domain(name: str) -> str:
+    d = name.strip().lower().rstrip(".")
+    try:
+        d = d.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise DomainError(f"{name!r} is not a valid domain name") from None
+    if not hostname_ok(d):
+        raise DomainError(f"{name!r} is not a valid domain name (e.g. mail.example.com)")
+    return d
+
+
+def challenge_name(domain: str) -> str:
+    return f"{CHALLENGE_PREFIX}.{domain}"
+
+
+def enroll(store: Store, did: str, name: str, *, limit: int, clock_now: float) -> Domain:
+    """Enroll a domain for a member (pending until verified), with fresh DKIM keys."""
+    domain = normalize_domain(name)
+    store.member(did)
+    rsa_key, ed_key = dkim_keys.generate_rsa(), dkim_keys.generate_ed25519()
+    return store.add_domain(
+        Domain(
+            name=domain,
+            did=did,
+            status="pending",
+            challenge_token=secrets.token_urlsafe(24),
+            verified_at=None,
+            verified_without_dns=False,
+            dkim_selector_stem=dkim_keys.selector_stem(),
+            dkim_rsa_private=rsa_key.private,
+            dkim_ed25519_private=ed_key.private,
+            forward_to=None,
+            created_at=clock_now,
+        ),
+        limit=limit,
+    )
+
+
+async def check_challenge(resolver: dns.asyncresolver.Resolver, domain: Domain) -> None:
+    """Raise DomainError naming what was found unless the challenge record is there."""
+    name = challenge_name(domain.name)
+    expected = VERIFY_PREFIX + domain.challenge_token
+    try:
+        found = await txt_records(resolver, name)
+    except ResolutionError as exc:
+        raise DomainError(f'{exc}; publish TXT {name} "{expected}"') from None
+    if expected in found:
+        return
+    shown = ", ".join(repr(f) for f in found) or "nothing"
+    raise DomainError(f'TXT {name} holds {shown}; expected "{expected}"')
+
+
+@attrs.frozen
+class DnsRecord:
+    name: str
+    type: str
+    strings: tuple[str, ...]
+    note: str = ""
+
+    @property
+    def value(self) -> str:
+        return "".join(self.strings)
+
+    def zone_line(self) -> str:
+        quoted = " ".join(f'"{s}"' for s in self.strings)
+        return f"{self.name}. IN {self.type} {quoted}"
+
+
+def records_to_publish(domain: Domain, *, spf_include: str | None) -> list[DnsRecord]:
+    """The DKIM, SPF and DMARC records this domain needs, exactly as to publish them."""
+    stem = domain.dkim_selector_stem
+    rsa_pub = dkim_keys.public_from_private("rsa", domain.dkim_rsa_private)
+    ed_pub = dkim_keys.public_from_private("ed25519", domain.dkim_ed25519_private)
+    out = [
+        DnsRecord(
+            f"{stem}r._domainkey.{domain.name}",
+            "TXT",
+            dkim_keys.split_txt(dkim_keys.dkim_record_value("rsa", rsa_pub)),
+        ),
+        DnsRecord(
+            f"{stem}e._domainkey.{domain.name}",
+            "TXT",
+            dkim_keys.split_txt(dkim_keys.dkim_record_value("ed25519", ed_pub)),
+        ),
+    ]
+    if spf_include:
+        out.append(
+            DnsRecord(
+                domain.name,
+                "TXT",
+                (f"v=spf1 include:{spf_include} -all",),
+                note="if the domain already has an SPF record, add the include to it instead",
+            )
+        )
+    out.append(DnsRecord(f"_dmarc.{domain.name}", "TXT", (DMARC_VALUE,)))
+    return out

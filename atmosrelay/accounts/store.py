@@ -1,0 +1,463 @@
+"""The account store: SQLite through the standard library, numbered migrations.
+
+One file (``accounts.sqlite3`` in the data directory, mode 0600: it holds DKIM private keys and
+bcrypt hashes) in WAL mode with ``synchronous=FULL``: an acknowledged change survives power loss.
+``Store`` is synchronous and thread-safe (one connection behind a lock); the relay calls it
+through ``AsyncStore``, which runs every call in a worker thread so the event loop never waits
+on the disk. The operator CLI uses ``Store`` directly.
+
+Schema versions live in ``PRAGMA user_version``; ``MIGRATIONS[n]`` takes version n to n+1.
+Never edit a shipped migration: add the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import attrs
+import trio
+
+T = TypeVar("T")
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 0 -> 1: members, their handles, domains, API keys.
+    """
+    CREATE TABLE members (
+        did TEXT PRIMARY KEY,
+        status TEXT NOT NULL DEFAULT 'active'
+            CHECK (status IN ('active', 'paused', 'suspended', 'removed')),
+        status_reason TEXT,
+        status_changed_at REAL,
+        labels TEXT NOT NULL DEFAULT '[]',
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE handles (
+        handle TEXT PRIMARY KEY,
+        did TEXT NOT NULL REFERENCES members (did) ON DELETE CASCADE,
+        added_at REAL NOT NULL
+    );
+    CREATE INDEX handles_did ON handles (did);
+    CREATE TABLE domains (
+        name TEXT PRIMARY KEY,
+        did TEXT NOT NULL REFERENCES members (did) ON DELETE CASCADE,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'verified')),
+        challenge_token TEXT NOT NULL,
+        verified_at REAL,
+        verified_without_dns INTEGER NOT NULL DEFAULT 0,
+        dkim_selector_stem TEXT NOT NULL,
+        dkim_rsa_private TEXT NOT NULL,
+        dkim_ed25519_private TEXT NOT NULL,
+        forward_to TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX domains_did ON domains (did);
+    CREATE TABLE api_keys (
+        key_id TEXT PRIMARY KEY,
+        did TEXT NOT NULL REFERENCES members (did) ON DELETE CASCADE,
+        bcrypt_hash BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        last_used_at REAL,
+        revoked_at REAL
+    );
+    CREATE INDEX api_keys_did ON api_keys (did);
+    """,
+    # 1 -> 2: the suppression list (RFC 8058 unsubscribes) and room for rate counters.
+    """
+    CREATE TABLE suppressions (
+        did TEXT NOT NULL REFERENCES members (did) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        source TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (did, address)
+    );
+    CREATE TABLE counters (
+        did TEXT NOT NULL,
+        name TEXT NOT NULL,
+        window_start REAL NOT NULL,
+        value INTEGER NOT NULL,
+        PRIMARY KEY (did, name, window_start)
+    );
+    """,
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+MEMBER_STATUSES: Final = ("active", "paused", "suspended", "removed")
+
+
+class StoreError(Exception):
+    """A request the store refuses; the message says what to do."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+@attrs.frozen
+class Member:
+    did: str
+    status: str
+    status_reason: str | None
+    status_changed_at: float | None
+    labels: tuple[str, ...]
+    created_at: float
+    handles: tuple[str, ...]
+
+
+@attrs.frozen
+class Domain:
+    name: str
+    did: str
+    status: str
+    challenge_token: str
+    verified_at: float | None
+    verified_without_dns: bool
+    dkim_selector_stem: str
+    dkim_rsa_private: str = attrs.field(repr=False)
+    dkim_ed25519_private: str = attrs.field(repr=False)
+    forward_to: str | None
+    created_at: float
+
+
+@attrs.frozen
+class ApiKey:
+    key_id: str
+    did: str
+    bcrypt_hash: bytes = attrs.field(repr=False)
+    created_at: float
+    last_used_at: float | None
+    revoked_at: float | None
+
+
+@attrs.frozen
+class Suppression:
+    did: str
+    address: str
+    source: str
+    created_at: float
+
+
+class Store:
+    """Synchronous, thread-safe access to the account database."""
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)  # never world-readable
+        os.close(fd)
+        os.chmod(self.path, 0o600)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+        self.migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- plumbing -------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    @property
+    def version(self) -> int:
+        return int(self._rows("PRAGMA user_version")[0][0])
+
+    def data_version(self) -> int:
+        """Changes whenever another connection (another process) commits: a cheap signal
+        that cached answers may be stale."""
+        return int(self._rows("PRAGMA data_version")[0][0])
+
+    def migrate(self, *, target: int = SCHEMA_VERSION) -> None:
+        """Bring the schema to ``target`` (each migration in its own transaction)."""
+        while self.version < target:
+            version = self.version
+            with self._tx() as db:
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version + 1}")
+
+    # -- members --------------------------------------------------------------------------
+    def add_member(self, did: str, handle: str | None) -> Member:
+        now = self.clock()
+        try:
+            with self._tx() as db:
+                db.execute("INSERT INTO members (did, created_at) VALUES (?, ?)", (did, now))
+                if handle:
+                    db.execute(
+                        "INSERT INTO handles (handle, did, added_at) VALUES (?, ?, ?)",
+                        (handle, did, now),
+                    )
+        except sqlite3.IntegrityError as exc:
+            if "handles" in str(exc):
+                owner = self.did_for_handle(handle or "")
+                raise Conflict(f"handle {handle} already belongs to {owner}") from None
+            raise Conflict(f"member {did} already exists") from None
+        return self.member(did)
+
+    def add_handle(self, did: str, handle: str) -> None:
+        self.member(did)
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO handles (handle, did, added_at) VALUES (?, ?, ?)",
+                    (handle, did, self.clock()),
+                )
+        except sqlite3.IntegrityError:
+            raise Conflict(
+                f"handle {handle} already belongs to {self.did_for_handle(handle)}"
+            ) from None
+
+    def member(self, did: str) -> Member:
+        rows = self._rows("SELECT * FROM members WHERE did = ?", did)
+        if not rows:
+            raise NotFound(
+                f"no member {did}; add it with 'atmosrelay member add {did} --handle HANDLE'"
+            )
+        return self._member(rows[0])
+
+    def _member(self, row: sqlite3.Row) -> Member:
+        handles = tuple(
+            r[0]
+            for r in self._rows(
+                "SELECT handle FROM handles WHERE did = ? ORDER BY handle", row["did"]
+            )
+        )
+        return Member(
+            did=row["did"],
+            status=row["status"],
+            status_reason=row["status_reason"],
+            status_changed_at=row["status_changed_at"],
+            labels=tuple(json.loads(row["labels"])),
+            created_at=row["created_at"],
+            handles=handles,
+        )
+
+    def members(self) -> list[Member]:
+        return [
+            self._member(r) for r in self._rows("SELECT * FROM members ORDER BY created_at, did")
+        ]
+
+    def did_for_handle(self, handle: str) -> str | None:
+        rows = self._rows("SELECT did FROM handles WHERE handle = ?", handle)
+        return rows[0][0] if rows else None
+
+    def set_status(self, did: str, status: str, reason: str | None) -> Member:
+        if status not in MEMBER_STATUSES:
+            raise StoreError(f"status must be one of {', '.join(MEMBER_STATUSES)}")
+        self.member(did)
+        with self._tx() as db:
+            db.execute(
+                "UPDATE members SET status = ?, status_reason = ?, status_changed_at = ?"
+                " WHERE did = ?",
+                (status, reason, self.clock(), did),
+            )
+        return self.member(did)
+
+    def set_labels(self, did: str, labels: tuple[str, ...]) -> None:
+        self.member(did)
+        with self._tx() as db:
+            db.execute(
+                "UPDATE members SET labels = ? WHERE did = ?", (json.dumps(list(labels)), did)
+            )
+
+    # -- domains --------------------------------------------------------------------------
+    def add_domain(self, domain: Domain, *, limit: int) -> Domain:
+        with self._tx() as db:
+            owner = db.execute("SELECT did FROM domains WHERE name = ?", (domain.name,)).fetchone()
+            if owner is not None:
+                who = "this member" if owner[0] == domain.did else "another member"
+                raise Conflict(f"domain {domain.name} is already enrolled by {who}")
+            (count,) = db.execute(
+                "SELECT count(*) FROM domains WHERE did = ?", (domain.did,)
+            ).fetchone()
+            if count >= limit:
+                raise Conflict(
+                    f"{domain.did} already has {count} domain(s), the limit is {limit}; "
+                    "remove one or raise accounts.max_domains_per_member"
+                )
+            db.execute(
+                "INSERT INTO domains (name, did, status, challenge_token, verified_at,"
+                " verified_without_dns, dkim_selector_stem, dkim_rsa_private,"
+                " dkim_ed25519_private, forward_to, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    domain.name,
+                    domain.did,
+                    domain.status,
+                    domain.challenge_token,
+                    domain.verified_at,
+                    int(domain.verified_without_dns),
+                    domain.dkim_selector_stem,
+                    domain.dkim_rsa_private,
+                    domain.dkim_ed25519_private,
+                    domain.forward_to,
+                    domain.created_at,
+                ),
+            )
+        return self.domain(domain.name)
+
+    def domain(self, name: str) -> Domain:
+        rows = self._rows("SELECT * FROM domains WHERE name = ?", name)
+        if not rows:
+            raise NotFound(
+                f"no enrolled domain {name}; enroll it with 'atmosrelay domain add DID {name}'"
+            )
+        return _domain(rows[0])
+
+    def domains(self, did: str | None = None) -> list[Domain]:
+        if did is None:
+            return [_domain(r) for r in self._rows("SELECT * FROM domains ORDER BY did, name")]
+        return [
+            _domain(r) for r in self._rows("SELECT * FROM domains WHERE did = ? ORDER BY name", did)
+        ]
+
+    def mark_verified(self, name: str, *, without_dns: bool) -> Domain:
+        self.domain(name)
+        with self._tx() as db:
+            db.execute(
+                "UPDATE domains SET status = 'verified', verified_at = ?, verified_without_dns = ?"
+                " WHERE name = ?",
+                (self.clock(), int(without_dns), name),
+            )
+        return self.domain(name)
+
+    # -- API keys --------------------------------------------------------------------------
+    def add_key(self, key_id: str, did: str, bcrypt_hash: bytes) -> ApiKey:
+        self.member(did)
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO api_keys (key_id, did, bcrypt_hash, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (key_id, did, bcrypt_hash, self.clock()),
+                )
+        except sqlite3.IntegrityError:
+            raise Conflict(f"key id {key_id} exists") from None
+        return self.key(key_id)
+
+    def key(self, key_id: str) -> ApiKey:
+        rows = self._rows("SELECT * FROM api_keys WHERE key_id = ?", key_id)
+        if not rows:
+            raise NotFound(f"no API key {key_id}; 'atmosrelay key list DID' shows a member's keys")
+        return _key(rows[0])
+
+    def keys(self, did: str) -> list[ApiKey]:
+        return [
+            _key(r)
+            for r in self._rows("SELECT * FROM api_keys WHERE did = ? ORDER BY created_at", did)
+        ]
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        key = self.key(key_id)
+        if key.revoked_at is not None:
+            raise Conflict(f"key {key_id} was already revoked")
+        with self._tx() as db:
+            db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ?", (self.clock(), key_id)
+            )
+        return self.key(key_id)
+
+    def revoked_keys(self) -> set[str]:
+        return {
+            r[0] for r in self._rows("SELECT key_id FROM api_keys WHERE revoked_at IS NOT NULL")
+        }
+
+    def touch_key(self, key_id: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE api_keys SET last_used_at = ? WHERE key_id = ?", (self.clock(), key_id)
+            )
+
+    # -- suppressions ----------------------------------------------------------------------
+    def suppress(self, did: str, address: str, source: str) -> Suppression:
+        self.member(did)
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO suppressions (did, address, source, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (did, address, source, self.clock()),
+            )
+        rows = self._rows("SELECT * FROM suppressions WHERE did = ? AND address = ?", did, address)
+        return Suppression(**dict(rows[0]))
+
+    def unsuppress(self, did: str, address: str) -> None:
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM suppressions WHERE did = ? AND address = ?", (did, address)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"{address} is not suppressed for {did}")
+
+    def suppressions(self, did: str) -> list[Suppression]:
+        self.member(did)
+        rows = self._rows("SELECT * FROM suppressions WHERE did = ? ORDER BY address", did)
+        return [Suppression(**dict(r)) for r in rows]
+
+
+def _domain(row: sqlite3.Row) -> Domain:
+    return Domain(
+        name=row["name"],
+        did=row["did"],
+        status=row["status"],
+        challenge_token=row["challenge_token"],
+        verified_at=row["verified_at"],
+        verified_without_dns=bool(row["verified_without_dns"]),
+        dkim_selector_stem=row["dkim_selector_stem"],
+        dkim_rsa_private=row["dkim_rsa_private"],
+        dkim_ed25519_private=row["dkim_ed25519_private"],
+        forward_to=row["forward_to"],
+        created_at=row["created_at"],
+    )
+
+
+def _key(row: sqlite3.Row) -> ApiKey:
+    return ApiKey(
+        key_id=row["key_id"],
+        did=row["did"],
+        bcrypt_hash=bytes(row["bcrypt_hash"]),
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+class AsyncStore:
+    """The store for trio code: every call runs in a worker thread, one at a time."""
+
+    def __init__(self, store: Store) -> None:
+        self.sync = store
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
