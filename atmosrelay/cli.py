@@ -4,6 +4,7 @@
     atmosrelay journal check DIR [--json]      verify every frame (exit 0 ok, 1 torn, 2 corrupt)
     atmosrelay journal dump DIR [--json]       one line per record: seq, type, position, size
     atmosrelay config defaults                 print the embedded default config
+    atmosrelay member|domain|key|suppression   operator commands (atmosrelay/accounts/cli.py)
 
 Human output by default, ``--json`` for scripts. Every refusal is one line on stderr that says
 what is wrong and what to do, with a non-zero exit.
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 import trio
 
 from atmosrelay import __version__
+from atmosrelay.accounts.cli import register as register_accounts
 from atmosrelay.config import DEFAULTS_TOML, ConfigError, load_config
 from atmosrelay.runtime import run_relay
 from journal import CorruptJournalError, JournalError, check_journal, dump_journal
@@ -43,9 +45,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_USAGE
     logging.basicConfig(
-        level=config.relay.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+        level=str(config["relay.log_level"]).upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    _announce(f"config: {config.source}; data directory {config.relay.data_dir}")
+    _announce(f"config: {config.source}; data directory {config.data_dir}")
     try:
         trio.run(lambda: run_relay(config, announce=_announce))
     except CorruptJournalError as exc:
@@ -147,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("dir")
     dump.add_argument("--json", action="store_true")
     dump.set_defaults(func=cmd_journal_dump)
+
+    register_accounts(sub)
 
     config = sub.add_parser("config", help="configuration helpers")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

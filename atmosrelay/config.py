@@ -4,17 +4,18 @@ A config file only needs the settings it changes. Where it comes from, first mat
 ``--config FILE``, then the ``ATMOSRELAY_CONFIG`` environment variable, then nothing (the
 embedded defaults). Relative paths in the file are relative to the working directory.
 
-An invalid config is refused at start with the dotted key and what was expected, e.g.
-``config error in relay.toml: journal.segment_size: expected an integer >= 65536, got "big"``.
+Every setting is declared once in ``SCHEMA`` (type and check); an invalid config is refused at
+start with the dotted key and what was expected, e.g.
+``config error in relay.toml: journal.segment_size: expected an integer >= 65536, got 'big'``.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -25,7 +26,7 @@ MIB: Final = 1024 * 1024
 # The embedded defaults, shown by `atmosrelay config defaults` and in the README.
 DEFAULTS_TOML: Final = """\
 [relay]
-# Where the journal and (later) the account store and generated keys live.
+# Where the journal, the account database and generated keys live.
 data_dir = "./var"
 # Log verbosity: debug, info, warning, error.
 log_level = "info"
@@ -37,71 +38,155 @@ segment_size = 67108864      # 64 MiB
 # The largest single record. A message is one record, so this bounds message size plus
 # envelope: the submission limit (50 MB, as the reference relay) must stay below it.
 max_record_size = 67108864   # 64 MiB
+
+[operator]
+# The relay's own domain: every message is also DKIM-signed with d=<domain>. Its key is
+# generated under <data_dir>/dkim on first start.
+domain = "atmosrelay.localhost"
+# The SPF include members' domains should publish ("" suggests none), e.g. "_spf.relay.example".
+spf_include = ""
+
+[accounts]
+# The SQLite account store ("" means <data_dir>/accounts.sqlite3).
+database = ""
+# Sending domains per member (the reference relay allows 2 during its alpha).
+max_domains_per_member = 2
+
+[dns]
+# Nameservers as "host" or "host:port" ([] means the system's resolver).
+nameservers = []
+timeout = 5.0                  # seconds per lookup
+handle_cache_ttl = 300.0       # seconds a resolved handle is trusted
+https_handle_resolution = false  # also try https://<handle>/.well-known/atproto-did
+
+[auth]
+bcrypt_cost = 12               # work factor of API key hashes (2^12 rounds, ~0.25 s here)
+cache_ttl = 300.0              # seconds a verified key is remembered
+cache_size = 10000
+free_failures = 3.0            # failures per IP or username before answers are delayed
+base_delay = 0.5               # first delay, doubling per further failure ...
+max_delay = 8.0                # ... up to this
+lockout_score = 10.0           # failures (decayed) that lock an IP or username out
+lockout_seconds = 900.0
+half_life = 600.0              # failures are forgotten by half every this many seconds
 """
+
+_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names the key and what was expected."""
 
 
-@attrs.frozen
-class RelaySettings:
-    data_dir: Path
-    log_level: str
+Check = Callable[[Any], str | None]  # returns what was expected, or None when fine
 
 
-@attrs.frozen
-class JournalSettings:
-    segment_size: int
-    max_record_size: int
+def _int(minimum: int, maximum: int | None = None) -> Check:
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+        ok = ok and (maximum is None or v <= maximum)
+        top = f" and <= {maximum}" if maximum is not None else ""
+        return None if ok else f"an integer >= {minimum}{top}"
+
+    return check
+
+
+def _number(minimum: float) -> Check:
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and v >= minimum
+        return None if ok else f"a number >= {minimum:g}"
+
+    return check
+
+
+def _string(*, empty: bool = False, choices: tuple[str, ...] = ()) -> Check:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, str) or (not empty and not v):
+            return "a string" if empty else "a non-empty string"
+        if choices and v not in choices:
+            return f"one of {', '.join(choices)}"
+        return None
+
+    return check
+
+
+def _boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def _nameservers(v: Any) -> str | None:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        return 'a list of "host" or "host:port" strings'
+    for x in v:
+        port = x.rpartition(":")[2] if x.count(":") == 1 else ""
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            return f'a list of "host" or "host:port" strings ({x!r} has a bad port)'
+    return None
+
+
+SCHEMA: Final[dict[str, dict[str, Check]]] = {
+    "relay": {"data_dir": _string(), "log_level": _string(choices=_LOG_LEVELS)},
+    "journal": {"segment_size": _int(64 * 1024), "max_record_size": _int(1024, 1024 * MIB)},
+    "operator": {"domain": _string(), "spf_include": _string(empty=True)},
+    "accounts": {"database": _string(empty=True), "max_domains_per_member": _int(1)},
+    "dns": {
+        "nameservers": _nameservers,
+        "timeout": _number(0.1),
+        "handle_cache_ttl": _number(0),
+        "https_handle_resolution": _boolean,
+    },
+    "auth": {
+        "bcrypt_cost": _int(4, 31),
+        "cache_ttl": _number(0),
+        "cache_size": _int(1),
+        "free_failures": _number(0),
+        "base_delay": _number(0),
+        "max_delay": _number(0),
+        "lockout_score": _number(1),
+        "lockout_seconds": _number(0),
+        "half_life": _number(1),
+    },
+}
 
 
 @attrs.frozen
 class Config:
-    relay: RelaySettings
-    journal: JournalSettings
+    """The validated settings, as ``config.section["key"]``, plus derived paths."""
+
+    values: Mapping[str, Mapping[str, Any]]
     source: str  # where it came from, for messages
+
+    def __getitem__(self, dotted: str) -> Any:
+        section, key = dotted.split(".")
+        return self.values[section][key]
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self["relay.data_dir"])
 
     @property
     def journal_dir(self) -> Path:
-        return self.relay.data_dir / "journal"
+        return self.data_dir / "journal"
 
+    @property
+    def accounts_db(self) -> Path:
+        return (
+            Path(self["accounts.database"])
+            if self["accounts.database"]
+            else (self.data_dir / "accounts.sqlite3")
+        )
 
-_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+    @property
+    def dkim_dir(self) -> Path:
+        return self.data_dir / "dkim"
 
-
-def _section(doc: Mapping[str, object], name: str) -> Mapping[str, object]:
-    value = doc.get(name, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"{name}: expected a table, got {value!r}")
-    return value
-
-
-def _int(table: Mapping[str, object], section: str, key: str, minimum: int) -> int:
-    value = table[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{section}.{key}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _str(table: Mapping[str, object], section: str, key: str) -> str:
-    value = table[key]
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{section}.{key}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _check_keys(doc: Mapping[str, object], known: Mapping[str, Mapping[str, object]]) -> None:
-    for section, table in doc.items():
-        if section not in known:
-            raise ConfigError(f"{section}: unknown section; known: {', '.join(known)}")
-        if isinstance(table, dict):
-            for key in table:
-                if key not in known[section]:
-                    raise ConfigError(
-                        f"{section}.{key}: unknown setting; known in [{section}]: "
-                        f"{', '.join(known[section])}"
-                    )
+    @property
+    def nameservers(self) -> tuple[tuple[str, int], ...]:
+        out = []
+        for x in self["dns.nameservers"]:
+            host, _, port = x.rpartition(":") if x.count(":") == 1 else (x, "", "")
+            out.append((host, int(port) if port else 53))
+        return tuple(out)
 
 
 def parse_config(text: str, *, source: str = "<config>") -> Config:
@@ -111,28 +196,32 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config error in {source}: not valid TOML: {exc}") from exc
-    try:
-        _check_keys(doc, defaults)
-        merged = {name: {**defaults[name], **_section(doc, name)} for name in defaults}
-        relay, journal = merged["relay"], merged["journal"]
-        level = _str(relay, "relay", "log_level")
-        if level not in _LOG_LEVELS:
-            raise ConfigError(f"relay.log_level: expected one of {_LOG_LEVELS}, got {level!r}")
-        segment_size = _int(journal, "journal", "segment_size", 64 * 1024)
-        max_record = _int(journal, "journal", "max_record_size", 1024)
-        if max_record > 1024 * MIB:
+    merged: dict[str, dict[str, Any]] = {}
+    for section, table in doc.items():
+        if section not in SCHEMA:
             raise ConfigError(
-                f"journal.max_record_size: expected at most {1024 * MIB} (1 GiB), got {max_record}"
+                f"config error in {source}: {section}: unknown section; known: {', '.join(SCHEMA)}"
             )
-        return Config(
-            relay=RelaySettings(data_dir=Path(_str(relay, "relay", "data_dir")), log_level=level),
-            journal=JournalSettings(segment_size=segment_size, max_record_size=max_record),
-            source=source,
-        )
-    except ConfigError as exc:
-        if str(exc).startswith("config error"):
-            raise
-        raise ConfigError(f"config error in {source}: {exc}") from None
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"config error in {source}: {section}: expected a table, got {table!r}"
+            )
+        for key in table:
+            if key not in SCHEMA[section]:
+                raise ConfigError(
+                    f"config error in {source}: {section}.{key}: unknown setting; known in "
+                    f"[{section}]: {', '.join(SCHEMA[section])}"
+                )
+    for section, checks in SCHEMA.items():
+        merged[section] = {**defaults[section], **doc.get(section, {})}
+        for key, check in checks.items():
+            expected = check(merged[section][key])
+            if expected is not None:
+                raise ConfigError(
+                    f"config error in {source}: {section}.{key}: expected {expected}, "
+                    f"got {merged[section][key]!r}"
+                )
+    return Config(values=merged, source=source)
 
 
 def load_config(path: str | None = None) -> Config:

@@ -4,6 +4,7 @@ The nursery tree grows with the relay (ARCHITECTURE.md section 6). Today it is i
 
     trio.run(run_relay)
     └── journal (recovery finishes before anything else starts; closes last)
+        (before it: the operator's DKIM key is generated if missing)
         └── signal watcher (SIGTERM/SIGINT -> shut down)
 
 Later issues add the delivery dispatcher, the SMTP listeners and the HTTP API inside the
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import trio
 
+from atmosrelay.accounts.dkim_keys import ensure_operator_key
 from atmosrelay.config import Config
 from journal import Journal, RecoveryReport, open_journal
 
@@ -52,11 +54,20 @@ async def run_relay(
     damaged acknowledged records, and ``journal.JournalFatalError`` when the disk fails.
     """
     directory = str(config.journal_dir)
+    operator, created = await trio.to_thread.run_sync(
+        ensure_operator_key, config.dkim_dir, config["operator.domain"]
+    )
+    if created:
+        announce(
+            f"generated the operator DKIM key for d={operator.domain}; publish "
+            f"{operator.selector}._domainkey.{operator.domain} TXT "
+            f'"v=DKIM1; k=rsa; p={operator.key.public_b64}"'
+        )
     with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
         async with open_journal(
             directory,
-            segment_size=config.journal.segment_size,
-            max_record_size=config.journal.max_record_size,
+            segment_size=config["journal.segment_size"],
+            max_record_size=config["journal.max_record_size"],
         ) as journal:
             announce(describe_recovery(directory, journal.recovery))
             announce("ready; SIGTERM or Ctrl-C stops")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import math
 import secrets
 from collections import OrderedDict
 from typing import Final
@@ -160,12 +159,14 @@ class KeyChecker:
             score = self._scores.setdefault(name, _Score())
             score.value = score.current(now, st.half_life) + 1.0
             score.at = now
-            if score.value >= st.lockout_score:
+            # Scores decay while delays are served, so they sit just below whole numbers:
+            # round, or each level would take one failure more than documented.
+            if round(score.value) >= st.lockout_score:
                 score.locked_until = now + st.lockout_seconds
             worst = max(worst, score.value)
-        if worst <= st.free_failures:
+        if round(worst) <= st.free_failures:
             return 0.0
-        doublings = math.floor(worst - st.free_failures - 1)
+        doublings = max(0, round(worst - st.free_failures - 1))
         return float(min(st.max_delay, st.base_delay * 2.0**doublings))
 
     def _succeed(self, names: list[str]) -> None:

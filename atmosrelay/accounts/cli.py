@@ -1,0 +1,368 @@
+"""Operator commands: members, domains, API keys, suppressions.
+
+    atmosrelay member add DID --handle HANDLE [--without-dns]
+    atmosrelay member list | show DID | unsuspend DID
+    atmosrelay member suspend DID --reason R | remove DID --reason R
+    atmosrelay domain add DID DOMAIN        prints the TXT challenge to publish
+    atmosrelay domain verify DOMAIN [--without-dns]
+    atmosrelay domain list [DID] | records DOMAIN
+    atmosrelay key issue DID | list DID | revoke KEYID
+    atmosrelay suppression list DID | add DID ADDRESS | remove DID ADDRESS
+
+Every command takes ``--config`` and ``--json``. Every refusal is one line on stderr with a
+non-zero exit: 65 for input that is malformed (a DID, handle, domain), 1 for a request the
+state refuses (unknown member, domain taken or limit reached, DNS record missing or wrong,
+revoked key), 64 for a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from atmosrelay.accounts import api_keys, domains
+from atmosrelay.accounts.identity import (
+    DnsSettings,
+    HandleResolver,
+    InvalidDID,
+    InvalidHandle,
+    ResolutionError,
+    make_resolver,
+    normalize_handle,
+    validate_did,
+)
+from atmosrelay.accounts.store import Domain, Store, StoreError
+from atmosrelay.config import Config, ConfigError, load_config
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 64
+EXIT_INVALID = 65
+
+
+class _Refused(Exception):
+    def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _dns(config: Config) -> DnsSettings:
+    return DnsSettings(nameservers=config.nameservers, timeout=float(config["dns.timeout"]))
+
+
+def _did(text: str) -> str:
+    try:
+        return validate_did(text)
+    except InvalidDID as exc:
+        raise _Refused(f"invalid DID {exc}", EXIT_INVALID) from None
+
+
+def _out(args: argparse.Namespace, data: object, human: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else human)
+
+
+def _member_json(m: Any) -> dict[str, Any]:
+    return attrs.asdict(m)
+
+
+def _domain_json(d: Domain) -> dict[str, Any]:
+    return {k: v for k, v in attrs.asdict(d).items() if "private" not in k}
+
+
+# -- members ------------------------------------------------------------------------------
+def member_add(args: argparse.Namespace, config: Config, store: Store) -> None:
+    did = _did(args.did)
+    try:
+        handle = normalize_handle(args.handle)
+    except InvalidHandle as exc:
+        raise _Refused(str(exc), EXIT_INVALID) from None
+    if args.without_dns:
+        print(f"warning: {handle} was not checked against DNS (--without-dns)", file=sys.stderr)
+    else:
+        resolver = HandleResolver(_dns(config), https=bool(config["dns.https_handle_resolution"]))
+        try:
+            claimed = trio.run(resolver.resolve, handle)
+        except ResolutionError as exc:
+            raise _Refused(
+                f"cannot confirm {handle} belongs to {did}: {exc} "
+                '(publish _atproto TXT "did=..." or use --without-dns for local testing)'
+            ) from None
+        if claimed != did:
+            raise _Refused(f"{handle} resolves to {claimed}, not {did}")
+    member = store.add_member(did, handle)
+    _out(args, _member_json(member), f"member {did} added with handle {handle}")
+
+
+def member_list(args: argparse.Namespace, config: Config, store: Store) -> None:
+    members = store.members()
+    lines = [f"{m.did}  {m.status:<9}  {', '.join(m.handles) or '-'}" for m in members] or [
+        "no members yet"
+    ]
+    _out(args, [_member_json(m) for m in members], "\n".join(lines))
+
+
+def member_show(args: argparse.Namespace, config: Config, store: Store) -> None:
+    m = store.member(_did(args.did))
+    doms = store.domains(m.did)
+    keys = store.keys(m.did)
+    human = "\n".join(
+        [
+            f"member {m.did}",
+            f"  handles: {', '.join(m.handles) or '-'}",
+            f"  status: {m.status}" + (f" ({m.status_reason})" if m.status_reason else ""),
+            f"  labels: {', '.join(m.labels) or '-'}",
+            f"  domains: {', '.join(f'{d.name} ({d.status})' for d in doms) or '-'}",
+            f"  keys: {sum(k.revoked_at is None for k in keys)} active, "
+            f"{sum(k.revoked_at is not None for k in keys)} revoked",
+        ]
+    )
+    data = {**_member_json(m), "domains": [_domain_json(d) for d in doms]}
+    _out(args, data, human)
+
+
+def _status(status: str, needs_reason: bool) -> Callable[[argparse.Namespace, Config, Store], None]:
+    def run(args: argparse.Namespace, config: Config, store: Store) -> None:
+        reason = getattr(args, "reason", None)
+        if needs_reason and not reason:
+            raise _Refused(
+                "give a --reason: it is recorded and shown to the operator", EXIT_INVALID
+            )
+        m = store.set_status(_did(args.did), status, reason)
+        _out(args, _member_json(m), f"member {m.did} is now {m.status}")
+
+    return run
+
+
+# -- domains -------------------------------------------------------------------------------
+def domain_add(args: argparse.Namespace, config: Config, store: Store) -> None:
+    did = _did(args.did)
+    try:
+        d = domains.enroll(
+            store,
+            did,
+            args.domain,
+            limit=int(config["accounts.max_domains_per_member"]),
+            clock_now=store.clock(),
+        )
+    except domains.DomainError as exc:
+        raise _Refused(str(exc), EXIT_INVALID) from None
+    name = domains.challenge_name(d.name)
+    value = domains.VERIFY_PREFIX + d.challenge_token
+    _out(
+        args,
+        {**_domain_json(d), "challenge": {"name": name, "type": "TXT", "value": value}},
+        f"domain {d.name} enrolled for {did} (pending)\n"
+        f"publish this record, then run 'atmosrelay domain verify {d.name}':\n"
+        f'  {name}. IN TXT "{value}"',
+    )
+
+
+def _records(args: argparse.Namespace, config: Config, d: Domain) -> tuple[list[Any], str]:
+    recs = domains.records_to_publish(d, spf_include=config["operator.spf_include"] or None)
+    lines = [r.zone_line() + (f"    ; {r.note}" if r.note else "") for r in recs]
+    return [attrs.asdict(r) for r in recs], "\n".join("  " + x for x in lines)
+
+
+def domain_verify(args: argparse.Namespace, config: Config, store: Store) -> None:
+    try:
+        d = store.domain(domains.normalize_domain(args.domain))
+    except domains.DomainError as exc:
+        raise _Refused(str(exc), EXIT_INVALID) from None
+    if args.without_dns:
+        print(
+            f"warning: {d.name} is marked verified WITHOUT a DNS check (--without-dns); "
+            "use this only for local testing",
+            file=sys.stderr,
+        )
+    else:
+        resolver = make_resolver(_dns(config))
+        try:
+            trio.run(domains.check_challenge, resolver, d)
+        except domains.DomainError as exc:
+            raise _Refused(f"{d.name} not verified: {exc}") from None
+    d = store.mark_verified(d.name, without_dns=args.without_dns)
+    data, lines = _records(args, config, d)
+    how = " (without DNS)" if d.verified_without_dns else ""
+    _out(
+        args,
+        {**_domain_json(d), "records": data},
+        f"domain {d.name} verified{how} for {d.did}\npublish these records:\n{lines}",
+    )
+
+
+def domain_records(args: argparse.Namespace, config: Config, store: Store) -> None:
+    d = store.domain(args.domain.strip().lower())
+    data, lines = _records(args, config, d)
+    _out(args, data, lines)
+
+
+def domain_list(args: argparse.Namespace, config: Config, store: Store) -> None:
+    ds = store.domains(_did(args.did) if args.did else None)
+    lines = [
+        f"{d.name}  {d.status}{' (without DNS)' if d.verified_without_dns else ''}  {d.did}"
+        for d in ds
+    ] or ["no domains yet"]
+    _out(args, [_domain_json(d) for d in ds], "\n".join(lines))
+
+
+# -- keys --------------------------------------------------------------------------------------
+def key_issue(args: argparse.Namespace, config: Config, store: Store) -> None:
+    issued = api_keys.issue(store, _did(args.did), cost=int(config["auth.bcrypt_cost"]))
+    _out(
+        args,
+        {"key_id": issued.key_id, "did": issued.did, "key": issued.secret},
+        f"key {issued.key_id} for {issued.did}:\n  {issued.secret}\n"
+        "this is the only time it is shown; it is stored only as a bcrypt hash",
+    )
+
+
+def key_list(args: argparse.Namespace, config: Config, store: Store) -> None:
+    did = _did(args.did)
+    store.member(did)
+    keys = store.keys(did)
+    data = [{k: v for k, v in attrs.asdict(key).items() if k != "bcrypt_hash"} for key in keys]
+    lines = [
+        f"{k.key_id}  {'revoked' if k.revoked_at else 'active'}  created {k.created_at:.0f}"
+        f"  last used {k.last_used_at or '-'}"
+        for k in keys
+    ] or [f"no keys for {did}"]
+    _out(args, data, "\n".join(lines))
+
+
+def key_revoke(args: argparse.Namespace, config: Config, store: Store) -> None:
+    key = store.revoke_key(args.key_id)
+    _out(args, {"key_id": key.key_id, "revoked_at": key.revoked_at}, f"key {key.key_id} revoked")
+
+
+# -- suppressions ------------------------------------------------------------------------------
+def _address(text: str) -> str:
+    local, at, domain = text.strip().rpartition("@")
+    if not at or not local or not domain:
+        raise _Refused(f"{text!r} is not an email address", EXIT_INVALID)
+    try:
+        return f"{local}@{domains.normalize_domain(domain)}"
+    except domains.DomainError as exc:
+        raise _Refused(str(exc), EXIT_INVALID) from None
+
+
+def suppression_list(args: argparse.Namespace, config: Config, store: Store) -> None:
+    rows = store.suppressions(_did(args.did))
+    lines = [f"{r.address}  ({r.source})" for r in rows] or ["no suppressed addresses"]
+    _out(args, [attrs.asdict(r) for r in rows], "\n".join(lines))
+
+
+def suppression_add(args: argparse.Namespace, config: Config, store: Store) -> None:
+    row = store.suppress(_did(args.did), _address(args.address), "operator")
+    _out(args, attrs.asdict(row), f"{row.address} suppressed for {row.did}")
+
+
+def suppression_remove(args: argparse.Namespace, config: Config, store: Store) -> None:
+    address = _address(args.address)
+    store.unsuppress(_did(args.did), address)
+    _out(args, {"did": args.did, "address": address}, f"{address} no longer suppressed")
+
+
+# -- wiring -----------------------------------------------------------------------------------
+def _run(
+    handler: Callable[[argparse.Namespace, Config, Store], None],
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"atmosrelay: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        store = Store(config.accounts_db)
+        try:
+            handler(args, config, store)
+        except _Refused as exc:
+            print(f"atmosrelay: {exc}", file=sys.stderr)
+            return exc.code
+        except StoreError as exc:
+            print(f"atmosrelay: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+        finally:
+            store.close()
+        return 0
+
+    return run
+
+
+def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--config", help="TOML config file (default: $ATMOSRELAY_CONFIG)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def register(sub: Any) -> None:
+    """Add the member, domain, key and suppression commands to the CLI."""
+    member = sub.add_parser("member", help="members (atproto DIDs) and their status")
+    ms = member.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = _common(ms.add_parser("add", help="add a member: DID --handle HANDLE"))
+    p.add_argument("did")
+    p.add_argument("--handle", required=True)
+    p.add_argument(
+        "--without-dns", action="store_true", help="do not check the handle's _atproto TXT"
+    )
+    p.set_defaults(func=_run(member_add))
+    _common(ms.add_parser("list", help="all members")).set_defaults(func=_run(member_list))
+    p = _common(ms.add_parser("show", help="one member, its domains and keys"))
+    p.add_argument("did")
+    p.set_defaults(func=_run(member_show))
+    for action, status, reason in (
+        ("suspend", "suspended", True),
+        ("unsuspend", "active", False),
+        ("remove", "removed", True),
+    ):
+        p = _common(ms.add_parser(action, help=f"mark a member {status}"))
+        p.add_argument("did")
+        if reason:
+            p.add_argument("--reason", required=True)
+        p.set_defaults(func=_run(_status(status, reason)))
+
+    domain = sub.add_parser("domain", help="sending domains and their DNS proof")
+    ds = domain.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = _common(ds.add_parser("add", help="enroll DOMAIN for DID; prints the TXT challenge"))
+    p.add_argument("did")
+    p.add_argument("domain")
+    p.set_defaults(func=_run(domain_add))
+    p = _common(ds.add_parser("verify", help="check the TXT challenge; print DKIM/SPF/DMARC"))
+    p.add_argument("domain")
+    p.add_argument(
+        "--without-dns", action="store_true", help="local testing only: skip the DNS check"
+    )
+    p.set_defaults(func=_run(domain_verify))
+    p = _common(ds.add_parser("records", help="the DNS records a domain must publish"))
+    p.add_argument("domain")
+    p.set_defaults(func=_run(domain_records))
+    p = _common(ds.add_parser("list", help="enrolled domains (of DID, if given)"))
+    p.add_argument("did", nargs="?")
+    p.set_defaults(func=_run(domain_list))
+
+    key = sub.add_parser("key", help="API keys")
+    ks = key.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = _common(ks.add_parser("issue", help="a new key for DID, shown once"))
+    p.add_argument("did")
+    p.set_defaults(func=_run(key_issue))
+    p = _common(ks.add_parser("list", help="a member's keys (ids only)"))
+    p.add_argument("did")
+    p.set_defaults(func=_run(key_list))
+    p = _common(ks.add_parser("revoke", help="revoke a key by id"))
+    p.add_argument("key_id")
+    p.set_defaults(func=_run(key_revoke))
+
+    supp = sub.add_parser("suppression", help="a member's suppressed recipients")
+    ss = supp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = _common(ss.add_parser("list", help="suppressed addresses of DID"))
+    p.add_argument("did")
+    p.set_defaults(func=_run(suppression_list))
+    for action, fn in (("add", suppression_add), ("remove", suppression_remove)):
+        p = _common(ss.add_parser(action, help=f"{action} ADDRESS for DID"))
+        p.add_argument("did")
+        p.add_argument("address")
+        p.set_defaults(func=_run(fn))
