@@ -125,7 +125,8 @@ def test_published_records_verify_signatures_with_dkimpy(store: Store) -> None:
     stem = d.dkim_selector_stem
     rsa = by_name[f"{stem}r._domainkey.mail.example.org."]
     ed = by_name[f"{stem}e._domainkey.mail.example.org."]
-    assert all(len(s) <= 255 for s in rsa.strings) and len(rsa.strings) == 2
+    assert all(len(s) <= 255 for s in rsa.strings)
+    assert len(rsa.strings) == 2
     assert ed.value.startswith("v=DKIM1; k=ed25519; p=")
     assert by_name["mail.example.org."].value == "v=spf1 include:_spf.relay.example -all"
     assert by_name["_dmarc.mail.example.org."].value == "v=DMARC1; p=reject; adkim=r; aspf=r"
@@ -172,8 +173,10 @@ def test_published_records_verify_signatures_with_dkimpy(store: Store) -> None:
 def test_operator_key_generated_once_with_mode_0600(tmp_path: Path) -> None:
     key, created = ensure_operator_key(tmp_path / "dkim", "relay.example")
     again, created_again = ensure_operator_key(tmp_path / "dkim", "relay.example")
-    assert created and not created_again
+    assert created
+    assert not created_again
     assert key.key.public_b64 == again.key.public_b64
     mode = (tmp_path / "dkim" / "operator-rsa.pem").stat().st_mode & 0o777
     assert mode == 0o600
-    assert key.selector.startswith("atmos") and key.selector.endswith("r")
+    assert key.selector.startswith("atmos")
+    assert key.selector.endswith("r")

@@ -187,7 +187,7 @@ async def test_https_well_known_fallback(dns: DnsServer) -> None:
     ca.configure_trust(client_ctx)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_GET(self) -> None:
             ok = self.path == "/.well-known/atproto-did" and self.headers["Host"] == "web.test"
             self.send_response(200 if ok else 404)
             self.end_headers()

@@ -1,0 +1,165 @@
+"""The operator CLI through its entry point, against a real DNS server started by the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.accounts.dns_server import DnsServer
+
+ROOT = Path(__file__).resolve().parents[2]
+ALICE = "did:plc:abcdefghijklmnopqrstuvwx"
+BOB = "did:plc:zyxwvutsrqponmlkjihgfedc"
+
+
+class Cli:
+    def __init__(self, tmp: Path, dns: DnsServer) -> None:
+        self.dns = dns
+        self.config = tmp / "relay.toml"
+        self.config.write_text(
+            f'[relay]\ndata_dir = "{tmp / "var"}"\n'
+            f'[dns]\nnameservers = ["{dns.spec}"]\ntimeout = 1.0\n'
+            "[auth]\nbcrypt_cost = 4\n"
+            '[operator]\nspf_include = "_spf.relay.test"\n'
+        )
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "atmosrelay", *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
+    def json(self, *args: str) -> object:
+        result = self(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    with DnsServer() as dns:
+        dns.txt("_atproto.alice.test", f"did={ALICE}")
+        dns.txt("_atproto.bob.test", f"did={BOB}")
+        yield Cli(tmp_path, dns)
+
+
+def refused(result: subprocess.CompletedProcess[str], code: int, message: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_member_lifecycle_and_errors(cli: Cli) -> None:
+    added = cli("member", "add", ALICE, "--handle", "Alice.Test")
+    assert added.returncode == 0, added.stderr
+    assert f"member {ALICE} added with handle alice.test" in added.stdout
+    refused(cli("member", "add", ALICE, "--handle", "alice.test"), 1, "already exists")
+    refused(cli("member", "add", "did:plc:nope", "--handle", "x.test"), 65, "invalid DID")
+    refused(
+        cli("member", "add", "did:key:z6Mk", "--handle", "x.test"), 65, "only did:plc: and did:web:"
+    )
+    refused(cli("member", "add", BOB, "--handle", "not a handle"), 65, "is not a valid handle")
+    refused(
+        cli("member", "add", BOB, "--handle", "alice.test"),
+        1,
+        f"alice.test resolves to {ALICE}, not {BOB}",
+    )
+    refused(
+        cli("member", "add", BOB, "--handle", "ghost.test"),
+        1,
+        "_atproto.ghost.test does not exist (NXDOMAIN)",
+    )
+    local = cli("member", "add", BOB, "--handle", "ghost.test", "--without-dns")
+    assert local.returncode == 0
+    assert "was not checked against DNS" in local.stderr
+    listed = cli.json("member", "list")
+    assert [m["did"] for m in listed] == [ALICE, BOB]  # type: ignore[index]
+    refused(cli("member", "show", "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"), 1, "no member")
+    refused(cli("member", "suspend", ALICE), 2, "--reason")
+    suspended = cli.json("member", "suspend", ALICE, "--reason", "spam complaints")
+    assert suspended["status"] == "suspended"  # type: ignore[index]
+    assert cli.json("member", "unsuspend", ALICE)["status"] == "active"  # type: ignore[index]
+    assert "status: active" in cli("member", "show", ALICE).stdout
+
+
+def test_domain_enrollment_and_dns_proof(cli: Cli) -> None:
+    cli("member", "add", ALICE, "--handle", "alice.test")
+    cli("member", "add", BOB, "--handle", "bob.test")
+    enrolled = cli.json("domain", "add", ALICE, "mail.example.org")
+    challenge = enrolled["challenge"]  # type: ignore[index]
+    assert challenge["name"] == "_atmos-challenge.mail.example.org"
+    human = cli("domain", "add", ALICE, "news.example.org")
+    assert '_atmos-challenge.news.example.org. IN TXT "atmos-verify=' in human.stdout
+    refused(cli("domain", "add", ALICE, "third.example.org"), 1, "limit is 2")
+    refused(cli("domain", "add", BOB, "mail.example.org"), 1, "already enrolled by another member")
+    refused(cli("domain", "add", BOB, "bad_domain"), 65, "not a valid domain name")
+    refused(
+        cli("domain", "add", "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "x.example.org"), 1, "no member"
+    )
+
+    # Not published yet: the failure says what DNS returned and what to publish.
+    refused(cli("domain", "verify", "mail.example.org"), 1, "does not exist (NXDOMAIN)")
+    cli.dns.txt(challenge["name"], "atmos-verify=stale-token")
+    refused(
+        cli("domain", "verify", "mail.example.org"), 1, "holds 'atmos-verify=stale-token'; expected"
+    )
+    cli.dns.txt(challenge["name"], challenge["value"])
+    verified = cli("domain", "verify", "mail.example.org")
+    assert verified.returncode == 0, verified.stderr
+    assert "domain mail.example.org verified for" in verified.stdout
+    assert '._domainkey.mail.example.org. IN TXT "v=DKIM1; k=rsa; p=' in verified.stdout
+    assert '._domainkey.mail.example.org. IN TXT "v=DKIM1; k=ed25519; p=' in verified.stdout
+    assert 'mail.example.org. IN TXT "v=spf1 include:_spf.relay.test -all"' in verified.stdout
+    assert (
+        '_dmarc.mail.example.org. IN TXT "v=DMARC1; p=reject; adkim=r; aspf=r"' in verified.stdout
+    )
+
+    local = cli("domain", "verify", "news.example.org", "--without-dns")
+    assert local.returncode == 0
+    assert "WITHOUT a DNS check" in local.stderr
+    doms = {d["name"]: d for d in cli.json("domain", "list", ALICE)}  # type: ignore[union-attr]
+    assert doms["mail.example.org"]["verified_without_dns"] is False
+    assert doms["news.example.org"]["verified_without_dns"] is True
+    assert "(without DNS)" in cli("domain", "list").stdout
+    refused(cli("domain", "verify", "unknown.example.org"), 1, "no enrolled domain")
+    records = cli.json("domain", "records", "mail.example.org")
+    assert len(records) == 4  # type: ignore[arg-type]
+    assert "PRIVATE" not in json.dumps(cli.json("domain", "list"))
+
+
+def test_keys_and_suppressions(cli: Cli) -> None:
+    cli("member", "add", ALICE, "--handle", "alice.test")
+    issued = cli("key", "issue", ALICE)
+    assert issued.returncode == 0
+    assert "this is the only time it is shown" in issued.stdout
+    key = cli.json("key", "issue", ALICE)
+    assert key["key"].startswith("atmos_")  # type: ignore[index]
+    listed = cli.json("key", "list", ALICE)
+    assert len(listed) == 2  # type: ignore[arg-type]
+    assert all("key" not in k and "bcrypt_hash" not in k for k in listed)  # type: ignore[union-attr]
+    assert cli("key", "revoke", key["key_id"]).returncode == 0  # type: ignore[index]
+    refused(cli("key", "revoke", key["key_id"]), 1, "already revoked")  # type: ignore[index]
+    refused(cli("key", "revoke", "nosuchid"), 1, "no API key nosuchid")
+    refused(cli("key", "issue", BOB), 1, "no member")
+    assert "revoked" in cli("key", "list", ALICE).stdout
+
+    assert cli("suppression", "add", ALICE, "Someone@Example.ORG").returncode == 0
+    assert cli.json("suppression", "list", ALICE)[0]["address"] == "Someone@example.org"  # type: ignore[index]
+    refused(cli("suppression", "add", ALICE, "not-an-address"), 65, "is not an email address")
+    assert cli("suppression", "remove", ALICE, "Someone@example.org").returncode == 0
+    refused(cli("suppression", "remove", ALICE, "Someone@example.org"), 1, "is not suppressed")
+    assert "no suppressed addresses" in cli("suppression", "list", ALICE).stdout
+
+
+def test_bad_config_is_refused_for_operator_commands(cli: Cli) -> None:
+    cli.config.write_text("[dns]\nnameservers = ['127.0.0.1:99999']\n")
+    refused(cli("member", "list"), 64, "dns.nameservers")
