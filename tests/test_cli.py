@@ -151,6 +151,10 @@ def test_serve_recovers_reports_and_stops_on_signal(tmp_path: Path, sig: signal.
     try:
         lines = _until_ready(proc)
         assert any("6 record(s)" in x and "torn tail in segment 1" in x for x in lines), lines
+        # First start: the operator's DKIM key is generated, and what to publish is said.
+        assert any("generated the operator DKIM key for d=atmosrelay.localhost" in x for x in lines)
+        key_file = tmp_path / "var" / "dkim" / "operator-rsa.pem"
+        assert key_file.stat().st_mode & 0o777 == 0o600
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
