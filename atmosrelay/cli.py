@@ -5,6 +5,7 @@
     atmosrelay journal dump DIR [--json]       one line per record: seq, type, position, size
     atmosrelay config defaults                 print the embedded default config
     atmosrelay member|domain|key|suppression   operator commands (atmosrelay/accounts/cli.py)
+    atmosrelay queue list|show ID [--json]     the queue, read from the journal (read-only)
 
 Human output by default, ``--json`` for scripts. Every refusal is one line on stderr that says
 what is wrong and what to do, with a non-zero exit.
@@ -23,6 +24,7 @@ import trio
 from atmosrelay import __version__
 from atmosrelay.accounts.cli import register as register_accounts
 from atmosrelay.config import DEFAULTS_TOML, ConfigError, load_config
+from atmosrelay.queue.cli import register as register_queue
 from atmosrelay.runtime import run_relay
 from journal import CorruptJournalError, JournalError, check_journal, dump_journal
 
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     dump.set_defaults(func=cmd_journal_dump)
 
     register_accounts(sub)
+    register_queue(sub)
 
     config = sub.add_parser("config", help="configuration helpers")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -46,6 +46,27 @@ domain = "atmosrelay.localhost"
 # The SPF include members' domains should publish ("" suggests none), e.g. "_spf.relay.example".
 spf_include = ""
 
+[smtp]
+# Listeners: "host:port mode", mode starttls (AUTH only after STARTTLS), implicit (TLS from
+# the first byte) or trusted (no TLS, no AUTH: clients from trusted_networks submit as
+# trusted_did; for a co-located app or a load generator). Port 0 picks a free port.
+# Production: ["0.0.0.0:587 starttls", "0.0.0.0:465 implicit", "0.0.0.0:2525 starttls",
+#              "0.0.0.0:2587 starttls"]
+listeners = ["127.0.0.1:2587 starttls", "127.0.0.1:2465 implicit"]
+hostname = "localhost"          # in the greeting and EHLO reply
+tls_cert = ""                   # PEM files; "" generates a self-signed pair in <data_dir>/tls
+tls_key = ""
+max_message_size = 52428800     # 50 MB, the reference relay's limit (SIZE, RFC 1870)
+max_recipients = 100            # RFC 5321 4.5.3.1.8's minimum, and the reference's maximum
+idle_timeout = 60.0             # seconds waiting for a command (RFC 5321 4.5.3.2 suggests 5 min)
+data_timeout = 600.0            # seconds for a whole DATA phase
+max_connections = 1000
+max_connections_per_ip = 50
+inflight_budget = 268435456     # bytes all messages being received may hold (256 MiB)
+shutdown_grace = 30.0           # seconds sessions get to finish on SIGTERM
+trusted_did = ""                # the member trusted listeners submit as
+trusted_networks = ["127.0.0.0/8", "::1/128"]
+
 [accounts]
 # The SQLite account store ("" means <data_dir>/accounts.sqlite3).
 database = ""
@@ -124,10 +145,55 @@ def _nameservers(v: Any) -> str | None:
     return None
 
 
+def _listeners(v: Any) -> str | None:
+    expected = 'a list of "host:port mode" strings, mode starttls, implicit or trusted'
+    if not isinstance(v, list):
+        return expected
+    for x in v:
+        if not isinstance(x, str) or len(x.split()) != 2:
+            return expected
+        address, mode = x.split()
+        host, _, port = address.rpartition(":")
+        if mode not in ("starttls", "implicit", "trusted") or not host:
+            return f"{expected} (not {x!r})"
+        if not (port.isdigit() and 0 <= int(port) < 65536):
+            return f"{expected} ({x!r} has a bad port)"
+    return None
+
+
+def _networks(v: Any) -> str | None:
+    import ipaddress
+
+    if not isinstance(v, list):
+        return "a list of networks such as 127.0.0.0/8"
+    for x in v:
+        try:
+            ipaddress.ip_network(x)
+        except (TypeError, ValueError):
+            return f"a list of networks such as 127.0.0.0/8 ({x!r} is not one)"
+    return None
+
+
 SCHEMA: Final[dict[str, dict[str, Check]]] = {
     "relay": {"data_dir": _string(), "log_level": _string(choices=_LOG_LEVELS)},
     "journal": {"segment_size": _int(64 * 1024), "max_record_size": _int(1024, 1024 * MIB)},
     "operator": {"domain": _string(), "spf_include": _string(empty=True)},
+    "smtp": {
+        "listeners": _listeners,
+        "hostname": _string(),
+        "tls_cert": _string(empty=True),
+        "tls_key": _string(empty=True),
+        "max_message_size": _int(1024),
+        "max_recipients": _int(1),
+        "idle_timeout": _number(0.1),
+        "data_timeout": _number(0.1),
+        "max_connections": _int(1),
+        "max_connections_per_ip": _int(1),
+        "inflight_budget": _int(1024),
+        "shutdown_grace": _number(0),
+        "trusted_did": _string(empty=True),
+        "trusted_networks": _networks,
+    },
     "accounts": {"database": _string(empty=True), "max_domains_per_member": _int(1)},
     "dns": {
         "nameservers": _nameservers,
@@ -179,6 +245,16 @@ class Config:
     @property
     def dkim_dir(self) -> Path:
         return self.data_dir / "dkim"
+
+    @property
+    def listeners(self) -> tuple[tuple[str, int, str], ...]:
+        """(host, port, mode) for each configured listener."""
+        out = []
+        for x in self["smtp.listeners"]:
+            address, mode = x.split()
+            host, _, port = address.rpartition(":")
+            out.append((host.strip("[]"), int(port), mode))
+        return tuple(out)
 
     @property
     def nameservers(self) -> tuple[tuple[str, int], ...]:

@@ -1,27 +1,40 @@
-"""run_relay(config): startup order, signals, drain.
-
-The nursery tree grows with the relay (ARCHITECTURE.md section 6). Today it is its root:
+"""run_relay(config): startup order, the nursery tree, signals, drain.
 
     trio.run(run_relay)
-    └── journal (recovery finishes before anything else starts; closes last)
-        (before it: the operator's DKIM key is generated if missing)
-        └── signal watcher (SIGTERM/SIGINT -> shut down)
+    └── journal (recovery and the queue fold finish before anything listens; closes last)
+        └── services: the API-key revocation watcher
+            └── sessions (one task per connection; a grace deadline on shutdown)
+                └── acceptors (one per listener; cancelled first on shutdown)
 
-Later issues add the delivery dispatcher, the SMTP listeners and the HTTP API inside the
-journal's block, so that on shutdown they stop first and the journal closes last.
+Before the journal opens: the operator's DKIM key and the TLS certificate are generated if
+missing, and the account store is opened. Shutdown (SIGTERM, SIGINT, or ``RelayHandle.stop``):
+the listeners close first, so nothing new is accepted; sessions waiting for a command get
+421 4.3.2, sessions inside DATA finish their message (250 after fsync, or 421 at the
+deadline); then the journal writes its closing mark and closes. Whatever was accepted is on
+disk, and the next start folds it back into the queue.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 from collections.abc import Callable
+from functools import partial
 
+import attrs
 import trio
 
+from atmosrelay.accounts.api_keys import AuthSettings, KeyChecker
 from atmosrelay.accounts.dkim_keys import ensure_operator_key
+from atmosrelay.accounts.store import AsyncStore, Store
 from atmosrelay.config import Config
-from journal import Journal, RecoveryReport, open_journal
+from atmosrelay.queue.store import QueueStore
+from atmosrelay.server.listeners import ConnectionLimits, serve_listener
+from atmosrelay.server.session import Budget, SessionContext
+from atmosrelay.server.tls import server_context
+from atmosrelay.smtp import Capabilities
+from journal import FS, RecoveryReport, open_journal
 
 log = logging.getLogger("atmosrelay")
 
@@ -42,13 +55,35 @@ def describe_recovery(directory: str, report: RecoveryReport) -> str:
     return text
 
 
+@attrs.define(eq=False)
+class RelayHandle:
+    """What a running relay exposes to its starter (tests, an embedding program)."""
+
+    ctx: SessionContext
+    addresses: list[tuple[str, int, str]]  # (host, port, mode) actually listening
+    _stop: trio.Event = attrs.field(factory=trio.Event)
+
+    def port(self, mode: str) -> int:
+        return next(p for _, p, m in self.addresses if m == mode)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def auth_settings(config: Config) -> AuthSettings:
+    fields = {a.name for a in attrs.fields(AuthSettings)}
+    return AuthSettings(**{k: v for k, v in config.values["auth"].items() if k in fields})
+
+
 async def run_relay(
     config: Config,
     *,
     announce: Callable[[str], None] = print,
-    task_status: trio.TaskStatus[Journal] = trio.TASK_STATUS_IGNORED,
+    fs: FS | None = None,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[RelayHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then shut down in order.
+    """Run until SIGTERM/SIGINT (or ``RelayHandle.stop()``), then shut down in order.
 
     Raises ``journal.CorruptJournalError`` (before anything listens) when the journal holds
     damaged acknowledged records, and ``journal.JournalFatalError`` when the disk fails.
@@ -63,16 +98,100 @@ async def run_relay(
             f"{operator.selector}._domainkey.{operator.domain} TXT "
             f'"v=DKIM1; k=rsa; p={operator.key.public_b64}"'
         )
-    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+    tls_context, warning = await trio.to_thread.run_sync(
+        partial(
+            server_context,
+            config["smtp.tls_cert"],
+            config["smtp.tls_key"],
+            data_dir=config.data_dir,
+            hostname=config["smtp.hostname"],
+        )
+    )
+    if warning:
+        announce(f"warning: {warning}")
+    store = await trio.to_thread.run_sync(Store, config.accounts_db)
+    try:
         async with open_journal(
             directory,
+            fs=fs,
             segment_size=config["journal.segment_size"],
             max_record_size=config["journal.max_record_size"],
         ) as journal:
             announce(describe_recovery(directory, journal.recovery))
-            announce("ready; SIGTERM or Ctrl-C stops")
-            task_status.started(journal)
-            async for signum in signals:
-                announce(f"{signal.Signals(signum).name} received; shutting down")
-                break
+            queue = await QueueStore.recover(journal)
+            announce(f"queue: {len(queue.state.messages)} message(s) recovered")
+            await _serve(config, announce, store, queue, tls_context, handle_signals, task_status)
+    finally:
+        store.close()
     announce("journal closed; stopped")
+
+
+async def _serve(
+    config: Config,
+    announce: Callable[[str], None],
+    store: Store,
+    queue: QueueStore,
+    tls_context: object,
+    handle_signals: bool,
+    task_status: trio.TaskStatus[RelayHandle],
+) -> None:
+    async_store = AsyncStore(store)
+    keys = KeyChecker(async_store, auth_settings(config))
+    ctx = SessionContext(
+        hostname=config["smtp.hostname"],
+        operator_domain=config["operator.domain"],
+        capabilities=Capabilities(size=config["smtp.max_message_size"]),
+        tls_context=tls_context,  # type: ignore[arg-type]
+        keys=keys,
+        store=async_store,
+        queue=queue,
+        budget=Budget(config["smtp.inflight_budget"]),
+        idle_timeout=config["smtp.idle_timeout"],
+        data_timeout=config["smtp.data_timeout"],
+        max_recipients=config["smtp.max_recipients"],
+        trusted_did=config["smtp.trusted_did"],
+    )
+    limits = ConnectionLimits(config["smtp.max_connections"], config["smtp.max_connections_per_ip"])
+    networks = [ipaddress.ip_network(n) for n in config["smtp.trusted_networks"]]
+    for host, port, mode in config.listeners:
+        if mode == "trusted" and not ctx.trusted_did:
+            raise ValueError(f"listener {host}:{port} is trusted but smtp.trusted_did is not set")
+    async with trio.open_nursery() as services:
+        await services.start(keys.watch_revocations)
+        async with trio.open_nursery() as sessions:
+            listeners: list[tuple[trio.SocketListener, str]] = []
+            for host, port, mode in config.listeners:
+                for listener in await trio.open_tcp_listeners(port, host=host):
+                    listeners.append((listener, mode))
+            addresses = []
+            for listener, mode in listeners:
+                host, port = listener.socket.getsockname()[:2]
+                addresses.append((host, port, mode))
+                announce(f"listening on {host}:{port} ({mode})")
+            handle = RelayHandle(ctx, addresses)
+            async with trio.open_nursery() as acceptors:
+                for listener, mode in listeners:
+                    acceptors.start_soon(
+                        serve_listener, listener, mode, ctx, sessions, limits, networks
+                    )
+                if handle_signals:
+                    acceptors.start_soon(_watch_signals, handle, announce)
+                announce("ready; SIGTERM or Ctrl-C stops")
+                task_status.started(handle)
+                await handle._stop.wait()
+                acceptors.cancel_scope.cancel()
+            for listener, _ in listeners:
+                await listener.aclose()
+            grace = float(config["smtp.shutdown_grace"])
+            announce(f"listeners closed; {limits.active} session(s) get {grace:g} s to finish")
+            ctx.request_shutdown()
+            sessions.cancel_scope.deadline = trio.current_time() + grace
+        services.cancel_scope.cancel()
+
+
+async def _watch_signals(handle: RelayHandle, announce: Callable[[str], None]) -> None:
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        async for signum in signals:
+            announce(f"{signal.Signals(signum).name} received; shutting down")
+            handle.stop()
+            return

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import attrs
 
-from journal._format import parse_segment_name, segment_name
+from journal._format import FRAME_HEADER_SIZE, parse_segment_name, segment_name
 from journal._fs import FS, OsFS
-from journal._log import DEFAULT_MAX_RECORD_SIZE, Position
+from journal._log import DEFAULT_MAX_RECORD_SIZE, Position, Record
 from journal._segment import SegmentScan, TornTail, scan_segment
 from journal.errors import CorruptJournalError
 
@@ -130,3 +130,23 @@ def dump_journal(
             scan.seqs, scan.offsets, scan.lengths, scan.types, strict=True
         ):
             yield DumpLine(seq, rtype, Position(scan.number, off), length)
+
+
+def read_records(
+    directory: str, *, fs: FS | None = None, max_record_size: int = DEFAULT_MAX_RECORD_SIZE
+) -> list[Record]:
+    """Every record, each seq once, in seq order, without modifying anything (a torn tail is
+    left alone, not repaired). For tools that read a journal a relay may be writing."""
+    fs = fs if fs is not None else OsFS()
+    out: dict[int, Record] = {}
+    for scan in _scans(fs, directory, max_record_size):
+        data = fs.read_file(posixpath.join(directory, segment_name(scan.number)))
+        for seq, off, length, rtype in zip(
+            scan.seqs, scan.offsets, scan.lengths, scan.types, strict=True
+        ):
+            if seq not in out:
+                start = off + FRAME_HEADER_SIZE
+                out[seq] = Record(
+                    seq, rtype, data[start : start + length], Position(scan.number, off)
+                )
+    return [out[k] for k in sorted(out)]

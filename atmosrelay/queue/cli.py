@@ -1,0 +1,104 @@
+"""``atmosrelay queue list [--json]`` and ``atmosrelay queue show ID [--json]``.
+
+Read-only: the journal is read without repairing anything, so these work beside a running
+relay (a message being written may not show yet) and on a journal the relay refused to open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import attrs
+
+from atmosrelay.config import ConfigError, load_config
+from atmosrelay.queue.state import QueuedMessage, fold
+from journal import CorruptJournalError, read_records
+
+
+def _row(m: QueuedMessage) -> dict[str, Any]:
+    r = m.record
+    return {
+        "id": r.id,
+        "accepted_at": r.accepted_at,
+        "did": r.did,
+        "sender": r.sender,
+        "recipients": [{"address": a, "state": s} for a, s in m.recipient_states.items()],
+        "category": r.category,
+        "size": r.size,
+        "position": str(m.position),
+    }
+
+
+def _load(args: argparse.Namespace) -> dict[str, QueuedMessage] | int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"atmosrelay: {exc}", file=sys.stderr)
+        return 64
+    directory = str(config.journal_dir)
+    try:
+        records = read_records(directory, max_record_size=config["journal.max_record_size"])
+    except FileNotFoundError:
+        return {}
+    except CorruptJournalError as exc:
+        print(f"atmosrelay: {exc}; see 'atmosrelay journal check {directory}'", file=sys.stderr)
+        return 2
+    return fold(records).messages
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    messages = _load(args)
+    if isinstance(messages, int):
+        return messages
+    rows = sorted((_row(m) for m in messages.values()), key=lambda r: r["accepted_at"])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("the queue is empty")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["accepted_at"]))
+        rcpts = ", ".join(f"{x['address']} ({x['state']})" for x in r["recipients"])
+        print(f"{r['id']}  {when}  {r['sender']} -> {rcpts}  {r['size']} bytes")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    messages = _load(args)
+    if isinstance(messages, int):
+        return messages
+    m = messages.get(args.id)
+    if m is None:
+        print(f"atmosrelay: no message {args.id} in the queue", file=sys.stderr)
+        return 1
+    data = {**_row(m), "record": attrs.asdict(m.record)}
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"message {m.id}")
+    for key in ("did", "sender", "category", "size", "position"):
+        print(f"  {key}: {data[key]}")
+    print(f"  tags: {', '.join(m.record.tags) or '-'}")
+    print(f"  client: {m.record.client}")
+    for x in data["recipients"]:
+        print(f"  recipient {x['address']}: {x['state']}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    queue = sub.add_parser("queue", help="the mail queue (read-only)")
+    qs = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, fn, helptext in (
+        ("list", cmd_list, "every queued message"),
+        ("show", cmd_show, "one message"),
+    ):
+        p = qs.add_parser(name, help=helptext)
+        if name == "show":
+            p.add_argument("id")
+        p.add_argument("--config", help="TOML config file (default: $ATMOSRELAY_CONFIG)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=fn)

@@ -1,0 +1,138 @@
+"""Journal records of the mail queue, and their codec.
+
+FROZEN FORMAT (version 1). A record's payload in the journal (journal frame type = RecordType):
+
+    ACCEPTED (type 1):  u32 length of the JSON head | JSON head (UTF-8) | message bytes
+
+The JSON head holds the envelope and what the relay decided at acceptance:
+
+    {"v": 1, "id": queue id, "t": accepted at (unix seconds), "did": member DID,
+     "from": envelope sender, "rcpt": [{"addr": ..., "notify": [...] | null,
+     "orcpt": [type, addr] | null}, ...], "ret": "FULL" | "HDRS" | null, "envid": ... | null,
+     "category": ..., "bulk": true | false, "tags": [...], "metadata": {...},
+     "client": {"ip": ..., "tls": "TLSv1.3 ..." | null, "helo": ...}, "size": octets}
+
+The message bytes are the processed message (relay headers added, X-Atmos-* removed). They are
+not held in memory by the queue: the state keeps the record's journal position and reads the
+body back when a delivery lane needs it. Later record types (delivery outcomes) come with the
+delivery issue; unknown types are kept by the fold as opaque so an older build never drops them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import secrets
+import struct
+import time
+from typing import Any, Final
+
+import attrs
+
+FORMAT_VERSION: Final = 1
+_LEN: Final = struct.Struct("<I")
+_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class RecordType(enum.IntEnum):
+    ACCEPTED = 1
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """26 characters, Crockford base32 of 48 bits of milliseconds and 80 random bits (the
+    ULID layout): sortable by acceptance time, unguessable, safe in a reply line."""
+    ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
+    value = (ms << 80) | secrets.randbits(80)
+    return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(26)))
+
+
+@attrs.frozen
+class Recipient:
+    addr: str
+    notify: tuple[str, ...] | None = None
+    orcpt: tuple[str, str] | None = None
+
+
+@attrs.frozen
+class Accepted:
+    id: str
+    accepted_at: float
+    did: str
+    sender: str
+    recipients: tuple[Recipient, ...]
+    ret: str | None
+    envid: str | None
+    category: str
+    bulk: bool
+    tags: tuple[str, ...]
+    metadata: dict[str, str]
+    client: dict[str, str | None]
+    size: int
+
+
+def encode_accepted(record: Accepted, message: bytes) -> bytes:
+    head = {
+        "v": FORMAT_VERSION,
+        "id": record.id,
+        "t": record.accepted_at,
+        "did": record.did,
+        "from": record.sender,
+        "rcpt": [
+            {
+                "addr": r.addr,
+                "notify": list(r.notify) if r.notify else None,
+                "orcpt": list(r.orcpt) if r.orcpt else None,
+            }
+            for r in record.recipients
+        ],
+        "ret": record.ret,
+        "envid": record.envid,
+        "category": record.category,
+        "bulk": record.bulk,
+        "tags": list(record.tags),
+        "metadata": record.metadata,
+        "client": record.client,
+        "size": record.size,
+    }
+    raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _LEN.pack(len(raw)) + raw + message
+
+
+class RecordError(ValueError):
+    pass
+
+
+def decode_accepted(payload: bytes) -> tuple[Accepted, int]:
+    """The record and the offset of the message bytes in the payload."""
+    if len(payload) < _LEN.size:
+        raise RecordError("accepted record too short")
+    (n,) = _LEN.unpack_from(payload)
+    try:
+        head: dict[str, Any] = json.loads(payload[_LEN.size : _LEN.size + n])
+    except ValueError as exc:
+        raise RecordError(f"accepted record head is not JSON: {exc}") from None
+    if head.get("v") != FORMAT_VERSION:
+        raise RecordError(f"accepted record version {head.get('v')!r} unknown to this build")
+    record = Accepted(
+        id=head["id"],
+        accepted_at=head["t"],
+        did=head["did"],
+        sender=head["from"],
+        recipients=tuple(
+            Recipient(
+                r["addr"],
+                tuple(r["notify"]) if r.get("notify") else None,
+                tuple(r["orcpt"]) if r.get("orcpt") else None,
+            )
+            for r in head["rcpt"]
+        ),
+        ret=head.get("ret"),
+        envid=head.get("envid"),
+        category=head["category"],
+        bulk=head["bulk"],
+        tags=tuple(head.get("tags", ())),
+        metadata=dict(head.get("metadata", {})),
+        client=dict(head.get("client", {})),
+        size=head["size"],
+    )
+    return record, _LEN.size + n

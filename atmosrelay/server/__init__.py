@@ -1,0 +1,1 @@
+"""SMTP listeners and sessions: trio code that drives ``atmosrelay.smtp.ServerConnection``."""

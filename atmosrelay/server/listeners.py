@@ -1,0 +1,133 @@
+"""Listeners: accept connections, enforce connection limits, hand each to a Session.
+
+Every session task is started in the caller's sessions nursery (so shutdown can give them a
+grace deadline after the listeners are closed). Implicit-TLS listeners do the handshake before
+the session starts; a client over the limits gets 421 4.7.0 and is closed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import ipaddress
+import logging
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from atmosrelay.server.session import TLS_HANDSHAKE_TIMEOUT, Session, SessionContext
+from atmosrelay.smtp import replies as R
+
+log = logging.getLogger("atmosrelay.smtp")
+
+# accept() errors that mean "out of file descriptors or memory for now" (trio's own list in
+# serve_listeners): wait a little and go on, rather than crash the listener.
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_BACKOFF = 0.1
+
+
+@attrs.define
+class ConnectionLimits:
+    total: int
+    per_ip: int
+    active: int = 0
+    by_ip: collections.Counter[str] = attrs.field(factory=collections.Counter)
+
+    def admit(self, ip: str) -> bool:
+        if self.active >= self.total or self.by_ip[ip] >= self.per_ip:
+            return False
+        self.active += 1
+        self.by_ip[ip] += 1
+        return True
+
+    def leave(self, ip: str) -> None:
+        self.active -= 1
+        self.by_ip[ip] -= 1
+        if not self.by_ip[ip]:
+            del self.by_ip[ip]
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "?"
+
+
+async def _wrap_tls(stream: trio.abc.Stream, ctx: SessionContext) -> trio.abc.Stream | None:
+    tls = trio.SSLStream(stream, ctx.tls_context, server_side=True)
+    with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
+        try:
+            await tls.do_handshake()
+            return tls
+        except trio.BrokenResourceError:
+            pass
+    await trio.aclose_forcefully(stream)
+    return None
+
+
+async def _refuse(
+    stream: trio.SocketStream, mode: str, ctx: SessionContext, reply: R.Reply
+) -> None:
+    target: trio.abc.Stream | None = stream
+    if mode == "implicit":
+        target = await _wrap_tls(stream, ctx)
+    if target is None:
+        return
+    with trio.move_on_after(5):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await target.send_all(reply.to_bytes())
+    await trio.aclose_forcefully(target)
+
+
+async def _connection(
+    stream: trio.SocketStream, peer: str, mode: str, ctx: SessionContext, limits: ConnectionLimits
+) -> None:
+    try:
+        session_stream: trio.abc.Stream | None = stream
+        if mode == "implicit":
+            session_stream = await _wrap_tls(stream, ctx)
+        if session_stream is not None:
+            await Session(session_stream, peer, mode, ctx).run()
+    finally:
+        limits.leave(peer)
+
+
+async def serve_listener(
+    listener: trio.SocketListener,
+    mode: str,
+    ctx: SessionContext,
+    sessions: trio.Nursery,
+    limits: ConnectionLimits,
+    trusted_networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+) -> None:
+    """Accept forever (until cancelled); each connection runs in ``sessions``."""
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _RESOURCE_ERRNOS:
+                raise
+            log.error("accept failed (%s); backing off", exc)
+            await trio.sleep(_ACCEPT_BACKOFF)
+            continue
+        peer = _peer(stream)
+        if mode == "trusted" and not _trusted(peer, trusted_networks):
+            log.warning("%s refused: not in trusted_networks", peer)
+            sessions.start_soon(_refuse, stream, mode, ctx, R.NO_SERVICE)
+            continue
+        if not limits.admit(peer):
+            log.warning("%s refused: connection limit", peer)
+            sessions.start_soon(_refuse, stream, mode, ctx, R.TOO_MANY_CONNECTIONS)
+            continue
+        sessions.start_soon(_connection, stream, peer, mode, ctx, limits)
+
+
+def _trusted(peer: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)

@@ -1,0 +1,455 @@
+"""One SMTP submission session: drives ``smtp.ServerConnection`` over a trio stream.
+
+Policy lives here, protocol in ``atmosrelay.smtp``. The order of a message's life:
+
+    AUTH (key checked by accounts.KeyChecker, bcrypt off the event loop)
+    MAIL FROM   authenticated? member active? null sender? domain verified for this DID?
+    RCPT TO     (the limit of recipients is the protocol core's)
+    DATA/BDAT   bytes counted against the shared in-flight budget while they arrive
+    end         headers processed -> ACCEPTED record -> journal group commit -> fsync
+                -> only then "250 2.0.0 Ok: queued as <id>"
+
+Timeouts are scopes at the call sites: ``idle_timeout`` for each command, ``data_timeout`` for
+a whole DATA phase. On shutdown a session waiting for a command gets 421 4.3.2 at once; a
+session inside DATA finishes its message first (the runtime bounds that with a deadline).
+Never echo exception text to the peer; log it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import ssl
+import time
+from typing import Final
+
+import attrs
+import trio
+
+from atmosrelay.accounts.api_keys import KeyChecker, Verified
+from atmosrelay.accounts.store import AsyncStore, NotFound
+from atmosrelay.message.headers import MessageError, process
+from atmosrelay.queue.records import Accepted, Recipient, new_queue_id
+from atmosrelay.queue.store import QueueStore
+from atmosrelay.smtp import (
+    NEED_DATA,
+    AuthChallenge,
+    AuthCredentials,
+    BdatChunk,
+    Capabilities,
+    ChunkEnd,
+    CommandError,
+    ConnectionClosed,
+    Data,
+    EndOfMessage,
+    Event,
+    Expn,
+    Greet,
+    Hello,
+    Help,
+    MailFrom,
+    MailParams,
+    MessageData,
+    MessageRejected,
+    Noop,
+    Quit,
+    RcptParams,
+    RcptTo,
+    RemoteProtocolError,
+    Reply,
+    Rset,
+    ServerConnection,
+    StartTLS,
+    State,
+    TLSReady,
+    Vrfy,
+)
+from atmosrelay.smtp import replies as R
+from atmosrelay.smtp._extensions import Address, AddressError
+from journal import JournalError, JournalFullError
+
+log = logging.getLogger("atmosrelay.smtp")
+
+RECEIVE_SIZE: Final = 64 * 1024
+TLS_HANDSHAKE_TIMEOUT: Final = 30.0
+MIN_DATA_RESERVE: Final = 64 * 1024  # DATA is refused (452 4.3.1) unless this much budget is free
+_ids = itertools.count(1)
+
+
+class Budget:
+    """Bytes held by messages still being received, across all sessions (452 4.3.1 when full)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+
+@attrs.define(eq=False)
+class SessionContext:
+    """What every session shares."""
+
+    hostname: str
+    operator_domain: str
+    capabilities: Capabilities
+    tls_context: ssl.SSLContext
+    keys: KeyChecker
+    store: AsyncStore
+    queue: QueueStore
+    budget: Budget
+    idle_timeout: float = 60.0
+    data_timeout: float = 600.0
+    max_recipients: int = 100
+    trusted_did: str = ""
+    shutdown: trio.Event = attrs.field(factory=trio.Event)
+    waiting: set[trio.CancelScope] = attrs.field(factory=set)  # sessions waiting for a command
+
+    def request_shutdown(self) -> None:
+        """Sessions waiting for a command answer 421 4.3.2 now; those in DATA finish first."""
+        self.shutdown.set()
+        for scope in list(self.waiting):
+            scope.cancel()
+
+
+def _clean(data: bytes | str, limit: int = 120) -> str:
+    """Peer bytes for a log line: printable, escaped, bounded."""
+    text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+    return repr(text[:limit])[1:-1]
+
+
+@attrs.define
+class _Transaction:
+    sender: Address
+    params: MailParams
+    recipients: list[tuple[Address, RcptParams]] = attrs.field(factory=list)
+    data: bytearray = attrs.field(factory=bytearray)
+    held: int = 0  # bytes taken from the budget
+    refused: Reply | None = None
+
+
+class Session:
+    def __init__(self, stream: trio.abc.Stream, peer: str, mode: str, ctx: SessionContext) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.mode = mode  # "starttls", "implicit" or "trusted"
+        self.ctx = ctx
+        self.id = f"s{next(_ids)}"
+        self.tls = mode == "implicit"
+        self.tls_version: str | None = None
+        self.did: str | None = ctx.trusted_did if mode == "trusted" else None
+        self.username = ""
+        self.verified_domains: frozenset[str] = frozenset()
+        self.member_status = "active"
+        self.helo = ""
+        self.tx: _Transaction | None = None
+        self.conn = self._new_connection(after_starttls=False)
+
+    def _new_connection(self, *, after_starttls: bool) -> ServerConnection:
+        auth = self.tls and self.mode != "trusted" and self.did is None
+        caps = attrs.evolve(
+            self.ctx.capabilities,
+            starttls=self.mode == "starttls" and not self.tls,
+            auth=("PLAIN", "LOGIN") if auth else (),
+        )
+        refusal = (
+            R.ENCRYPTION_REQUIRED
+            if self.mode == "starttls" and not self.tls
+            else R.AUTH_NOT_AVAILABLE
+        )
+        return ServerConnection(
+            capabilities=caps,
+            tls=self.tls,
+            after_starttls=after_starttls,
+            max_recipients=self.ctx.max_recipients,
+            auth_unavailable=refusal,
+        )
+
+    def _log(self, what: str, *details: str) -> None:
+        log.info("%s %s %s %s", self.id, self.peer, what, " ".join(details))
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve until QUIT, EOF, a timeout, a protocol breach or shutdown. Closes the stream."""
+        self._log("connect", self.mode)
+        try:
+            await self._loop()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._log("disconnected", type(exc).__name__)
+        except Exception:  # the session's outermost edge: log it, never tell the peer
+            log.exception("%s %s session failed", self.id, self.peer)
+        finally:
+            self._end_transaction()
+            await trio.aclose_forcefully(self.stream)
+            self._log("close")
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                self._log("protocol-error", _clean(str(exc)))
+                if exc.reply is not None:
+                    await self._send(exc.reply)
+                return
+            if event is NEED_DATA:
+                data = await self._receive()
+                if data is None:
+                    return
+                self.conn.receive_data(data)
+                continue
+            if isinstance(event, ConnectionClosed):
+                return
+            if isinstance(event, TLSReady):
+                if not await self._start_tls():
+                    return
+                continue
+            if isinstance(event, MessageData):
+                self._collect(event.data)
+                continue
+            if isinstance(event, BdatChunk):
+                if self.tx is not None and self.tx.held == 0 and not self._reserve():
+                    self.tx.refused = R.QUEUE_FULL
+                continue
+            reply = await self._answer(event)  # type: ignore[arg-type]
+            await self._send(reply)
+            if self.conn.state is State.CLOSED:
+                return
+            if self.ctx.shutdown.is_set() and self.conn.state in (State.READY, State.CONNECTED):
+                await self._send(R.SHUTTING_DOWN)
+                return
+
+    async def _receive(self) -> bytes | None:
+        """Bytes from the peer, or None when the session must end (EOF is b"" and goes on
+        to the protocol object; None means a timeout or shutdown, already answered)."""
+        in_data = self.conn.state is State.DATA or self.conn.state is State.CHUNKING
+        timeout = self.ctx.data_timeout if in_data else self.ctx.idle_timeout
+        if self.ctx.shutdown.is_set() and not in_data:
+            await self._send(R.SHUTTING_DOWN)
+            return None
+        with trio.move_on_after(timeout) as scope:
+            if not in_data:
+                self.ctx.waiting.add(scope)
+            try:
+                return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+            finally:
+                self.ctx.waiting.discard(scope)
+        if self.ctx.shutdown.is_set():
+            self._log("shutdown")
+            await self._send(R.SHUTTING_DOWN)
+        else:
+            self._log("timeout", f"{timeout:g}s", self.conn.state.value)
+            await self._send(R.IDLE_TIMEOUT)
+        return None
+
+    async def _send(self, reply: Reply) -> None:
+        try:
+            data = self.conn.send(reply)
+        except Exception:
+            self.conn.send_failed()
+            raise
+        await self.stream.send_all(data)
+
+    async def _start_tls(self) -> bool:
+        tls = trio.SSLStream(self.stream, self.ctx.tls_context, server_side=True)
+        with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError:
+                self._log("tls-failed")
+                return False
+            self.stream, self.tls = tls, True
+            self.tls_version = f"{tls.version()} {tls.cipher()[0] if tls.cipher() else ''}".strip()
+            self.conn = self._new_connection(after_starttls=True)
+            self._log("starttls", self.tls_version)
+            return True
+        self._log("tls-timeout")
+        return False
+
+    # -- events -----------------------------------------------------------------------------
+    async def _answer(self, event: Event) -> Reply:
+        if isinstance(event, (CommandError, AuthChallenge, MessageRejected)):
+            if isinstance(event, CommandError):
+                self._log("refused", str(event.reply.code), _clean(event.line))
+            if isinstance(event, MessageRejected):
+                self._log("message-refused", str(event.reply.code))
+                self._end_transaction()
+            return event.reply
+        if isinstance(event, Greet):
+            return R.GREETING.format(hostname=self.ctx.hostname)
+        if isinstance(event, Hello):
+            self.helo = event.hostname
+            self._end_transaction()
+            if event.extended:
+                return self.conn.ehlo_reply(self.ctx.hostname)
+            return R.HELO_OK.format(hostname=self.ctx.hostname)
+        if isinstance(event, StartTLS):
+            return R.READY_TO_START_TLS
+        if isinstance(event, AuthCredentials):
+            return await self._auth(event)
+        if isinstance(event, MailFrom):
+            return await self._mail(event)
+        if isinstance(event, RcptTo):
+            assert self.tx is not None
+            self.tx.recipients.append((event.recipient, event.params))
+            return R.RECIPIENT_OK
+        if isinstance(event, Data):
+            if not self._reserve():
+                return R.QUEUE_FULL
+            return R.START_DATA
+        if isinstance(event, ChunkEnd):
+            return R.CHUNK_OK.format(size=event.size)
+        if isinstance(event, EndOfMessage):
+            try:
+                return await self._accept()
+            finally:
+                self._end_transaction()
+        if isinstance(event, Rset):
+            self._end_transaction()
+            return R.OK
+        if isinstance(event, Quit):
+            return R.CLOSING
+        if isinstance(event, Vrfy):
+            return R.VRFY_CANNOT
+        if isinstance(event, Expn):
+            return R.EXPN_DISABLED
+        if isinstance(event, (Noop, Help)):
+            return R.OK if isinstance(event, Noop) else R.HELP
+        raise AssertionError(f"unexpected event {event!r}")
+
+    async def _auth(self, event: AuthCredentials) -> Reply:
+        result = await self.ctx.keys.verify(event.username, event.password, self.peer)
+        if not isinstance(result, Verified):
+            self._log("auth-failed", _clean(event.username), result.reason)
+            return R.AUTH_FAILED
+        self.did, self.username = result.did, event.username
+        await self._load_member()
+        self._log("auth", _clean(event.username), result.did, f"key={result.key_id}")
+        return R.AUTH_SUCCESS
+
+    async def _load_member(self) -> None:
+        assert self.did is not None
+        store = self.ctx.store
+        try:
+            member = await store.run(store.sync.member, self.did)
+        except NotFound:
+            self.member_status = "removed"
+            return
+        self.member_status = member.status
+        domains = await store.run(store.sync.domains, self.did)
+        self.verified_domains = frozenset(d.name for d in domains if d.status == "verified")
+
+    async def _mail(self, event: MailFrom) -> Reply:
+        if self.did is None:
+            return R.AUTH_REQUIRED
+        if self.mode == "trusted" and not self.verified_domains and self.member_status == "active":
+            await self._load_member()
+        if self.member_status != "active":
+            self._log("mail-refused", self.did, f"member {self.member_status}")
+            return R.MEMBER_SUSPENDED
+        if event.sender.is_null:
+            return R.NULL_SENDER_REFUSED
+        try:
+            domain = event.sender.domain_ascii
+        except AddressError:
+            domain = event.sender.domain.lower()
+        if domain not in self.verified_domains:
+            self._log("mail-refused", self.did, f"domain {domain} not enrolled")
+            return R.DOMAIN_MISMATCH.format(domain=domain.replace("{", "").replace("}", ""))
+        self._end_transaction()
+        self.tx = _Transaction(event.sender, event.params)
+        return R.SENDER_OK
+
+    # -- message bytes ------------------------------------------------------------------------
+    def _reserve(self) -> bool:
+        """Take an initial share of the in-flight budget for the message about to arrive."""
+        tx = self.tx
+        if tx is None:
+            return True
+        want = max(MIN_DATA_RESERVE, min(tx.params.size or 0, self.ctx.capabilities.size or 0))
+        if not self.ctx.budget.take(want):
+            return False
+        tx.held += want
+        return True
+
+    def _collect(self, data: bytes) -> None:
+        tx = self.tx
+        if tx is None or tx.refused is not None:
+            return
+        tx.data += data
+        over = len(tx.data) - tx.held
+        if over > 0:
+            grow = max(over, MIN_DATA_RESERVE)
+            if self.ctx.budget.take(grow):
+                tx.held += grow
+            else:
+                tx.refused = R.QUEUE_FULL
+                tx.data = bytearray()  # drop what we hold; the rest is drained unkept
+
+    def _end_transaction(self) -> None:
+        if self.tx is not None:
+            self.ctx.budget.release(self.tx.held)
+            self.tx = None
+
+    async def _accept(self) -> Reply:
+        tx = self.tx
+        assert tx is not None
+        assert self.did is not None
+        if tx.refused is not None:
+            self._log("message-refused", str(tx.refused.code), "in-flight budget full")
+            return tx.refused
+        now = time.time()  # wall clock: it is written into the record and the Date header
+        try:
+            processed = process(
+                bytes(tx.data),
+                did=self.did,
+                operator_domain=self.ctx.operator_domain,
+                hostname=self.ctx.hostname,
+                now=now,
+            )
+        except MessageError as exc:
+            detail = (
+                exc.detail.replace("\r", " ").replace("\n", " ").replace("{", "(").replace("}", ")")
+            )
+            self._log("message-refused", "554", _clean(detail))
+            return R.UNPARSEABLE_MESSAGE.format(detail=detail[:200])
+        queue_id = new_queue_id(now)
+        record = Accepted(
+            id=queue_id,
+            accepted_at=now,
+            did=self.did,
+            sender=str(tx.sender),
+            recipients=tuple(Recipient(str(a), p.notify, p.orcpt) for a, p in tx.recipients),
+            ret=tx.params.ret,
+            envid=tx.params.envid,
+            category=processed.category,
+            bulk=processed.bulk,
+            tags=processed.tags,
+            metadata=processed.metadata,
+            client={"ip": self.peer, "tls": self.tls_version, "helo": self.helo},
+            size=len(processed.message),
+        )
+        try:
+            await self.ctx.queue.accept(record, processed.message)
+        except JournalFullError:
+            self._log("queue-refused", queue_id, "journal disk full")
+            return R.QUEUE_FULL
+        except JournalError as exc:
+            self._log("queue-refused", queue_id, _clean(str(exc)))
+            return R.QUEUE_UNAVAILABLE
+        self._log(
+            "queued",
+            queue_id,
+            f"from={_clean(record.sender)}",
+            f"rcpt={len(record.recipients)}",
+            f"size={record.size}",
+            f"category={record.category}",
+        )
+        return R.QUEUED.format(queue_id=queue_id)
