@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 from functools import partial
 
@@ -126,23 +127,18 @@ async def run_relay(
     announce("journal closed; stopped")
 
 
-async def _serve(
-    config: Config,
-    announce: Callable[[str], None],
-    store: Store,
-    queue: QueueStore,
-    tls_context: object,
-    handle_signals: bool,
-    task_status: trio.TaskStatus[RelayHandle],
-) -> None:
+def make_context(
+    config: Config, store: Store, queue: QueueStore, tls_context: ssl.SSLContext
+) -> SessionContext:
+    """Everything sessions share, from the config (also used by tests that drive sessions
+    over memory streams)."""
     async_store = AsyncStore(store)
-    keys = KeyChecker(async_store, auth_settings(config))
-    ctx = SessionContext(
+    return SessionContext(
         hostname=config["smtp.hostname"],
         operator_domain=config["operator.domain"],
         capabilities=Capabilities(size=config["smtp.max_message_size"]),
-        tls_context=tls_context,  # type: ignore[arg-type]
-        keys=keys,
+        tls_context=tls_context,
+        keys=KeyChecker(async_store, auth_settings(config)),
         store=async_store,
         queue=queue,
         budget=Budget(config["smtp.inflight_budget"]),
@@ -151,6 +147,19 @@ async def _serve(
         max_recipients=config["smtp.max_recipients"],
         trusted_did=config["smtp.trusted_did"],
     )
+
+
+async def _serve(
+    config: Config,
+    announce: Callable[[str], None],
+    store: Store,
+    queue: QueueStore,
+    tls_context: ssl.SSLContext,
+    handle_signals: bool,
+    task_status: trio.TaskStatus[RelayHandle],
+) -> None:
+    ctx = make_context(config, store, queue, tls_context)
+    keys = ctx.keys
     limits = ConnectionLimits(config["smtp.max_connections"], config["smtp.max_connections_per_ip"])
     networks = [ipaddress.ip_network(n) for n in config["smtp.trusted_networks"]]
     for host, port, mode in config.listeners:
