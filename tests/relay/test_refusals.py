@@ -81,7 +81,10 @@ async def test_wrong_keys_are_535(tmp_path: Path, key: str | None, username: str
             with Dialog(relay.implicit_port, relay.client_context()) as d:
                 d.reply()
                 d.cmd(b"EHLO c")
-                assert d.cmd(plain(username, key or relay.key)) == b"535 5.7.8 Authentication failed\r\n"
+                assert (
+                    d.cmd(plain(username, key or relay.key))
+                    == b"535 5.7.8 Authentication failed\r\n"
+                )
 
         await in_thread(check)
 
