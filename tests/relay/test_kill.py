@@ -1,0 +1,184 @@
+"""The real process under load: kill -9 at random moments, restart, and every queue id that
+was answered 250 is in 'atmosrelay queue list'; a graceful SIGTERM mid-load loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import smtplib
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.relay.harness import ALICE, enroll, make_config
+
+ROOT = Path(__file__).resolve().parents[2]
+ROUNDS = 10
+CLIENTS = 4
+
+
+class Server:
+    def __init__(self, tmp: Path, config_path: Path, round_: int) -> None:
+        self.out = tmp / f"serve-{round_}.out"
+        self.err = tmp / f"serve-{round_}.err"
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "atmosrelay", "serve", "--config", str(config_path)],
+                stdout=out,
+                stderr=err,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+        deadline = time.monotonic() + 30
+        while "ready" not in self.text():
+            assert self.proc.poll() is None, self.text() + self.err.read_text()
+            assert time.monotonic() < deadline, "relay did not become ready"
+            time.sleep(0.05)
+        self.port = int(
+            re.search(r"listening on 127\.0\.0\.1:(\d+) \(implicit\)", self.text()).group(1)
+        )  # type: ignore[union-attr]
+
+    def text(self) -> str:
+        return self.out.read_text()
+
+
+def load(
+    port: int,
+    ctx: ssl.SSLContext,
+    key: str,
+    acked: set[str],
+    lock: threading.Lock,
+    stop: threading.Event,
+    tag: str,
+) -> None:
+    n = 0
+    try:
+        with smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=10) as smtp:
+            smtp.login(ALICE, key)
+            while not stop.is_set():
+                n += 1
+                smtp.mail("alice@example.org")
+                smtp.rcpt("bob@example.net")
+                code, reply = smtp.data(
+                    b"From: alice@example.org\r\nSubject: %s-%d\r\n\r\nload\r\n" % (tag.encode(), n)
+                )
+                if code == 250:
+                    with lock:
+                        acked.add(reply.decode().rsplit(" ", 1)[1])
+    except (smtplib.SMTPException, OSError):
+        pass  # the server went away (that is the point) or is shutting down
+
+
+def run_load(
+    server: Server, ctx: ssl.SSLContext, key: str, acked: set[str], seconds: float, tag: str
+) -> threading.Event:
+    lock, stop = threading.Lock(), threading.Event()
+    threads = [
+        threading.Thread(
+            target=load, args=(server.port, ctx, key, acked, lock, stop, f"{tag}-{i}"), daemon=True
+        )
+        for i in range(CLIENTS)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    server.threads = threads  # type: ignore[attr-defined]
+    return stop
+
+
+def queue_ids(config_path: Path) -> set[str]:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atmosrelay",
+            "queue",
+            "list",
+            "--json",
+            "--config",
+            str(config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    return {m["id"] for m in json.loads(result.stdout)}
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, ssl.SSLContext, str]:
+    ca = trustme.CA()
+    config = make_config(tmp_path, ca, '[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\n')
+    key, _ = enroll(config)
+    text = tmp_path / "relay.toml"
+    # The same settings as the harness, as a file for the real process.
+    cert = tmp_path / "tls.pem"
+    text.write_text(
+        f'[relay]\ndata_dir = "{tmp_path / "var"}"\nlog_level = "warning"\n'
+        '[operator]\ndomain = "relay.test"\n[auth]\nbcrypt_cost = 4\n'
+        f'[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\nhostname = "mx.test"\n'
+        f'tls_cert = "{cert}"\ntls_key = "{cert}"\nshutdown_grace = 10.0\n'
+    )
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return text, ctx, key
+
+
+@pytest.mark.slow
+def test_kill_9_under_load_loses_no_250(
+    tmp_path: Path, setup: tuple[Path, ssl.SSLContext, str]
+) -> None:
+    config_path, ctx, key = setup
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    acked: set[str] = set()
+    started = time.monotonic()
+    for round_ in range(ROUNDS):
+        assert time.monotonic() - started < 180, "kill loop over its time budget"
+        server = Server(tmp_path, config_path, round_)
+        recovered = int(re.search(r"queue: (\d+) message", server.text()).group(1))  # type: ignore[union-attr]
+        assert recovered >= len(acked), (
+            f"seed {seed}: round {round_} recovered {recovered} < {len(acked)}"
+        )
+        stop = run_load(server, ctx, key, acked, rng.uniform(0.2, 1.0), f"r{round_}")
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+        stop.set()
+        for t in server.threads:  # type: ignore[attr-defined]
+            t.join(15)
+    assert len(acked) > ROUNDS * 5, f"the load barely ran ({len(acked)} messages)"
+    missing = acked - queue_ids(config_path)
+    assert not missing, f"seed {seed}: answered 250 but lost: {sorted(missing)[:5]}"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_load_loses_nothing(
+    tmp_path: Path, setup: tuple[Path, ssl.SSLContext, str]
+) -> None:
+    config_path, ctx, key = setup
+    acked: set[str] = set()
+    server = Server(tmp_path, config_path, 0)
+    stop = run_load(server, ctx, key, acked, 0.8, "term")
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0, server.err.read_text()
+    stop.set()
+    for t in server.threads:  # type: ignore[attr-defined]
+        t.join(15)
+    text = server.text()
+    assert "SIGTERM received" in text and "listeners closed" in text and "journal closed" in text
+    assert acked
+    assert acked <= queue_ids(config_path)
+    again = Server(tmp_path, config_path, 1)  # and it starts again from what is on disk
+    assert f"queue: {len(queue_ids(config_path))} message(s) recovered" in again.text()
+    again.proc.send_signal(signal.SIGTERM)
+    assert again.proc.wait(30) == 0
