@@ -25,6 +25,7 @@ from atmosrelay import __version__
 from atmosrelay.accounts.cli import register as register_accounts
 from atmosrelay.config import DEFAULTS_TOML, ConfigError, load_config
 from atmosrelay.queue.cli import register as register_queue
+from atmosrelay.queue.records import RecordError
 from atmosrelay.runtime import run_relay
 from journal import CorruptJournalError, JournalError, check_journal, dump_journal
 
@@ -58,6 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"refusing to start: acknowledged mail may be damaged. Inspect it with "
             f"'atmosrelay journal check {config.journal_dir}'; nothing was modified."
         )
+        return EXIT_CORRUPT
+    except RecordError as exc:
+        _err(f"refusing to start: {exc}")
+        _err(f"inspect it with 'atmosrelay journal dump {config.journal_dir}'")
         return EXIT_CORRUPT
     except JournalError as exc:
         _err(f"journal failure: {exc}")

@@ -122,6 +122,10 @@ async def run_relay(
             queue = await QueueStore.recover(journal)
             announce(f"queue: {len(queue.state.messages)} message(s) recovered")
             await _serve(config, announce, store, queue, tls_context, handle_signals, task_status)
+            announce(
+                f"journal: {journal.appends} append(s) in {journal.batches} batch(es), "
+                f"{journal.syncs} fsync(s) since start"
+            )
     finally:
         store.close()
     announce("journal closed; stopped")
@@ -183,8 +187,8 @@ async def _serve(
                     acceptors.start_soon(
                         serve_listener, listener, mode, ctx, sessions, limits, networks
                     )
-                if handle_signals:
-                    acceptors.start_soon(_watch_signals, handle, announce)
+                if handle_signals:  # installed before "ready", so no signal can slip past it
+                    await acceptors.start(_watch_signals, handle, announce)
                 announce("ready; SIGTERM or Ctrl-C stops")
                 task_status.started(handle)
                 await handle._stop.wait()
@@ -198,8 +202,14 @@ async def _serve(
         services.cancel_scope.cancel()
 
 
-async def _watch_signals(handle: RelayHandle, announce: Callable[[str], None]) -> None:
+async def _watch_signals(
+    handle: RelayHandle,
+    announce: Callable[[str], None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        task_status.started()
         async for signum in signals:
             announce(f"{signal.Signals(signum).name} received; shutting down")
             handle.stop()

@@ -33,7 +33,7 @@ def run(
 def make_journal(directory: Path, n: int = 10) -> list[int]:
     log, _ = Log.open(OsFS(), str(directory), segment_size=64 * 1024)
     offsets = [
-        log.write_batch([(1 + i % 2, b"record %d" % i + b"." * 500)])[0].offset for i in range(n)
+        log.write_batch([(100 + i % 2, b"record %d" % i + b"." * 500)])[0].offset for i in range(n)
     ]
     return offsets  # not closed: like a crash, so the last batch is not attested
 
@@ -84,7 +84,7 @@ def test_dump_lists_every_record(tmp_path: Path) -> None:
         for x in run("journal", "dump", str(tmp_path / "j"), "--json").stdout.splitlines()
     ]
     assert [(r["seq"], r["type"], r["offset"], r["size"]) for r in js] == [
-        (i + 1, 1 + i % 2, offsets[i], len(b"record %d" % i) + 500) for i in range(5)
+        (i + 1, 100 + i % 2, offsets[i], len(b"record %d" % i) + 500) for i in range(5)
     ]
 
 
@@ -188,3 +188,14 @@ def test_config_defaults_is_valid_and_complete() -> None:
     result = run("config", "defaults")
     assert result.returncode == 0
     assert "segment_size = 67108864" in result.stdout
+
+
+def test_serve_refuses_a_record_it_cannot_read(tmp_path: Path) -> None:
+    log, _ = Log.open(OsFS(), str(tmp_path / "var" / "journal"))
+    log.write_batch([(1, b"not an accepted record")])  # type 1 is ACCEPTED
+    log.close()
+    proc = _serve(tmp_path)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "journal record seq 1 at 1:57 is not a valid ACCEPTED record" in err
+    assert "Traceback" not in err

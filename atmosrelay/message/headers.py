@@ -29,10 +29,11 @@ import hashlib
 import hmac
 import json
 import re
-import secrets
 from typing import Final
 
 import attrs
+
+from atmosrelay.queue.records import RANDOM
 
 TRANSACTIONAL: Final = frozenset({"login-link", "password-reset", "mfa-otp", "verification"})
 CATEGORY_HEADER: Final = "x-atmos-category"
@@ -121,11 +122,13 @@ class Processed:
     message_id: str
 
 
-def _one(fields: list[Field], key: str) -> Field | None:
-    found = [f for f in fields if f.key == key]
+def _one(index: dict[str, list[Field]], key: str) -> Field | None:
+    found = index.get(key)
+    if not found:
+        return None
     if len(found) > 1:
         raise MessageError(f"more than one {found[0].name} header")
-    return found[0] if found else None
+    return found[0]
 
 
 def _tags(field: Field | None) -> tuple[str, ...]:
@@ -166,22 +169,25 @@ def process(
     """Read and remove the X-Atmos-* headers, add Date/Message-ID if missing, stamp ours.
     Raises MessageError naming what is wrong."""
     fields, body = split_header(message)
-    if _one(fields, "from") is None:
+    index: dict[str, list[Field]] = {}
+    for f in fields:
+        index.setdefault(f.key, []).append(f)
+    if _one(index, "from") is None:
         raise MessageError("no From header")
-    category_field = _one(fields, CATEGORY_HEADER)
+    category_field = _one(index, CATEGORY_HEADER)
     category = category_field.value.strip().lower() if category_field else "bulk"
     if category_field is not None and not _TAG.fullmatch(category or "-"):
         raise MessageError(f"X-Atmos-Category: {category[:40]!r} is not a category name")
-    tags = _tags(_one(fields, TAGS_HEADER))
-    metadata = _metadata(_one(fields, METADATA_HEADER))
+    tags = _tags(_one(index, TAGS_HEADER))
+    metadata = _metadata(_one(index, METADATA_HEADER))
     bulk = category not in TRANSACTIONAL
     kept = [f for f in fields if f.key not in OWN_HEADERS and f.key not in STAMPED]
     added: list[bytes] = []
-    if _one(fields, "date") is None:
+    if _one(index, "date") is None:
         added.append(f"Date: {email.utils.formatdate(now, usegmt=True)}\r\n".encode())
-    mid_field = _one(fields, "message-id")
+    mid_field = _one(index, "message-id")
     if mid_field is None:
-        message_id = f"<{secrets.token_hex(16)}@{hostname}>"
+        message_id = f"<{RANDOM.take(16).hex()}@{hostname}>"
         added.append(f"Message-ID: {message_id}\r\n".encode())
     else:
         message_id = mid_field.value

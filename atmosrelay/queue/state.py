@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from atmosrelay.queue.records import Accepted, RecordType, decode_accepted
+from atmosrelay.queue.records import Accepted, RecordError, RecordType, decode_accepted
 from journal import Position, Record
 
 
@@ -38,17 +38,24 @@ class QueueState:
 
     def apply(self, record: Record) -> None:
         if record.type == RecordType.ACCEPTED:
-            accepted, offset = decode_accepted(record.payload)
-            if accepted.id in self.messages:
-                return  # a replayed duplicate: the fold is idempotent
-            self.messages[accepted.id] = QueuedMessage(
-                accepted,
-                record.position,
-                offset,
-                {r.addr: "accepted" for r in accepted.recipients},
-            )
+            try:
+                accepted, offset = decode_accepted(record.payload)
+            except (RecordError, KeyError, TypeError) as exc:
+                raise RecordError(
+                    f"journal record seq {record.seq} at {record.position} is not a valid "
+                    f"ACCEPTED record ({exc}); nothing was modified"
+                ) from None
+            self.add_accepted(accepted, record.position, offset)
         else:
             self.unknown_records += 1
+
+    def add_accepted(self, accepted: Accepted, position: Position, body_offset: int) -> None:
+        """What applying an ACCEPTED record does (for a writer that has the record decoded)."""
+        if accepted.id in self.messages:
+            return  # a replayed duplicate: the fold is idempotent
+        self.messages[accepted.id] = QueuedMessage(
+            accepted, position, body_offset, {r.addr: "accepted" for r in accepted.recipients}
+        )
 
     def pending_by_destination(self) -> dict[str, list[tuple[str, str]]]:
         """Recipient domain -> [(queue id, recipient)] still to deliver."""

@@ -11,7 +11,7 @@ import trio
 
 from atmosrelay.queue.records import Accepted, RecordType, encode_accepted
 from atmosrelay.queue.state import QueueState, fold
-from journal import Journal, Position, Record
+from journal import Journal, Position
 
 
 @attrs.define
@@ -30,7 +30,5 @@ class QueueStore:
         journal's errors (JournalFullError, JournalFatalError, ...) unchanged."""
         payload = encode_accepted(record, message)
         position = await self.journal.append(RecordType.ACCEPTED, payload)
-        self.state.apply(
-            Record(seq=0, type=RecordType.ACCEPTED, payload=payload, position=position)
-        )
+        self.state.add_accepted(record, position, len(payload) - len(message))
         return position

@@ -150,6 +150,7 @@ class Session:
         self.member_status = "active"
         self.helo = ""
         self.tx: _Transaction | None = None
+        self._out = bytearray()  # replies not yet written: pipelined ones go out together
         self.conn = self._new_connection(after_starttls=False)
 
     def _new_connection(self, *, after_starttls: bool) -> ServerConnection:
@@ -197,17 +198,21 @@ class Session:
             except RemoteProtocolError as exc:
                 self._log("protocol-error", _clean(str(exc)))
                 if exc.reply is not None:
-                    await self._send(exc.reply)
+                    self._queue(exc.reply)
+                await self._flush()
                 return
             if event is NEED_DATA:
+                await self._flush()
                 data = await self._receive()
                 if data is None:
                     return
                 self.conn.receive_data(data)
                 continue
             if isinstance(event, ConnectionClosed):
+                await self._flush()
                 return
             if isinstance(event, TLSReady):
+                await self._flush()  # the 220 goes out in plaintext, before the handshake
                 if not await self._start_tls():
                     return
                 continue
@@ -219,8 +224,9 @@ class Session:
                     self.tx.refused = R.QUEUE_FULL
                 continue
             reply = await self._answer(event)  # type: ignore[arg-type]
-            await self._send(reply)
+            self._queue(reply)
             if self.conn.state is State.CLOSED:
+                await self._flush()
                 return
             if self.ctx.shutdown.is_set() and self.conn.state in (State.READY, State.CONNECTED):
                 await self._send(R.SHUTTING_DOWN)
@@ -250,12 +256,23 @@ class Session:
         return None
 
     async def _send(self, reply: Reply) -> None:
+        """Queue a reply and write it at once (for replies that end the session)."""
+        self._queue(reply)
+        await self._flush()
+
+    def _queue(self, reply: Reply) -> None:
+        """Queue a reply; it is written before the session next waits for the peer, so the
+        replies to a pipelined group leave in one write (RFC 2920), in order."""
         try:
-            data = self.conn.send(reply)
+            self._out += self.conn.send(reply)
         except Exception:
             self.conn.send_failed()
             raise
-        await self.stream.send_all(data)
+
+    async def _flush(self) -> None:
+        if self._out:
+            data, self._out = bytes(self._out), bytearray()
+            await self.stream.send_all(data)
 
     async def _start_tls(self) -> bool:
         tls = trio.SSLStream(self.stream, self.ctx.tls_context, server_side=True)

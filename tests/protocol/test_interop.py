@@ -170,7 +170,9 @@ def _authenticator(
 @contextmanager
 def aiosmtpd_server(ca: trustme.CA) -> Iterator[tuple[int, _Sink]]:
     sink = _Sink()
-    loop = asyncio.new_event_loop()
+    # A plain asyncio loop, not the policy's: trio-asyncio (imported by other tests) installs
+    # its own event-loop policy process-wide.
+    loop = asyncio.SelectorEventLoop()
     started = threading.Event()
     holder: dict[str, object] = {}
 
@@ -182,10 +184,10 @@ def aiosmtpd_server(ca: trustme.CA) -> Iterator[tuple[int, _Sink]]:
             authenticator=_authenticator,
             auth_require_tls=True,
             hostname="aiosmtpd.test",
+            loop=loop,
         )
 
     def run() -> None:
-        asyncio.set_event_loop(loop)
         server = loop.run_until_complete(loop.create_server(factory, "127.0.0.1", 0))
         holder["port"] = server.sockets[0].getsockname()[1]
         holder["server"] = server

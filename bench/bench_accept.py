@@ -1,0 +1,297 @@
+"""Submission throughput: our relay against aiosmtpd with an fsync handler, side by side.
+
+    python bench/bench_accept.py [--quick] [--json] [--sessions 1,10,50,100] [--seconds S]
+
+Each server runs as its own process on 127.0.0.1 with implicit TLS and AUTH. The load
+generator (this process, trio, our ClientConnection) opens N sessions, authenticates once per
+session, then sends messages back to back, pipelining MAIL/RCPT/DATA where the server offers
+PIPELINING. It measures accepted messages/s, p50/p99 latency from the end of data to the 250,
+the server's CPU per message (from /proc), and for our relay the fsyncs per message (the relay
+reports its journal totals on shutdown). Every 250 from our relay means fsynced; every 250
+from the baseline means its handler fsynced too.
+
+Postfix, where installed, is measured the same way by pointing its smtp-source at our trusted
+listener (see bench/README.md); this script does not start Postfix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+import trustme
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from atmosrelay.accounts import api_keys, domains
+from atmosrelay.accounts.store import Store
+from atmosrelay.smtp import (
+    NEED_DATA,
+    Address,
+    AuthPlain,
+    ClientConnection,
+    Data,
+    Event,
+    Hello,
+    MailFrom,
+    RcptTo,
+    ServerReply,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DID = "did:plc:abcdefghijklmnopqrstuvwx"
+SIZES = {"1KiB": 1024, "100KiB": 100 * 1024}
+
+
+def _message(size: int) -> bytes:
+    head = b"From: bench@example.org\r\nTo: sink@example.net\r\nSubject: bench\r\n\r\n"
+    line = b"y" * 76 + b"\r\n"
+    return head + line * max(1, (size - len(head)) // len(line))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    """A server process; ``port``; ``stop()`` returns what it printed."""
+
+    def __init__(self, cmd: list[str], out: Path, ready: str, port_re: str) -> None:
+        self.out = out
+        self._file = out.open("w")
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        deadline = time.monotonic() + 60
+        while ready not in out.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {out.read_text()}")
+            time.sleep(0.05)
+        self.port = int(re.search(port_re, out.read_text()).group(1))  # type: ignore[union-attr]
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._file.close()
+        return self.out.read_text()
+
+
+async def _reply(stream: trio.abc.Stream, conn: ClientConnection) -> ServerReply:
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            data = await stream.receive_some(65536)
+            conn.receive_data(data)
+            if not data:
+                raise ConnectionError("server closed")
+            continue
+        assert isinstance(event, ServerReply), event
+        return event
+
+
+async def _session(
+    port: int,
+    ctx: ssl.SSLContext,
+    password: str,
+    body: bytes,
+    deadline: float,
+    latencies: list[float],
+) -> None:
+    stream = await trio.open_ssl_over_tcp_stream(
+        "127.0.0.1", port, ssl_context=ctx, https_compatible=False
+    )
+    conn = ClientConnection()
+    await _reply(stream, conn)
+    await stream.send_all(conn.send(Hello("bench.client", True)))
+    ehlo = await _reply(stream, conn)
+    pipelining = bool(ehlo.capabilities and ehlo.capabilities.has("PIPELINING"))
+    await stream.send_all(conn.send(AuthPlain(DID, password)))
+    assert (await _reply(stream, conn)).reply.code == 235
+    sender, rcpt = Address("bench", "example.org"), Address("sink", "example.net")
+    while trio.current_time() < deadline:
+        commands: list[Event] = [MailFrom(sender), RcptTo(rcpt), Data()]
+        if pipelining:
+            await stream.send_all(b"".join(conn.send(c) for c in commands))
+            replies = [await _reply(stream, conn) for _ in commands]
+        else:
+            replies = []
+            for c in commands:
+                await stream.send_all(conn.send(c))
+                replies.append(await _reply(stream, conn))
+        assert replies[-1].reply.code == 354, replies
+        content = conn.send_data(body) + conn.end_data()
+        t = time.perf_counter()
+        await stream.send_all(content)
+        done = await _reply(stream, conn)
+        latencies.append(time.perf_counter() - t)
+        assert done.reply.code == 250, done.reply
+    await stream.aclose()
+
+
+async def _drive(
+    port: int, ctx: ssl.SSLContext, password: str, sessions: int, size: int, seconds: float
+) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    body = _message(size)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(sessions):
+            nursery.start_soon(_session, port, ctx, password, body, start + seconds, latencies)
+    return latencies, trio.current_time() - start
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
+
+
+def _ours(tmp: Path, cert: Path) -> tuple[Server, str]:
+    config = tmp / "relay.toml"
+    config.write_text(
+        f'[relay]\ndata_dir = "{tmp / "var"}"\nlog_level = "warning"\n[auth]\nbcrypt_cost = 4\n'
+        f'[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\nhostname = "bench.test"\n'
+        f'tls_cert = "{cert}"\ntls_key = "{cert}"\nmax_connections_per_ip = 200\n'
+    )
+    store = Store(tmp / "var" / "accounts.sqlite3")
+    store.add_member(DID, "bench.test")
+    domains.enroll(store, DID, "example.org", limit=2, clock_now=0)
+    store.mark_verified("example.org", without_dns=True)
+    key = api_keys.issue(store, DID, cost=4).secret
+    store.close()
+    server = Server(
+        [sys.executable, "-m", "atmosrelay", "serve", "--config", str(config)],
+        tmp / "relay.out",
+        "ready",
+        r"listening on 127\.0\.0\.1:(\d+)",
+    )
+    return server, key
+
+
+def _baseline(tmp: Path, cert: Path) -> tuple[Server, str]:
+    server = Server(
+        [sys.executable, str(ROOT / "bench" / "aiosmtpd_fsync.py"), str(cert), str(tmp)],
+        tmp / "aiosmtpd.out",
+        "listening on",
+        r"listening on (\d+)",
+    )
+    return server, "bench"
+
+
+def measure(
+    name: str, sessions: int, size_label: str, seconds: float, ca: trustme.CA
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(dir=ROOT) as d:
+        tmp = Path(d)
+        cert = tmp / "tls.pem"
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+        server, password = (_ours if name == "atmosrelay" else _baseline)(tmp, cert)
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        try:
+            cpu0 = _cpu_seconds(server.proc.pid)
+            latencies, elapsed = trio.run(
+                _drive, server.port, ctx, password, sessions, SIZES[size_label], seconds
+            )
+            cpu = _cpu_seconds(server.proc.pid) - cpu0
+        finally:
+            out = server.stop()
+        n = len(latencies)
+        fsyncs = None
+        m = re.search(r"journal: (\d+) append\(s\) in (\d+) batch\(es\), (\d+) fsync", out)
+        if m:
+            fsyncs = int(m.group(3)) / max(1, int(m.group(1)))
+        return {
+            "server": name,
+            "sessions": sessions,
+            "size": size_label,
+            "messages": n,
+            "per_s": n / elapsed,
+            "p50_ms": _pct(latencies, 0.5),
+            "p99_ms": _pct(latencies, 0.99),
+            "fsyncs_per_msg": fsyncs,
+            "server_cpu_ms_per_msg": cpu / max(1, n) * 1000,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 s per run instead of 5")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--seconds", type=float)
+    parser.add_argument("--sessions", default="1,10,50,100")
+    parser.add_argument("--sizes", default="1KiB,100KiB")
+    args = parser.parse_args()
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    ca = trustme.CA()
+    rows = []
+    for size in args.sizes.split(","):
+        for sessions in (int(x) for x in args.sessions.split(",")):
+            for name in ("atmosrelay", "aiosmtpd-fsync"):
+                rows.append(measure(name, sessions, size, seconds, ca))
+    machine = {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "postfix": shutil.which("postfix") is not None,
+    }
+    if args.json:
+        print(
+            json.dumps({"machine": machine, "seconds_per_run": seconds, "results": rows}, indent=2)
+        )
+        return
+    print(
+        f"accept bench: {machine['platform']}, {machine['cpus']} CPUs, Python {machine['python']}, "
+        f"{seconds:g} s per run, implicit TLS, AUTH once per session"
+    )
+    print(
+        f"{'server':<15}{'size':>7}{'sess':>6}{'msgs/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'fsync/msg':>10}{'cpu ms/msg':>11}"
+    )
+    for r in rows:
+        f = "-" if r["fsyncs_per_msg"] is None else f"{r['fsyncs_per_msg']:.3f}"
+        print(
+            f"{r['server']:<15}{r['size']:>7}{r['sessions']:>6}{r['per_s']:>9.0f}{r['p50_ms']:>9.2f}"
+            f"{r['p99_ms']:>9.2f}{f:>10}{r['server_cpu_ms_per_msg']:>11.3f}"
+        )
+    for size in args.sizes.split(","):
+        for sessions in (int(x) for x in args.sessions.split(",")):
+            ours = next(
+                r
+                for r in rows
+                if r["server"] == "atmosrelay" and r["size"] == size and r["sessions"] == sessions
+            )
+            base = next(
+                r
+                for r in rows
+                if r["server"] != "atmosrelay" and r["size"] == size and r["sessions"] == sessions
+            )
+            print(
+                f"{size} x {sessions} sessions: "
+                f"{ours['per_s'] / max(1e-9, base['per_s']):.1f}x the aiosmtpd fsync baseline"
+            )
+
+
+if __name__ == "__main__":
+    main()
