@@ -76,3 +76,50 @@ async def test_session_log_lines_escape_peer_bytes_and_never_show_a_key(
     assert relay.key[6:] not in text  # never the secret part of a key (the key id may appear)
     assert "\x1b" not in text and "\x07" not in text
     assert "\\x1b[31mBOGUS\\x07" in text  # escaped, so a log viewer shows it safely
+
+
+async def test_shutdown_idle_session_gets_421_and_one_in_data_finishes(tmp_path: Path) -> None:
+    from tests.relay.test_clients_and_attacks import queued
+
+    async with running_relay(tmp_path) as relay:
+        # Connecting does the TLS handshake: in a worker thread, not on the relay's event loop.
+        idle, busy = await trio.to_thread.run_sync(
+            lambda: (
+                Dialog(relay.implicit_port, relay.client_context()),
+                Dialog(relay.implicit_port, relay.client_context()),
+            )
+        )
+        try:
+
+            def prepare() -> None:
+                for d in (idle, busy):
+                    d.reply()
+                    d.cmd(b"EHLO c")
+                    assert d.cmd(plain(ALICE, relay.key)).startswith(b"235")
+                busy.cmd(b"MAIL FROM:<alice@example.org>")
+                busy.cmd(b"RCPT TO:<bob@example.net>")
+                assert busy.cmd(b"DATA").startswith(b"354")
+                busy.sock.sendall(
+                    b"From: alice@example.org\r\nSubject: in flight\r\n\r\nfirst half\r\n"
+                )
+
+            await trio.to_thread.run_sync(prepare)
+            await trio.sleep(0.2)
+            relay.handle.stop()
+            assert (
+                await trio.to_thread.run_sync(idle.reply)
+                == b"421 4.3.2 Service shutting down, closing connection\r\n"
+            )
+
+            def finish() -> tuple[bytes, bytes]:
+                busy.sock.sendall(b"second half\r\n.\r\n")
+                return busy.reply(), busy.reply()
+
+            done, then = await trio.to_thread.run_sync(finish)
+            assert done.startswith(b"250 2.0.0 Ok: queued as ")
+            assert then == b"421 4.3.2 Service shutting down, closing connection\r\n"
+            (body,) = queued(relay).values()
+            assert body.endswith(b"first half\r\nsecond half\r\n")
+        finally:
+            idle.close()
+            busy.close()
