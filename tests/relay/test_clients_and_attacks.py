@@ -15,6 +15,7 @@ import trio_asyncio
 
 from atmosrelay.queue.records import decode_accepted
 from journal import read_records
+from tests.protocol.test_data import VARIANTS
 from tests.relay.dialog import Dialog
 from tests.relay.harness import ALICE, Relay, running_relay
 from tests.relay.test_refusals import plain
@@ -111,15 +112,8 @@ async def test_swaks(tmp_path: Path) -> None:
         assert b"Subject: from swaks" in body
 
 
-SMUGGLE = [
-    b"\n.\n",
-    b"\n.\r\n",
-    b"\r.\r\n",
-    b"\r\n.\r",
-    b"\r\n\x00.\r\n",
-    b"\r\n.\r\r\n",
-    b"\n\n.\n\n",
-]
+# The protocol tests' end-of-data variants, now against the real listener with TLS and AUTH.
+SMUGGLE = VARIANTS[:8]
 
 
 @pytest.mark.parametrize("variant", SMUGGLE, ids=[v.hex() for v in SMUGGLE])
