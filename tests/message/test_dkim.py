@@ -7,7 +7,7 @@ import dkim
 import pytest
 
 from atmosrelay.accounts import dkim_keys
-from atmosrelay.message.dkim import SigningKey, Signer, canonical_body, canonical_header
+from atmosrelay.message.dkim import Signer, SigningKey, canonical_body, canonical_header
 
 MESSAGE = (
     b"X-Atmos-Member-Did: did:plc:abcdefghijklmnopqrstuvwx\r\n"
