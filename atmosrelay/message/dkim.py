@@ -108,12 +108,12 @@ class Signer:
         chosen: list[bytes] = []
         names: list[str] = []
         by_name: dict[str, bytes] = {}
-        for raw in fields:
-            by_name[raw.split(b":", 1)[0].strip().lower().decode("ascii", "replace")] = raw
+        for field in fields:
+            by_name[field.split(b":", 1)[0].strip().lower().decode("ascii", "replace")] = field
         for name in SIGNED_HEADERS:
-            raw = by_name.get(name)
-            if raw is not None:
-                chosen.append(canonical_header(raw))
+            last = by_name.get(name)  # the last instance (RFC 6376 5.4.2)
+            if last is not None:
+                chosen.append(canonical_header(last))
                 names.append(name)
         signed = b"".join(chosen)
         timestamp = int(time.time() if now is None else now)
