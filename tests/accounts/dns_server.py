@@ -31,6 +31,7 @@ class DnsServer:
     def __init__(self) -> None:
         self._records: dict[tuple[str, str], list[str]] = {}
         self._silent: set[str] = set()
+        self._servfail: set[str] = set()
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
@@ -58,6 +59,18 @@ class DnsServer:
         with self._lock:
             self._records.setdefault((self._key(name), "A"), []).append(address)
 
+    def mx(self, name: str, preference: int, exchange: str) -> None:
+        with self._lock:
+            self._records.setdefault((self._key(name), "MX"), []).append(f"{preference} {exchange}")
+
+    def aaaa(self, name: str, address: str) -> None:
+        with self._lock:
+            self._records.setdefault((self._key(name), "AAAA"), []).append(address)
+
+    def servfail(self, name: str) -> None:
+        with self._lock:
+            self._servfail.add(self._key(name))
+
     def clear(self, name: str) -> None:
         with self._lock:
             for key in [k for k in self._records if k[0] == self._key(name)]:
@@ -77,6 +90,9 @@ class DnsServer:
             self.queries.append((name, rdtype))
             if name in self._silent:
                 return None
+            if name in self._servfail:
+                response.set_rcode(dns.rcode.SERVFAIL)
+                return response
             values = self._records.get((name, rdtype))
             exists = any(k[0] == name for k in self._records)
         if values:
