@@ -75,7 +75,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     if m is None:
         print(f"atmosrelay: no message {args.id} in the queue", file=sys.stderr)
         return 1
-    data = {**_row(m), "record": attrs.asdict(m.record)}
+    data = {
+        **_row(m),
+        "record": attrs.asdict(m.record),
+        "history": [attrs.asdict(d) for d in m.history],
+        "next_attempt": m.next_at,
+    }
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -85,7 +90,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"  tags: {', '.join(m.record.tags) or '-'}")
     print(f"  client: {m.record.client}")
     for x in data["recipients"]:
-        print(f"  recipient {x['address']}: {x['state']}")
+        retry = m.next_at.get(x["address"])
+        when = (
+            f", next attempt {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(retry))}"
+            if retry
+            else ""
+        )
+        print(f"  recipient {x['address']}: {x['state']}{when}")
+    for d in m.history:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.at))
+        for o in d.outcomes:
+            print(
+                f"  {stamp} {o.recipient} attempt {o.attempt}: {o.outcome} via {d.mta or '-'}: {o.reply or o.status}"
+            )
     return 0
 
 

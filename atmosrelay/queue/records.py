@@ -12,6 +12,12 @@ The JSON head holds the envelope and what the relay decided at acceptance:
      "category": ..., "bulk": true | false, "tags": [...], "metadata": {...},
      "client": {"ip": ..., "tls": "TLSv1.3 ..." | null, "helo": ...}, "size": octets}
 
+    DELIVERY (type 2):  JSON {"v": 1, "id": queue id, "t": time, "mta": remote host | null,
+                        "outcomes": [{"rcpt": address, "outcome": "sent" | "deferred" |
+                        "bounced" | "suppressed", "status": "2.0.0", "reply": remote reply
+                        verbatim | null, "attempt": n, "next": next attempt time | null}]}
+    DELETED (type 3):   JSON {"v": 1, "id": queue id, "t": time, "reason": text}
+
 The message bytes are the processed message (relay headers added, X-Atmos-* removed). They are
 not held in memory by the queue: the state keeps the record's journal position and reads the
 body back when a delivery lane needs it. Later record types (delivery outcomes) come with the
@@ -36,6 +42,8 @@ _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 class RecordType(enum.IntEnum):
     ACCEPTED = 1
+    DELIVERY = 2  # outcomes of one delivery attempt (JSON)
+    DELETED = 3  # the operator removed a message (JSON)
 
 
 class _RandomPool:
@@ -155,3 +163,81 @@ def decode_accepted(payload: bytes) -> tuple[Accepted, int]:
         size=head["size"],
     )
     return record, _LEN.size + n
+
+
+OUTCOMES = ("sent", "deferred", "bounced", "suppressed")
+TERMINAL = frozenset({"sent", "bounced", "suppressed"})
+
+
+@attrs.frozen
+class Outcome:
+    recipient: str
+    outcome: str
+    status: str
+    reply: str | None = None
+    attempt: int = 1
+    next_at: float | None = None
+
+
+@attrs.frozen
+class Delivery:
+    id: str
+    at: float
+    mta: str | None
+    outcomes: tuple[Outcome, ...]
+
+
+def encode_delivery(d: Delivery) -> bytes:
+    return json.dumps(
+        {
+            "v": FORMAT_VERSION,
+            "id": d.id,
+            "t": d.at,
+            "mta": d.mta,
+            "outcomes": [
+                {
+                    "rcpt": o.recipient,
+                    "outcome": o.outcome,
+                    "status": o.status,
+                    "reply": o.reply,
+                    "attempt": o.attempt,
+                    "next": o.next_at,
+                }
+                for o in d.outcomes
+            ],
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_delivery(payload: bytes) -> Delivery:
+    try:
+        head = json.loads(payload)
+        outcomes = tuple(
+            Outcome(
+                o["rcpt"],
+                o["outcome"],
+                o["status"],
+                o.get("reply"),
+                o.get("attempt", 1),
+                o.get("next"),
+            )
+            for o in head["outcomes"]
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RecordError(f"delivery record is not valid: {exc}") from None
+    if any(o.outcome not in OUTCOMES for o in outcomes):
+        raise RecordError("delivery record has an unknown outcome")
+    return Delivery(head["id"], head["t"], head.get("mta"), outcomes)
+
+
+def encode_deleted(queue_id: str, at: float, reason: str) -> bytes:
+    return json.dumps({"v": FORMAT_VERSION, "id": queue_id, "t": at, "reason": reason}).encode()
+
+
+def decode_deleted(payload: bytes) -> tuple[str, float, str]:
+    try:
+        head = json.loads(payload)
+        return head["id"], head["t"], head["reason"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RecordError(f"deleted record is not valid: {exc}") from None

@@ -1,0 +1,115 @@
+"""The queue state fold: acceptance, delivery outcomes, deletion; replay is idempotent."""
+
+from __future__ import annotations
+
+from atmosrelay.queue.records import (
+    Accepted,
+    Delivery,
+    Outcome,
+    Recipient,
+    RecordType,
+    decode_delivery,
+    encode_accepted,
+    encode_deleted,
+    encode_delivery,
+    new_queue_id,
+)
+from atmosrelay.queue.state import fold
+from journal import Log, Position, Record
+from journal.testing import CrashableMemFS
+
+QID = new_queue_id(1_800_000_000.0)
+
+
+def accepted(qid: str = QID) -> Record:
+    record = Accepted(
+        id=qid,
+        accepted_at=1_800_000_000.0,
+        did="did:plc:abcdefghijklmnopqrstuvwx",
+        sender="alice@example.org",
+        recipients=(Recipient("bob@example.net"), Recipient("carol@example.org", ("FAILURE",))),
+        ret=None,
+        envid=None,
+        category="bulk",
+        bulk=True,
+        tags=(),
+        metadata={},
+        client={},
+        size=10,
+    )
+    return Record(
+        1,
+        RecordType.ACCEPTED,
+        encode_accepted(record, b"Subject: x\r\n\r\nhi\r\n"),
+        Position(1, 32),
+    )
+
+
+def delivery(seq: int, *outcomes: Outcome, qid: str = QID) -> Record:
+    d = Delivery(qid, 1_800_000_100.0 + seq, "mx.example.net", outcomes)
+    return Record(seq, RecordType.DELIVERY, encode_delivery(d), Position(1, 100 + seq))
+
+
+DEFER = Outcome("bob@example.net", "deferred", "4.2.0", "450 4.2.0 try later", 1, 1_800_000_220.0)
+SENT_BOB = Outcome("bob@example.net", "sent", "2.0.0", "250 2.0.0 ok", 2)
+BOUNCE_CAROL = Outcome("carol@example.org", "bounced", "5.1.1", "550 5.1.1 no such user", 1)
+
+
+def test_lifecycle_to_terminal() -> None:
+    state = fold([accepted(), delivery(2, DEFER)])
+    msg = state.messages[QID]
+    assert msg.recipient_states == {"bob@example.net": "deferred", "carol@example.org": "accepted"}
+    assert msg.next_at == {"bob@example.net": 1_800_000_220.0}
+    assert state.pending_by_destination(now=1_800_000_200.0) == {
+        "example.org": [(QID, "carol@example.org")]
+    }
+    assert state.pending_by_destination(now=1_800_000_220.0) == {
+        "example.net": [(QID, "bob@example.net")],
+        "example.org": [(QID, "carol@example.org")],
+    }
+    state.apply(delivery(3, SENT_BOB, BOUNCE_CAROL))
+    assert msg.recipient_states == {"bob@example.net": "sent", "carol@example.org": "bounced"}
+    assert msg.terminal
+    assert msg.attempts == {"bob@example.net": 2, "carol@example.org": 1}
+    assert not state.pending_by_destination()
+    assert [d.outcomes[0].reply for d in msg.history] == ["450 4.2.0 try later", "250 2.0.0 ok"]
+
+
+def test_replay_is_idempotent_and_terminal_states_stay() -> None:
+    records = [accepted(), delivery(2, DEFER), delivery(3, SENT_BOB)]
+    once = fold(records)
+    twice = fold([*records, *records])  # a crash during compaction leaves duplicates
+    assert once.messages[QID].recipient_states == twice.messages[QID].recipient_states
+    assert len(twice.messages[QID].history) == 2
+    late = fold([*records, delivery(9, DEFER)])  # an outcome after "sent" cannot undo it
+    assert late.messages[QID].recipient_states["bob@example.net"] == "sent"
+
+
+def test_orphans_and_deletion() -> None:
+    state = fold([delivery(2, DEFER)])
+    assert state.orphan_outcomes == 1
+    assert not state.messages
+    state = fold(
+        [
+            accepted(),
+            Record(5, RecordType.DELETED, encode_deleted(QID, 1.0, "operator"), Position(1, 500)),
+        ]
+    )
+    assert QID not in state.messages
+
+
+def test_codec_round_trip_through_the_journal() -> None:
+    fs = CrashableMemFS()
+    log, _ = Log.open(fs, "/q")
+    log.write_batch(
+        [
+            (RecordType.ACCEPTED, accepted().payload),
+            (RecordType.DELIVERY, delivery(2, DEFER).payload),
+        ]
+    )
+    log.close()
+    log, _ = Log.open(fs.crash_clone(), "/q")
+    records = list(log.records())
+    assert decode_delivery(records[1].payload).outcomes == (DEFER,)
+    state = fold(records)
+    assert state.messages[QID].recipient_states["bob@example.net"] == "deferred"
