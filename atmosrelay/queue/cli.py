@@ -101,7 +101,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.at))
         for o in d.outcomes:
             print(
-                f"  {stamp} {o.recipient} attempt {o.attempt}: {o.outcome} via {d.mta or '-'}: {o.reply or o.status}"
+                f"  {stamp} {o.recipient} attempt {o.attempt}: {o.outcome} "
+                f"via {d.mta or '-'}: {o.reply or o.status}"
             )
     return 0
 
