@@ -1,2 +1,3 @@
-"""Delivery to recipients' servers: the retry schedule (``backoff``) so far; resolution,
-lanes and client sessions are being built (see docs/status.md)."""
+"""Delivery to recipients' servers. Built so far: the retry schedule (``backoff``) and MX
+resolution (``resolver``); the client sessions, lanes and dispatcher come next (see
+docs/status.md). Not wired into ``serve`` yet: the relay accepts and queues, durably."""
