@@ -41,7 +41,7 @@ class Server:
         while "ready" not in self.text():
             assert self.proc.poll() is None, self.text() + self.err.read_text()
             assert time.monotonic() < deadline, "relay did not become ready"
-            time.sleep(0.05)
+            time.sleep(0.05)  # polling another process's output file, bounded by the deadline
         self.port = int(
             re.search(r"listening on 127\.0\.0\.1:(\d+) \(implicit\)", self.text()).group(1)
         )  # type: ignore[union-attr]
@@ -89,7 +89,7 @@ def run_load(
     ]
     for t in threads:
         t.start()
-    time.sleep(seconds)
+    time.sleep(seconds)  # real load for a random real time: the moment of the kill is the test
     server.threads = threads  # type: ignore[attr-defined]
     return stop
 
