@@ -1,0 +1,321 @@
+"""One delivery attempt: a message to one destination, driving ``smtp.ClientConnection``.
+
+Expected failures are values: every recipient ends the attempt with an ``Outcome`` (sent,
+deferred with the remote reply, bounced with the remote reply); only bugs raise.
+
+    for each MX host in order: connect (next host on failure or a 4xx/5xx greeting)
+    EHLO (HELO if EHLO is refused); STARTTLS when offered (opportunistic), or required by
+    policy; EHLO again over TLS
+    refuse to corrupt: 8-bit content to a server without 8BITMIME bounces 5.6.3, non-ASCII
+    addresses without SMTPUTF8 bounce 5.6.7, a message over the server's SIZE bounces 5.3.4
+    MAIL, then every RCPT (pipelined when offered); DATA if any recipient was accepted
+    outcome per recipient from its RCPT reply and the final reply to the data
+
+Timeouts are the minimums of RFC 5321 section 4.5.3.2, as named constants.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+import attrs
+import trio
+
+from atmosrelay.delivery.resolver import Destination
+from atmosrelay.queue.records import Outcome
+from atmosrelay.smtp import (
+    NEED_DATA,
+    Address,
+    ClientConnection,
+    Data,
+    Event,
+    Hello,
+    MailFrom,
+    MailParams,
+    ProtocolError,
+    Quit,
+    RcptParams,
+    RcptTo,
+    ServerReply,
+    StartTLS,
+    TLSReady,
+)
+from atmosrelay.smtp._extensions import ServerCapabilities
+
+CONNECT_TIMEOUT: Final = 30.0
+GREETING_TIMEOUT: Final = 300.0  # RFC 5321 4.5.3.2.1: initial 220, 5 minutes
+COMMAND_TIMEOUT: Final = 300.0  # 4.5.3.2.2/3: MAIL and RCPT, 5 minutes
+DATA_INIT_TIMEOUT: Final = 120.0  # 4.5.3.2.4: DATA initiation, 2 minutes
+DATA_BLOCK_TIMEOUT: Final = 180.0  # 4.5.3.2.5: each data block, 3 minutes
+DATA_END_TIMEOUT: Final = 600.0  # 4.5.3.2.6: DATA termination, 10 minutes
+TLS_TIMEOUT: Final = 60.0
+BLOCK: Final = 64 * 1024
+
+
+@attrs.frozen
+class Envelope:
+    sender: str  # "" for a DSN
+    recipients: tuple[str, ...]
+    notify: dict[str, tuple[str, ...] | None] = attrs.field(factory=dict)
+    orcpt: dict[str, tuple[str, str] | None] = attrs.field(factory=dict)
+    ret: str | None = None
+    envid: str | None = None
+
+
+@attrs.frozen
+class AttemptResult:
+    mta: str | None  # the host that answered, if any
+    outcomes: tuple[Outcome, ...]
+
+
+Connect = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
+async def _open_tcp(host: str, port: int) -> trio.abc.Stream:
+    return await trio.open_tcp_stream(host, port)
+
+
+class _Failed(Exception):
+    """This host did not work; try the next one (the reason is for the outcome)."""
+
+    def __init__(self, status: str, reply: str | None) -> None:
+        super().__init__(reply or status)
+        self.status = status
+        self.reply = reply
+
+
+def _address(text: str) -> Address:
+    local, _, domain = text.rpartition("@")
+    return Address(local, domain) if text else Address("", "")
+
+
+def _enhanced(code: int, enhanced: str | None, default_class: str) -> str:
+    if enhanced:
+        return enhanced
+    return {"2": "2.0.0", "4": "4.0.0", "5": "5.0.0"}.get(str(code)[0], default_class)
+
+
+def _reply_text(reply: ServerReply) -> str:
+    r = reply.reply
+    prefix = f"{r.code} {r.enhanced} " if r.enhanced else f"{r.code} "
+    return prefix + " ".join(r.lines)
+
+
+class _Wire:
+    def __init__(self, stream: trio.abc.Stream, conn: ClientConnection) -> None:
+        self.stream = stream
+        self.conn = conn
+
+    async def reply(self) -> ServerReply | TLSReady:
+        """The next reply (callers bound it with a timeout scope)."""
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                self.conn.receive_data(bytes(await self.stream.receive_some(BLOCK)))
+                continue
+            if isinstance(event, (ServerReply, TLSReady)):
+                return event
+            raise _Failed("4.4.2", "connection closed by the server")
+
+    async def command(self, command: Event) -> ServerReply:
+        await self.stream.send_all(self.conn.send(command))
+        event = await self.reply()
+        if not isinstance(event, ServerReply):
+            raise _Failed("4.5.0", "unexpected TLS switch")
+        return event
+
+
+async def deliver(
+    destination: Destination,
+    envelope: Envelope,
+    message: bytes,
+    *,
+    helo: str,
+    tls: ssl.SSLContext,
+    require_tls: bool = False,
+    connect: Connect = _open_tcp,
+) -> AttemptResult:
+    """One attempt at ``destination``; never raises for what a remote server does."""
+    last = _Failed("4.4.1", "no MX host answered")
+    for host, port in destination.hosts:
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                stream = await connect(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            last = _Failed("4.4.1", f"connect to {host}:{port} failed: {type(exc).__name__}")
+            continue
+        try:
+            outcomes = await _transaction(stream, host, envelope, message, helo, tls, require_tls)
+            return AttemptResult(host, outcomes)
+        except _Failed as failed:
+            last = failed
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            last = _Failed("4.4.2", f"connection to {host} lost")
+        except trio.TooSlowError:
+            last = _Failed("4.4.2", f"timeout talking to {host}")
+        except ProtocolError as exc:
+            last = _Failed("4.5.0", f"protocol error from {host}: {exc}")
+        finally:
+            await trio.aclose_forcefully(stream)
+    status = last.status
+    outcome = "bounced" if status.startswith("5") else "deferred"
+    return AttemptResult(
+        None, tuple(Outcome(r, outcome, status, last.reply) for r in envelope.recipients)
+    )
+
+
+async def _hello(wire: _Wire, helo: str) -> ServerCapabilities:
+    with trio.fail_after(COMMAND_TIMEOUT):
+        reply = await wire.command(Hello(helo, True))
+    if reply.reply.code >= 400:
+        with trio.fail_after(COMMAND_TIMEOUT):
+            reply = await wire.command(Hello(helo, False))
+        if reply.reply.code >= 400:
+            raise _Failed(
+                _enhanced(reply.reply.code, reply.reply.enhanced, "4.0.0"), _reply_text(reply)
+            )
+        return ServerCapabilities(hostname="", keywords={})
+    assert reply.capabilities is not None
+    return reply.capabilities
+
+
+async def _transaction(
+    stream: trio.abc.Stream,
+    host: str,
+    envelope: Envelope,
+    message: bytes,
+    helo: str,
+    tls: ssl.SSLContext,
+    require_tls: bool,
+) -> tuple[Outcome, ...]:
+    wire = _Wire(stream, ClientConnection())
+    with trio.fail_after(GREETING_TIMEOUT):
+        greeting = await wire.reply()
+    assert isinstance(greeting, ServerReply)
+    if greeting.reply.code >= 400:  # this host will not talk: the next MX might
+        raise _Failed(
+            _enhanced(greeting.reply.code, greeting.reply.enhanced, "4.0.0"), _reply_text(greeting)
+        )
+    caps = await _hello(wire, helo)
+    if caps.has("STARTTLS"):
+        with trio.fail_after(COMMAND_TIMEOUT):
+            reply = await wire.command(StartTLS())
+        if reply.reply.code == 220:
+            with trio.fail_after(TLS_TIMEOUT):
+                switched = await wire.reply()
+            if not isinstance(switched, TLSReady):
+                raise _Failed("4.5.0", "no TLS switch after 220")
+            tls_stream = trio.SSLStream(wire.stream, tls, server_hostname=host)
+            with trio.fail_after(TLS_TIMEOUT):
+                await tls_stream.do_handshake()
+            wire = _Wire(tls_stream, ClientConnection(after_starttls=True))
+            caps = await _hello(wire, helo)
+        elif require_tls:
+            raise _Failed("4.7.5", f"STARTTLS refused by {host}: {_reply_text(reply)}")
+    elif require_tls:
+        raise _Failed("4.7.5", f"{host} does not offer STARTTLS and TLS is required")
+    return await _send(wire, caps, envelope, message)
+
+
+async def _send(
+    wire: _Wire, caps: ServerCapabilities, envelope: Envelope, message: bytes
+) -> tuple[Outcome, ...]:
+    recipients = envelope.recipients
+    eight_bit = not message.isascii()
+    utf8 = not (envelope.sender.isascii() and all(r.isascii() for r in recipients))
+
+    def all_(outcome: str, status: str, reply: str | None) -> tuple[Outcome, ...]:
+        return tuple(Outcome(r, outcome, status, reply) for r in recipients)
+
+    if eight_bit and not caps.has("8BITMIME"):
+        return all_("bounced", "5.6.3", "8-bit message and the server does not offer 8BITMIME")
+    if utf8 and not caps.has("SMTPUTF8"):
+        return all_("bounced", "5.6.7", "non-ASCII address and the server does not offer SMTPUTF8")
+    if caps.size is not None and len(message) > caps.size:
+        return all_(
+            "bounced",
+            "5.3.4",
+            f"message of {len(message)} octets over the server's SIZE {caps.size}",
+        )
+    dsn = caps.has("DSN")
+    params = MailParams(
+        size=len(message) if caps.size is not None else None,
+        body="8BITMIME" if eight_bit else None,
+        smtputf8=utf8,
+        ret=envelope.ret if dsn else None,
+        envid=envelope.envid if dsn else None,
+    )
+    with trio.fail_after(COMMAND_TIMEOUT):
+        mail = await wire.command(MailFrom(_address(envelope.sender), params))
+    if mail.reply.code >= 400:
+        outcome = "bounced" if mail.reply.code >= 500 else "deferred"
+        return all_(
+            outcome, _enhanced(mail.reply.code, mail.reply.enhanced, "4.0.0"), _reply_text(mail)
+        )
+    rcpts = [
+        RcptTo(
+            _address(r),
+            RcptParams(notify=envelope.notify.get(r), orcpt=envelope.orcpt.get(r))
+            if dsn
+            else RcptParams(),
+        )
+        for r in recipients
+    ]
+    replies: list[ServerReply] = []
+    if caps.has("PIPELINING"):
+        await wire.stream.send_all(b"".join(wire.conn.send(c) for c in rcpts))
+        for _ in rcpts:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                event = await wire.reply()
+            assert isinstance(event, ServerReply)
+            replies.append(event)
+    else:
+        for c in rcpts:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                replies.append(await wire.command(c))
+    outcomes: dict[str, Outcome] = {}
+    accepted = []
+    for r, reply in zip(recipients, replies, strict=True):
+        code = reply.reply.code
+        if code < 300:
+            accepted.append(r)
+        else:
+            outcome = "bounced" if code >= 500 else "deferred"
+            outcomes[r] = Outcome(
+                r, outcome, _enhanced(code, reply.reply.enhanced, "4.0.0"), _reply_text(reply)
+            )
+    if accepted:
+        with trio.fail_after(DATA_INIT_TIMEOUT):
+            data = await wire.command(Data())
+        if data.reply.code != 354:
+            outcome = "bounced" if data.reply.code >= 500 else "deferred"
+            for r in accepted:
+                outcomes[r] = Outcome(
+                    r,
+                    outcome,
+                    _enhanced(data.reply.code, data.reply.enhanced, "4.0.0"),
+                    _reply_text(data),
+                )
+        else:
+            for i in range(0, len(message), BLOCK):
+                with trio.fail_after(DATA_BLOCK_TIMEOUT):
+                    await wire.stream.send_all(wire.conn.send_data(message[i : i + BLOCK]))
+            await wire.stream.send_all(wire.conn.end_data())
+            with trio.fail_after(DATA_END_TIMEOUT):
+                final = await wire.reply()
+            assert isinstance(final, ServerReply)
+            code = final.reply.code
+            outcome = "sent" if code < 300 else ("bounced" if code >= 500 else "deferred")
+            for r in accepted:
+                outcomes[r] = Outcome(
+                    r, outcome, _enhanced(code, final.reply.enhanced, "2.0.0"), _reply_text(final)
+                )
+    with trio.move_on_after(5):  # a polite QUIT; its reply does not change any outcome
+        await wire.stream.send_all(wire.conn.send(Quit()))
+    return tuple(outcomes[r] for r in recipients)
+
+
+def recipients_of(outcomes: Sequence[Outcome], outcome: str) -> list[str]:
+    return [o.recipient for o in outcomes if o.outcome == outcome]

@@ -1,0 +1,233 @@
+"""One delivery attempt against fake MX servers built from our own ServerConnection, over
+trio memory streams (no sockets): outcomes per recipient, MX fallback, TLS, refusals."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from atmosrelay.delivery.client_session import Envelope, deliver
+from atmosrelay.delivery.resolver import Destination
+from atmosrelay.queue.records import Outcome
+from atmosrelay.smtp import (
+    NEED_DATA,
+    Capabilities,
+    ConnectionClosed,
+    EndOfMessage,
+    MessageData,
+    RcptTo,
+    Reply,
+    ServerConnection,
+    TLSReady,
+)
+from atmosrelay.smtp import replies as R
+from tests.protocol.helpers import answer
+
+MESSAGE = (
+    b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: hi\r\n\r\n.dot first\r\nBody.\r\n"
+)
+CA = trustme.CA()
+
+
+@attrs.define
+class Host:
+    caps: Capabilities = attrs.field(factory=lambda: Capabilities(size=10_000))
+    greeting: Reply | None = None
+    rcpt: dict[str, Reply] = attrs.field(factory=dict)
+    final: Reply | None = None
+    down: bool = False
+    inject_after_starttls: bool = False
+    received: list[bytes] = attrs.field(factory=list)
+
+
+@attrs.define
+class FakeMX:
+    hosts: dict[str, Host]
+    nursery: trio.Nursery
+
+    async def connect(self, host: str, port: int) -> trio.abc.Stream:
+        spec = self.hosts[host]
+        if spec.down:
+            raise ConnectionRefusedError(f"{host} refuses")
+        client, server = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self._serve, server, host, spec)
+        return client
+
+    async def _serve(self, stream: trio.abc.Stream, host: str, spec: Host) -> None:
+        conn = ServerConnection(capabilities=spec.caps)
+        data = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                try:
+                    conn.receive_data(bytes(await stream.receive_some(65536)))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                continue
+            if isinstance(event, ConnectionClosed):
+                return
+            if isinstance(event, TLSReady):
+                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                CA.issue_cert(host).configure_cert(ctx)
+                stream = trio.SSLStream(stream, ctx, server_side=True)
+                conn = ServerConnection(capabilities=spec.caps, tls=True, after_starttls=True)
+                continue
+            if isinstance(event, MessageData):
+                data += event.data
+                continue
+            reply = answer(conn, event)
+            if reply is None:
+                continue
+            if spec.greeting is not None and type(event).__name__ == "Greet":
+                reply = spec.greeting
+            if isinstance(event, RcptTo) and str(event.recipient) in spec.rcpt:
+                reply = spec.rcpt[str(event.recipient)]
+            if isinstance(event, EndOfMessage):
+                spec.received.append(bytes(data))
+                data.clear()
+                reply = spec.final or reply
+            out = conn.send(reply)
+            if spec.inject_after_starttls and reply == R.READY_TO_START_TLS:
+                out += b"250 2.0.0 injected before the handshake\r\n"
+            try:
+                await stream.send_all(out)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+
+@asynccontextmanager
+async def fake_mx(**hosts: Host) -> AsyncIterator[FakeMX]:
+    async with trio.open_nursery() as nursery:
+        yield FakeMX(hosts, nursery)
+        nursery.cancel_scope.cancel()
+
+
+def tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    CA.configure_trust(ctx)
+    return ctx
+
+
+def dest(*names: str) -> Destination:
+    return Destination(tuple((n, 25) for n in names))
+
+
+ENV = Envelope("alice@example.org", ("bob@example.net", "carol@example.net", "dave@example.net"))
+
+
+async def go(
+    mx: FakeMX,
+    destination: Destination,
+    envelope: Envelope = ENV,
+    message: bytes = MESSAGE,
+    **kw: object,
+) -> tuple[str | None, dict[str, Outcome]]:
+    with trio.fail_after(10):
+        result = await deliver(
+            destination, envelope, message, helo="relay.test", tls=tls(), connect=mx.connect, **kw
+        )  # type: ignore[arg-type]
+    return result.mta, {o.recipient: o for o in result.outcomes}
+
+
+async def test_delivers_and_the_bytes_arrive_intact() -> None:
+    async with fake_mx(mx1=Host()) as mx:
+        host, outcomes = await go(mx, dest("mx1"))
+    assert host == "mx1"
+    assert {o.outcome for o in outcomes.values()} == {"sent"}
+    assert outcomes["bob@example.net"].reply == "250 2.0.0 Ok: queued as Q1"
+    assert mx.hosts["mx1"].received == [MESSAGE]
+
+
+async def test_outcomes_per_recipient_with_the_remote_reply_verbatim() -> None:
+    spec = Host(
+        rcpt={
+            "bob@example.net": Reply(550, "5.1.1", ("No such user",)),
+            "carol@example.net": Reply(450, "4.2.1", ("Mailbox busy",)),
+        }
+    )
+    async with fake_mx(mx1=spec) as mx:
+        _, outcomes = await go(mx, dest("mx1"))
+    assert (outcomes["bob@example.net"].outcome, outcomes["bob@example.net"].reply) == (
+        "bounced",
+        "550 5.1.1 No such user",
+    )
+    assert (outcomes["carol@example.net"].outcome, outcomes["carol@example.net"].status) == (
+        "deferred",
+        "4.2.1",
+    )
+    assert outcomes["dave@example.net"].outcome == "sent"
+
+
+async def test_next_mx_on_connection_failure_or_refusing_greeting() -> None:
+    async with fake_mx(
+        a=Host(down=True), b=Host(greeting=Reply(421, "4.3.2", ("busy",))), c=Host()
+    ) as mx:
+        host, outcomes = await go(mx, dest("a", "b", "c"))
+    assert host == "c"
+    assert {o.outcome for o in outcomes.values()} == {"sent"}
+
+
+async def test_every_mx_down_defers() -> None:
+    async with fake_mx(a=Host(down=True), b=Host(down=True)) as mx:
+        host, outcomes = await go(mx, dest("a", "b"))
+    assert host is None
+    assert {(o.outcome, o.status) for o in outcomes.values()} == {("deferred", "4.4.1")}
+
+
+@pytest.mark.parametrize(
+    ("caps", "envelope", "message", "status"),
+    [
+        (Capabilities(eightbitmime=False), ENV, MESSAGE.replace(b"Body", "Bödy".encode()), "5.6.3"),
+        (
+            Capabilities(smtputf8=False),
+            Envelope("alice@example.org", ("bøb@example.net",)),
+            MESSAGE,
+            "5.6.7",
+        ),
+        (Capabilities(size=20), ENV, MESSAGE, "5.3.4"),
+    ],
+)
+async def test_refuses_to_corrupt_bounces_instead(
+    caps: Capabilities, envelope: Envelope, message: bytes, status: str
+) -> None:
+    async with fake_mx(mx1=Host(caps=caps)) as mx:
+        _, outcomes = await go(mx, dest("mx1"), envelope, message)
+    assert {(o.outcome, o.status) for o in outcomes.values()} == {("bounced", status)}
+    assert not mx.hosts["mx1"].received
+
+
+async def test_a_4xx_after_the_data_defers_every_accepted_recipient() -> None:
+    async with fake_mx(mx1=Host(final=Reply(451, "4.3.0", ("try later",)))) as mx:
+        _, outcomes = await go(mx, dest("mx1"))
+    assert {(o.outcome, o.reply) for o in outcomes.values()} == {
+        ("deferred", "451 4.3.0 try later")
+    }
+
+
+async def test_starttls_when_offered_and_required_tls() -> None:
+    async with fake_mx(secure=Host(caps=Capabilities(starttls=True)), plain=Host()) as mx:
+        host, outcomes = await go(mx, dest("secure"), require_tls=True)
+        assert host == "secure"
+        assert {o.outcome for o in outcomes.values()} == {"sent"}
+        assert mx.hosts["secure"].received == [MESSAGE]
+        _, refused = await go(mx, dest("plain"), require_tls=True)
+    assert {(o.outcome, o.status) for o in refused.values()} == {("deferred", "4.7.5")}
+    assert not mx.hosts["plain"].received  # nothing sent in clear
+
+
+async def test_a_server_that_injects_after_its_starttls_220_is_refused() -> None:
+    async with fake_mx(
+        evil=Host(caps=Capabilities(starttls=True), inject_after_starttls=True)
+    ) as mx:
+        host, outcomes = await go(mx, dest("evil"))
+    assert host is None
+    assert {(o.outcome, o.status) for o in outcomes.values()} == {("deferred", "4.5.0")}
+    assert "injection" in (outcomes["bob@example.net"].reply or "")
+    assert not mx.hosts["evil"].received
