@@ -194,10 +194,15 @@ class Journal:
             self._cv.notify()
         if not already and not self._thread.is_alive() and not self._stopped.is_set():
             self._stopped.set()  # never started
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT) as scope:
-            await self._stopped.wait()
-        if scope.cancelled_caught:
-            log.error("journal: writer thread did not finish within %ss", CLOSE_TIMEOUT)
+        # Bounded in real time (a thread join), not on trio's clock: under a virtual clock a
+        # trio deadline would pass at once while the thread is still writing.
+        with trio.CancelScope(shield=True):
+            if self._thread.is_alive():
+                await trio.to_thread.run_sync(self._thread.join, CLOSE_TIMEOUT)
+            if self._thread.is_alive():
+                log.error("journal: writer thread did not finish within %ss", CLOSE_TIMEOUT)
+            else:
+                await self._stopped.wait()
         if self._close_error is not None:
             error, self._close_error = self._close_error, None
             _reraise(error)
@@ -208,6 +213,13 @@ class Journal:
 
     def _finish(self, event: trio.Event) -> None:
         event.set()
+
+    def _notify(self, event: trio.Event) -> None:
+        """Wake trio waiters from the owner thread (a no-op once the trio run has ended)."""
+        try:
+            self._token.run_sync_soon(self._finish, event)
+        except trio.RunFinishedError:
+            log.warning("journal: trio run ended before the writer finished")
 
     def _run(self) -> None:
         try:
@@ -232,7 +244,7 @@ class Journal:
                 self._log.close()
             except JournalError as exc:
                 self._close_error = exc
-            self._token.run_sync_soon(self._finish, self._stopped)
+            self._notify(self._stopped)
 
     def _write(self, batch: _Batch) -> None:
         try:
@@ -241,7 +253,7 @@ class Journal:
             self.appends += len(batch.items)
         except Exception as exc:  # the waiters get it; the thread goes on (the log poisons)
             batch.error = exc
-        self._token.run_sync_soon(self._finish, batch.done)
+        self._notify(batch.done)
 
     def _step(self, job: _Job) -> None:
         try:
@@ -253,7 +265,7 @@ class Journal:
             job.error = exc
         with self._cv:
             self._jobs.popleft()
-        self._token.run_sync_soon(self._finish, job.done)
+        self._notify(job.done)
 
 
 @asynccontextmanager

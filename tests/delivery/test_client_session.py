@@ -44,7 +44,10 @@ class Host:
     final: Reply | None = None
     down: bool = False
     inject_after_starttls: bool = False
+    delay: float = 0.0  # before answering the end of data (to overlap connections)
     received: list[bytes] = attrs.field(factory=list)
+    active: int = 0
+    max_active: int = 0
 
 
 @attrs.define
@@ -61,6 +64,14 @@ class FakeMX:
         return client
 
     async def _serve(self, stream: trio.abc.Stream, host: str, spec: Host) -> None:
+        spec.active += 1
+        spec.max_active = max(spec.max_active, spec.active)
+        try:
+            await self._session(stream, host, spec)
+        finally:
+            spec.active -= 1
+
+    async def _session(self, stream: trio.abc.Stream, host: str, spec: Host) -> None:
         conn = ServerConnection(capabilities=spec.caps)
         data = bytearray()
         while True:
@@ -90,6 +101,7 @@ class FakeMX:
             if isinstance(event, RcptTo) and str(event.recipient) in spec.rcpt:
                 reply = spec.rcpt[str(event.recipient)]
             if isinstance(event, EndOfMessage):
+                await trio.sleep(spec.delay)
                 spec.received.append(bytes(data))
                 data.clear()
                 reply = spec.final or reply

@@ -1,0 +1,198 @@
+"""The dispatcher and lanes on virtual time: fake resolver, fake MX servers built from our
+own ServerConnection, the real journal on a crashable FS."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from atmosrelay.delivery.backoff import RetryPolicy
+from atmosrelay.delivery.client_session import deliver
+from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
+from atmosrelay.delivery.resolver import Destination, ResolutionFailed
+from atmosrelay.queue.records import Accepted, Recipient, RecordType, decode_delivery, new_queue_id
+from atmosrelay.queue.store import QueueStore
+from atmosrelay.smtp import Reply
+from journal import open_journal
+from journal.testing import CrashableMemFS
+from tests.delivery.test_client_session import MESSAGE, FakeMX, Host, fake_mx, tls
+
+NO_JITTER = RetryPolicy(jitter=0.0)
+
+
+class FakeResolver:
+    def __init__(self, table: dict[str, Destination | ResolutionFailed]) -> None:
+        self.table = table
+
+    async def destination(self, domain: str) -> Destination:
+        value = self.table[domain]
+        if isinstance(value, ResolutionFailed):
+            raise value
+        return value
+
+
+async def accept(queue: QueueStore, *recipients: str) -> str:
+    qid = new_queue_id()
+    record = Accepted(
+        id=qid,
+        accepted_at=trio.current_time(),
+        did="did:plc:abcdefghijklmnopqrstuvwx",
+        sender="alice@example.org",
+        recipients=tuple(Recipient(r) for r in recipients),
+        ret=None,
+        envid=None,
+        category="bulk",
+        bulk=True,
+        tags=(),
+        metadata={},
+        client={},
+        size=len(MESSAGE),
+    )
+    await queue.accept(record, MESSAGE)
+    return qid
+
+
+@attrs.define
+class World:
+    queue: QueueStore
+    dispatcher: Dispatcher
+    mx: FakeMX
+
+
+@asynccontextmanager
+async def world(
+    hosts: dict[str, Host], table: dict[str, Destination | ResolutionFailed], **settings: object
+) -> AsyncIterator[World]:
+    deliver_fn = settings.pop("deliver_fn", deliver)
+    async with open_journal("/q", fs=CrashableMemFS()) as journal, fake_mx(**hosts) as mx:
+        queue = QueueStore(journal)
+        dispatcher = Dispatcher(
+            queue,
+            FakeResolver(table),
+            DeliverySettings(helo="relay.test", tls=tls(), **settings),  # type: ignore[arg-type]
+            deliver_fn=deliver_fn,
+            connect=mx.connect,
+            clock=trio.current_time,  # type: ignore[arg-type]
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            yield World(queue, dispatcher, mx)
+            nursery.cancel_scope.cancel()
+
+
+async def until(condition: Callable[[], bool], limit: float = 3600) -> None:
+    with trio.fail_after(limit):
+        while not condition():  # noqa: ASYNC110 - polling state on the autojump clock
+            await trio.sleep(5.0)
+
+
+def deliveries(w: World) -> list[tuple[float, str, str]]:
+    out = []
+    for record in w.queue.journal.records():
+        if record.type == RecordType.DELIVERY:
+            d = decode_delivery(record.payload)
+            out += [(d.at, o.recipient, o.outcome) for o in d.outcomes]
+    return out
+
+
+MX1 = Destination((("mx1", 25),))
+
+
+async def test_two_domains_one_provider_share_a_lane(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with world({"mx1": Host()}, {"example.net": MX1, "example.com": MX1}) as w:
+        qid = await accept(w.queue, "bob@example.net", "carol@example.com")
+        w.dispatcher.notify()
+        await until(lambda: w.queue.state.messages[qid].terminal)
+        assert w.queue.state.messages[qid].recipient_states == {
+            "bob@example.net": "sent",
+            "carol@example.com": "sent",
+        }
+        assert list(w.dispatcher.lanes) == ["mx1:25"]  # MX rollup
+        assert len(w.mx.hosts["mx1"].received) == 2
+        assert {r for _, r, o in deliveries(w) if o == "sent"} == {
+            "bob@example.net",
+            "carol@example.com",
+        }
+
+
+async def test_deferred_then_retried_at_exactly_one_minute(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    busy = Host(rcpt={"bob@example.net": Reply(450, "4.2.1", ("busy",))})
+    async with world({"mx1": busy}, {"example.net": MX1}, policy=NO_JITTER) as w:
+        t0 = trio.current_time()
+        qid = await accept(w.queue, "bob@example.net")
+        w.dispatcher.notify()
+        await until(
+            lambda: w.queue.state.messages[qid].recipient_states["bob@example.net"] == "deferred"
+        )
+        assert w.queue.state.messages[qid].next_at["bob@example.net"] == pytest.approx(
+            t0 + 60, abs=0.01
+        )
+        busy.rcpt.clear()  # the mailbox frees up
+        await until(lambda: w.queue.state.messages[qid].terminal)
+        (first, _, o1), (second, _, o2) = deliveries(w)  # times recorded by the dispatcher
+        assert (o1, o2) == ("deferred", "sent")
+        assert second - first == pytest.approx(60, abs=0.01)
+
+
+async def test_bounce_when_retries_run_past_max_age(autojump_clock: trio.testing.MockClock) -> None:
+    busy = Host(rcpt={"bob@example.net": Reply(451, "4.3.0", ("later",))})
+    policy = RetryPolicy(jitter=0.0, max_age=100)
+    async with world({"mx1": busy}, {"example.net": MX1}, policy=policy) as w:
+        qid = await accept(w.queue, "bob@example.net")
+        w.dispatcher.notify()
+        await until(lambda: w.queue.state.messages[qid].terminal)
+        outcomes = deliveries(w)
+        assert [o for _, _, o in outcomes] == ["deferred", "bounced"]
+        last = w.queue.state.messages[qid].history[-1].outcomes[0]
+        assert (last.status, last.reply) == ("5.4.7", "451 4.3.0 later")
+
+
+async def test_per_destination_concurrency_is_held(autojump_clock: trio.testing.MockClock) -> None:
+    slow = Host(delay=5.0)
+    async with world({"mx1": slow}, {"example.net": MX1}, concurrency=2) as w:
+        ids = [await accept(w.queue, f"r{i}@example.net") for i in range(6)]
+        w.dispatcher.notify()
+        await until(lambda: all(w.queue.state.messages[q].terminal for q in ids))
+        assert slow.max_active == 2
+        assert len(slow.received) == 6
+
+
+async def test_resolution_failures_bounce_or_defer(autojump_clock: trio.testing.MockClock) -> None:
+    table: dict[str, Destination | ResolutionFailed] = {
+        "nomail.example": ResolutionFailed("5.1.10", "nomail.example accepts no mail (null MX)"),
+        "flaky.example": ResolutionFailed("4.4.3", "MX lookup failed"),
+    }
+    async with world({}, table, policy=NO_JITTER) as w:
+        qid = await accept(w.queue, "x@nomail.example", "y@flaky.example")
+        w.dispatcher.notify()
+        await until(lambda: "accepted" not in w.queue.state.messages[qid].recipient_states.values())
+        states = w.queue.state.messages[qid].recipient_states
+        assert states == {"x@nomail.example": "bounced", "y@flaky.example": "deferred"}
+
+
+async def test_a_crashing_lane_is_restarted_by_supervise(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls = 0
+
+    async def flaky_deliver(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in the lane")
+        return await deliver(*args, **kwargs)  # type: ignore[arg-type]
+
+    async with world({"mx1": Host()}, {"example.net": MX1}, deliver_fn=flaky_deliver) as w:
+        qid = await accept(w.queue, "bob@example.net")
+        w.dispatcher.notify()
+        await until(lambda: w.queue.state.messages[qid].terminal)
+        assert calls == 2
