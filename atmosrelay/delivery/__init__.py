@@ -1,3 +1,4 @@
-"""Delivery to recipients' servers. Built so far: the retry schedule (``backoff``) and MX
-resolution (``resolver``); the client sessions, lanes and dispatcher come next (see
-docs/status.md). Not wired into ``serve`` yet: the relay accepts and queues, durably."""
+"""Delivery to recipients' servers: the retry schedule (``backoff``), MX resolution
+(``resolver``), one delivery attempt (``client_session``), and the dispatcher with its
+per-destination lanes (``dispatcher``). Not wired into ``serve`` yet (docs/status.md): the
+relay accepts and queues, durably."""
