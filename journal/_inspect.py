@@ -74,11 +74,15 @@ def _numbers(fs: FS, directory: str) -> list[int]:
     return sorted(n for n in (parse_segment_name(x) for x in fs.listdir(directory)) if n)
 
 
-def _scans(fs: FS, directory: str, max_record_size: int) -> Iterator[SegmentScan]:
+def _scans(
+    fs: FS, directory: str, max_record_size: int
+) -> Iterator[tuple[SegmentScan, bytes]]:
+    """Each segment's scan with the bytes it was made from (one read per segment)."""
     numbers = _numbers(fs, directory)
     for i, n in enumerate(numbers):
         data = fs.read_file(posixpath.join(directory, segment_name(n)))
-        yield scan_segment(data, n, newest=i == len(numbers) - 1, max_record_size=max_record_size)
+        newest = i == len(numbers) - 1
+        yield scan_segment(data, n, newest=newest, max_record_size=max_record_size), data
 
 
 def check_journal(
@@ -90,7 +94,7 @@ def check_journal(
     torn: TornTail | None = None
     corruption: CorruptJournalError | None = None
     try:
-        for scan in _scans(fs, directory, max_record_size):
+        for scan, _ in _scans(fs, directory, max_record_size):
             seqs = scan.seqs
             summaries.append(
                 SegmentSummary(
@@ -125,7 +129,7 @@ def dump_journal(
     torn tail (``check`` reports it).
     """
     fs = fs if fs is not None else OsFS()
-    for scan in _scans(fs, directory, max_record_size):
+    for scan, _ in _scans(fs, directory, max_record_size):
         for seq, off, length, rtype in zip(
             scan.seqs, scan.offsets, scan.lengths, scan.types, strict=True
         ):
@@ -139,8 +143,7 @@ def read_records(
     left alone, not repaired). For tools that read a journal a relay may be writing."""
     fs = fs if fs is not None else OsFS()
     out: dict[int, Record] = {}
-    for scan in _scans(fs, directory, max_record_size):
-        data = fs.read_file(posixpath.join(directory, segment_name(scan.number)))
+    for scan, data in _scans(fs, directory, max_record_size):  # the bytes the scan judged
         for seq, off, length, rtype in zip(
             scan.seqs, scan.offsets, scan.lengths, scan.types, strict=True
         ):
