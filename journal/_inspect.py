@@ -74,9 +74,7 @@ def _numbers(fs: FS, directory: str) -> list[int]:
     return sorted(n for n in (parse_segment_name(x) for x in fs.listdir(directory)) if n)
 
 
-def _scans(
-    fs: FS, directory: str, max_record_size: int
-) -> Iterator[tuple[SegmentScan, bytes]]:
+def _scans(fs: FS, directory: str, max_record_size: int) -> Iterator[tuple[SegmentScan, bytes]]:
     """Each segment's scan with the bytes it was made from (one read per segment)."""
     numbers = _numbers(fs, directory)
     for i, n in enumerate(numbers):

@@ -479,10 +479,6 @@ class Log:
             for f in files.values():
                 _close_quietly(f)
 
-    def stats(self) -> dict[int, SegmentScan]:
-        with self._lock:
-            return dict(self._index)
-
     # -- compaction (owner thread) -------------------------------------------------
     def compact_steps(self, dead: Container[Position]) -> Generator[None, None, Compaction]:
         """Copy every record of the sealed segments that is not named ``dead`` forward, then

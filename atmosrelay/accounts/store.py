@@ -225,19 +225,6 @@ class Store:
             raise Conflict(f"member {did} already exists") from None
         return self.member(did)
 
-    def add_handle(self, did: str, handle: str) -> None:
-        self.member(did)
-        try:
-            with self._tx() as db:
-                db.execute(
-                    "INSERT INTO handles (handle, did, added_at) VALUES (?, ?, ?)",
-                    (handle, did, self.clock()),
-                )
-        except sqlite3.IntegrityError:
-            raise Conflict(
-                f"handle {handle} already belongs to {self.did_for_handle(handle)}"
-            ) from None
-
     def member(self, did: str) -> Member:
         rows = self._rows("SELECT * FROM members WHERE did = ?", did)
         if not rows:
@@ -283,13 +270,6 @@ class Store:
                 (status, reason, self.clock(), did),
             )
         return self.member(did)
-
-    def set_labels(self, did: str, labels: tuple[str, ...]) -> None:
-        self.member(did)
-        with self._tx() as db:
-            db.execute(
-                "UPDATE members SET labels = ? WHERE did = ?", (json.dumps(list(labels)), did)
-            )
 
     # -- domains --------------------------------------------------------------------------
     def add_domain(self, domain: Domain, *, limit: int) -> Domain:

@@ -17,7 +17,7 @@ Timeouts are the minimums of RFC 5321 section 4.5.3.2, as named constants.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import attrs
@@ -315,7 +315,3 @@ async def _send(
     with trio.move_on_after(5):  # a polite QUIT; its reply does not change any outcome
         await wire.stream.send_all(wire.conn.send(Quit()))
     return tuple(outcomes[r] for r in recipients)
-
-
-def recipients_of(outcomes: Sequence[Outcome], outcome: str) -> list[str]:
-    return [o.recipient for o in outcomes if o.outcome == outcome]

@@ -83,7 +83,6 @@ class Dispatcher:
         self.in_flight: set[tuple[str, str]] = set()
         self.lanes: dict[str, trio.MemorySendChannel[Work]] = {}
         self._wake = trio.Event()
-        self.attempts = 0
 
     def notify(self) -> None:
         """Something changed (a message was accepted): look again now."""
@@ -167,7 +166,6 @@ class Dispatcher:
             )
             require = any(domain_of(r) in self.settings.require_tls for r in work.recipients)
             kwargs = {"connect": self.connect} if self.connect is not None else {}
-            self.attempts += 1
             result = await self.deliver_fn(
                 work.destination,
                 envelope,

@@ -163,11 +163,6 @@ class ServerConnection:
         else:
             self._eof = True
 
-    @property
-    def trailing_data(self) -> bytes:
-        """Bytes received but not consumed (after the connection switched to TLS or closed)."""
-        return bytes(self._buf)
-
     def next_event(self) -> Event | _Sentinel:
         """The next event, NEED_DATA, or PAUSED. Raises RemoteProtocolError (send its
         ``reply`` if any, then close)."""
