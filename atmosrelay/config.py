@@ -135,12 +135,20 @@ def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "true or false"
 
 
+def _host_port(text: str, default: int) -> tuple[str, int | None]:
+    """ "host" or "host:port" (an IPv6 address, with several colons, has no port here); the
+    port is None when it is not a number in range."""
+    if text.count(":") != 1:
+        return text, default
+    host, _, port = text.rpartition(":")
+    return host, int(port) if port.isdigit() and 0 < int(port) < 65536 else None
+
+
 def _nameservers(v: Any) -> str | None:
     if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
         return 'a list of "host" or "host:port" strings'
     for x in v:
-        port = x.rpartition(":")[2] if x.count(":") == 1 else ""
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
+        if _host_port(x, 53)[1] is None:
             return f'a list of "host" or "host:port" strings ({x!r} has a bad port)'
     return None
 
@@ -258,11 +266,10 @@ class Config:
 
     @property
     def nameservers(self) -> tuple[tuple[str, int], ...]:
-        out = []
-        for x in self["dns.nameservers"]:
-            host, _, port = x.rpartition(":") if x.count(":") == 1 else (x, "", "")
-            out.append((host, int(port) if port else 53))
-        return tuple(out)
+        return tuple(
+            (host, port or 53)
+            for host, port in (_host_port(x, 53) for x in self["dns.nameservers"])
+        )
 
 
 def parse_config(text: str, *, source: str = "<config>") -> Config:

@@ -52,6 +52,14 @@ class DeliverySettings:
     require_tls: frozenset[str] = frozenset()  # recipient domains that must get TLS
 
 
+def _by_message(items: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """(queue id, recipient) pairs grouped by queue id, in order."""
+    out: dict[str, list[str]] = {}
+    for queue_id, rcpt in items:
+        out.setdefault(queue_id, []).append(rcpt)
+    return out
+
+
 @attrs.frozen
 class Work:
     queue_id: str
@@ -126,18 +134,12 @@ class Dispatcher:
                 lanes.start_soon(
                     supervise, f"lane {destination.key}", lambda r=receive: self._lane(r)
                 )
-            by_message: dict[str, list[str]] = {}
-            for queue_id, rcpt in items:
-                by_message.setdefault(queue_id, []).append(rcpt)
-                self.in_flight.add((queue_id, rcpt))
-            for queue_id, rcpts in by_message.items():
+            self.in_flight.update(items)
+            for queue_id, rcpts in _by_message(items).items():
                 channel.send_nowait(Work(queue_id, tuple(rcpts), destination))
 
     async def _resolution_failed(self, items: list[tuple[str, str]], exc: ResolutionFailed) -> None:
-        by_message: dict[str, list[str]] = {}
-        for queue_id, rcpt in items:
-            by_message.setdefault(queue_id, []).append(rcpt)
-        for queue_id, rcpts in by_message.items():
+        for queue_id, rcpts in _by_message(items).items():
             outcome = "bounced" if exc.permanent else "deferred"
             outcomes = [Outcome(r, outcome, exc.status, str(exc)) for r in rcpts]
             await self._record(queue_id, None, outcomes)

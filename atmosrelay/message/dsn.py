@@ -20,7 +20,7 @@ from typing import Final
 
 import attrs
 
-from atmosrelay.queue.records import RANDOM
+from atmosrelay._random import RANDOM
 
 HEADER_LIMIT: Final = 64 * 1024  # original headers beyond this are cut (a DSN stays small)
 

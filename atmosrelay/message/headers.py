@@ -33,7 +33,7 @@ from typing import Final
 
 import attrs
 
-from atmosrelay.queue.records import RANDOM
+from atmosrelay._random import RANDOM
 
 TRANSACTIONAL: Final = frozenset({"login-link", "password-reset", "mfa-otp", "verification"})
 CATEGORY_HEADER: Final = "x-atmos-category"

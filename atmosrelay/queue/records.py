@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import enum
 import json
-import secrets
 import struct
 import time
 from typing import Any, Final
 
 import attrs
+
+from atmosrelay._random import RANDOM
 
 FORMAT_VERSION: Final = 1
 _LEN: Final = struct.Struct("<I")
@@ -44,25 +45,6 @@ class RecordType(enum.IntEnum):
     ACCEPTED = 1
     DELIVERY = 2  # outcomes of one delivery attempt (JSON)
     DELETED = 3  # the operator removed a message (JSON)
-
-
-class _RandomPool:
-    """os.urandom in 64 KiB draws: one getrandom() call per 6,500 queue ids rather than one
-    each (a syscall costs ~13 us on the development VM, a measurable share of a message)."""
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self._pos = 0
-
-    def take(self, n: int) -> bytes:
-        if self._pos + n > len(self._buf):
-            self._buf, self._pos = secrets.token_bytes(65536), 0
-        out = self._buf[self._pos : self._pos + n]
-        self._pos += n
-        return out
-
-
-RANDOM = _RandomPool()
 
 
 def new_queue_id(now: float | None = None) -> str:

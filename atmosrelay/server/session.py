@@ -181,6 +181,8 @@ class Session:
         """Serve until QUIT, EOF, a timeout, a protocol breach or shutdown. Closes the stream."""
         self._log("connect", self.mode)
         try:
+            if self.mode == "trusted":
+                await self._load_member()  # no AUTH here: the member is known from the start
             await self._loop()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._log("disconnected", type(exc).__name__)
@@ -337,8 +339,10 @@ class Session:
             return R.VRFY_CANNOT
         if isinstance(event, Expn):
             return R.EXPN_DISABLED
-        if isinstance(event, (Noop, Help)):
-            return R.OK if isinstance(event, Noop) else R.HELP
+        if isinstance(event, Noop):
+            return R.OK
+        if isinstance(event, Help):
+            return R.HELP
         raise AssertionError(f"unexpected event {event!r}")
 
     async def _auth(self, event: AuthCredentials) -> Reply:
@@ -366,8 +370,6 @@ class Session:
     async def _mail(self, event: MailFrom) -> Reply:
         if self.did is None:
             return R.AUTH_REQUIRED
-        if self.mode == "trusted" and not self.verified_domains and self.member_status == "active":
-            await self._load_member()
         if self.member_status != "active":
             self._log("mail-refused", self.did, f"member {self.member_status}")
             return R.MEMBER_SUSPENDED
