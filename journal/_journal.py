@@ -40,12 +40,12 @@ from journal._log import (
     Position,
     Record,
     RecoveryReport,
+    check_record,
 )
 from journal.errors import (
     JournalClosedError,
     JournalError,
     JournalFatalError,
-    RecordTooLargeError,
 )
 
 log = logging.getLogger("journal")
@@ -124,12 +124,7 @@ class Journal:
         ``append`` may still become durable; the caller simply never learns its position
         (like a 250 lost on the wire: the sender retries, and delivery is at-least-once).
         """
-        if not 1 <= rtype <= 255:
-            raise ValueError(f"record type must be 1..255 (0 is the journal's own), got {rtype}")
-        if len(payload) > self._log.max_record_size:
-            raise RecordTooLargeError(
-                f"record of {len(payload)} bytes over the limit of {self._log.max_record_size}"
-            )
+        check_record(rtype, payload, self._log.max_record_size)  # before it joins a batch
         with self._cv:
             if self._closing:
                 raise JournalClosedError("journal is closing; no more appends")

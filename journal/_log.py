@@ -95,9 +95,15 @@ class Compaction:
     relocated: dict[Position, Position]
 
 
-def _check_type(rtype: int) -> None:
+def check_record(rtype: int, payload: bytes, max_record_size: int) -> None:
+    """The caller's mistakes, refused before anything is written: ValueError for a type
+    outside 1..255 (0 is the journal's own), RecordTooLargeError for a payload too big."""
     if not 1 <= rtype <= 255:
         raise ValueError(f"record type must be 1..255 (0 is the journal's own), got {rtype}")
+    if len(payload) > max_record_size:
+        raise RecordTooLargeError(
+            f"record of {len(payload)} bytes over the limit of {max_record_size}"
+        )
 
 
 def _make_dirs(fs: FS, directory: str) -> None:
@@ -333,11 +339,7 @@ class Log:
         """Append new records (type, payload) as one batch; return their positions once
         fsynced. Raises RecordTooLargeError, JournalFullError or JournalFatalError."""
         for rtype, payload in items:
-            _check_type(rtype)
-            if len(payload) > self.max_record_size:
-                raise RecordTooLargeError(
-                    f"record of {len(payload)} bytes over the limit of {self.max_record_size}"
-                )
+            check_record(rtype, payload, self.max_record_size)
         first = self._next_seq
         return self._write([(first + i, t, p) for i, (t, p) in enumerate(items)], new=True)
 

@@ -174,7 +174,8 @@ class Session:
         )
 
     def _log(self, what: str, *details: str) -> None:
-        log.info("%s %s %s %s", self.id, self.peer, what, " ".join(details))
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s %s %s", self.id, self.peer, what, " ".join(details))
 
     # -- the loop ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -463,12 +464,13 @@ class Session:
         except JournalError as exc:
             self._log("queue-refused", queue_id, _clean(str(exc)))
             return R.QUEUE_UNAVAILABLE
-        self._log(
-            "queued",
-            queue_id,
-            f"from={_clean(record.sender)}",
-            f"rcpt={len(record.recipients)}",
-            f"size={record.size}",
-            f"category={record.category}",
-        )
+        if log.isEnabledFor(logging.INFO):  # the 250 path: build the line only if it is kept
+            self._log(
+                "queued",
+                queue_id,
+                f"from={_clean(record.sender)}",
+                f"rcpt={len(record.recipients)}",
+                f"size={record.size}",
+                f"category={record.category}",
+            )
         return R.QUEUED.format(queue_id=queue_id)
