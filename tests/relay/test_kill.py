@@ -27,27 +27,44 @@ CLIENTS = 4
 
 
 class Server:
+    """``atmosrelay serve`` as a real process. A thread drains its stdout line by line (so the
+    pipe never fills) and sets ``ready`` when the relay says so: no polling."""
+
     def __init__(self, tmp: Path, config_path: Path, round_: int) -> None:
-        self.out = tmp / f"serve-{round_}.out"
         self.err = tmp / f"serve-{round_}.err"
-        with self.out.open("w") as out, self.err.open("w") as err:
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        with self.err.open("w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "atmosrelay", "serve", "--config", str(config_path)],
-                stdout=out,
+                stdout=subprocess.PIPE,
                 stderr=err,
+                text=True,
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
             )
-        deadline = time.monotonic() + 30
-        while "ready" not in self.text():
-            assert self.proc.poll() is None, self.text() + self.err.read_text()
-            assert time.monotonic() < deadline, "relay did not become ready"
-            time.sleep(0.05)  # polling another process's output file, bounded by the deadline
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        assert self.ready.wait(30), f"relay did not become ready: {self.text()}{self.err.read_text()}"
         self.port = int(
             re.search(r"listening on 127\.0\.0\.1:(\d+) \(implicit\)", self.text()).group(1)
         )  # type: ignore[union-attr]
 
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "ready" in line:
+                self.ready.set()
+        self.proc.stdout.close()
+        self.ready.set()  # exited: let the waiter see why
+
     def text(self) -> str:
-        return self.out.read_text()
+        return "".join(self.lines)
+
+    def finished(self) -> str:
+        """All it printed, once it has exited."""
+        self.reader.join(15)
+        return self.text()
 
 
 def load(
@@ -174,7 +191,7 @@ def test_sigterm_mid_load_loses_nothing(
     stop.set()
     for t in server.threads:  # type: ignore[attr-defined]
         t.join(15)
-    text = server.text()
+    text = server.finished()
     assert "SIGTERM received" in text and "listeners closed" in text and "journal closed" in text
     assert acked
     assert acked <= queue_ids(config_path)
