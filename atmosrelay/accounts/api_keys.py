@@ -75,7 +75,13 @@ class Refused:
 
 
 def new_secret() -> str:
-    return PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode("ascii").rstrip("=")
+    """A fresh key. Its id (the first characters after the prefix) never starts with ``-``
+    or ``_``, so an operator can paste it as a command-line argument (``key revoke ID``)
+    without it being read as an option."""
+    while True:
+        body = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode("ascii").rstrip("=")
+        if body[0] not in "-_":
+            return PREFIX + body
 
 
 def key_id_of(secret: str) -> str | None:

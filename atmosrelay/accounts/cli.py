@@ -353,7 +353,9 @@ def register(sub: Any) -> None:
     p.add_argument("did")
     p.set_defaults(func=_run(key_list))
     p = _common(ks.add_parser("revoke", help="revoke a key by id"))
-    p.add_argument("key_id")
+    p.add_argument(
+        "key_id", help="as 'key list' shows it (an id starting with '-': put '--' first)"
+    )
     p.set_defaults(func=_run(key_revoke))
 
     supp = sub.add_parser("suppression", help="a member's suppressed recipients")

@@ -42,6 +42,14 @@ def test_issued_key_format_and_storage(store: Store) -> None:
     assert other.secret != issued.secret
 
 
+def test_key_ids_never_look_like_command_line_options() -> None:
+    # One id in 32 would start with "-" or "_" if drawn plainly; "key revoke -Lx..." then
+    # fails in argparse. 3,000 draws miss a regression with probability ~1e-41.
+    firsts = {api_keys.new_secret()[6] for _ in range(3000)}
+    assert not firsts & {"-", "_"}
+    assert len(firsts) > 50  # still drawn from the rest of the alphabet
+
+
 async def test_verify_by_did_and_by_handle_then_from_the_cache(store: Store) -> None:
     issued = api_keys.issue(store, ALICE, cost=4)
     kc = checker(store)

@@ -44,7 +44,9 @@ class Server:
             )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        assert self.ready.wait(30), f"relay did not become ready: {self.text()}{self.err.read_text()}"
+        assert self.ready.wait(30), (
+            f"relay did not become ready: {self.text()}{self.err.read_text()}"
+        )
         self.port = int(
             re.search(r"listening on 127\.0\.0\.1:(\d+) \(implicit\)", self.text()).group(1)
         )  # type: ignore[union-attr]
