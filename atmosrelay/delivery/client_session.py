@@ -16,6 +16,7 @@ Timeouts are the minimums of RFC 5321 section 4.5.3.2, as named constants.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -38,6 +39,7 @@ from atmosrelay.smtp import (
     Quit,
     RcptParams,
     RcptTo,
+    Rset,
     ServerReply,
     StartTLS,
     TLSReady,
@@ -127,6 +129,101 @@ class _Wire:
         return event
 
 
+class Remote:
+    """An open, greeted connection to one MX host, ready for transactions in turn (RSET
+    between them, so a lane reuses it for several messages)."""
+
+    def __init__(self, wire: _Wire, host: str, caps: ServerCapabilities, tls: bool) -> None:
+        self._wire = wire
+        self.host = host
+        self.caps = caps
+        self.tls = tls
+        self.transactions = 0
+        self.usable = True
+
+    async def send(self, envelope: Envelope, message: bytes) -> tuple[Outcome, ...]:
+        """One transaction. Never raises for what the server does: a connection lost or a
+        timeout defers every recipient still open, and the connection is not reused."""
+        try:
+            if self.transactions:
+                with trio.fail_after(COMMAND_TIMEOUT):
+                    reset = await self._wire.command(Rset())
+                if reset.reply.code != 250:
+                    raise _Failed("4.4.2", _reply_text(reset))
+            self.transactions += 1
+            return await _send(self._wire, self.caps, envelope, message)
+        except _Failed as failed:
+            reason = failed
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            reason = _Failed("4.4.2", f"connection to {self.host} lost")
+        except trio.TooSlowError:
+            reason = _Failed("4.4.2", f"timeout talking to {self.host}")
+        except ProtocolError as exc:
+            reason = _Failed("4.5.0", f"protocol error from {self.host}: {exc}")
+        self.usable = False
+        return tuple(
+            Outcome(r, "deferred", reason.status, reason.reply) for r in envelope.recipients
+        )
+
+    async def aclose(self) -> None:
+        """A polite QUIT (its reply changes nothing), then close."""
+        if self.usable:
+            with (
+                trio.move_on_after(5),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+            ):
+                await self._wire.stream.send_all(self._wire.conn.send(Quit()))
+        self.usable = False
+        await trio.aclose_forcefully(self._wire.stream)
+
+
+class ConnectFailed(Exception):
+    """No host of the destination would take a transaction; ``status`` says defer (4) or
+    bounce (5)."""
+
+    def __init__(self, status: str, reply: str | None) -> None:
+        super().__init__(reply or status)
+        self.status = status
+        self.reply = reply
+
+    def outcomes(self, recipients: tuple[str, ...]) -> tuple[Outcome, ...]:
+        outcome = "bounced" if self.status.startswith("5") else "deferred"
+        return tuple(Outcome(r, outcome, self.status, self.reply) for r in recipients)
+
+
+async def open_remote(
+    destination: Destination,
+    *,
+    helo: str,
+    tls: ssl.SSLContext,
+    require_tls: bool = False,
+    connect: Connect = _open_tcp,
+) -> Remote:
+    """Connect, greet and say EHLO (with STARTTLS when offered or required), trying the
+    destination's hosts in order. Raises ConnectFailed when none will do."""
+    last = _Failed("4.4.1", "no MX host answered")
+    for host, port in destination.hosts:
+        for address in destination.addresses.get(host, (host,)):
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    stream = await connect(address, port)
+            except (OSError, trio.TooSlowError) as exc:
+                last = _Failed("4.4.1", f"connect to {host}:{port} failed: {type(exc).__name__}")
+                continue
+            try:
+                return await _open(stream, host, helo, tls, require_tls)
+            except _Failed as failed:
+                last = failed
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                last = _Failed("4.4.2", f"connection to {host} lost")
+            except trio.TooSlowError:
+                last = _Failed("4.4.2", f"timeout talking to {host}")
+            except ProtocolError as exc:
+                last = _Failed("4.5.0", f"protocol error from {host}: {exc}")
+            await trio.aclose_forcefully(stream)
+    raise ConnectFailed(last.status, last.reply)
+
+
 async def deliver(
     destination: Destination,
     envelope: Envelope,
@@ -137,33 +234,17 @@ async def deliver(
     require_tls: bool = False,
     connect: Connect = _open_tcp,
 ) -> AttemptResult:
-    """One attempt at ``destination``; never raises for what a remote server does."""
-    last = _Failed("4.4.1", "no MX host answered")
-    for host, port in destination.hosts:
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                stream = await connect(host, port)
-        except (OSError, trio.TooSlowError) as exc:
-            last = _Failed("4.4.1", f"connect to {host}:{port} failed: {type(exc).__name__}")
-            continue
-        try:
-            outcomes = await _transaction(stream, host, envelope, message, helo, tls, require_tls)
-            return AttemptResult(host, outcomes)
-        except _Failed as failed:
-            last = failed
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            last = _Failed("4.4.2", f"connection to {host} lost")
-        except trio.TooSlowError:
-            last = _Failed("4.4.2", f"timeout talking to {host}")
-        except ProtocolError as exc:
-            last = _Failed("4.5.0", f"protocol error from {host}: {exc}")
-        finally:
-            await trio.aclose_forcefully(stream)
-    status = last.status
-    outcome = "bounced" if status.startswith("5") else "deferred"
-    return AttemptResult(
-        None, tuple(Outcome(r, outcome, status, last.reply) for r in envelope.recipients)
-    )
+    """One attempt on a connection of its own; never raises for what a remote server does."""
+    try:
+        remote = await open_remote(
+            destination, helo=helo, tls=tls, require_tls=require_tls, connect=connect
+        )
+    except ConnectFailed as failed:
+        return AttemptResult(None, failed.outcomes(envelope.recipients))
+    try:
+        return AttemptResult(remote.host, await remote.send(envelope, message))
+    finally:
+        await remote.aclose()
 
 
 async def _hello(wire: _Wire, helo: str) -> ServerCapabilities:
@@ -181,16 +262,11 @@ async def _hello(wire: _Wire, helo: str) -> ServerCapabilities:
     return reply.capabilities
 
 
-async def _transaction(
-    stream: trio.abc.Stream,
-    host: str,
-    envelope: Envelope,
-    message: bytes,
-    helo: str,
-    tls: ssl.SSLContext,
-    require_tls: bool,
-) -> tuple[Outcome, ...]:
+async def _open(
+    stream: trio.abc.Stream, host: str, helo: str, tls: ssl.SSLContext, require_tls: bool
+) -> Remote:
     wire = _Wire(stream, ClientConnection())
+    secure = False
     with trio.fail_after(GREETING_TIMEOUT):
         greeting = await wire.reply()
     assert isinstance(greeting, ServerReply)
@@ -212,11 +288,12 @@ async def _transaction(
                 await tls_stream.do_handshake()
             wire = _Wire(tls_stream, ClientConnection(after_starttls=True))
             caps = await _hello(wire, helo)
+            secure = True
         elif require_tls:
             raise _Failed("4.7.5", f"STARTTLS refused by {host}: {_reply_text(reply)}")
     elif require_tls:
         raise _Failed("4.7.5", f"{host} does not offer STARTTLS and TLS is required")
-    return await _send(wire, caps, envelope, message)
+    return Remote(wire, host, caps, secure)
 
 
 async def _send(
@@ -312,6 +389,4 @@ async def _send(
                 outcomes[r] = Outcome(
                     r, outcome, _enhanced(code, final.reply.enhanced, "2.0.0"), _reply_text(final)
                 )
-    with trio.move_on_after(5):  # a polite QUIT; its reply does not change any outcome
-        await wire.stream.send_all(wire.conn.send(Quit()))
     return tuple(outcomes[r] for r in recipients)

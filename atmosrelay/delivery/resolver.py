@@ -6,6 +6,8 @@ lanes can be tested with a fake.
 * A null MX (a single ``0 .`` record, RFC 7505): the domain accepts no mail, bounce 5.1.10.
 * NXDOMAIN, or no MX and no address: bounce 5.1.2 (bad destination system address).
 * SERVFAIL and timeouts: temporary, defer 4.4.3 (directory server failure).
+* MX host names are turned into addresses by this same resolver, so a delivery never asks
+  the system's resolver anything; MX hosts without an address are skipped.
 
 ``smarthost`` sends everything to one host:port (like Postfix's relayhost), for operators who
 route through another server, and for tests. Destinations are keyed by their sorted MX host
@@ -15,7 +17,7 @@ set, so domains hosted by the same provider share a lane (MX rollup).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import attrs
@@ -30,6 +32,9 @@ from atmosrelay.accounts.identity import DnsSettings, make_resolver
 class Destination:
     hosts: tuple[tuple[str, int], ...]  # (host, port) in the order to try
     implicit: bool = False  # no MX: the domain's own address records
+    # host -> its addresses, looked up through the relay's own resolver (so connecting never
+    # asks the system resolver); a host missing here is connected to by name
+    addresses: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, eq=False)
 
     @property
     def key(self) -> str:
@@ -95,19 +100,43 @@ class DnsResolver:
         if len(records) == 1 and records[0][1] == "":
             raise ResolutionFailed("5.1.10", f"{domain} accepts no mail (null MX, RFC 7505)")
         hosts = [h for h in order_mx(records, self._rng) if h]
-        return Destination(tuple((h, self.port) for h in hosts))
+        addresses: dict[str, tuple[str, ...]] = {}
+        temporary: ResolutionFailed | None = None
+        for host in hosts:
+            try:
+                addresses[host] = await self._addresses(host)
+            except ResolutionFailed as exc:  # this MX is unusable; the others may do
+                temporary = temporary or (None if exc.permanent else exc)
+        usable = [h for h in hosts if addresses.get(h)]
+        if not usable:
+            raise temporary or ResolutionFailed(
+                "4.4.4", f"no MX host of {domain} has an address"
+            )  # RFC 5321 5.1: a DNS problem of the receiver, retried
+        return Destination(tuple((h, self.port) for h in usable), addresses=addresses)
 
-    async def _implicit(self, domain: str) -> Destination:
+    async def _addresses(self, host: str) -> tuple[str, ...]:
+        """A then AAAA records of ``host`` (empty when it has none)."""
+        found: list[str] = []
         for rdtype in ("A", "AAAA"):
             try:
-                await self._resolver.resolve(domain, rdtype)
-                return Destination(((domain, self.port),), implicit=True)
+                answer = await self._resolver.resolve(host, rdtype)
             except dns.resolver.NoAnswer:
                 continue
             except dns.resolver.NXDOMAIN:
                 break
-            except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+            except (
+                dns.exception.Timeout,
+                dns.resolver.NoNameservers,
+                dns.resolver.LifetimeTimeout,
+            ) as exc:
                 raise ResolutionFailed(
-                    "4.4.3", f"address lookup for {domain} failed: {type(exc).__name__}"
+                    "4.4.3", f"address lookup for {host} failed: {type(exc).__name__}"
                 ) from None
-        raise ResolutionFailed("5.1.2", f"{domain} has no MX and no address records")
+            found += [r.to_text() for r in answer]
+        return tuple(found)
+
+    async def _implicit(self, domain: str) -> Destination:
+        found = await self._addresses(domain)
+        if not found:
+            raise ResolutionFailed("5.1.2", f"{domain} has no MX and no address records")
+        return Destination(((domain, self.port),), implicit=True, addresses={domain: found})

@@ -149,6 +149,7 @@ def decode_accepted(payload: bytes) -> tuple[Accepted, int]:
 
 OUTCOMES = ("sent", "deferred", "bounced", "suppressed")
 TERMINAL = frozenset({"sent", "bounced", "suppressed"})
+PENDING = frozenset({"accepted", "deferred"})
 
 
 @attrs.frozen

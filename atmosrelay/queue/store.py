@@ -6,12 +6,25 @@ then answer 250. It never holds message bodies; the state keeps positions.
 
 from __future__ import annotations
 
+from typing import Final
+
 import attrs
 import trio
 
-from atmosrelay.queue.records import Accepted, RecordType, encode_accepted
+from atmosrelay.queue.records import (
+    Accepted,
+    Delivery,
+    RecordType,
+    encode_accepted,
+    encode_deleted,
+    encode_delivery,
+)
 from atmosrelay.queue.state import QueueState, fold
-from journal import Journal, Position
+from journal import Compaction, Journal, Position
+
+# Compact when at least this share of the records in sealed segments is dead: copying the
+# live rest forward then costs less than the disk it frees.
+DEAD_SHARE: Final = 0.5
 
 
 @attrs.define
@@ -32,3 +45,37 @@ class QueueStore:
         position = await self.journal.append(RecordType.ACCEPTED, payload)
         self.state.add_accepted(record, position, len(payload) - len(message))
         return position
+
+    async def record(self, delivery: Delivery) -> None:
+        """Append and fsync one attempt's outcomes, then apply them."""
+        position = await self.journal.append(RecordType.DELIVERY, encode_delivery(delivery))
+        self.state.add_delivery(delivery, position)
+
+    async def delete(self, queue_id: str, reason: str, now: float) -> None:
+        """Remove a message, with a record saying who and why (raises KeyError if unknown)."""
+        if queue_id not in self.state.messages:
+            raise KeyError(queue_id)
+        payload = encode_deleted(queue_id, now, reason)
+        position = await self.journal.append(RecordType.DELETED, payload)
+        self.state.add_deleted(queue_id, position)
+
+    def compaction_due(self) -> bool:
+        """Whether enough of the sealed segments is dead to be worth a compaction."""
+        active = self.journal.active_segment
+        dead = sum(1 for p in self.state.dead_positions() if p.segment < active)
+        live = sum(
+            1
+            for m in self.state.messages.values()
+            if not m.dead
+            for p in m.positions
+            if p.segment < active
+        )
+        return dead > 0 and dead >= DEAD_SHARE * (dead + live)
+
+    async def compact(self) -> Compaction:
+        """Drop the records of finished and deleted messages from the sealed segments."""
+        dead = self.state.dead_positions()
+        result = await self.journal.compact(dead)
+        removed = {p for p in dead if p.segment in result.removed_segments}
+        self.state.compacted(removed, result.relocated)
+        return result

@@ -21,6 +21,7 @@ from atmosrelay.smtp import (
     Capabilities,
     ConnectionClosed,
     EndOfMessage,
+    MailFrom,
     MessageData,
     RcptTo,
     Reply,
@@ -45,7 +46,9 @@ class Host:
     down: bool = False
     inject_after_starttls: bool = False
     delay: float = 0.0  # before answering the end of data (to overlap connections)
+    close_after: int | None = None  # hang up silently after this many transactions
     received: list[bytes] = attrs.field(factory=list)
+    connections: int = 0
     active: int = 0
     max_active: int = 0
 
@@ -65,6 +68,7 @@ class FakeMX:
 
     async def _serve(self, stream: trio.abc.Stream, host: str, spec: Host) -> None:
         spec.active += 1
+        spec.connections += 1
         spec.max_active = max(spec.max_active, spec.active)
         try:
             await self._session(stream, host, spec)
@@ -74,6 +78,7 @@ class FakeMX:
     async def _session(self, stream: trio.abc.Stream, host: str, spec: Host) -> None:
         conn = ServerConnection(capabilities=spec.caps)
         data = bytearray()
+        transactions = 0
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
@@ -105,6 +110,10 @@ class FakeMX:
                 spec.received.append(bytes(data))
                 data.clear()
                 reply = spec.final or reply
+                transactions += 1
+            if isinstance(event, MailFrom) and spec.close_after == transactions != 0:
+                await stream.aclose()
+                return
             out = conn.send(reply)
             if spec.inject_after_starttls and reply == R.READY_TO_START_TLS:
                 out += b"250 2.0.0 injected before the handshake\r\n"

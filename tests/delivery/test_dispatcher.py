@@ -3,6 +3,7 @@ own ServerConnection, the real journal on a crashable FS."""
 
 from __future__ import annotations
 
+import email
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -12,7 +13,7 @@ import trio
 import trio.testing
 
 from atmosrelay.delivery.backoff import RetryPolicy
-from atmosrelay.delivery.client_session import deliver
+from atmosrelay.delivery.client_session import open_remote
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
 from atmosrelay.delivery.resolver import Destination, ResolutionFailed
 from atmosrelay.queue.records import Accepted, Recipient, RecordType, decode_delivery, new_queue_id
@@ -30,7 +31,7 @@ class FakeResolver:
         self.table = table
 
     async def destination(self, domain: str) -> Destination:
-        value = self.table[domain]
+        value = self.table.get(domain, ResolutionFailed("4.4.3", f"{domain}: not in the table"))
         if isinstance(value, ResolutionFailed):
             raise value
         return value
@@ -68,14 +69,16 @@ class World:
 async def world(
     hosts: dict[str, Host], table: dict[str, Destination | ResolutionFailed], **settings: object
 ) -> AsyncIterator[World]:
-    deliver_fn = settings.pop("deliver_fn", deliver)
+    open_fn = settings.pop("open_fn", open_remote)
     async with open_journal("/q", fs=CrashableMemFS()) as journal, fake_mx(**hosts) as mx:
         queue = QueueStore(journal)
         dispatcher = Dispatcher(
             queue,
             FakeResolver(table),
-            DeliverySettings(helo="relay.test", tls=tls(), **settings),  # type: ignore[arg-type]
-            deliver_fn=deliver_fn,
+            DeliverySettings(
+                helo="relay.test", tls=tls(), operator_domain="relay.test", **settings
+            ),  # type: ignore[arg-type]
+            open_fn=open_fn,  # type: ignore[arg-type]
             connect=mx.connect,
             clock=trio.current_time,  # type: ignore[arg-type]
         )
@@ -146,14 +149,23 @@ async def test_deferred_then_retried_at_exactly_one_minute(
 async def test_bounce_when_retries_run_past_max_age(autojump_clock: trio.testing.MockClock) -> None:
     busy = Host(rcpt={"bob@example.net": Reply(451, "4.3.0", ("later",))})
     policy = RetryPolicy(jitter=0.0, max_age=100)
-    async with world({"mx1": busy}, {"example.net": MX1}, policy=policy) as w:
+    table = {"example.net": MX1, "example.org": MX1}
+    async with world({"mx1": busy}, table, policy=policy) as w:
         qid = await accept(w.queue, "bob@example.net")
         w.dispatcher.notify()
         await until(lambda: w.queue.state.messages[qid].terminal)
         outcomes = deliveries(w)
-        assert [o for _, _, o in outcomes] == ["deferred", "bounced"]
+        assert [o for _, _, o in outcomes[:2]] == ["deferred", "bounced"]
         last = w.queue.state.messages[qid].history[-1].outcomes[0]
         assert (last.status, last.reply) == ("5.4.7", "451 4.3.0 later")
+        # the sender hears of it: a DSN to alice, delivered through the same lane
+        await until(lambda: len(busy.received) == 1)
+        report = email.message_from_bytes(busy.received[0])
+        assert report.get_content_type() == "multipart/report"
+        status = report.get_payload()[1].get_payload()[1]  # type: ignore[index,union-attr]
+        assert status["Status"] == "5.4.7"
+        assert status["Diagnostic-Code"] == "smtp; 451 4.3.0 later"
+        assert w.queue.state.messages[qid].dead  # nothing owed any more: compactable
 
 
 async def test_per_destination_concurrency_is_held(autojump_clock: trio.testing.MockClock) -> None:
@@ -184,15 +196,71 @@ async def test_a_crashing_lane_is_restarted_by_supervise(
 ) -> None:
     calls = 0
 
-    async def flaky_deliver(*args: object, **kwargs: object) -> object:
+    async def flaky_open(*args: object, **kwargs: object) -> object:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug in the lane")
-        return await deliver(*args, **kwargs)  # type: ignore[arg-type]
+        return await open_remote(*args, **kwargs)  # type: ignore[arg-type]
 
-    async with world({"mx1": Host()}, {"example.net": MX1}, deliver_fn=flaky_deliver) as w:
+    async with world({"mx1": Host()}, {"example.net": MX1}, open_fn=flaky_open) as w:
+        t0 = trio.current_time()
         qid = await accept(w.queue, "bob@example.net")
         w.dispatcher.notify()
         await until(lambda: w.queue.state.messages[qid].terminal)
         assert calls == 2
+        # the crashed attempt recorded nothing; its recipient went back on the schedule
+        ((at, rcpt, outcome),) = deliveries(w)
+        assert (rcpt, outcome) == ("bob@example.net", "sent")
+        assert at - t0 == pytest.approx(60, abs=5)
+
+
+async def test_connections_are_reused_with_rset_while_the_lane_has_work(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    mx = Host()
+    async with world({"mx1": mx}, {"example.net": MX1}, concurrency=1) as w:
+        ids = [await accept(w.queue, f"r{i}@example.net") for i in range(5)]
+        w.dispatcher.notify()
+        await until(lambda: all(w.queue.state.messages[q].terminal for q in ids))
+        assert len(mx.received) == 5
+        assert mx.connections == 1  # one connection, five transactions
+        assert w.dispatcher.connections == 1
+        await trio.sleep(10)  # past the idle time: the worker leaves, the lane is forgotten
+        assert not w.dispatcher.lanes
+        qid = await accept(w.queue, "late@example.net")
+        w.dispatcher.notify()
+        await until(lambda: w.queue.state.messages[qid].terminal)
+        assert mx.connections == 2
+
+
+async def test_a_dropped_idle_connection_is_replaced_without_an_attempt_counted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    mx = Host(close_after=1)  # hangs up after each transaction, without a word
+    async with world({"mx1": mx}, {"example.net": MX1}, concurrency=1) as w:
+        ids = [await accept(w.queue, f"r{i}@example.net") for i in range(3)]
+        w.dispatcher.notify()
+        await until(lambda: all(w.queue.state.messages[q].terminal for q in ids))
+        assert len(mx.received) == 3
+        assert [o for _, _, o in deliveries(w)] == ["sent"] * 3  # no deferral in between
+
+
+async def test_no_dsn_for_a_dsn(autojump_clock: trio.testing.MockClock) -> None:
+    refuses = Host(
+        rcpt={
+            "bob@example.net": Reply(550, "5.1.1", ("no such user",)),
+            "alice@example.org": Reply(550, "5.1.1", ("no such sender either",)),
+        }
+    )
+    table = {"example.net": MX1, "example.org": MX1}
+    async with world({"mx1": refuses}, table) as w:
+        qid = await accept(w.queue, "bob@example.net")
+        w.dispatcher.notify()
+        await until(lambda: len(w.queue.state.messages) == 2)
+        dsn_id = next(q for q in w.queue.state.messages if q != qid)
+        await until(lambda: w.queue.state.messages[dsn_id].terminal)
+        await trio.sleep(120)
+        assert len(w.queue.state.messages) == 2  # the bounced DSN made no DSN of its own
+        assert w.queue.state.messages[dsn_id].recipient_states == {"alice@example.org": "bounced"}
+        assert w.queue.state.messages[dsn_id].dead and w.queue.state.messages[qid].dead

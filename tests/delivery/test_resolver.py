@@ -31,13 +31,31 @@ def test_preference_order_and_ties_shuffled() -> None:
     assert orders == {("a", "b", "c", "d"), ("b", "a", "c", "d")}
 
 
-async def test_mx_in_preference_order(dns: DnsServer) -> None:
+async def test_mx_in_preference_order_with_addresses_from_the_same_resolver(
+    dns: DnsServer,
+) -> None:
     dns.mx("example.net", 20, "mx2.example.net.")
     dns.mx("example.net", 10, "mx1.example.net.")
+    dns.mx("example.net", 30, "gone.example.net.")  # no address: skipped
+    dns.a("mx1.example.net", "127.0.0.2")
+    dns.aaaa("mx1.example.net", "::1")
+    dns.a("mx2.example.net", "127.0.0.3")
     with trio.fail_after(10):
         dest = await resolver(dns).destination("example.net")
     assert dest == Destination((("mx1.example.net", 25), ("mx2.example.net", 25)))
     assert dest.key == "mx1.example.net:25,mx2.example.net:25"
+    assert dest.addresses == {
+        "mx1.example.net": ("127.0.0.2", "::1"),
+        "mx2.example.net": ("127.0.0.3",),
+        "gone.example.net": (),
+    }
+
+
+async def test_no_mx_host_with_an_address_defers(dns: DnsServer) -> None:
+    dns.mx("lost.example", 10, "mx.lost.example.")
+    with trio.fail_after(10), pytest.raises(ResolutionFailed) as info:
+        await resolver(dns).destination("lost.example")
+    assert info.value.status == "4.4.4" and not info.value.permanent
 
 
 async def test_implicit_mx(dns: DnsServer) -> None:
@@ -45,6 +63,7 @@ async def test_implicit_mx(dns: DnsServer) -> None:
     with trio.fail_after(10):
         dest = await resolver(dns).destination("plain.example")
     assert dest == Destination((("plain.example", 25),), implicit=True)
+    assert dest.addresses == {"plain.example": ("192.0.2.10",)}
 
 
 @pytest.mark.parametrize(
@@ -60,6 +79,15 @@ async def test_implicit_mx(dns: DnsServer) -> None:
         ),
         ("broken.example", lambda d: d.servfail("broken.example"), "4.4.3", "MX lookup"),
         ("slow.example", lambda d: d.silent("slow.example"), "4.4.3", "MX lookup"),
+        (
+            "mxslow.example",
+            lambda d: (
+                d.mx("mxslow.example", 10, "mx.mxslow.example."),
+                d.silent("mx.mxslow.example"),
+            ),
+            "4.4.3",
+            "address lookup for mx.mxslow.example",
+        ),
     ],
 )
 async def test_failures_bounce_or_defer(

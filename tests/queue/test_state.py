@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
+import attrs
+
 from atmosrelay.queue.records import (
     Accepted,
     Delivery,
@@ -14,7 +18,7 @@ from atmosrelay.queue.records import (
     encode_delivery,
     new_queue_id,
 )
-from atmosrelay.queue.state import fold
+from atmosrelay.queue.state import DSN_FOR, DSN_RECIPIENTS, fold
 from journal import Log, Position, Record
 from journal.testing import CrashableMemFS
 
@@ -60,19 +64,67 @@ def test_lifecycle_to_terminal() -> None:
     msg = state.messages[QID]
     assert msg.recipient_states == {"bob@example.net": "deferred", "carol@example.org": "accepted"}
     assert msg.next_at == {"bob@example.net": 1_800_000_220.0}
-    assert state.pending_by_destination(now=1_800_000_200.0) == {
-        "example.org": [(QID, "carol@example.org")]
-    }
-    assert state.pending_by_destination(now=1_800_000_220.0) == {
-        "example.net": [(QID, "bob@example.net")],
-        "example.org": [(QID, "carol@example.org")],
-    }
+    # carol was never tried: due since acceptance; bob at his retry time, not before
+    assert state.next_due() == 1_800_000_000.0
+    assert state.take_due(1_800_000_200.0) == [(QID, "carol@example.org")]
+    assert state.next_due() == 1_800_000_220.0
+    assert state.take_due(1_800_000_219.9) == []
+    assert state.take_due(1_800_000_220.0) == [(QID, "bob@example.net")]
+    assert state.next_due() is None  # both taken: the lanes have them
     state.apply(delivery(3, SENT_BOB, BOUNCE_CAROL))
     assert msg.recipient_states == {"bob@example.net": "sent", "carol@example.org": "bounced"}
     assert msg.terminal
     assert msg.attempts == {"bob@example.net": 2, "carol@example.org": 1}
-    assert not state.pending_by_destination()
+    assert state.next_due() is None
     assert [d.outcomes[0].reply for d in msg.history] == ["450 4.2.0 try later", "250 2.0.0 ok"]
+    # carol asked for FAILURE notices: a DSN is owed until a DSN record covers her
+    assert msg.dsn_owed() == ["carol@example.org"] and not msg.dead
+    assert state.dead_positions() == set()
+
+
+def test_a_later_schedule_replaces_an_earlier_one() -> None:
+    state = fold([accepted(), delivery(2, DEFER)])
+    state.take_due(1_800_000_000.0)  # carol out to a lane
+    state.retry_now(QID, 1_800_000_050.0)  # operator: retry bob (and carol) now
+    state.apply(delivery(3, attrs.evolve(DEFER, attempt=2, next_at=1_800_000_500.0)))
+    # bob's stale entries (220 from the first deferral, 50 from the forced retry) are gone
+    assert state.take_due(1_800_000_400.0) == [(QID, "carol@example.org")]
+    assert state.take_due(1_800_000_500.0) == [(QID, "bob@example.net")]
+
+
+def test_overdue_retries_are_spread_after_a_restart() -> None:
+    state = fold([accepted(), delivery(2, DEFER)])
+    spread = state.spread_overdue(1_800_001_000.0, 60.0, random.Random(3))
+    assert spread == 1  # bob (deferred, overdue); carol was never tried and goes at once
+    assert state.take_due(1_800_001_000.0) == [(QID, "carol@example.org")]
+    at = state.next_due()
+    assert at is not None and 1_800_001_000.0 <= at <= 1_800_001_060.0
+
+
+def test_a_dsn_record_covers_the_bounce_and_the_message_becomes_dead() -> None:
+    state = fold([accepted(), delivery(2, SENT_BOB, BOUNCE_CAROL)])
+    assert state.messages[QID].dsn_owed() == ["carol@example.org"]
+    dsn = Accepted(
+        id=new_queue_id(1_800_000_300.0),
+        accepted_at=1_800_000_300.0,
+        did="did:plc:abcdefghijklmnopqrstuvwx",
+        sender="",
+        recipients=(Recipient("alice@example.org"),),
+        ret=None,
+        envid=None,
+        category="transactional",
+        bulk=False,
+        tags=(),
+        metadata={DSN_FOR: QID, DSN_RECIPIENTS: "carol@example.org"},
+        client={},
+        size=10,
+    )
+    state.apply(Record(4, RecordType.ACCEPTED, encode_accepted(dsn, b"x"), Position(2, 32)))
+    assert state.messages[QID].dead
+    assert state.dead_positions() == {Position(1, 32), Position(1, 102)}
+    state.compacted({Position(1, 32), Position(1, 102)}, {Position(2, 32): Position(3, 32)})
+    assert QID not in state.messages
+    assert state.messages[dsn.id].position == Position(3, 32)
 
 
 def test_replay_is_idempotent_and_terminal_states_stay() -> None:
@@ -96,6 +148,8 @@ def test_orphans_and_deletion() -> None:
         ]
     )
     assert QID not in state.messages
+    assert state.dead_positions() == {Position(1, 32), Position(1, 500)}  # both compactable
+    assert state.next_due() is None  # nothing of it left to try
 
 
 def test_codec_round_trip_through_the_journal() -> None:
