@@ -80,6 +80,30 @@ timeout = 5.0                  # seconds per lookup
 handle_cache_ttl = 300.0       # seconds a resolved handle is trusted
 https_handle_resolution = false  # also try https://<handle>/.well-known/atproto-did
 
+[delivery]
+# Deliver what is queued. false: accept and queue only (nothing leaves the relay).
+enabled = true
+# Send everything to one "host:port" instead of each domain's MX hosts (like Postfix's
+# relayhost); "" looks up MX records through [dns].
+smarthost = ""
+port = 25                      # the port of MX hosts
+helo = ""                      # the name in our EHLO ("" means smtp.hostname)
+concurrency = 4                # connections per destination (MX host set)
+idle = 5.0                     # seconds a connection is kept open for more work
+require_tls = []               # recipient domains that must get STARTTLS, else defer
+# Opportunistic STARTTLS does not verify the remote's certificate (RFC 7435); set true to
+# verify against the system's CAs (and ca_file, if given).
+tls_verify = false
+ca_file = ""
+retry_initial = 60.0           # seconds to the first retry, doubling each time ...
+retry_cap = 3600.0             # ... up to this
+max_age = 432000.0             # a recipient still deferred after 5 days bounces
+drain_grace = 30.0             # seconds deliveries in hand get to finish on SIGTERM
+compact_interval = 30.0        # seconds between checks whether compaction is worth it
+# Where List-Unsubscribe points ("" means https://<operator.domain>); the token in it is an
+# HMAC with a key generated in <data_dir>/unsubscribe.key.
+unsubscribe_url = ""
+
 [auth]
 bcrypt_cost = 12               # work factor of API key hashes (2^12 rounds, ~0.25 s here)
 cache_ttl = 300.0              # seconds a verified key is remembered
@@ -153,6 +177,21 @@ def _nameservers(v: Any) -> str | None:
     return None
 
 
+def _smarthost(v: Any) -> str | None:
+    expected = '"" or "host:port"'
+    if not isinstance(v, str):
+        return expected
+    if v and (v.count(":") != 1 or _host_port(v, 25)[1] is None or not v.split(":")[0]):
+        return f"{expected} (not {v!r})"
+    return None
+
+
+def _domains(v: Any) -> str | None:
+    if not isinstance(v, list) or not all(isinstance(x, str) and "." in x for x in v):
+        return "a list of domain names"
+    return None
+
+
 def _listeners(v: Any) -> str | None:
     expected = 'a list of "host:port mode" strings, mode starttls, implicit or trusted'
     if not isinstance(v, list):
@@ -209,6 +248,23 @@ SCHEMA: Final[dict[str, dict[str, Check]]] = {
         "handle_cache_ttl": _number(0),
         "https_handle_resolution": _boolean,
     },
+    "delivery": {
+        "enabled": _boolean,
+        "smarthost": _smarthost,
+        "port": _int(1, 65535),
+        "helo": _string(empty=True),
+        "concurrency": _int(1),
+        "idle": _number(0),
+        "require_tls": _domains,
+        "tls_verify": _boolean,
+        "ca_file": _string(empty=True),
+        "retry_initial": _number(1),
+        "retry_cap": _number(1),
+        "max_age": _number(0),
+        "drain_grace": _number(0),
+        "compact_interval": _number(0.1),
+        "unsubscribe_url": _string(empty=True),
+    },
     "auth": {
         "bcrypt_cost": _int(4, 31),
         "cache_ttl": _number(0),
@@ -263,6 +319,15 @@ class Config:
             host, _, port = address.rpartition(":")
             out.append((host.strip("[]"), int(port), mode))
         return tuple(out)
+
+    @property
+    def smarthost(self) -> tuple[str, int] | None:
+        value = self["delivery.smarthost"]
+        if not value:
+            return None
+        host, port = _host_port(value, 25)
+        assert port is not None  # checked by the schema
+        return host, port
 
     @property
     def nameservers(self) -> tuple[tuple[str, int], ...]:

@@ -2,16 +2,18 @@
 
     trio.run(run_relay)
     └── journal (recovery and the queue fold finish before anything listens; closes last)
-        └── services: the API-key revocation watcher
-            └── sessions (one task per connection; a grace deadline on shutdown)
-                └── acceptors (one per listener; cancelled first on shutdown)
+        └── services: the API-key revocation watcher, the compactor
+            └── delivery: the dispatcher and its lanes (delivery/dispatcher.py)
+                └── sessions (one task per connection; a grace deadline on shutdown)
+                    └── acceptors (one per listener; cancelled first on shutdown)
 
 Before the journal opens: the operator's DKIM key and the TLS certificate are generated if
 missing, and the account store is opened. Shutdown (SIGTERM, SIGINT, or ``RelayHandle.stop``):
 the listeners close first, so nothing new is accepted; sessions waiting for a command get
 421 4.3.2, sessions inside DATA finish their message (250 after fsync, or 421 at the
-deadline); then the journal writes its closing mark and closes. Whatever was accepted is on
-disk, and the next start folds it back into the queue.
+deadline); then the lanes stop taking work and finish the transactions in hand (until
+``delivery.drain_grace``); then the journal writes its closing mark and closes. Whatever was
+accepted is on disk, and the next start folds it back into the queue and resumes delivering.
 """
 
 from __future__ import annotations
@@ -27,9 +29,14 @@ import attrs
 import trio
 
 from atmosrelay.accounts.api_keys import AuthSettings, KeyChecker
-from atmosrelay.accounts.dkim_keys import ensure_operator_key
+from atmosrelay.accounts.dkim_keys import OperatorKey, ensure_operator_key
+from atmosrelay.accounts.identity import DnsSettings
 from atmosrelay.accounts.store import AsyncStore, Store
 from atmosrelay.config import Config
+from atmosrelay.delivery.backoff import RetryPolicy
+from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
+from atmosrelay.delivery.prepare import Preparer, load_or_create_secret
+from atmosrelay.delivery.resolver import DnsResolver
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.server.listeners import ConnectionLimits, serve_listener
 from atmosrelay.server.session import Budget, SessionContext
@@ -62,6 +69,7 @@ class RelayHandle:
 
     ctx: SessionContext
     addresses: list[tuple[str, int, str]]  # (host, port, mode) actually listening
+    dispatcher: Dispatcher | None = None  # None when delivery is disabled
     _stop: trio.Event = attrs.field(factory=trio.Event)
 
     def port(self, mode: str) -> int:
@@ -110,6 +118,9 @@ async def run_relay(
     )
     if warning:
         announce(f"warning: {warning}")
+    unsubscribe_secret = await trio.to_thread.run_sync(
+        load_or_create_secret, config.data_dir / "unsubscribe.key"
+    )
     store = await trio.to_thread.run_sync(Store, config.accounts_db)
     try:
         async with open_journal(
@@ -121,7 +132,16 @@ async def run_relay(
             announce(describe_recovery(directory, journal.recovery))
             queue = await QueueStore.recover(journal)
             announce(f"queue: {len(queue.state.messages)} message(s) recovered")
-            await _serve(config, announce, store, queue, tls_context, handle_signals, task_status)
+            dispatcher = (
+                make_dispatcher(config, store, queue, operator, unsubscribe_secret)
+                if config["delivery.enabled"]
+                else None
+            )
+            if dispatcher is None:
+                announce("delivery is disabled (delivery.enabled = false): mail is only queued")
+            await _serve(
+                config, announce, store, queue, tls_context, dispatcher, handle_signals, task_status
+            )
             announce(
                 f"journal: {journal.appends} append(s) in {journal.batches} batch(es), "
                 f"{journal.syncs} fsync(s) since start"
@@ -129,6 +149,68 @@ async def run_relay(
     finally:
         store.close()
     announce("journal closed; stopped")
+
+
+def client_tls(config: Config) -> ssl.SSLContext:
+    """The TLS context for STARTTLS to remote servers: opportunistic (RFC 7435, not verified)
+    unless ``delivery.tls_verify``."""
+    cafile = config["delivery.ca_file"] or None
+    ctx = ssl.create_default_context(cafile=cafile)
+    if not config["delivery.tls_verify"]:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def make_dispatcher(
+    config: Config,
+    store: Store,
+    queue: QueueStore,
+    operator: OperatorKey,
+    unsubscribe_secret: bytes,
+) -> Dispatcher:
+    hostname = config["smtp.hostname"]
+    operator_domain = config["operator.domain"]
+    settings = DeliverySettings(
+        helo=config["delivery.helo"] or hostname,
+        tls=client_tls(config),
+        operator_domain=operator_domain,
+        policy=RetryPolicy(
+            initial=config["delivery.retry_initial"],
+            cap=config["delivery.retry_cap"],
+            max_age=config["delivery.max_age"],
+        ),
+        concurrency=config["delivery.concurrency"],
+        require_tls=frozenset(d.lower() for d in config["delivery.require_tls"]),
+        idle=config["delivery.idle"],
+    )
+    resolver = DnsResolver(
+        DnsSettings(nameservers=config.nameservers, timeout=config["dns.timeout"]),
+        smarthost=config.smarthost,
+        port=config["delivery.port"],
+    )
+    prepare = Preparer(
+        store,
+        operator,
+        unsubscribe_secret=unsubscribe_secret,
+        unsubscribe_url=config["delivery.unsubscribe_url"] or f"https://{operator_domain}",
+    )
+    return Dispatcher(queue, resolver, settings, prepare=prepare)
+
+
+async def _compactor(queue: QueueStore, interval: float, announce: Callable[[str], None]) -> None:
+    """Keep disk use following the live queue: compact when enough of the sealed segments
+    is dead. Each compaction is shielded: it is a sequence of journal steps best finished."""
+    while True:
+        await trio.sleep(interval)
+        if queue.compaction_due():
+            with trio.CancelScope(shield=True):
+                result = await queue.compact()
+            log.info(
+                "compacted: %d segment(s) removed, %d live record(s) copied forward",
+                len(result.removed_segments),
+                result.copied,
+            )
 
 
 def make_context(
@@ -159,47 +241,72 @@ async def _serve(
     store: Store,
     queue: QueueStore,
     tls_context: ssl.SSLContext,
+    dispatcher: Dispatcher | None,
     handle_signals: bool,
     task_status: trio.TaskStatus[RelayHandle],
 ) -> None:
     ctx = make_context(config, store, queue, tls_context)
     keys = ctx.keys
-    limits = ConnectionLimits(config["smtp.max_connections"], config["smtp.max_connections_per_ip"])
-    networks = [ipaddress.ip_network(n) for n in config["smtp.trusted_networks"]]
     for host, port, mode in config.listeners:
         if mode == "trusted" and not ctx.trusted_did:
             raise ValueError(f"listener {host}:{port} is trusted but smtp.trusted_did is not set")
     async with trio.open_nursery() as services:
         await services.start(keys.watch_revocations)
-        async with trio.open_nursery() as sessions:
-            listeners: list[tuple[trio.SocketListener, str]] = []
-            for host, port, mode in config.listeners:
-                for listener in await trio.open_tcp_listeners(port, host=host):
-                    listeners.append((listener, mode))
-            addresses = []
-            for listener, mode in listeners:
-                host, port = listener.socket.getsockname()[:2]
-                addresses.append((host, port, mode))
-                announce(f"listening on {host}:{port} ({mode})")
-            handle = RelayHandle(ctx, addresses)
-            async with trio.open_nursery() as acceptors:
-                for listener, mode in listeners:
-                    acceptors.start_soon(
-                        serve_listener, listener, mode, ctx, sessions, limits, networks
-                    )
-                if handle_signals:  # installed before "ready", so no signal can slip past it
-                    await acceptors.start(_watch_signals, handle, announce)
-                announce("ready; SIGTERM or Ctrl-C stops")
-                task_status.started(handle)
-                await handle._stop.wait()
-                acceptors.cancel_scope.cancel()
-            for listener, _ in listeners:
-                await listener.aclose()
-            grace = float(config["smtp.shutdown_grace"])
-            announce(f"listeners closed; {limits.active} session(s) get {grace:g} s to finish")
-            ctx.request_shutdown()
-            sessions.cancel_scope.deadline = trio.current_time() + grace
+        services.start_soon(_compactor, queue, config["delivery.compact_interval"], announce)
+        async with trio.open_nursery() as delivery:
+            if dispatcher is not None:
+                await delivery.start(dispatcher.run)
+                queue.on_accept = dispatcher.notify
+            await _sessions(config, announce, ctx, handle_signals, task_status, dispatcher)
+            if dispatcher is not None:
+                grace = float(config["delivery.drain_grace"])
+                announce(
+                    f"deliveries: {len(dispatcher.in_flight)} recipient(s) in hand get "
+                    f"{grace:g} s to finish; the rest stays queued"
+                )
+                dispatcher.drain(grace)
         services.cancel_scope.cancel()
+
+
+async def _sessions(
+    config: Config,
+    announce: Callable[[str], None],
+    ctx: SessionContext,
+    handle_signals: bool,
+    task_status: trio.TaskStatus[RelayHandle],
+    dispatcher: Dispatcher | None,
+) -> None:
+    """Listen and serve sessions until stopped; returns when the sessions are done."""
+    limits = ConnectionLimits(config["smtp.max_connections"], config["smtp.max_connections_per_ip"])
+    networks = [ipaddress.ip_network(n) for n in config["smtp.trusted_networks"]]
+    async with trio.open_nursery() as sessions:
+        listeners: list[tuple[trio.SocketListener, str]] = []
+        for host, port, mode in config.listeners:
+            for listener in await trio.open_tcp_listeners(port, host=host):
+                listeners.append((listener, mode))
+        addresses = []
+        for listener, mode in listeners:
+            host, port = listener.socket.getsockname()[:2]
+            addresses.append((host, port, mode))
+            announce(f"listening on {host}:{port} ({mode})")
+        handle = RelayHandle(ctx, addresses, dispatcher)
+        async with trio.open_nursery() as acceptors:
+            for listener, mode in listeners:
+                acceptors.start_soon(
+                    serve_listener, listener, mode, ctx, sessions, limits, networks
+                )
+            if handle_signals:  # installed before "ready", so no signal can slip past it
+                await acceptors.start(_watch_signals, handle, announce)
+            announce("ready; SIGTERM or Ctrl-C stops")
+            task_status.started(handle)
+            await handle._stop.wait()
+            acceptors.cancel_scope.cancel()
+        for listener, _ in listeners:
+            await listener.aclose()
+        grace = float(config["smtp.shutdown_grace"])
+        announce(f"listeners closed; {limits.active} session(s) get {grace:g} s to finish")
+        ctx.request_shutdown()
+        sessions.cancel_scope.deadline = trio.current_time() + grace
 
 
 async def _watch_signals(

@@ -6,8 +6,8 @@ lock-step; a recipient still deferred ``max_age`` (5 days) after acceptance boun
 optional delay notification (RFC 3464 ``Action: delayed``) after ``delay_warning``.
 
 After a restart, retry times come from the journal (each DEFERRED record carries its next
-attempt time), so nothing resets; ``spread()`` staggers the ones already due so a restart
-does not stampede a destination.
+attempt time), so nothing resets; ``QueueState.spread_overdue`` staggers the ones already due
+so a restart does not stampede a destination.
 """
 
 from __future__ import annotations
@@ -51,12 +51,3 @@ class RetryPolicy:
             and not warned
             and now - accepted_at >= self.delay_warning
         )
-
-
-def spread(due: list[str], *, now: float, window: float, rng: random.Random) -> dict[str, float]:
-    """Times for items that are all due at once (after a restart): spread over ``window``
-    seconds in random order, so a destination sees a trickle, not a stampede."""
-    order = list(due)
-    rng.shuffle(order)
-    step = window / max(1, len(order))
-    return {item: now + i * step for i, item in enumerate(order)}

@@ -126,12 +126,14 @@ class QueueState:
         are spread over ``window`` seconds instead of all retrying at once (recipients never
         tried go at once). Returns how many were spread."""
         overdue = [
-            (key, at)
+            key
             for key, at in self._scheduled.items()
             if at < now and self.messages[key[0]].recipient_states.get(key[1]) == "deferred"
         ]
-        for (queue_id, recipient), _ in overdue:
-            self.schedule(queue_id, recipient, now + rng.uniform(0, window))
+        rng.shuffle(overdue)  # evenly spaced, in random order: a trickle, not a stampede
+        step = window / max(1, len(overdue))
+        for i, (queue_id, recipient) in enumerate(overdue):
+            self.schedule(queue_id, recipient, now + i * step)
         return len(overdue)
 
     def retry_now(self, queue_id: str, now: float) -> int:

@@ -6,6 +6,7 @@ then answer 250. It never holds message bodies; the state keeps positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -31,6 +32,7 @@ DEAD_SHARE: Final = 0.5
 class QueueStore:
     journal: Journal
     state: QueueState = attrs.field(factory=QueueState)
+    on_accept: Callable[[], None] | None = None  # the dispatcher's notify, when delivering
 
     @classmethod
     async def recover(cls, journal: Journal) -> QueueStore:
@@ -44,6 +46,8 @@ class QueueStore:
         payload = encode_accepted(record, message)
         position = await self.journal.append(RecordType.ACCEPTED, payload)
         self.state.add_accepted(record, position, len(payload) - len(message))
+        if self.on_accept is not None:
+            self.on_accept()
         return position
 
     async def record(self, delivery: Delivery) -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
-from atmosrelay.delivery.backoff import DAY, HOUR, MINUTE, RetryPolicy, spread
+from atmosrelay.delivery.backoff import DAY, HOUR, MINUTE, RetryPolicy
 
 NO_JITTER = RetryPolicy(jitter=0.0)
 
@@ -42,9 +40,3 @@ def test_delay_warning_once_after_four_hours() -> None:
     assert NO_JITTER.warn_delayed(accepted_at=0, now=4 * HOUR, warned=False)
     assert not NO_JITTER.warn_delayed(accepted_at=0, now=5 * HOUR, warned=True)
     assert not RetryPolicy(delay_warning=None).warn_delayed(accepted_at=0, now=DAY, warned=False)
-
-
-def test_spread_after_a_restart() -> None:
-    times = spread([f"m{i}" for i in range(10)], now=100.0, window=60.0, rng=random.Random(3))
-    assert sorted(times.values()) == pytest.approx([100.0 + 6.0 * i for i in range(10)])
-    assert len(set(times.values())) == 10

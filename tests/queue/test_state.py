@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import attrs
+import pytest
 
 from atmosrelay.queue.records import (
     Accepted,
@@ -93,12 +94,21 @@ def test_a_later_schedule_replaces_an_earlier_one() -> None:
 
 
 def test_overdue_retries_are_spread_after_a_restart() -> None:
-    state = fold([accepted(), delivery(2, DEFER)])
-    spread = state.spread_overdue(1_800_001_000.0, 60.0, random.Random(3))
-    assert spread == 1  # bob (deferred, overdue); carol was never tried and goes at once
-    assert state.take_due(1_800_001_000.0) == [(QID, "carol@example.org")]
-    at = state.next_due()
-    assert at is not None and 1_800_001_000.0 <= at <= 1_800_001_060.0
+    ids = [new_queue_id(1_800_000_000.0) for _ in range(10)]
+    records = []
+    for n, qid in enumerate(ids):
+        records += [
+            accepted(qid),
+            delivery(2 + n, DEFER, attrs.evolve(DEFER, recipient="carol@example.org"), qid=qid),
+        ]
+    state = fold(records)
+    now = 1_800_001_000.0
+    assert state.spread_overdue(now, 60.0, random.Random(3)) == 20
+    times = []
+    while (at := state.next_due()) is not None:
+        times.append(at)
+        state.take_due(at)
+    assert times == pytest.approx([now + 3.0 * i for i in range(20)])  # evenly, none at once
 
 
 def test_a_dsn_record_covers_the_bounce_and_the_message_becomes_dead() -> None:

@@ -147,6 +147,7 @@ def setup(tmp_path: Path) -> tuple[Path, ssl.SSLContext, str]:
         '[operator]\ndomain = "relay.test"\n[auth]\nbcrypt_cost = 4\n'
         f'[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\nhostname = "mx.test"\n'
         f'tls_cert = "{cert}"\ntls_key = "{cert}"\nshutdown_grace = 10.0\n'
+        "[delivery]\nenabled = false\n"  # these rounds test acceptance; delivery has its own
     )
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)

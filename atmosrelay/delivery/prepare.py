@@ -1,0 +1,108 @@
+"""What a message becomes on its way out: per-recipient List-Unsubscribe, then DKIM.
+
+    bulk message, one recipient per copy:  List-Unsubscribe + List-Unsubscribe-Post (RFC 8058)
+                                           with a token bound to the member and the recipient
+    member's message:                      signed by the member's domain (RSA ``<stem>r`` and
+                                           Ed25519 ``<stem>e``) and by the operator domain
+    DSN (null sender), or a sender domain
+    no longer enrolled:                    signed by the operator domain only
+
+The headers are added before signing, so the signatures cover them. Runs in a worker thread
+(``Dispatcher`` calls it through ``trio.to_thread``): the store is thread-safe, and the
+signers, parsed once, are cached per domain for ``SIGNER_TTL`` seconds so a rotated or
+removed domain key takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Final
+
+from atmosrelay.accounts.dkim_keys import OperatorKey
+from atmosrelay.accounts.store import NotFound, Store
+from atmosrelay.message.dkim import Signer, SigningKey
+from atmosrelay.message.headers import unsubscribe_headers
+from atmosrelay.queue.state import QueuedMessage, domain_of
+
+SIGNER_TTL: Final = 60.0
+
+
+class Preparer:
+    def __init__(
+        self,
+        store: Store,
+        operator: OperatorKey,
+        *,
+        unsubscribe_secret: bytes,
+        unsubscribe_url: str,
+    ) -> None:
+        self.store = store
+        self.operator = SigningKey(operator.domain, operator.selector, "rsa", operator.key.private)
+        self.operator_only = Signer([self.operator])
+        self.unsubscribe_secret = unsubscribe_secret
+        self.unsubscribe_url = unsubscribe_url
+        self._signers: dict[str, tuple[float, Signer]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, msg: QueuedMessage, recipients: tuple[str, ...], body: bytes) -> bytes:
+        record = msg.record
+        if record.bulk and record.sender and len(recipients) == 1:
+            body = (
+                unsubscribe_headers(
+                    secret=self.unsubscribe_secret,
+                    did=record.did,
+                    recipient=recipients[0],
+                    base_url=self.unsubscribe_url,
+                    mailto_domain=self.operator.domain,
+                )
+                + body
+            )
+        signer = self.signer(domain_of(record.sender)) if record.sender else self.operator_only
+        return signer.sign(body) + body
+
+    def signer(self, domain: str) -> Signer:
+        """The member domain's two keys and the operator's; the operator's alone when the
+        domain is not enrolled (any more)."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._signers.get(domain)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            enrolled = self.store.domain(domain)
+        except NotFound:
+            signer = self.operator_only
+        else:
+            stem = enrolled.dkim_selector_stem
+            signer = Signer(
+                [
+                    SigningKey(domain, stem + "r", "rsa", enrolled.dkim_rsa_private),
+                    SigningKey(domain, stem + "e", "ed25519", enrolled.dkim_ed25519_private),
+                    self.operator,
+                ]
+            )
+        with self._lock:
+            self._signers[domain] = (now + SIGNER_TTL, signer)
+        return signer
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The unsubscribe token key: 32 random bytes in ``path`` (mode 0600), made on first
+    use and fsynced, so tokens in mail already sent stay valid across restarts."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    secret = path.read_bytes()
+    if len(secret) < 16:
+        raise ValueError(f"{path}: the unsubscribe key is shorter than 16 bytes")
+    return secret
