@@ -87,9 +87,14 @@ def enroll(config: Config) -> tuple[str, str]:
 
 @asynccontextmanager
 async def running_relay(
-    tmp: Path, *, extra: str = "", fs: FS | None = None, config: Config | None = None
+    tmp: Path,
+    *,
+    extra: str = "",
+    fs: FS | None = None,
+    config: Config | None = None,
+    ca: trustme.CA | None = None,
 ) -> AsyncIterator[Relay]:
-    ca = trustme.CA()
+    ca = ca or trustme.CA()
     config = config or make_config(tmp, ca, extra)
     key, mallory = enroll(config)
     lines: list[str] = []

@@ -1,0 +1,102 @@
+"""A stand-in MX: aiosmtpd (an SMTP server that is not ours) on 127.0.0.1, port 0, in a
+thread of its own with a plain asyncio loop. It offers STARTTLS with a trustme certificate,
+can refuse chosen recipients, and keeps every envelope it accepted."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import attrs
+import trustme
+from aiosmtpd.smtp import SMTP as AioSMTP
+from aiosmtpd.smtp import Envelope, Session
+
+TIMEOUT = 10.0
+
+
+@attrs.frozen
+class Received:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    content: bytes
+    tls: bool
+
+
+@attrs.define
+class Sink:
+    port: int = 0
+    refuse: dict[str, str] = attrs.field(factory=dict)  # recipient -> reply line
+    received: list[Received] = attrs.field(factory=list)
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+
+    async def handle_RCPT(
+        self, server: object, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: object, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        with self.lock:
+            self.received.append(
+                Received(
+                    envelope.mail_from,
+                    tuple(envelope.rcpt_tos),
+                    content,
+                    session.ssl is not None,
+                )
+            )
+        return "250 2.0.0 stored by the sink"
+
+    def snapshot(self) -> list[Received]:
+        with self.lock:
+            return list(self.received)
+
+
+@contextmanager
+def aiosmtpd_sink(ca: trustme.CA | None = None, hostname: str = "mx.example.net") -> Iterator[Sink]:
+    sink = Sink()
+    # A plain asyncio loop, not the policy's: trio-asyncio (imported by other tests) installs
+    # its own event-loop policy process-wide.
+    loop = asyncio.SelectorEventLoop()
+    started = threading.Event()
+    holder: dict[str, object] = {}
+    tls: ssl.SSLContext | None = None
+    if ca is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(hostname).configure_cert(tls)
+
+    def factory() -> AioSMTP:
+        return AioSMTP(
+            sink,
+            tls_context=tls,
+            hostname=hostname,
+            decode_data=False,
+            enable_SMTPUTF8=True,
+            loop=loop,
+        )
+
+    def run() -> None:
+        server = loop.run_until_complete(loop.create_server(factory, "127.0.0.1", 0))
+        holder["server"] = server
+        sink.port = server.sockets[0].getsockname()[1]
+        started.set()
+        loop.run_forever()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(TIMEOUT)
+    try:
+        yield sink
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(TIMEOUT)
