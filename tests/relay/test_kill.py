@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -73,31 +74,38 @@ def load(
     port: int,
     ctx: ssl.SSLContext,
     key: str,
-    acked: set[str],
+    acked: dict[str, str],
     lock: threading.Lock,
     stop: threading.Event,
     tag: str,
 ) -> None:
+    """Submit until stopped; ``acked`` maps each queue id answered 250 to its Subject."""
     n = 0
     try:
         with smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=10) as smtp:
             smtp.login(ALICE, key)
             while not stop.is_set():
                 n += 1
+                subject = f"{tag}-{n}"
                 smtp.mail("alice@example.org")
                 smtp.rcpt("bob@example.net")
                 code, reply = smtp.data(
-                    b"From: alice@example.org\r\nSubject: %s-%d\r\n\r\nload\r\n" % (tag.encode(), n)
+                    b"From: alice@example.org\r\nSubject: %s\r\n\r\nload\r\n" % subject.encode()
                 )
                 if code == 250:
                     with lock:
-                        acked.add(reply.decode().rsplit(" ", 1)[1])
+                        acked[reply.decode().rsplit(" ", 1)[1]] = subject
     except (smtplib.SMTPException, OSError):
         pass  # the server went away (that is the point) or is shutting down
 
 
 def run_load(
-    server: Server, ctx: ssl.SSLContext, key: str, acked: set[str], seconds: float, tag: str
+    server: Server,
+    ctx: ssl.SSLContext,
+    key: str,
+    acked: dict[str, str],
+    seconds: float,
+    tag: str,
 ) -> threading.Event:
     lock, stop = threading.Lock(), threading.Event()
     threads = [
@@ -113,7 +121,16 @@ def run_load(
     return stop
 
 
+def queue_states(config_path: Path) -> dict[str, list[str]]:
+    """Queue id -> its recipients' states, from 'atmosrelay queue list --json'."""
+    return {m["id"]: [r["state"] for r in m["recipients"]] for m in _queue_list(config_path)}
+
+
 def queue_ids(config_path: Path) -> set[str]:
+    return set(queue_states(config_path))
+
+
+def _queue_list(config_path: Path) -> list[dict[str, Any]]:
     result = subprocess.run(
         [
             sys.executable,
@@ -131,27 +148,34 @@ def queue_ids(config_path: Path) -> set[str]:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr
-    return {m["id"] for m in json.loads(result.stdout)}
+    return list(json.loads(result.stdout))
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> tuple[Path, ssl.SSLContext, str]:
+def write_config(
+    tmp_path: Path, delivery: str = "enabled = false\n"
+) -> tuple[Path, ssl.SSLContext, str]:
+    """The harness's settings as a file for the real process; ``delivery`` is the body of
+    its [delivery] section (off by default: these rounds test acceptance)."""
     ca = trustme.CA()
     config = make_config(tmp_path, ca, '[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\n')
     key, _ = enroll(config)
     text = tmp_path / "relay.toml"
-    # The same settings as the harness, as a file for the real process.
     cert = tmp_path / "tls.pem"
     text.write_text(
         f'[relay]\ndata_dir = "{tmp_path / "var"}"\nlog_level = "warning"\n'
         '[operator]\ndomain = "relay.test"\n[auth]\nbcrypt_cost = 4\n'
         f'[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\nhostname = "mx.test"\n'
         f'tls_cert = "{cert}"\ntls_key = "{cert}"\nshutdown_grace = 10.0\n'
-        "[delivery]\nenabled = false\n"  # these rounds test acceptance; delivery has its own
+        f"[delivery]\n{delivery}"
     )
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     return text, ctx, key
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, ssl.SSLContext, str]:
+    return write_config(tmp_path)
 
 
 @pytest.mark.slow
@@ -161,7 +185,7 @@ def test_kill_9_under_load_loses_no_250(
     config_path, ctx, key = setup
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    acked: set[str] = set()
+    acked: dict[str, str] = {}
     started = time.monotonic()
     for round_ in range(ROUNDS):
         assert time.monotonic() - started < 180, "kill loop over its time budget"
@@ -177,7 +201,7 @@ def test_kill_9_under_load_loses_no_250(
         for t in server.threads:  # type: ignore[attr-defined]
             t.join(15)
     assert len(acked) > ROUNDS * 5, f"the load barely ran ({len(acked)} messages)"
-    missing = acked - queue_ids(config_path)
+    missing = acked.keys() - queue_ids(config_path)
     assert not missing, f"seed {seed}: answered 250 but lost: {sorted(missing)[:5]}"
 
 
@@ -186,7 +210,7 @@ def test_sigterm_mid_load_loses_nothing(
     tmp_path: Path, setup: tuple[Path, ssl.SSLContext, str]
 ) -> None:
     config_path, ctx, key = setup
-    acked: set[str] = set()
+    acked: dict[str, str] = {}
     server = Server(tmp_path, config_path, 0)
     stop = run_load(server, ctx, key, acked, 0.8, "term")
     server.proc.send_signal(signal.SIGTERM)
@@ -197,7 +221,7 @@ def test_sigterm_mid_load_loses_nothing(
     text = server.finished()
     assert "SIGTERM received" in text and "listeners closed" in text and "journal closed" in text
     assert acked
-    assert acked <= queue_ids(config_path)
+    assert acked.keys() <= queue_ids(config_path)
     again = Server(tmp_path, config_path, 1)  # and it starts again from what is on disk
     assert f"queue: {len(queue_ids(config_path))} message(s) recovered" in again.text()
     again.proc.send_signal(signal.SIGTERM)
