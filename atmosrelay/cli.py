@@ -26,7 +26,7 @@ from atmosrelay.accounts.cli import register as register_accounts
 from atmosrelay.config import DEFAULTS_TOML, ConfigError, load_config
 from atmosrelay.queue.cli import register as register_queue
 from atmosrelay.queue.records import RecordError
-from atmosrelay.runtime import run_relay
+from atmosrelay.runtime import DataDirLocked, run_relay
 from journal import CorruptJournalError, JournalError, check_journal, dump_journal
 
 EXIT_USAGE = 64  # sysexits EX_USAGE: bad config or arguments
@@ -66,6 +66,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CORRUPT
     except JournalError as exc:
         _err(f"journal failure: {exc}")
+        return 1
+    except DataDirLocked as exc:
+        _err(f"refusing to start: {exc}")
         return 1
     return 0
 

@@ -18,12 +18,17 @@ accepted is on disk, and the next start folds it back into the queue and resumes
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
+import os
 import signal
 import ssl
+import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
+from typing import IO, Any
 
 import attrs
 import trio
@@ -33,6 +38,7 @@ from atmosrelay.accounts.dkim_keys import OperatorKey, ensure_operator_key
 from atmosrelay.accounts.identity import DnsSettings
 from atmosrelay.accounts.store import AsyncStore, Store
 from atmosrelay.config import Config
+from atmosrelay.control import Handler, serve_control, socket_path
 from atmosrelay.delivery.backoff import RetryPolicy
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
 from atmosrelay.delivery.prepare import Preparer, load_or_create_secret
@@ -97,6 +103,40 @@ async def run_relay(
     Raises ``journal.CorruptJournalError`` (before anything listens) when the journal holds
     damaged acknowledged records, and ``journal.JournalFatalError`` when the disk fails.
     """
+    with await trio.to_thread.run_sync(lock_data_dir, config.data_dir):
+        await _run(config, announce, fs, handle_signals, task_status)
+
+
+class DataDirLocked(Exception):
+    """Another relay runs on this data directory (two writers would corrupt the journal)."""
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Hold ``<data_dir>/relay.lock`` (flock, released by the kernel even on kill -9)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "relay.lock"
+    f = path.open("a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise DataDirLocked(
+            f"another relay is running on {data_dir} (it holds {path}); stop it first"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+async def _run(
+    config: Config,
+    announce: Callable[[str], None],
+    fs: FS | None,
+    handle_signals: bool,
+    task_status: trio.TaskStatus[RelayHandle],
+) -> None:
     directory = str(config.journal_dir)
     operator, created = await trio.to_thread.run_sync(
         ensure_operator_key, config.dkim_dir, config["operator.domain"]
@@ -198,6 +238,37 @@ def make_dispatcher(
     return Dispatcher(queue, resolver, settings, prepare=prepare)
 
 
+def control_handler(queue: QueueStore, dispatcher: Dispatcher | None) -> Handler:
+    """``queue retry`` and ``queue delete`` from the operator's CLI (see control.py)."""
+
+    async def handle(request: dict[str, Any]) -> dict[str, Any]:
+        cmd, queue_id = request.get("cmd"), request.get("id")
+        messages = queue.state.messages
+        if cmd == "retry":
+            if request.get("all"):
+                ids = list(messages)
+            elif queue_id in messages:
+                ids = [queue_id]
+            else:
+                return {"ok": False, "error": f"no message {queue_id} in the queue"}
+            now = time.time()
+            count = sum(queue.state.retry_now(q, now) for q in ids)
+            if dispatcher is not None:
+                dispatcher.notify()
+            return {"ok": True, "recipients": count, "delivering": dispatcher is not None}
+        if cmd == "delete":
+            reason = str(request.get("reason") or "deleted by the operator")
+            try:
+                await queue.delete(str(queue_id), reason, time.time())
+            except KeyError:
+                return {"ok": False, "error": f"no message {queue_id} in the queue"}
+            log.info("%s deleted: %s", queue_id, reason)
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    return handle
+
+
 async def _compactor(queue: QueueStore, interval: float, announce: Callable[[str], None]) -> None:
     """Keep disk use following the live queue: compact when enough of the sealed segments
     is dead. Each compaction is shielded: it is a sequence of journal steps best finished."""
@@ -253,6 +324,9 @@ async def _serve(
     async with trio.open_nursery() as services:
         await services.start(keys.watch_revocations)
         services.start_soon(_compactor, queue, config["delivery.compact_interval"], announce)
+        await services.start(
+            serve_control, socket_path(config.data_dir), control_handler(queue, dispatcher)
+        )
         async with trio.open_nursery() as delivery:
             if dispatcher is not None:
                 await delivery.start(dispatcher.run)

@@ -1,7 +1,9 @@
-"""``atmosrelay queue list [--json]`` and ``atmosrelay queue show ID [--json]``.
+"""``atmosrelay queue list|show|retry|delete``.
 
-Read-only: the journal is read without repairing anything, so these work beside a running
-relay (a message being written may not show yet) and on a journal the relay refused to open.
+``list`` and ``show`` read the journal without repairing anything, so they work beside a
+running relay (a message being written may not show yet) and on a journal the relay refused
+to open. ``retry`` and ``delete`` change the queue, so they ask the running relay, which owns
+the journal, over its control socket (``atmosrelay/control.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import attrs
 
 from atmosrelay.config import ConfigError, load_config
+from atmosrelay.control import ControlError, call, socket_path
 from atmosrelay.queue.state import QueuedMessage, fold
 from journal import CorruptJournalError, read_records
 
@@ -107,9 +110,56 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any] | int:
+    try:
+        config = load_config(args.config)
+        return call(socket_path(config.data_dir), request)
+    except ConfigError as exc:
+        print(f"atmosrelay: {exc}", file=sys.stderr)
+        return 64
+    except ControlError as exc:
+        print(f"atmosrelay: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    if bool(args.id) == args.all:
+        print("atmosrelay: give a queue id or --all (not both)", file=sys.stderr)
+        return 64
+    reply = _control(args, {"cmd": "retry", "id": args.id, "all": args.all})
+    if isinstance(reply, int):
+        return reply
+    if args.json:
+        print(json.dumps(reply))
+    else:
+        print(f"{reply['recipients']} recipient(s) due now")
+        if not reply.get("delivering"):
+            print("note: delivery is disabled (delivery.enabled = false)")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    reply = _control(args, {"cmd": "delete", "id": args.id, "reason": args.reason})
+    if isinstance(reply, int):
+        return reply
+    print(json.dumps(reply) if args.json else f"{args.id} deleted")
+    return 0
+
+
 def register(sub: Any) -> None:
-    queue = sub.add_parser("queue", help="the mail queue (read-only)")
+    queue = sub.add_parser("queue", help="the mail queue")
     qs = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = qs.add_parser("retry", help="make a message (or --all) due now (running relay)")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--all", action="store_true", help="every queued message")
+    p = qs.add_parser("delete", help="remove a message, with a record (running relay)")
+    p.add_argument("id")
+    p.add_argument("--reason", default="deleted by the operator")
+    for name, fn in (("retry", cmd_retry), ("delete", cmd_delete)):
+        p = qs.choices[name]
+        p.add_argument("--config", help="TOML config file (default: $ATMOSRELAY_CONFIG)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=fn)
     for name, fn, helptext in (
         ("list", cmd_list, "every queued message"),
         ("show", cmd_show, "one message"),
