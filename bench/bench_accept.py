@@ -167,12 +167,14 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
-def _ours(tmp: Path, cert: Path) -> tuple[Server, str]:
+def _ours(tmp: Path, cert: Path, delivery: str = "enabled = false\n") -> tuple[Server, str]:
+    """Our relay as a process; ``delivery`` is its [delivery] section (off: accept only)."""
     config = tmp / "relay.toml"
     config.write_text(
         f'[relay]\ndata_dir = "{tmp / "var"}"\nlog_level = "warning"\n[auth]\nbcrypt_cost = 4\n'
         f'[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\nhostname = "bench.test"\n'
         f'tls_cert = "{cert}"\ntls_key = "{cert}"\nmax_connections_per_ip = 200\n'
+        f"[delivery]\n{delivery}"
     )
     store = Store(tmp / "var" / "accounts.sqlite3")
     store.add_member(DID, "bench.test")

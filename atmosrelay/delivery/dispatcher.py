@@ -59,6 +59,10 @@ from atmosrelay.supervise import supervise
 log = logging.getLogger("atmosrelay.delivery")
 
 IDLE_POLL: Final = 60.0  # with nothing due, look again at least this often
+# Work waiting in the lanes' channels, at most: a deep queue (100,000 after a restart) is
+# fed to the lanes as they drain, so the first deliveries start at once, memory stays flat,
+# and a destination that is due later is not stuck behind everything due now.
+MAX_BACKLOG: Final = 2000
 CRASH_RETRY: Final = 60.0  # recipients of a crashed attempt are tried again after this
 STALE_RETRY: Final = 1  # a reused connection that turned out dead: retry once on a fresh one
 
@@ -151,7 +155,8 @@ class Dispatcher:
             while not self.draining:
                 self._wake = trio.Event()
                 await self._dispatch()
-                with trio.move_on_after(self._until_next_due()):
+                wait = IDLE_POLL if self._backlog() >= MAX_BACKLOG else self._until_next_due()
+                with trio.move_on_after(wait):  # an attempt ending wakes it early
                     await self._wake.wait()
             for lane in self.lanes.values():
                 lane.send.close()  # idle workers leave; busy ones after their transaction
@@ -160,9 +165,15 @@ class Dispatcher:
         at = self.queue.state.next_due()
         return IDLE_POLL if at is None else min(IDLE_POLL, max(0.0, at - self.clock()))
 
+    def _backlog(self) -> int:
+        return sum(lane.receive.statistics().current_buffer_used for lane in self.lanes.values())
+
     async def _dispatch(self) -> None:
+        room = MAX_BACKLOG - self._backlog()
+        if room <= 0:
+            return
         by_domain: dict[str, list[tuple[str, str]]] = {}
-        for queue_id, rcpt in self.queue.state.take_due(self.clock()):
+        for queue_id, rcpt in self.queue.state.take_due(self.clock(), room):
             if (queue_id, rcpt) not in self.in_flight:
                 by_domain.setdefault(domain_of(rcpt), []).append((queue_id, rcpt))
         for domain, items in by_domain.items():

@@ -33,6 +33,7 @@ import time
 from typing import Any, Final
 
 import attrs
+import orjson
 
 from atmosrelay._random import RANDOM
 
@@ -117,8 +118,8 @@ def decode_accepted(payload: bytes) -> tuple[Accepted, int]:
         raise RecordError("accepted record too short")
     (n,) = _LEN.unpack_from(payload)
     try:
-        head: dict[str, Any] = json.loads(payload[_LEN.size : _LEN.size + n])
-    except ValueError as exc:
+        head: dict[str, Any] = orjson.loads(payload[_LEN.size : _LEN.size + n])
+    except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
         raise RecordError(f"accepted record head is not JSON: {exc}") from None
     if head.get("v") != FORMAT_VERSION:
         raise RecordError(f"accepted record version {head.get('v')!r} unknown to this build")
@@ -195,7 +196,7 @@ def encode_delivery(d: Delivery) -> bytes:
 
 def decode_delivery(payload: bytes) -> Delivery:
     try:
-        head = json.loads(payload)
+        head = orjson.loads(payload)
         outcomes = tuple(
             Outcome(
                 o["rcpt"],

@@ -60,6 +60,8 @@ class QueuedMessage:
 
     def dsn_owed(self) -> list[str]:
         """Bounced recipients whose sender wants a DSN that is not queued yet."""
+        if "bounced" not in self.recipient_states.values():
+            return []
         notify = {r.addr: r.notify for r in self.record.recipients}
         return [
             r
@@ -108,11 +110,14 @@ class QueueState:
             heapq.heappop(self._schedule)
         return self._schedule[0][0] if self._schedule else None
 
-    def take_due(self, now: float) -> list[tuple[str, str]]:
-        """(queue id, recipient) of everything due by ``now``, taken off the schedule: the
-        caller delivers them, and their outcomes schedule them again if need be."""
-        out = []
+    def take_due(self, now: float, limit: int | None = None) -> list[tuple[str, str]]:
+        """(queue id, recipient) of what is due by ``now`` (at most ``limit``, earliest
+        first), taken off the schedule: the caller delivers them, and their outcomes
+        schedule them again if need be."""
+        out: list[tuple[str, str]] = []
         while self._schedule and self._schedule[0][0] <= now:
+            if limit is not None and len(out) >= limit:
+                break
             entry = heapq.heappop(self._schedule)
             if self._valid(entry):
                 del self._scheduled[(entry[1], entry[2])]
