@@ -129,6 +129,28 @@ class _Wire:
         return event
 
 
+# What a remote server (or the network) can do to a session: outcomes, never crashes.
+_EXPECTED = (
+    _Failed,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+    trio.TooSlowError,
+    ProtocolError,
+)
+
+
+def _failure(exc: BaseException, host: str) -> _Failed:
+    """The temporary failure an expected exception means."""
+    if isinstance(exc, _Failed):
+        return exc
+    if isinstance(exc, trio.TooSlowError):
+        return _Failed("4.4.2", f"timeout talking to {host}")
+    if isinstance(exc, ProtocolError):
+        return _Failed("4.5.0", f"protocol error from {host}: {exc}")
+    return _Failed("4.4.2", f"connection to {host} lost")
+
+
 class Remote:
     """An open, greeted connection to one MX host, ready for transactions in turn (RSET
     between them, so a lane reuses it for several messages)."""
@@ -152,14 +174,8 @@ class Remote:
                     raise _Failed("4.4.2", _reply_text(reset))
             self.transactions += 1
             return await _send(self._wire, self.caps, envelope, message)
-        except _Failed as failed:
-            reason = failed
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            reason = _Failed("4.4.2", f"connection to {self.host} lost")
-        except trio.TooSlowError:
-            reason = _Failed("4.4.2", f"timeout talking to {self.host}")
-        except ProtocolError as exc:
-            reason = _Failed("4.5.0", f"protocol error from {self.host}: {exc}")
+        except _EXPECTED as exc:
+            reason = _failure(exc, self.host)
         self.usable = False
         return tuple(
             Outcome(r, "deferred", reason.status, reason.reply) for r in envelope.recipients
@@ -212,14 +228,8 @@ async def open_remote(
                 continue
             try:
                 return await _open(stream, host, helo, tls, require_tls)
-            except _Failed as failed:
-                last = failed
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                last = _Failed("4.4.2", f"connection to {host} lost")
-            except trio.TooSlowError:
-                last = _Failed("4.4.2", f"timeout talking to {host}")
-            except ProtocolError as exc:
-                last = _Failed("4.5.0", f"protocol error from {host}: {exc}")
+            except _EXPECTED as exc:
+                last = _failure(exc, host)
             await trio.aclose_forcefully(stream)
     raise ConnectFailed(last.status, last.reply)
 

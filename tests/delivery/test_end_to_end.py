@@ -8,7 +8,8 @@ from __future__ import annotations
 import email
 import email.message
 import smtplib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import dkim
@@ -102,6 +103,20 @@ async def wait_for(sink: Sink, n: int, limit: float = 20) -> list[Received]:
     return sink.snapshot()
 
 
+@asynccontextmanager
+async def delivering(
+    tmp: Path, dns_server: DnsServer, refuse: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Relay, Sink]]:
+    """A relay delivering by MX (from the test's DNS server) to the sink, DKIM published."""
+    ca = trustme.CA()
+    with aiosmtpd_sink(ca) as sink:
+        sink.refuse.update(refuse or {})
+        config = config_for(tmp, ca, dns_server, sink)
+        async with running_relay(tmp, config=config, ca=ca) as relay:
+            publish(config, dns_server, sink)
+            yield relay, sink
+
+
 TRANSACTIONAL = (
     b"From: Alice <alice@example.org>\r\nTo: bob@example.net, carol@example.net\r\n"
     b"Subject: your code\r\nX-Atmos-Category: password-reset\r\n\r\n"
@@ -112,20 +127,16 @@ TRANSACTIONAL = (
 async def test_delivered_over_verified_starttls_with_three_dkim_signatures_that_verify(
     tmp_path: Path, dns_server: DnsServer
 ) -> None:
-    ca = trustme.CA()
-    with aiosmtpd_sink(ca) as sink:
-        config = config_for(tmp_path, ca, dns_server, sink)
-        async with running_relay(tmp_path, config=config, ca=ca) as relay:
-            publish(config, dns_server, sink)
-            await trio.to_thread.run_sync(
-                submit, relay, TRANSACTIONAL, "bob@example.net", "carol@example.net"
-            )
-            (got,) = await wait_for(sink, 1)
-            queue = relay.handle.ctx.queue.state
-            (msg,) = queue.messages.values()
-            with trio.fail_after(10):
-                while not msg.terminal:  # noqa: ASYNC110 - the record follows the 250
-                    await trio.sleep(0.02)
+    async with delivering(tmp_path, dns_server) as (relay, sink):
+        await trio.to_thread.run_sync(
+            submit, relay, TRANSACTIONAL, "bob@example.net", "carol@example.net"
+        )
+        (got,) = await wait_for(sink, 1)
+        queue = relay.handle.ctx.queue.state
+        (msg,) = queue.messages.values()
+        with trio.fail_after(10):
+            while not msg.terminal:  # noqa: ASYNC110 - the record follows the 250
+                await trio.sleep(0.02)
     # one transaction for both recipients (transactional mail is not split), over TLS
     assert got.mail_from == "alice@example.org"
     assert got.rcpt_tos == ("bob@example.net", "carol@example.net")
@@ -162,15 +173,9 @@ BULK = (
 async def test_bulk_mail_gets_a_signed_list_unsubscribe_per_recipient(
     tmp_path: Path, dns_server: DnsServer
 ) -> None:
-    ca = trustme.CA()
-    with aiosmtpd_sink(ca) as sink:
-        config = config_for(tmp_path, ca, dns_server, sink)
-        async with running_relay(tmp_path, config=config, ca=ca) as relay:
-            publish(config, dns_server, sink)
-            await trio.to_thread.run_sync(
-                submit, relay, BULK, "bob@example.net", "carol@example.net"
-            )
-            got = await wait_for(sink, 2)
+    async with delivering(tmp_path, dns_server) as (relay, sink):
+        await trio.to_thread.run_sync(submit, relay, BULK, "bob@example.net", "carol@example.net")
+        got = await wait_for(sink, 2)
     assert sorted(r.rcpt_tos for r in got) == [("bob@example.net",), ("carol@example.net",)]
     links = set()
     for r in got:
@@ -190,25 +195,21 @@ async def test_bulk_mail_gets_a_signed_list_unsubscribe_per_recipient(
 async def test_a_refused_recipient_bounces_with_a_dsn_to_the_sender(
     tmp_path: Path, dns_server: DnsServer
 ) -> None:
-    ca = trustme.CA()
-    with aiosmtpd_sink(ca) as sink:
-        sink.refuse["nobody@example.net"] = "550 5.1.1 <nobody@example.net>: no such user"
-        config = config_for(tmp_path, ca, dns_server, sink)
-        async with running_relay(tmp_path, config=config, ca=ca) as relay:
-            publish(config, dns_server, sink)
-            await trio.to_thread.run_sync(
-                lambda: submit(
-                    relay,
-                    TRANSACTIONAL,
-                    "bob@example.net",
-                    "nobody@example.net",
-                    rcpt_options=["NOTIFY=FAILURE", "ORCPT=rfc822;nobody@example.net"],
-                    mail_options=["RET=HDRS", "ENVID=batch-7"],
-                )
+    refuse = {"nobody@example.net": "550 5.1.1 <nobody@example.net>: no such user"}
+    async with delivering(tmp_path, dns_server, refuse) as (relay, sink):
+        await trio.to_thread.run_sync(
+            lambda: submit(
+                relay,
+                TRANSACTIONAL,
+                "bob@example.net",
+                "nobody@example.net",
+                rcpt_options=["NOTIFY=FAILURE", "ORCPT=rfc822;nobody@example.net"],
+                mail_options=["RET=HDRS", "ENVID=batch-7"],
             )
-            delivered, dsn = await wait_for(sink, 2)
-            await trio.sleep(0.5)
-            assert len(sink.snapshot()) == 2  # one DSN, never a DSN for the DSN
+        )
+        delivered, dsn = await wait_for(sink, 2)
+        await trio.sleep(0.5)
+        assert len(sink.snapshot()) == 2  # one DSN, never a DSN for the DSN
     assert delivered.rcpt_tos == ("bob@example.net",)
     assert dsn.mail_from == "<>"  # the null reverse path, as aiosmtpd reports it
     assert dsn.rcpt_tos == ("alice@example.org",)
