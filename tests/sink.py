@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import attrs
@@ -31,7 +31,7 @@ class Sink:
     port: int = 0
     refuse: dict[str, str] = attrs.field(factory=dict)  # recipient -> reply line
     received: list[Received] = attrs.field(factory=list)
-    lock: threading.Lock = attrs.field(factory=threading.Lock)
+    arrived: threading.Condition = attrs.field(factory=threading.Condition)
 
     async def handle_RCPT(
         self, server: object, session: Session, envelope: Envelope, address: str, options: list
@@ -43,7 +43,8 @@ class Sink:
 
     async def handle_DATA(self, server: object, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
-        with self.lock:
+        with self.arrived:
+            self.arrived.notify_all()
             self.received.append(
                 Received(
                     envelope.mail_from,
@@ -55,8 +56,13 @@ class Sink:
         return "250 2.0.0 stored by the sink"
 
     def snapshot(self) -> list[Received]:
-        with self.lock:
+        with self.arrived:
             return list(self.received)
+
+    def wait(self, done: Callable[[list[Received]], bool], timeout: float) -> bool:
+        """Block (a thread) until ``done(received)`` or ``timeout``; returns ``done``."""
+        with self.arrived:
+            return self.arrived.wait_for(lambda: done(self.received), timeout)
 
 
 @contextmanager

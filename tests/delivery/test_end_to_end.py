@@ -208,8 +208,13 @@ async def test_a_refused_recipient_bounces_with_a_dsn_to_the_sender(
             )
         )
         delivered, dsn = await wait_for(sink, 2)
-        await trio.sleep(0.5)
-        assert len(sink.snapshot()) == 2  # one DSN, never a DSN for the DSN
+        state = relay.handle.ctx.queue.state
+        with trio.fail_after(10):  # the DSN's own outcome is recorded after the sink's 250
+            while not all(m.terminal for m in state.messages.values()):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        assert len(state.messages) == 2  # the message and its one DSN
+        assert not any(m.dsn_owed() for m in state.messages.values())
+        assert len(sink.snapshot()) == 2
     assert delivered.rcpt_tos == ("bob@example.net",)
     assert dsn.mail_from == "<>"  # the null reverse path, as aiosmtpd reports it
     assert dsn.rcpt_tos == ("alice@example.org",)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.relay.test_kill import CLIENTS, ROUNDS, Server, queue_states, run_load, write_config
-from tests.sink import Sink, aiosmtpd_sink
+from tests.sink import Received, Sink, aiosmtpd_sink
 
 
 def subjects(sink: Sink) -> collections.Counter[str]:
@@ -28,12 +28,12 @@ def subjects(sink: Sink) -> collections.Counter[str]:
 
 def wait_delivered(sink: Sink, wanted: set[str], limit: float) -> set[str]:
     """The wanted subjects not at the sink when ``limit`` seconds have passed."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        missing = wanted - set(subjects(sink))
-        if not missing:
-            return set()
-        time.sleep(0.1)
+
+    def done(received: list[Received]) -> bool:
+        got = {str(email.message_from_bytes(r.content)["Subject"]) for r in received}
+        return wanted <= got
+
+    sink.wait(done, limit)
     return wanted - set(subjects(sink))
 
 
