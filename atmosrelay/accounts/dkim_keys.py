@@ -22,6 +22,8 @@ import attrs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from atmosrelay._files import write_private
+
 RSA_BITS: Final = 2048
 TXT_STRING_MAX: Final = 255
 
@@ -105,13 +107,7 @@ def ensure_operator_key(directory: Path, domain: str) -> tuple[OperatorKey, bool
     created = False
     if not private_path.exists():
         pair = generate_rsa()
-        tmp = private_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(pair.private)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, private_path)
+        write_private(private_path, pair.private.encode("ascii"))
         selector_path.write_text(selector_stem() + "r\n")
         created = True
     os.chmod(private_path, 0o600)

@@ -15,13 +15,13 @@ removed domain key takes effect without a restart.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
 from pathlib import Path
 from typing import Final
 
+from atmosrelay._files import write_private
 from atmosrelay.accounts.dkim_keys import OperatorKey
 from atmosrelay.accounts.store import NotFound, Store
 from atmosrelay.message.dkim import Signer, SigningKey
@@ -94,14 +94,7 @@ def load_or_create_secret(path: Path) -> bytes:
     """The unsubscribe token key: 32 random bytes in ``path`` (mode 0600), made on first
     use and fsynced, so tokens in mail already sent stay valid across restarts."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_private(path, secrets.token_bytes(32))
     secret = path.read_bytes()
     if len(secret) < 16:
         raise ValueError(f"{path}: the unsubscribe key is shorter than 16 bytes")

@@ -4,7 +4,6 @@ data directory on first start (with a warning: clients must be told to trust it)
 from __future__ import annotations
 
 import datetime
-import os
 import ssl
 from pathlib import Path
 
@@ -12,6 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from atmosrelay._files import write_private
 
 
 def generate_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
@@ -32,15 +33,14 @@ def generate_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
         .sign(key, hashes.SHA256())
     )
     key_path, cert_path = directory / "key.pem", directory / "cert.pem"
-    fd = os.open(key_path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+    write_private(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
