@@ -155,6 +155,11 @@ class Journal:
         """One record by position, read in a worker thread."""
         return await trio.to_thread.run_sync(self._log.read, position)
 
+    async def read_then(self, position: Position, then: Callable[[Record], T]) -> T:
+        """Read one record and apply ``then`` to it in the same worker thread: one thread
+        hop for read-and-process (a delivery reads a body and signs it)."""
+        return await trio.to_thread.run_sync(lambda: then(self._log.read(position)))
+
     def records(self) -> Iterator[Record]:
         """Every record in seq order. Blocking: iterate it in a worker thread, e.g.
         ``await trio.to_thread.run_sync(lambda: fold(journal.records()))``."""

@@ -36,6 +36,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Final
 
 import attrs
@@ -51,10 +52,18 @@ from atmosrelay.delivery.client_session import (
 )
 from atmosrelay.delivery.resolver import Destination, ResolutionFailed, Resolver
 from atmosrelay.message.dsn import RecipientStatus, build_dsn
-from atmosrelay.queue.records import Accepted, Delivery, Outcome, Recipient, new_queue_id
+from atmosrelay.queue.records import (
+    PENDING,
+    Accepted,
+    Delivery,
+    Outcome,
+    Recipient,
+    new_queue_id,
+)
 from atmosrelay.queue.state import DSN_FOR, DSN_RECIPIENTS, QueuedMessage, domain_of
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.supervise import supervise
+from journal import Record
 
 log = logging.getLogger("atmosrelay.delivery")
 
@@ -64,7 +73,6 @@ IDLE_POLL: Final = 60.0  # with nothing due, look again at least this often
 # and a destination that is due later is not stuck behind everything due now.
 MAX_BACKLOG: Final = 2000
 CRASH_RETRY: Final = 60.0  # recipients of a crashed attempt are tried again after this
-STALE_RETRY: Final = 1  # a reused connection that turned out dead: retry once on a fresh one
 
 OpenRemote = Callable[..., Awaitable[Remote]]
 # (message, its recipients in this transaction, body) -> the bytes to send (signed)
@@ -97,7 +105,6 @@ class Lane:
     send: trio.MemorySendChannel[Work]
     receive: trio.MemoryReceiveChannel[Work]
     workers: int = 0
-    connections: int = 0  # connections opened, over the lane's life (for reports and tests)
 
 
 class Dispatcher:
@@ -236,13 +243,13 @@ class Dispatcher:
                     return
                 if idle.cancelled_caught:
                     return
-                remote = await self._attempt(work, remote, lane)
+                remote = await self._attempt(work, remote)
         finally:
             if remote is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await remote.aclose()
 
-    async def _attempt(self, work: Work, remote: Remote | None, lane: Lane) -> Remote | None:
+    async def _attempt(self, work: Work, remote: Remote | None) -> Remote | None:
         """Deliver ``work``, on ``remote`` if it still fits; returns the connection to keep."""
         recorded = False
         try:
@@ -250,49 +257,60 @@ class Dispatcher:
             if msg is None:  # deleted meanwhile
                 recorded = True
                 return remote
-            record = await self.queue.journal.read(msg.position)
-            body = record.payload[msg.body_offset :]
-            if self.prepare is not None:
-                body = await trio.to_thread.run_sync(self.prepare, msg, work.recipients, body)
-            envelope = _envelope(msg, work.recipients)
+            body = await self.queue.journal.read_then(
+                msg.position, partial(self._prepared, msg, work.recipients)
+            )
             require = any(domain_of(r) in self.settings.require_tls for r in work.recipients)
-            if remote is not None and (not remote.usable or (require and not remote.tls)):
+            if remote is not None and require and not remote.tls:
                 await remote.aclose()
                 remote = None
-            for _ in range(1 + STALE_RETRY):
-                reused = remote is not None
-                if remote is None:
-                    try:
-                        remote = await self._open(work.destination, require)
-                    except ConnectFailed as failed:
-                        await self._record(work.queue_id, None, failed.outcomes(work.recipients))
-                        recorded = True
-                        return None
-                    lane.connections += 1
-                outcomes = await remote.send(envelope, body)
-                if reused and not remote.usable:  # the server dropped an idle connection
-                    await remote.aclose()
-                    remote = None
-                    continue
-                break
-            assert remote is not None
+            try:
+                remote, outcomes = await self._transaction(
+                    work, _envelope(msg, work.recipients), body, remote, require
+                )
+            except ConnectFailed as failed:
+                await self._record(work.queue_id, None, failed.outcomes(work.recipients))
+                recorded = True
+                return None
             await self._record(work.queue_id, remote.host, outcomes)
             recorded = True
-            if not remote.usable:
-                await remote.aclose()
-                return None
-            return remote
+            if remote.usable:
+                return remote
+            await remote.aclose()
+            return None
         finally:
             for rcpt in work.recipients:
                 self.in_flight.discard((work.queue_id, rcpt))
                 if not recorded and not self.draining:  # a crash: back on the schedule
                     msg = self.queue.state.messages.get(work.queue_id)
-                    if msg is not None and msg.recipient_states.get(rcpt) in (
-                        "accepted",
-                        "deferred",
-                    ):
+                    if msg is not None and msg.recipient_states.get(rcpt) in PENDING:
                         self.queue.state.schedule(work.queue_id, rcpt, self.clock() + CRASH_RETRY)
             self._wake.set()
+
+    def _prepared(self, msg: QueuedMessage, recipients: tuple[str, ...], record: Record) -> bytes:
+        """The bytes to send (in the worker thread that read the record)."""
+        body = record.payload[msg.body_offset :]
+        return body if self.prepare is None else self.prepare(msg, recipients, body)
+
+    async def _transaction(
+        self,
+        work: Work,
+        envelope: Envelope,
+        body: bytes,
+        remote: Remote | None,
+        require_tls: bool,
+    ) -> tuple[Remote, tuple[Outcome, ...]]:
+        """One transaction, on ``remote`` when it is still open. A reused connection that
+        turns out dead (the server dropped it while idle) is replaced once, without
+        counting an attempt. Raises ConnectFailed when no host will take a new one."""
+        if remote is not None and remote.usable:
+            outcomes = await remote.send(envelope, body)
+            if remote.usable:
+                return remote, outcomes
+        if remote is not None:
+            await remote.aclose()
+        remote = await self._open(work.destination, require_tls)
+        return remote, await remote.send(envelope, body)
 
     async def _open(self, destination: Destination, require_tls: bool) -> Remote:
         kwargs = {"connect": self.connect} if self.connect is not None else {}

@@ -42,6 +42,10 @@ class Destination:
         return ",".join(sorted(f"{h}:{p}" for h, p in self.hosts))
 
 
+# Answers that say "ask again later" (SERVFAIL from every server, no answer in time).
+_TEMPORARY = (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout)
+
+
 class ResolutionFailed(Exception):
     """``permanent`` failures bounce (``status`` 5.x.x); others defer (4.x.x)."""
 
@@ -88,11 +92,7 @@ class DnsResolver:
             raise ResolutionFailed("5.1.2", f"{domain} does not exist (NXDOMAIN)") from None
         except dns.resolver.NoAnswer:
             return await self._implicit(domain)
-        except (
-            dns.exception.Timeout,
-            dns.resolver.NoNameservers,
-            dns.resolver.LifetimeTimeout,
-        ) as exc:
+        except _TEMPORARY as exc:
             raise ResolutionFailed(
                 "4.4.3", f"MX lookup for {domain} failed: {type(exc).__name__}"
             ) from None
@@ -124,11 +124,7 @@ class DnsResolver:
                 continue
             except dns.resolver.NXDOMAIN:
                 break
-            except (
-                dns.exception.Timeout,
-                dns.resolver.NoNameservers,
-                dns.resolver.LifetimeTimeout,
-            ) as exc:
+            except _TEMPORARY as exc:
                 raise ResolutionFailed(
                     "4.4.3", f"address lookup for {host} failed: {type(exc).__name__}"
                 ) from None
