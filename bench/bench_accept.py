@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +116,12 @@ async def _session(
     port: int,
     ctx: ssl.SSLContext,
     password: str,
-    body: bytes,
+    body: Callable[[int], bytes],
     deadline: float,
-    latencies: list[float],
+    done: Callable[[int, float], None],
 ) -> None:
+    """One submission session sending ``body(n)`` for n = 1, 2, ... until ``deadline``;
+    ``done(n, seconds from the end of data to the 250)`` after each 250."""
     stream = await trio.open_ssl_over_tcp_stream(
         "127.0.0.1", port, ssl_context=ctx, https_compatible=False
     )
@@ -130,7 +133,9 @@ async def _session(
     await stream.send_all(conn.send(AuthPlain(DID, password)))
     assert (await _reply(stream, conn)).reply.code == 235
     sender, rcpt = Address("bench", "example.org"), Address("sink", "example.net")
+    n = 0
     while trio.current_time() < deadline:
+        n += 1
         commands: list[Event] = [MailFrom(sender), RcptTo(rcpt), Data()]
         if pipelining:
             await stream.send_all(b"".join(conn.send(c) for c in commands))
@@ -141,12 +146,12 @@ async def _session(
                 await stream.send_all(conn.send(c))
                 replies.append(await _reply(stream, conn))
         assert replies[-1].reply.code == 354, replies
-        content = conn.send_data(body) + conn.end_data()
+        content = conn.send_data(body(n)) + conn.end_data()
         t = time.perf_counter()
         await stream.send_all(content)
-        done = await _reply(stream, conn)
-        latencies.append(time.perf_counter() - t)
-        assert done.reply.code == 250, done.reply
+        final = await _reply(stream, conn)
+        assert final.reply.code == 250, final.reply
+        done(n, time.perf_counter() - t)
     await stream.aclose()
 
 
@@ -158,7 +163,15 @@ async def _drive(
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
         for _ in range(sessions):
-            nursery.start_soon(_session, port, ctx, password, body, start + seconds, latencies)
+            nursery.start_soon(
+                _session,
+                port,
+                ctx,
+                password,
+                lambda _: body,
+                start + seconds,
+                lambda _, latency: latencies.append(latency),
+            )
     return latencies, trio.current_time() - start
 
 

@@ -42,8 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atmosrelay.accounts import dkim_keys
 from atmosrelay.message.dkim import Signer, SigningKey
 from atmosrelay.queue.records import Accepted, Recipient, RecordType, encode_accepted, new_queue_id
-from atmosrelay.smtp import Address, AuthPlain, ClientConnection, Data, Hello, MailFrom, RcptTo
-from bench.bench_accept import DID, SIZES, Server, _cpu_seconds, _ours, _pct, _reply
+from bench.bench_accept import DID, SIZES, Server, _cpu_seconds, _ours, _pct, _session
 from journal import Log, OsFS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,41 +81,6 @@ class Sink:
         return dict(json.loads(self.out.read_text()))
 
 
-async def _session(
-    port: int,
-    ctx: ssl.SSLContext,
-    password: str,
-    size: int,
-    deadline: float,
-    tag: str,
-    acked: dict[str, float],
-) -> None:
-    stream = await trio.open_ssl_over_tcp_stream(
-        "127.0.0.1", port, ssl_context=ctx, https_compatible=False
-    )
-    conn = ClientConnection()
-    await _reply(stream, conn)
-    await stream.send_all(conn.send(Hello("bench.client", True)))
-    await _reply(stream, conn)
-    await stream.send_all(conn.send(AuthPlain(DID, password)))
-    assert (await _reply(stream, conn)).reply.code == 235
-    sender, rcpt = Address("bench", "example.org"), Address("sink", "example.net")
-    n = 0
-    while trio.current_time() < deadline:
-        n += 1
-        subject = f"{tag}-{n}"
-        await stream.send_all(
-            b"".join(conn.send(c) for c in (MailFrom(sender), RcptTo(rcpt), Data()))
-        )
-        replies = [await _reply(stream, conn) for _ in range(3)]
-        assert replies[-1].reply.code == 354, replies
-        await stream.send_all(conn.send_data(_body(size, subject)) + conn.end_data())
-        done = await _reply(stream, conn)
-        assert done.reply.code == 250, done.reply
-        acked[subject] = time.time()
-    await stream.aclose()
-
-
 async def _drive(
     port: int, ctx: ssl.SSLContext, password: str, sessions: int, size: int, seconds: float
 ) -> dict[str, float]:
@@ -124,7 +88,16 @@ async def _drive(
     deadline = trio.current_time() + seconds
     async with trio.open_nursery() as nursery:
         for i in range(sessions):
-            nursery.start_soon(_session, port, ctx, password, size, deadline, f"s{i}", acked)
+            tag = f"s{i}"
+            nursery.start_soon(
+                _session,
+                port,
+                ctx,
+                password,
+                lambda n, tag=tag: _body(size, f"{tag}-{n}"),
+                deadline,
+                lambda n, _, tag=tag: acked.__setitem__(f"{tag}-{n}", time.time()),
+            )
     return acked
 
 

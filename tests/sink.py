@@ -66,32 +66,19 @@ class Sink:
 
 
 @contextmanager
-def aiosmtpd_sink(ca: trustme.CA | None = None, hostname: str = "mx.example.net") -> Iterator[Sink]:
-    sink = Sink()
-    # A plain asyncio loop, not the policy's: trio-asyncio (imported by other tests) installs
-    # its own event-loop policy process-wide.
+def aiosmtpd_in_thread(
+    factory: Callable[[asyncio.AbstractEventLoop], AioSMTP],
+) -> Iterator[int]:
+    """Serve ``factory(loop)``'s SMTP protocol on 127.0.0.1, port 0, in a thread with its own
+    loop; yields the port. A plain asyncio loop, not the policy's: trio-asyncio (imported
+    by other tests) installs its own event-loop policy process-wide."""
     loop = asyncio.SelectorEventLoop()
     started = threading.Event()
-    holder: dict[str, object] = {}
-    tls: ssl.SSLContext | None = None
-    if ca is not None:
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert(hostname).configure_cert(tls)
-
-    def factory() -> AioSMTP:
-        return AioSMTP(
-            sink,
-            tls_context=tls,
-            hostname=hostname,
-            decode_data=False,
-            enable_SMTPUTF8=True,
-            loop=loop,
-        )
+    holder: dict[str, int] = {}
 
     def run() -> None:
-        server = loop.run_until_complete(loop.create_server(factory, "127.0.0.1", 0))
-        holder["server"] = server
-        sink.port = server.sockets[0].getsockname()[1]
+        server = loop.run_until_complete(loop.create_server(lambda: factory(loop), "127.0.0.1", 0))
+        holder["port"] = server.sockets[0].getsockname()[1]
         started.set()
         loop.run_forever()
         server.close()
@@ -102,7 +89,31 @@ def aiosmtpd_sink(ca: trustme.CA | None = None, hostname: str = "mx.example.net"
     thread.start()
     assert started.wait(TIMEOUT)
     try:
-        yield sink
+        yield holder["port"]
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(TIMEOUT)
+
+
+@contextmanager
+def aiosmtpd_sink(ca: trustme.CA | None = None, hostname: str = "mx.example.net") -> Iterator[Sink]:
+    """The sink, offering STARTTLS with a certificate from ``ca`` when given."""
+    sink = Sink()
+    tls: ssl.SSLContext | None = None
+    if ca is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(hostname).configure_cert(tls)
+
+    def factory(loop: asyncio.AbstractEventLoop) -> AioSMTP:
+        return AioSMTP(
+            sink,
+            tls_context=tls,
+            hostname=hostname,
+            decode_data=False,
+            enable_SMTPUTF8=True,
+            loop=loop,
+        )
+
+    with aiosmtpd_in_thread(factory) as port:
+        sink.port = port
+        yield sink

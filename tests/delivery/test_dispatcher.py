@@ -16,12 +16,13 @@ from atmosrelay.delivery.backoff import RetryPolicy
 from atmosrelay.delivery.client_session import open_remote
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
 from atmosrelay.delivery.resolver import Destination, ResolutionFailed
-from atmosrelay.queue.records import Accepted, Recipient, RecordType, decode_delivery, new_queue_id
+from atmosrelay.queue.records import RecordType, decode_delivery
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.smtp import Reply
 from journal import open_journal
 from journal.testing import CrashableMemFS
 from tests.delivery.test_client_session import MESSAGE, FakeMX, Host, fake_mx, tls
+from tests.queue.factories import accepted_record
 
 NO_JITTER = RetryPolicy(jitter=0.0)
 
@@ -38,24 +39,9 @@ class FakeResolver:
 
 
 async def accept(queue: QueueStore, *recipients: str) -> str:
-    qid = new_queue_id()
-    record = Accepted(
-        id=qid,
-        accepted_at=trio.current_time(),
-        did="did:plc:abcdefghijklmnopqrstuvwx",
-        sender="alice@example.org",
-        recipients=tuple(Recipient(r) for r in recipients),
-        ret=None,
-        envid=None,
-        category="bulk",
-        bulk=True,
-        tags=(),
-        metadata={},
-        client={},
-        size=len(MESSAGE),
-    )
+    record = accepted_record(*recipients, accepted_at=trio.current_time(), size=len(MESSAGE))
     await queue.accept(record, MESSAGE)
-    return qid
+    return record.id
 
 
 @attrs.define

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.relay.test_kill import CLIENTS, ROUNDS, Server, queue_states, run_load, write_config
+from tests.relay.test_kill import (
+    CLIENTS,
+    ROUNDS,
+    Server,
+    load_then_signal,
+    queue_states,
+    write_config,
+)
 from tests.sink import Received, Sink, aiosmtpd_sink
 
 
@@ -52,12 +59,9 @@ def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path) -> None:
         for round_ in range(ROUNDS):
             assert time.monotonic() - started < 240, "kill loop over its time budget"
             server = Server(tmp_path, config_path, round_)
-            stop = run_load(server, ctx, key, acked, rng.uniform(0.3, 1.2), f"r{round_}")
-            server.proc.send_signal(signal.SIGKILL)
-            server.proc.wait(10)
-            stop.set()
-            for t in server.threads:  # type: ignore[attr-defined]
-                t.join(15)
+            load_then_signal(
+                server, ctx, key, acked, rng.uniform(0.3, 1.2), f"r{round_}", signal.SIGKILL
+            )
         delivered_before_last_start = sum(subjects(sink).values())
         final = Server(tmp_path, config_path, ROUNDS)  # no load: deliver what is left
         try:
@@ -94,12 +98,8 @@ def test_sigterm_drains_then_the_restart_delivers_the_rest(tmp_path: Path) -> No
     with aiosmtpd_sink() as sink:
         config_path, ctx, key = write_config(tmp_path, delivery_settings(sink))
         server = Server(tmp_path, config_path, 0)
-        stop = run_load(server, ctx, key, acked, 1.0, "term")
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(60) == 0, server.err.read_text()
-        stop.set()
-        for t in server.threads:  # type: ignore[attr-defined]
-            t.join(15)
+        status = load_then_signal(server, ctx, key, acked, 1.0, "term", signal.SIGTERM)
+        assert status == 0, server.err.read_text()
         text = server.finished()
         assert "deliveries:" in text and "journal closed" in text, text
         states = queue_states(config_path)

@@ -39,6 +39,7 @@ from atmosrelay.smtp import (
 )
 from atmosrelay.smtp import replies as R
 from tests.protocol.helpers import answer
+from tests.sink import aiosmtpd_in_thread
 
 TIMEOUT = 10
 
@@ -170,13 +171,8 @@ def _authenticator(
 @contextmanager
 def aiosmtpd_server(ca: trustme.CA) -> Iterator[tuple[int, _Sink]]:
     sink = _Sink()
-    # A plain asyncio loop, not the policy's: trio-asyncio (imported by other tests) installs
-    # its own event-loop policy process-wide.
-    loop = asyncio.SelectorEventLoop()
-    started = threading.Event()
-    holder: dict[str, object] = {}
 
-    def factory() -> AioSMTP:
+    def factory(loop: asyncio.AbstractEventLoop) -> AioSMTP:
         return AioSMTP(
             sink,
             tls_context=_server_ctx(ca),
@@ -187,24 +183,8 @@ def aiosmtpd_server(ca: trustme.CA) -> Iterator[tuple[int, _Sink]]:
             loop=loop,
         )
 
-    def run() -> None:
-        server = loop.run_until_complete(loop.create_server(factory, "127.0.0.1", 0))
-        holder["port"] = server.sockets[0].getsockname()[1]
-        holder["server"] = server
-        started.set()
-        loop.run_forever()
-        server.close()
-        loop.run_until_complete(server.wait_closed())
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(TIMEOUT)
-    try:
-        yield int(holder["port"]), sink  # type: ignore[call-overload]
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(TIMEOUT)
+    with aiosmtpd_in_thread(factory) as port:
+        yield port, sink
 
 
 class _Wire:

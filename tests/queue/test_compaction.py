@@ -7,25 +7,14 @@ from atmosrelay.queue.records import Accepted, Delivery, Outcome, Recipient, new
 from atmosrelay.queue.store import QueueStore
 from journal import open_journal
 from journal.testing import CrashableMemFS
+from tests.queue.factories import accepted_record
 
 BODY = b"Subject: x\r\n\r\n" + b"y" * 4000 + b"\r\n"
 
 
 def record(qid: str, rcpt: str) -> Accepted:
-    return Accepted(
-        id=qid,
-        accepted_at=1_800_000_000.0,
-        did="did:plc:abcdefghijklmnopqrstuvwx",
-        sender="alice@example.org",
-        recipients=(Recipient(rcpt, ("NEVER",)),),
-        ret=None,
-        envid=None,
-        category="receipt",
-        bulk=False,
-        tags=(),
-        metadata={},
-        client={},
-        size=len(BODY),
+    return accepted_record(
+        Recipient(rcpt, ("NEVER",)), queue_id=qid, category="receipt", size=len(BODY)
     )
 
 

@@ -8,7 +8,6 @@ import attrs
 import pytest
 
 from atmosrelay.queue.records import (
-    Accepted,
     Delivery,
     Outcome,
     Recipient,
@@ -22,25 +21,14 @@ from atmosrelay.queue.records import (
 from atmosrelay.queue.state import DSN_FOR, DSN_RECIPIENTS, fold
 from journal import Log, Position, Record
 from journal.testing import CrashableMemFS
+from tests.queue.factories import accepted_record
 
 QID = new_queue_id(1_800_000_000.0)
 
 
 def accepted(qid: str = QID) -> Record:
-    record = Accepted(
-        id=qid,
-        accepted_at=1_800_000_000.0,
-        did="did:plc:abcdefghijklmnopqrstuvwx",
-        sender="alice@example.org",
-        recipients=(Recipient("bob@example.net"), Recipient("carol@example.org", ("FAILURE",))),
-        ret=None,
-        envid=None,
-        category="bulk",
-        bulk=True,
-        tags=(),
-        metadata={},
-        client={},
-        size=10,
+    record = accepted_record(
+        "bob@example.net", Recipient("carol@example.org", ("FAILURE",)), queue_id=qid
     )
     return Record(
         1,
@@ -114,20 +102,12 @@ def test_overdue_retries_are_spread_after_a_restart() -> None:
 def test_a_dsn_record_covers_the_bounce_and_the_message_becomes_dead() -> None:
     state = fold([accepted(), delivery(2, SENT_BOB, BOUNCE_CAROL)])
     assert state.messages[QID].dsn_owed() == ["carol@example.org"]
-    dsn = Accepted(
-        id=new_queue_id(1_800_000_300.0),
+    dsn = accepted_record(
+        "alice@example.org",
         accepted_at=1_800_000_300.0,
-        did="did:plc:abcdefghijklmnopqrstuvwx",
         sender="",
-        recipients=(Recipient("alice@example.org"),),
-        ret=None,
-        envid=None,
         category="transactional",
-        bulk=False,
-        tags=(),
         metadata={DSN_FOR: QID, DSN_RECIPIENTS: "carol@example.org"},
-        client={},
-        size=10,
     )
     state.apply(Record(4, RecordType.ACCEPTED, encode_accepted(dsn, b"x"), Position(2, 32)))
     assert state.messages[QID].dead

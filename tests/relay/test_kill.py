@@ -99,14 +99,17 @@ def load(
         pass  # the server went away (that is the point) or is shutting down
 
 
-def run_load(
+def load_then_signal(
     server: Server,
     ctx: ssl.SSLContext,
     key: str,
     acked: dict[str, str],
     seconds: float,
     tag: str,
-) -> threading.Event:
+    sig: signal.Signals,
+) -> int:
+    """CLIENTS sessions submit for ``seconds`` of real time, then the relay gets ``sig``;
+    once it has exited the sessions stop. Returns its exit status."""
     lock, stop = threading.Lock(), threading.Event()
     threads = [
         threading.Thread(
@@ -117,8 +120,12 @@ def run_load(
     for t in threads:
         t.start()
     time.sleep(seconds)  # real load for a random real time: the moment of the kill is the test
-    server.threads = threads  # type: ignore[attr-defined]
-    return stop
+    server.proc.send_signal(sig)
+    status = server.proc.wait(60)
+    stop.set()
+    for t in threads:
+        t.join(15)
+    return status
 
 
 def queue_states(config_path: Path) -> dict[str, list[str]]:
@@ -194,12 +201,9 @@ def test_kill_9_under_load_loses_no_250(
         assert recovered >= len(acked), (
             f"seed {seed}: round {round_} recovered {recovered} < {len(acked)}"
         )
-        stop = run_load(server, ctx, key, acked, rng.uniform(0.2, 1.0), f"r{round_}")
-        server.proc.send_signal(signal.SIGKILL)
-        server.proc.wait(10)
-        stop.set()
-        for t in server.threads:  # type: ignore[attr-defined]
-            t.join(15)
+        load_then_signal(
+            server, ctx, key, acked, rng.uniform(0.2, 1.0), f"r{round_}", signal.SIGKILL
+        )
     assert len(acked) > ROUNDS * 5, f"the load barely ran ({len(acked)} messages)"
     missing = acked.keys() - queue_ids(config_path)
     assert not missing, f"seed {seed}: answered 250 but lost: {sorted(missing)[:5]}"
@@ -212,12 +216,8 @@ def test_sigterm_mid_load_loses_nothing(
     config_path, ctx, key = setup
     acked: dict[str, str] = {}
     server = Server(tmp_path, config_path, 0)
-    stop = run_load(server, ctx, key, acked, 0.8, "term")
-    server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(30) == 0, server.err.read_text()
-    stop.set()
-    for t in server.threads:  # type: ignore[attr-defined]
-        t.join(15)
+    status = load_then_signal(server, ctx, key, acked, 0.8, "term", signal.SIGTERM)
+    assert status == 0, server.err.read_text()
     text = server.finished()
     assert "SIGTERM received" in text and "listeners closed" in text and "journal closed" in text
     assert acked
