@@ -5,10 +5,12 @@ can refuse chosen recipients, and keeps every envelope it accepted."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import ssl
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from email.parser import BytesHeaderParser
 
 import attrs
 import trustme
@@ -24,6 +26,7 @@ class Received:
     rcpt_tos: tuple[str, ...]
     content: bytes
     tls: bool
+    subject: str
 
 
 @attrs.define
@@ -31,6 +34,7 @@ class Sink:
     port: int = 0
     refuse: dict[str, str] = attrs.field(factory=dict)  # recipient -> reply line
     received: list[Received] = attrs.field(factory=list)
+    subjects: collections.Counter[str] = attrs.field(factory=collections.Counter)
     arrived: threading.Condition = attrs.field(factory=threading.Condition)
 
     async def handle_RCPT(
@@ -43,26 +47,30 @@ class Sink:
 
     async def handle_DATA(self, server: object, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
+        subject = str(BytesHeaderParser().parsebytes(content)["Subject"])
+        received = Received(
+            envelope.mail_from, tuple(envelope.rcpt_tos), content, session.ssl is not None, subject
+        )
         with self.arrived:
+            self.received.append(received)
+            self.subjects[subject] += 1
             self.arrived.notify_all()
-            self.received.append(
-                Received(
-                    envelope.mail_from,
-                    tuple(envelope.rcpt_tos),
-                    content,
-                    session.ssl is not None,
-                )
-            )
         return "250 2.0.0 stored by the sink"
 
     def snapshot(self) -> list[Received]:
         with self.arrived:
             return list(self.received)
 
-    def wait(self, done: Callable[[list[Received]], bool], timeout: float) -> bool:
-        """Block (a thread) until ``done(received)`` or ``timeout``; returns ``done``."""
+    def subject_counts(self) -> collections.Counter[str]:
         with self.arrived:
-            return self.arrived.wait_for(lambda: done(self.received), timeout)
+            return collections.Counter(self.subjects)
+
+    def wait(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Block (a thread) until ``done()`` or ``timeout``; returns ``done()``. It runs with
+        the sink's lock held, so the sink waits while it runs: keep it cheap (the
+        ``subjects`` counter, not a parse of every message)."""
+        with self.arrived:
+            return self.arrived.wait_for(done, timeout)
 
 
 @contextmanager

@@ -6,8 +6,6 @@ delivered after the restart."""
 
 from __future__ import annotations
 
-import collections
-import email
 import random
 import re
 import signal
@@ -24,24 +22,13 @@ from tests.relay.test_kill import (
     queue_states,
     write_config,
 )
-from tests.sink import Received, Sink, aiosmtpd_sink
-
-
-def subjects(sink: Sink) -> collections.Counter[str]:
-    return collections.Counter(
-        str(email.message_from_bytes(r.content)["Subject"]) for r in sink.snapshot()
-    )
+from tests.sink import Sink, aiosmtpd_sink
 
 
 def wait_delivered(sink: Sink, wanted: set[str], limit: float) -> set[str]:
     """The wanted subjects not at the sink when ``limit`` seconds have passed."""
-
-    def done(received: list[Received]) -> bool:
-        got = {str(email.message_from_bytes(r.content)["Subject"]) for r in received}
-        return wanted <= got
-
-    sink.wait(done, limit)
-    return wanted - set(subjects(sink))
+    sink.wait(lambda: wanted <= sink.subjects.keys(), limit)
+    return wanted - set(sink.subject_counts())
 
 
 def delivery_settings(sink: Sink) -> str:
@@ -62,14 +49,14 @@ def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path) -> None:
             load_then_signal(
                 server, ctx, key, acked, rng.uniform(0.3, 1.2), f"r{round_}", signal.SIGKILL
             )
-        delivered_before_last_start = sum(subjects(sink).values())
+        delivered_before_last_start = sum(sink.subject_counts().values())
         final = Server(tmp_path, config_path, ROUNDS)  # no load: deliver what is left
         try:
             missing = wait_delivered(sink, set(acked.values()), 60)
         finally:
             final.proc.send_signal(signal.SIGTERM)
             assert final.proc.wait(60) == 0, final.err.read_text()
-        counts = subjects(sink)
+        counts = sink.subject_counts()
     duplicates = sum(c - 1 for c in counts.values() if c > 1)
     # Fsynced and delivered, but the kill came before the client read its 250: the relay
     # keeps its promise (durable first), the client cannot know (it would send again).
@@ -104,7 +91,7 @@ def test_sigterm_drains_then_the_restart_delivers_the_rest(tmp_path: Path) -> No
         assert "deliveries:" in text and "journal closed" in text, text
         states = queue_states(config_path)
         marked_sent = {acked[q] for q in acked if states[q] == ["sent"]}
-        at_sink = set(subjects(sink))
+        at_sink = set(sink.subject_counts())
         assert marked_sent <= at_sink, "the journal says sent, the sink never got it"
         assert acked
         again = Server(tmp_path, config_path, 1)
