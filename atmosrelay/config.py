@@ -38,6 +38,9 @@ segment_size = 67108864      # 64 MiB
 # The largest single record. A message is one record, so this bounds message size plus
 # envelope: the submission limit (50 MB, as the reference relay) must stay below it.
 max_record_size = 67108864   # 64 MiB
+# Seconds between checks whether compacting the sealed segments is worth it (at least half
+# of their records belong to finished or deleted messages).
+compact_interval = 30.0
 
 [operator]
 # The relay's own domain: every message is also DKIM-signed with d=<domain>. Its key is
@@ -99,7 +102,6 @@ retry_initial = 60.0           # seconds to the first retry, doubling each time 
 retry_cap = 3600.0             # ... up to this
 max_age = 432000.0             # a recipient still deferred after 5 days bounces
 drain_grace = 30.0             # seconds deliveries in hand get to finish on SIGTERM
-compact_interval = 30.0        # seconds between checks whether compaction is worth it
 # Where List-Unsubscribe points ("" means https://<operator.domain>); the token in it is an
 # HMAC with a key generated in <data_dir>/unsubscribe.key.
 unsubscribe_url = ""
@@ -223,7 +225,11 @@ def _networks(v: Any) -> str | None:
 
 SCHEMA: Final[dict[str, dict[str, Check]]] = {
     "relay": {"data_dir": _string(), "log_level": _string(choices=_LOG_LEVELS)},
-    "journal": {"segment_size": _int(64 * 1024), "max_record_size": _int(1024, 1024 * MIB)},
+    "journal": {
+        "segment_size": _int(64 * 1024),
+        "max_record_size": _int(1024, 1024 * MIB),
+        "compact_interval": _number(0.1),
+    },
     "operator": {"domain": _string(), "spf_include": _string(empty=True)},
     "smtp": {
         "listeners": _listeners,
@@ -262,7 +268,6 @@ SCHEMA: Final[dict[str, dict[str, Check]]] = {
         "retry_cap": _number(1),
         "max_age": _number(0),
         "drain_grace": _number(0),
-        "compact_interval": _number(0.1),
         "unsubscribe_url": _string(empty=True),
     },
     "auth": {

@@ -269,7 +269,7 @@ def control_handler(queue: QueueStore, dispatcher: Dispatcher | None) -> Handler
     return handle
 
 
-async def _compactor(queue: QueueStore, interval: float, announce: Callable[[str], None]) -> None:
+async def _compactor(queue: QueueStore, interval: float) -> None:
     """Keep disk use following the live queue: compact when enough of the sealed segments
     is dead. Each compaction is shielded: it is a sequence of journal steps best finished."""
     while True:
@@ -323,7 +323,7 @@ async def _serve(
             raise ValueError(f"listener {host}:{port} is trusted but smtp.trusted_did is not set")
     async with trio.open_nursery() as services:
         await services.start(keys.watch_revocations)
-        services.start_soon(_compactor, queue, config["delivery.compact_interval"], announce)
+        services.start_soon(_compactor, queue, config["journal.compact_interval"])
         await services.start(
             serve_control, socket_path(config.data_dir), control_handler(queue, dispatcher)
         )

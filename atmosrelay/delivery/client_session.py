@@ -1,12 +1,15 @@
-"""One delivery attempt: a message to one destination, driving ``smtp.ClientConnection``.
+"""Client sessions to a destination, driving ``smtp.ClientConnection``.
 
-Expected failures are values: every recipient ends the attempt with an ``Outcome`` (sent,
-deferred with the remote reply, bounced with the remote reply); only bugs raise.
+``open_remote`` connects and greets; ``Remote.send`` runs one transaction on it (RSET first
+when the connection is reused), and a lane's worker sends many. Expected failures are
+values: every recipient ends a transaction with an ``Outcome`` (sent, deferred with the
+remote reply, bounced with the remote reply); no host answering is ``ConnectFailed``, which
+carries the outcomes too; only bugs raise.
 
-    for each MX host in order: connect (next host on failure or a 4xx/5xx greeting)
-    EHLO (HELO if EHLO is refused); STARTTLS when offered (opportunistic), or required by
-    policy; EHLO again over TLS
-    refuse to corrupt: 8-bit content to a server without 8BITMIME bounces 5.6.3, non-ASCII
+    open_remote: for each MX host (each of its addresses) in order: connect (next on
+    failure or a 4xx/5xx greeting); EHLO (HELO if EHLO is refused); STARTTLS when offered
+    (opportunistic), or required by policy; EHLO again over TLS
+    send: refuse to corrupt: 8-bit content to a server without 8BITMIME bounces 5.6.3, non-ASCII
     addresses without SMTPUTF8 bounce 5.6.7, a message over the server's SIZE bounces 5.3.4
     MAIL, then every RCPT (pipelined when offered); DATA if any recipient was accepted
     outcome per recipient from its RCPT reply and the final reply to the data
@@ -64,12 +67,6 @@ class Envelope:
     orcpt: dict[str, tuple[str, str] | None] = attrs.field(factory=dict)
     ret: str | None = None
     envid: str | None = None
-
-
-@attrs.frozen
-class AttemptResult:
-    mta: str | None  # the host that answered, if any
-    outcomes: tuple[Outcome, ...]
 
 
 Connect = Callable[[str, int], Awaitable[trio.abc.Stream]]
@@ -232,29 +229,6 @@ async def open_remote(
                 last = _failure(exc, host)
             await trio.aclose_forcefully(stream)
     raise ConnectFailed(last.status, last.reply)
-
-
-async def deliver(
-    destination: Destination,
-    envelope: Envelope,
-    message: bytes,
-    *,
-    helo: str,
-    tls: ssl.SSLContext,
-    require_tls: bool = False,
-    connect: Connect = _open_tcp,
-) -> AttemptResult:
-    """One attempt on a connection of its own; never raises for what a remote server does."""
-    try:
-        remote = await open_remote(
-            destination, helo=helo, tls=tls, require_tls=require_tls, connect=connect
-        )
-    except ConnectFailed as failed:
-        return AttemptResult(None, failed.outcomes(envelope.recipients))
-    try:
-        return AttemptResult(remote.host, await remote.send(envelope, message))
-    finally:
-        await remote.aclose()
 
 
 async def _hello(wire: _Wire, helo: str) -> ServerCapabilities:

@@ -41,18 +41,24 @@ from journal import Position, Record
 @attrs.define
 class QueuedMessage:
     record: Accepted
-    position: Position  # where the ACCEPTED record (and the body) stands in the journal
-    body_offset: int  # where the message bytes start in the record's payload
+    # where its records stand in the journal: the ACCEPTED one (with the body) first, then
+    # its DELIVERY records
+    positions: list[Position]
+    body_offset: int  # where the message bytes start in the ACCEPTED record's payload
     recipient_states: dict[str, str]  # address -> accepted | deferred | sent | bounced | suppressed
     attempts: dict[str, int] = attrs.field(factory=dict)
     next_at: dict[str, float] = attrs.field(factory=dict)  # deferred recipients: when to retry
     history: list[Delivery] = attrs.field(factory=list)
-    positions: list[Position] = attrs.field(factory=list)  # its ACCEPTED and DELIVERY records
     dsn_covered: set[str] = attrs.field(factory=set)  # bounced recipients a DSN reported
 
     @property
     def id(self) -> str:
         return self.record.id
+
+    @property
+    def position(self) -> Position:
+        """Where the ACCEPTED record (and the body) stands."""
+        return self.positions[0]
 
     @property
     def terminal(self) -> bool:
@@ -164,7 +170,6 @@ class QueueState:
             del self.messages[queue_id]
         for msg in self.messages.values():
             msg.positions = [relocated.get(p, p) for p in msg.positions]
-            msg.position = relocated.get(msg.position, msg.position)
 
     # -- the fold ---------------------------------------------------------------------
     def apply(self, record: Record) -> None:
@@ -216,11 +221,7 @@ class QueueState:
         if accepted.id in self.messages:
             return  # a replayed duplicate: the fold is idempotent
         self.messages[accepted.id] = QueuedMessage(
-            accepted,
-            position,
-            body_offset,
-            {r.addr: "accepted" for r in accepted.recipients},
-            positions=[position],
+            accepted, [position], body_offset, {r.addr: "accepted" for r in accepted.recipients}
         )
         for r in accepted.recipients:
             self.schedule(accepted.id, r.addr, accepted.accepted_at)

@@ -77,14 +77,14 @@ class QueueStore:
     def compaction_due(self) -> bool:
         """Whether enough of the sealed segments is dead to be worth a compaction."""
         active = self.journal.active_segment
-        dead = sum(1 for p in self.state.dead_positions() if p.segment < active)
-        live = sum(
-            1
-            for m in self.state.messages.values()
-            if not m.dead
-            for p in m.positions
-            if p.segment < active
-        )
+        dead = sum(p.segment < active for p in self.state.graveyard)
+        live = 0
+        for m in self.state.messages.values():  # one pass, no set built
+            sealed = sum(p.segment < active for p in m.positions)
+            if m.dead:
+                dead += sealed
+            else:
+                live += sealed
         return dead > 0 and dead >= DEAD_SHARE * (dead + live)
 
     async def compact(self) -> Compaction:
