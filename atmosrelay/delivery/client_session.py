@@ -27,6 +27,7 @@ from typing import Final
 import attrs
 import trio
 
+from atmosrelay._text import printable
 from atmosrelay.delivery.resolver import Destination
 from atmosrelay.queue.records import Outcome
 from atmosrelay.smtp import (
@@ -57,6 +58,9 @@ DATA_BLOCK_TIMEOUT: Final = 180.0  # 4.5.3.2.5: each data block, 3 minutes
 DATA_END_TIMEOUT: Final = 600.0  # 4.5.3.2.6: DATA termination, 10 minutes
 TLS_TIMEOUT: Final = 60.0
 BLOCK: Final = 64 * 1024
+# A remote's reply is kept in the attempt record (and a DSN's Diagnostic-Code) up to this
+# many characters, escaped; RFC 5321 4.5.3.1.5 puts a reply line at 512 octets.
+MAX_RECORDED_REPLY: Final = 512
 
 
 @attrs.frozen
@@ -97,22 +101,31 @@ def _enhanced(code: int, enhanced: str | None, default_class: str) -> str:
 
 
 def _reply_text(reply: ServerReply) -> str:
+    """The remote's reply as it goes into the attempt record and the DSN: verbatim but
+    escaped (a reply is the peer's text) and bounded (a reply may have 200 lines of 2 KB)."""
     r = reply.reply
     prefix = f"{r.code} {r.enhanced} " if r.enhanced else f"{r.code} "
-    return prefix + " ".join(r.lines)
+    return printable(prefix + " ".join(r.lines), MAX_RECORDED_REPLY)
 
 
 class _Wire:
     def __init__(self, stream: trio.abc.Stream, conn: ClientConnection) -> None:
         self.stream = stream
         self.conn = conn
+        self.tail = b""  # the last bytes received: what a malformed reply looked like
 
     async def reply(self) -> ServerReply | TLSReady:
         """The next reply (callers bound it with a timeout scope)."""
         while True:
-            event = self.conn.next_event()
+            try:
+                event = self.conn.next_event()
+            except ProtocolError as exc:
+                raw = printable(self.tail, MAX_RECORDED_REPLY)
+                raise _Failed("4.5.0", f"protocol error: {exc}; received: {raw}") from None
             if event is NEED_DATA:
-                self.conn.receive_data(bytes(await self.stream.receive_some(BLOCK)))
+                data = bytes(await self.stream.receive_some(BLOCK))
+                self.tail = (self.tail + data)[-MAX_RECORDED_REPLY:]
+                self.conn.receive_data(data)
                 continue
             if isinstance(event, (ServerReply, TLSReady)):
                 return event
@@ -143,8 +156,8 @@ def _failure(exc: BaseException, host: str) -> _Failed:
         return exc
     if isinstance(exc, trio.TooSlowError):
         return _Failed("4.4.2", f"timeout talking to {host}")
-    if isinstance(exc, ProtocolError):
-        return _Failed("4.5.0", f"protocol error from {host}: {exc}")
+    if isinstance(exc, ProtocolError):  # ours (a bug) or one _Wire did not see
+        return _Failed("4.5.0", f"protocol error with {host}: {exc}")
     return _Failed("4.4.2", f"connection to {host} lost")
 
 

@@ -40,7 +40,7 @@ _IPV4: Final = re.compile(
 )
 _XTEXT_CHAR: Final = re.compile(r"\+([0-9A-F]{2})")
 _ESMTP_KEYWORD: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
-_ENHANCED: Final = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
+_ENHANCED: Final = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})")  # ASCII digits only
 # The common case in one match: <dot-atom@host.name>, ASCII, LDH labels of 1-63 characters.
 _SIMPLE_PATH: Final = re.compile(
     r"<([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*)"
@@ -365,8 +365,11 @@ class ServerCapabilities:
 
     @property
     def size(self) -> int | None:
+        """The advertised SIZE limit, or None (absent, 0 = no limit, or not a number we can
+        trust: only ASCII digits, at most 20 of them, since ``str.isdigit`` also accepts
+        digits like "\u00b2" that ``int`` refuses, and ``int`` refuses over 4,300 digits)."""
         params = self.keywords.get("SIZE")
-        if params and params[0].isdigit():
+        if params and params[0].isascii() and params[0].isdigit() and len(params[0]) <= 20:
             return int(params[0]) or None
         return None
 
@@ -376,12 +379,15 @@ class ServerCapabilities:
 
     @classmethod
     def parse(cls, reply: Reply) -> ServerCapabilities:
-        first, *rest = reply.lines
+        """Read an EHLO reply leniently: a line that is not ``keyword [params]`` (an empty
+        one, as Postfix's smtp-sink ends its reply with ``250 ``; an odd keyword) is skipped,
+        never an error. Keywords are case-insensitive (RFC 5321 section 4.1.1.1)."""
+        first, *rest = reply.lines or ("",)
         keywords: dict[str, tuple[str, ...]] = {}
         for line in rest:
-            word, *params = line.split()
-            if _ESMTP_KEYWORD.fullmatch(word):
-                keywords[word.upper()] = tuple(params)
+            words = line.split()
+            if words and _ESMTP_KEYWORD.fullmatch(words[0]):
+                keywords[words[0].upper()] = tuple(words[1:])
         return cls(hostname=first.split(" ", 1)[0] if first else "", keywords=keywords)
 
 
