@@ -12,10 +12,21 @@ an app opening a hundred connections pays for one bcrypt. Revoking drops the key
 once; a revocation made by another process (the operator CLI) is noticed through SQLite's
 ``data_version`` within ``revocation_poll`` seconds (``watch_revocations``).
 
-Brute force: failures are scored per client IP and per username; scores decay with a half-life.
-Past ``free_failures`` each failure is answered only after an escalating delay; past
-``lockout_score`` the IP or username is locked out for ``lockout_seconds`` (no bcrypt at all).
-Unknown usernames cost a bcrypt too, so timing does not tell which usernames exist.
+``generation`` counts changes to the account store that may end what an open session was
+allowed: a key revoked here, or any write by another process (the CLI's ``key revoke``,
+``member suspend|remove``, ``domain remove``). Sessions compare it at each MAIL, an integer
+comparison, and look the member and the key up again only when it moved.
+
+Brute force (the policy, with its figures, is in docs/security.md): failures are scored per
+client address (an IPv4 address; an IPv6 address's /64, which one host commonly holds whole)
+and per account (the DID the username names, so a handle and its DID share one score; the
+lowercased username when it names no member). Scores decay with a half-life. Past
+``free_failures`` each failure is answered only after an escalating delay, by the worse of
+the two scores. Past ``lockout_score`` the *address* is locked out for ``lockout_seconds``:
+everything from it is refused at once, with no bcrypt. An account is never locked: anyone who
+knows a member's DID could otherwise lock the member out from anywhere. So the right key from
+an address that has not failed always works, and an account's score only slows the failures
+made against it. Unknown usernames cost a bcrypt too, so timing does not tell which exist.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from collections import OrderedDict
 from typing import Final
@@ -117,6 +129,23 @@ class _Score:
         return self.value * 0.5 ** ((now - self.at) / half_life) if self.value else 0.0
 
 
+MAX_SCORES: Final = 100_000  # addresses and accounts with failures on record, at most
+
+
+def address_key(ip: str) -> str:
+    """What a client address is scored as: an IPv4 address as itself (also when it arrives
+    IPv4-mapped, ``::ffff:192.0.2.1``), an IPv6 address as its /64 prefix."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class KeyChecker:
     """Verifies (username, key) pairs for the relay. Times come from trio's clock."""
 
@@ -131,6 +160,7 @@ class KeyChecker:
         # A real hash to check against when the username is unknown (same cost, same time).
         self._dummy = bcrypt.hashpw(new_secret().encode(), bcrypt.gensalt(settings.bcrypt_cost))
         self.bcrypt_calls = 0
+        self.generation = 0
 
     # -- the cache ------------------------------------------------------------------------
     def _digest(self, username: str, secret: str) -> bytes:
@@ -154,39 +184,47 @@ class KeyChecker:
             self._by_key.get(old_key, set()).discard(old)
 
     # -- brute force ------------------------------------------------------------------------
-    def _locked(self, names: list[str], now: float) -> float:
-        return max((s.locked_until - now for n in names if (s := self._scores.get(n))), default=0.0)
+    def _locked(self, address: str, now: float) -> float:
+        score = self._scores.get(address)
+        return max(0.0, score.locked_until - now) if score is not None else 0.0
 
-    def _fail(self, names: list[str], now: float) -> float:
-        """Record a failure; return the delay before answering it."""
+    def _bump(self, name: str, now: float) -> _Score:
+        score = self._scores.pop(name, None) or _Score()
+        score.value = score.current(now, self.settings.half_life) + 1.0
+        score.at = now
+        self._scores[name] = score  # most recently failed last: the oldest go first
+        while len(self._scores) > MAX_SCORES:
+            del self._scores[next(iter(self._scores))]
+        return score
+
+    def _fail(self, address: str, account: str, now: float) -> float:
+        """Record a failure; lock the address past the lockout score (never the account);
+        return the delay before answering it."""
         st = self.settings
-        worst = 0.0
-        for name in names:
-            score = self._scores.setdefault(name, _Score())
-            score.value = score.current(now, st.half_life) + 1.0
-            score.at = now
-            # Scores decay while delays are served, so they sit just below whole numbers:
-            # round, or each level would take one failure more than documented.
-            if round(score.value) >= st.lockout_score:
-                score.locked_until = now + st.lockout_seconds
-            worst = max(worst, score.value)
+        by_address = self._bump(address, now)
+        by_account = self._bump(account, now)
+        # Scores decay while delays are served, so they sit just below whole numbers:
+        # round, or each level would take one failure more than documented.
+        if round(by_address.value) >= st.lockout_score:
+            by_address.locked_until = now + st.lockout_seconds
+        worst = max(by_address.value, by_account.value)
         if round(worst) <= st.free_failures:
             return 0.0
         doublings = max(0, round(worst - st.free_failures - 1))
         return float(min(st.max_delay, st.base_delay * 2.0**doublings))
 
-    def _succeed(self, names: list[str]) -> None:
-        for name in names:
-            score = self._scores.get(name)
-            if score is not None and score.locked_until == 0.0:
-                del self._scores[name]
+    def _succeed(self, address: str, account: str) -> None:
+        score = self._scores.get(address)
+        if score is not None and score.locked_until == 0.0:
+            del self._scores[address]
+        self._scores.pop(account, None)
 
     # -- verification -----------------------------------------------------------------------
     async def verify(self, username: str, secret: str, client_ip: str) -> Verified | Refused:
         """Check a key. A refusal is returned after its delay has been served."""
         now = trio.current_time()
-        names = [f"ip:{client_ip}", f"user:{username.lower()}"]
-        locked = self._locked(names, now)
+        address = f"ip:{address_key(client_ip)}"
+        locked = self._locked(address, now)
         if locked > 0:
             return Refused("locked-out", locked)
         digest = self._digest(username, secret)
@@ -194,18 +232,20 @@ class KeyChecker:
         if hit is not None and hit[2] > now:
             self._cache.move_to_end(digest)
             return Verified(hit[0], hit[1], cached=True)
-        result = await self._verify_cold(username, secret)
+        did, result = await self._verify_cold(username, secret)
+        account = f"did:{did}" if did is not None else f"user:{username.lower()}"
         now = trio.current_time()
         if isinstance(result, Verified):
             self._remember(digest, result.did, result.key_id, now)
-            self._succeed(names)
+            self._succeed(address, account)
             return result
-        delay = self._fail(names, now)
+        delay = self._fail(address, account, now)
         if delay:
             await trio.sleep(delay)
-        return Refused(result, self._locked(names, trio.current_time()))
+        return Refused(result, self._locked(address, trio.current_time()))
 
-    async def _verify_cold(self, username: str, secret: str) -> Verified | str:
+    async def _verify_cold(self, username: str, secret: str) -> tuple[str | None, Verified | str]:
+        """(the DID the username names, or None; the verdict)."""
         candidates = username_candidates(username)
         did = None
         if candidates:
@@ -222,11 +262,11 @@ class KeyChecker:
         hashed = key.bcrypt_hash if key is not None else self._dummy
         ok = await self._checkpw(secret, hashed)
         if key is None or did is None:
-            return "unknown-user" if did is None else "bad-key"
+            return did, "unknown-user" if did is None else "bad-key"
         if not ok:
-            return "bad-key"
+            return did, "bad-key"
         await self.store.run(self.store.sync.touch_key, key.key_id)
-        return Verified(did, key.key_id, cached=False)
+        return did, Verified(did, key.key_id, cached=False)
 
     async def _member_exists(self, did: str) -> bool:
         try:
@@ -243,12 +283,18 @@ class KeyChecker:
     async def revoke(self, key_id: str) -> None:
         await self.store.run(self.store.sync.revoke_key, key_id)
         self.forget_key(key_id)
+        self.generation += 1
+
+    async def still_valid(self, did: str, key_id: str) -> bool:
+        """Whether ``key_id`` is a live (unrevoked) key of ``did`` now."""
+        keys = await self.store.run(self.store.sync.keys, did)
+        return any(k.key_id == key_id and k.revoked_at is None for k in keys)
 
     async def watch_revocations(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Run forever: when another process changes the database, drop cached entries of
-        revoked keys. Start it in the relay's nursery."""
+        revoked keys and move ``generation`` on. Start it in the relay's nursery."""
         version = await self.store.run(self.store.sync.data_version)
         task_status.started()
         while True:
@@ -258,3 +304,4 @@ class KeyChecker:
                 version = now_version
                 for key_id in await self.store.run(self.store.sync.revoked_keys):
                     self.forget_key(key_id)
+                self.generation += 1

@@ -14,6 +14,7 @@ from atmosrelay.accounts.api_keys import AuthSettings, KeyChecker, Refused, Veri
 from atmosrelay.accounts.store import AsyncStore, Store
 
 ALICE = "did:plc:abcdefghijklmnopqrstuvwx"
+BOB = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb"  # not a member
 FAST = AuthSettings(bcrypt_cost=4, half_life=1e9, revocation_poll=1.0)
 
 
@@ -145,16 +146,73 @@ async def test_escalating_delay_then_lockout_at_exact_virtual_times(
     assert isinstance(await kc.verify(ALICE, issued.secret, "198.51.100.7"), Verified)
 
 
-async def test_username_is_locked_across_ips(
+async def test_a_stranger_cannot_lock_a_member_out(
+    store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Failures against a member's DID from one address lock that address, never the
+    member: the right key from an address that has not failed works at once."""
+    issued = api_keys.issue(store, ALICE, cost=4)
+    kc = checker(store)
+    for _ in range(12):
+        await kc.verify(ALICE, "atmos_" + "C" * 43, "203.0.113.66")
+    attacker = await kc.verify(ALICE, issued.secret, "203.0.113.66")  # even the right key
+    assert isinstance(attacker, Refused)
+    assert attacker.reason == "locked-out"
+    t, calls = trio.current_time(), kc.bcrypt_calls
+    member = await kc.verify(ALICE, issued.secret, "198.51.100.1")
+    assert member == Verified(ALICE, issued.key_id, cached=False)
+    assert trio.current_time() == t  # no delay for the right key
+    assert kc.bcrypt_calls == calls + 1
+    by_handle = await kc.verify("alice.test", issued.secret, "198.51.100.2")
+    assert isinstance(by_handle, Verified)
+
+
+async def test_failures_spread_over_addresses_only_slow_the_failures(
+    store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An account's score (shared by its handle and its DID) delays wrong keys, from any
+    address, but never refuses or delays the right one."""
+    issued = api_keys.issue(store, ALICE, cost=4)
+    kc = checker(store)
+    for i in range(6):  # a new address each time, alternating the two names of the member
+        await kc.verify(ALICE if i % 2 else "alice.test", "atmos_" + "E" * 43, f"192.0.2.{i}")
+    t = trio.current_time()
+    wrong = await kc.verify(ALICE, "atmos_" + "E" * 43, "192.0.2.100")
+    assert isinstance(wrong, Refused)
+    assert wrong.reason == "bad-key"
+    assert trio.current_time() - t == 4.0  # the 7th failure on the account: 0.5 * 2**3
+    t = trio.current_time()
+    right = await kc.verify("alice.test", issued.secret, "192.0.2.101")
+    assert isinstance(right, Verified)
+    assert trio.current_time() == t
+
+
+async def test_ipv6_addresses_are_scored_by_their_64(
     store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     issued = api_keys.issue(store, ALICE, cost=4)
     kc = checker(store)
-    for i in range(10):
-        await kc.verify(ALICE, "atmos_" + "C" * 43, f"203.0.113.{i}")  # a new IP each time
-    result = await kc.verify(ALICE, issued.secret, "203.0.113.200")
-    assert isinstance(result, Refused)
-    assert result.reason == "locked-out"
+    for i in range(10):  # ten addresses, one /64
+        await kc.verify(BOB, "atmos_" + "F" * 43, f"2001:db8:0:1::{i + 1:x}")
+    locked = await kc.verify(ALICE, issued.secret, "2001:db8:0:1:ffff::9")
+    assert isinstance(locked, Refused)
+    assert locked.reason == "locked-out"
+    assert isinstance(await kc.verify(ALICE, issued.secret, "2001:db8:0:2::1"), Verified)
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("2001:db8::1", "2001:db8::/64"),
+        ("2001:db8::abcd:1", "2001:db8::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("not an address", "not an address"),
+    ],
+)
+def test_address_key(ip: str, key: str) -> None:
+    assert api_keys.address_key(ip) == key
 
 
 async def test_scores_decay_with_the_half_life(
