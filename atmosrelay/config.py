@@ -61,8 +61,15 @@ tls_cert = ""                   # PEM files; "" generates a self-signed pair in 
 tls_key = ""
 max_message_size = 52428800     # 50 MB, the reference relay's limit (SIZE, RFC 1870)
 max_recipients = 100            # RFC 5321 4.5.3.1.8's minimum, and the reference's maximum
-idle_timeout = 60.0             # seconds waiting for a command (RFC 5321 4.5.3.2 suggests 5 min)
-data_timeout = 600.0            # seconds for a whole DATA phase
+# Time limits on a session (docs/security.md): a command must arrive whole within
+# idle_timeout of the wait for it starting, however it is dribbled; a DATA or BDAT phase
+# must end within data_timeout of its start plus one second per min_data_rate bytes received
+# (so a large message on a good link is never cut, and a dribbled one is); a session gets
+# 421 4.4.2 at the first command boundary past max_session_time.
+idle_timeout = 60.0             # seconds (RFC 5321 4.5.3.2 suggests 5 min)
+data_timeout = 600.0            # seconds
+min_data_rate = 4096            # bytes per second: a 50 MB message gets at most ~3.6 h
+max_session_time = 3600.0       # seconds
 max_connections = 1000
 max_connections_per_ip = 50
 inflight_budget = 268435456     # bytes all messages being received may hold (256 MiB)
@@ -110,10 +117,10 @@ unsubscribe_url = ""
 bcrypt_cost = 12               # work factor of API key hashes (2^12 rounds, ~0.25 s here)
 cache_ttl = 300.0              # seconds a verified key is remembered
 cache_size = 10000
-free_failures = 3.0            # failures per IP or username before answers are delayed
+free_failures = 3.0            # failures per address or account before answers are delayed
 base_delay = 0.5               # first delay, doubling per further failure ...
 max_delay = 8.0                # ... up to this
-lockout_score = 10.0           # failures (decayed) that lock an IP or username out
+lockout_score = 10.0           # failures (decayed) that lock a client address (IPv6: its /64) out
 lockout_seconds = 900.0
 half_life = 600.0              # failures are forgotten by half every this many seconds
 """
@@ -240,6 +247,8 @@ SCHEMA: Final[dict[str, dict[str, Check]]] = {
         "max_recipients": _int(1),
         "idle_timeout": _number(0.1),
         "data_timeout": _number(0.1),
+        "min_data_rate": _int(1),
+        "max_session_time": _number(1),
         "max_connections": _int(1),
         "max_connections_per_ip": _int(1),
         "inflight_budget": _int(1024),

@@ -301,6 +301,8 @@ def make_context(
         budget=Budget(config["smtp.inflight_budget"]),
         idle_timeout=config["smtp.idle_timeout"],
         data_timeout=config["smtp.data_timeout"],
+        min_data_rate=config["smtp.min_data_rate"],
+        max_session_time=config["smtp.max_session_time"],
         max_recipients=config["smtp.max_recipients"],
         trusted_did=config["smtp.trusted_did"],
     )

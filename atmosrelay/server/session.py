@@ -9,10 +9,18 @@ Policy lives here, protocol in ``atmosrelay.smtp``. The order of a message's lif
     end         headers processed -> ACCEPTED record -> journal group commit -> fsync
                 -> only then "250 2.0.0 Ok: queued as <id>"
 
-Timeouts are scopes at the call sites: ``idle_timeout`` for each command, ``data_timeout`` for
-a whole DATA phase. On shutdown a session waiting for a command gets 421 4.3.2 at once; a
-session inside DATA finishes its message first (the runtime bounds that with a deadline).
-Never echo exception text to the peer; log it.
+Time limits are deadlines, not per-read timeouts, so a peer cannot stretch them by sending
+one byte at a time (docs/security.md):
+
+    a command       must arrive whole within ``idle_timeout`` of the wait for it starting
+    DATA or BDAT    the phase ends within ``data_timeout`` of its start, plus 1 s for every
+                    ``min_data_rate`` bytes received (Postfix's smtpd_min_data_rate)
+    the session     421 4.4.2 at the first command boundary past ``max_session_time``
+    a reply         written within ``idle_timeout`` (a peer that never reads is dropped)
+
+On shutdown a session waiting for a command gets 421 4.3.2 at once; a session inside DATA
+finishes its message first (the runtime bounds that with a deadline). Never echo exception
+text to the peer; log it.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from typing import Final
 import attrs
 import trio
 
-from atmosrelay.accounts.api_keys import KeyChecker, Verified
+from atmosrelay._text import printable as _clean
+from atmosrelay.accounts.api_keys import PREFIX, KeyChecker, Verified
 from atmosrelay.accounts.store import AsyncStore, NotFound
 from atmosrelay.message.headers import MessageError, process
 from atmosrelay.queue.records import Accepted, Recipient, new_queue_id
@@ -107,6 +116,8 @@ class SessionContext:
     budget: Budget
     idle_timeout: float = 60.0
     data_timeout: float = 600.0
+    min_data_rate: int = 4096  # bytes per second, extending the data phase's deadline
+    max_session_time: float = 3600.0
     max_recipients: int = 100
     trusted_did: str = ""
     shutdown: trio.Event = attrs.field(factory=trio.Event)
@@ -119,10 +130,12 @@ class SessionContext:
             scope.cancel()
 
 
-def _clean(data: bytes | str, limit: int = 120) -> str:
-    """Peer bytes for a log line: printable, escaped, bounded."""
-    text = data if isinstance(data, str) else data.decode("utf-8", "replace")
-    return repr(text[:limit])[1:-1]
+def _loggable_username(username: str) -> str:
+    """A username for the log, unless it carries a key (a client that swapped the username
+    and the password, or pasted both into one): then only that it was redacted."""
+    if PREFIX in username or len(username) > 253:
+        return "<redacted: not a DID or handle>"
+    return _clean(username)
 
 
 @attrs.define
@@ -146,11 +159,17 @@ class Session:
         self.tls_version: str | None = None
         self.did: str | None = ctx.trusted_did if mode == "trusted" else None
         self.username = ""
+        self.key_id: str | None = None  # None for a trusted session
+        self._generation = ctx.keys.generation  # of the account store, when last checked
         self.verified_domains: frozenset[str] = frozenset()
         self.member_status = "active"
         self.helo = ""
         self.tx: _Transaction | None = None
         self._out = bytearray()  # replies not yet written: pipelined ones go out together
+        self._ends_at = trio.current_time() + ctx.max_session_time
+        self._command_deadline: float | None = None  # set when the wait for a command starts
+        self._data_started: float | None = None  # set when a DATA or BDAT phase starts
+        self._data_bytes = 0
         self.conn = self._new_connection(after_starttls=False)
 
     def _new_connection(self, *, after_starttls: bool) -> ServerConnection:
@@ -187,6 +206,8 @@ class Session:
             await self._loop()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._log("disconnected", type(exc).__name__)
+        except trio.TooSlowError:
+            self._log("timeout", "the peer does not read its replies")
         except Exception:  # the session's outermost edge: log it, never tell the peer
             log.exception("%s %s session failed", self.id, self.peer)
         finally:
@@ -223,9 +244,12 @@ class Session:
                 self._collect(event.data)
                 continue
             if isinstance(event, BdatChunk):
+                if self._data_started is None:
+                    self._start_data_phase()
                 if self.tx is not None and self.tx.held == 0 and not self._reserve():
                     self.tx.refused = R.QUEUE_FULL
                 continue
+            self._command_deadline = None  # a whole command arrived: the next wait starts anew
             reply = await self._answer(event)  # type: ignore[arg-type]
             self._queue(reply)
             if self.conn.state is State.CLOSED:
@@ -235,27 +259,45 @@ class Session:
                 await self._send(R.SHUTTING_DOWN)
                 return
 
+    def _start_data_phase(self) -> None:
+        self._data_started, self._data_bytes = trio.current_time(), 0
+
+    def _deadline(self, in_data: bool) -> tuple[float, Reply]:
+        """When the wait for the peer ends, and what it is told then."""
+        ctx = self.ctx
+        if in_data:
+            assert self._data_started is not None
+            extra = self._data_bytes / ctx.min_data_rate
+            return self._data_started + ctx.data_timeout + extra, R.DATA_TIMEOUT
+        if self._command_deadline is None:
+            self._command_deadline = trio.current_time() + ctx.idle_timeout
+        if self._ends_at <= self._command_deadline:
+            return self._ends_at, R.SESSION_TIME_LIMIT
+        return self._command_deadline, R.IDLE_TIMEOUT
+
     async def _receive(self) -> bytes | None:
         """Bytes from the peer, or None when the session must end (EOF is b"" and goes on
         to the protocol object; None means a timeout or shutdown, already answered)."""
-        in_data = self.conn.state is State.DATA or self.conn.state is State.CHUNKING
-        timeout = self.ctx.data_timeout if in_data else self.ctx.idle_timeout
+        in_data = self._data_started is not None
         if self.ctx.shutdown.is_set() and not in_data:
             await self._send(R.SHUTTING_DOWN)
             return None
-        with trio.move_on_after(timeout) as scope:
+        deadline, expired = self._deadline(in_data)
+        with trio.move_on_at(deadline) as scope:
             if not in_data:
                 self.ctx.waiting.add(scope)
             try:
-                return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+                data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
             finally:
                 self.ctx.waiting.discard(scope)
-        if self.ctx.shutdown.is_set():
+            self._data_bytes += len(data) if in_data else 0
+            return data
+        if self.ctx.shutdown.is_set() and not in_data:
             self._log("shutdown")
             await self._send(R.SHUTTING_DOWN)
         else:
-            self._log("timeout", f"{timeout:g}s", self.conn.state.value)
-            await self._send(R.IDLE_TIMEOUT)
+            self._log("timeout", expired.lines[0], self.conn.state.value)
+            await self._send(expired)
         return None
 
     async def _send(self, reply: Reply) -> None:
@@ -273,9 +315,12 @@ class Session:
             raise
 
     async def _flush(self) -> None:
+        """Write the queued replies. Raises trio.TooSlowError when the peer has not taken
+        them within ``idle_timeout`` (it pipelines and never reads: drop it)."""
         if self._out:
             data, self._out = bytes(self._out), bytearray()
-            await self.stream.send_all(data)
+            with trio.fail_after(self.ctx.idle_timeout):
+                await self.stream.send_all(data)
 
     async def _start_tls(self) -> bool:
         tls = trio.SSLStream(self.stream, self.ctx.tls_context, server_side=True)
@@ -297,7 +342,7 @@ class Session:
     async def _answer(self, event: Event) -> Reply:
         if isinstance(event, (CommandError, AuthChallenge, MessageRejected)):
             if isinstance(event, CommandError):
-                self._log("refused", str(event.reply.code), _clean(event.line))
+                self._log("refused", str(event.reply.code), event.verb or "-")
             if isinstance(event, MessageRejected):
                 self._log("message-refused", str(event.reply.code))
                 self._end_transaction()
@@ -323,6 +368,7 @@ class Session:
         if isinstance(event, Data):
             if not self._reserve():
                 return R.QUEUE_FULL
+            self._start_data_phase()
             return R.START_DATA
         if isinstance(event, ChunkEnd):
             return R.CHUNK_OK.format(size=event.size)
@@ -349,12 +395,26 @@ class Session:
     async def _auth(self, event: AuthCredentials) -> Reply:
         result = await self.ctx.keys.verify(event.username, event.password, self.peer)
         if not isinstance(result, Verified):
-            self._log("auth-failed", _clean(event.username), result.reason)
+            self._log("auth-failed", _loggable_username(event.username), result.reason)
             return R.AUTH_FAILED
-        self.did, self.username = result.did, event.username
+        self.did, self.username, self.key_id = result.did, event.username, result.key_id
+        self._generation = self.ctx.keys.generation
         await self._load_member()
-        self._log("auth", _clean(event.username), result.did, f"key={result.key_id}")
+        self._log("auth", _loggable_username(event.username), result.did, f"key={result.key_id}")
         return R.AUTH_SUCCESS
+
+    async def _recheck(self) -> bool:
+        """At MAIL: if the account store changed since this session last looked (a key
+        revoked, a member suspended or removed, a domain dropped), look again. False when
+        the session's credentials are gone."""
+        keys = self.ctx.keys
+        if self._generation == keys.generation or self.did is None:
+            return True
+        self._generation = keys.generation
+        if self.key_id is not None and not await keys.still_valid(self.did, self.key_id):
+            return False
+        await self._load_member()
+        return self.member_status != "removed"
 
     async def _load_member(self) -> None:
         assert self.did is not None
@@ -371,6 +431,9 @@ class Session:
     async def _mail(self, event: MailFrom) -> Reply:
         if self.did is None:
             return R.AUTH_REQUIRED
+        if not await self._recheck():
+            self._log("mail-refused", self.did, f"key={self.key_id} revoked or member removed")
+            return R.CREDENTIALS_REVOKED
         if self.member_status != "active":
             self._log("mail-refused", self.did, f"member {self.member_status}")
             return R.MEMBER_SUSPENDED
@@ -414,6 +477,7 @@ class Session:
                 tx.data = bytearray()  # drop what we hold; the rest is drained unkept
 
     def _end_transaction(self) -> None:
+        self._data_started = None
         if self.tx is not None:
             self.ctx.budget.release(self.tx.held)
             self.tx = None

@@ -124,10 +124,13 @@ class Help(Event):
 @attrs.frozen
 class CommandError(Event):
     """A command the connection refuses itself: unknown, malformed, out of sequence, a
-    parameter not offered. ``line`` is the offending input, truncated, for logs."""
+    parameter not offered. ``verb`` names the command for logs: a known verb upper-cased
+    ("MAIL", "AUTH"), or "" for anything else (an unknown word, undecodable bytes, a SASL
+    response line). Never the line itself: an AUTH line or a pipelined SASL response carries
+    credentials, and an unknown "verb" may be a base64 password sent after a refused AUTH."""
 
     reply: Reply
-    line: bytes
+    verb: str
 
 
 @attrs.frozen

@@ -141,4 +141,8 @@ UNPARSEABLE_MESSAGE = _r(554, "5.6.0", "Failed to parse message: {detail}")
 # -- closing the connection (any time, RFC 5321 section 3.8) --------------------------------
 SHUTTING_DOWN = _r(421, "4.3.2", "Service shutting down, closing connection")
 IDLE_TIMEOUT = _r(421, "4.4.2", "Idle timeout, closing connection")
+DATA_TIMEOUT = _r(421, "4.4.2", "Message data too slow, closing connection")
+SESSION_TIME_LIMIT = _r(421, "4.4.2", "Session time limit reached, reconnect to continue")
 TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "Too many connections, try again later")
+# The key this session authenticated with was revoked, or its member removed, since AUTH.
+CREDENTIALS_REVOKED = _r(421, "4.7.8", "Credentials no longer valid, closing connection")

@@ -79,7 +79,6 @@ DEFAULT_MAX_RECIPIENTS: Final = 100
 # Errors (unknown, malformed or out-of-sequence commands) before 421 and close; Postfix's
 # smtpd_hard_error_limit defaults to 20.
 DEFAULT_MAX_ERRORS: Final = 20
-_LOG_LINE: Final = 200  # how much of an offending line an error event keeps
 
 _NO_ARGS: Final = {"DATA", "RSET", "QUIT", "STARTTLS"}
 
@@ -202,7 +201,7 @@ class ServerConnection:
             self.state = State.ERROR
             raise RemoteProtocolError("too many errors", R.TOO_MANY_ERRORS)
         inp = Input.AUTH_ABORT if self.state in AUTH_STATES else None
-        return self._owe(CommandError(reply, bytes(line[:_LOG_LINE])), inp)
+        return self._owe(CommandError(reply, _verb_of(line, self.state in AUTH_STATES)), inp)
 
     # -- commands -------------------------------------------------------------------------
     def _next_command(self) -> Event | _Sentinel:
@@ -221,7 +220,7 @@ class ServerConnection:
             if len(buf) < limit:
                 return self._need_data()
             # Overlong: drop it up to its CRLF, then say so once (RFC 5321 4.5.3.1.4).
-            self._overlong_head = bytes(buf[:_LOG_LINE])
+            self._overlong_head = bytes(buf[: _MAX_VERB + 1])
             self._skipping_line = True
             return self._next_command()
         line = bytes(buf[:end])
@@ -509,6 +508,17 @@ class ServerConnection:
     def send_failed(self) -> None:
         """The caller could not write a reply: the connection is unusable."""
         self.state = State.ERROR
+
+
+_MAX_VERB: Final = 10  # longer than any command verb we know
+
+
+def _verb_of(line: bytes | bytearray, sasl_response: bool) -> str:
+    """The verb of a refused line, for logs: a command we know, else "" (see CommandError)."""
+    if sasl_response:
+        return ""
+    verb = bytes(line[: _MAX_VERB + 1]).split(b" ", 1)[0].upper().decode("ascii", "replace")
+    return verb if verb in _COMMANDS else ""
 
 
 _Handler = Callable[[ServerConnection, str, str, bytes], "Event | _Sentinel"]

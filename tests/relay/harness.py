@@ -45,13 +45,14 @@ class Relay:
         return self.handle.port("implicit")
 
 
-def make_config(tmp: Path, ca: trustme.CA, extra: str = "") -> Config:
+def make_config(tmp: Path, ca: trustme.CA, extra: str = "", auth: str = "") -> Config:
+    """``extra``: TOML for [smtp] (or whole sections); ``auth``: lines for [auth]."""
     cert = ca.issue_cert("localhost", "127.0.0.1")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "tls.pem"))
     text = (
         f'[relay]\ndata_dir = "{tmp / "var"}"\n'
         '[operator]\ndomain = "relay.test"\n'
-        "[auth]\nbcrypt_cost = 4\n"
+        f"[auth]\nbcrypt_cost = 4\n{auth}"
         "[journal]\nsegment_size = 1048576\n" + (extra if "[smtp]" in extra else f"[smtp]\n{extra}")
     )
     if "[delivery]" not in text:  # submission tests: nothing leaves the relay
@@ -90,12 +91,13 @@ async def running_relay(
     tmp: Path,
     *,
     extra: str = "",
+    auth: str = "",
     fs: FS | None = None,
     config: Config | None = None,
     ca: trustme.CA | None = None,
 ) -> AsyncIterator[Relay]:
     ca = ca or trustme.CA()
-    config = config or make_config(tmp, ca, extra)
+    config = config or make_config(tmp, ca, extra, auth)
     key, mallory = enroll(config)
     lines: list[str] = []
     async with trio.open_nursery() as nursery:

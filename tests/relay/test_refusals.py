@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,16 +10,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-import trustme
 
 from atmosrelay.accounts.store import Store
-from atmosrelay.queue.store import QueueStore
-from atmosrelay.runtime import make_context
-from atmosrelay.server.session import Session
-from journal import open_journal, read_records
-from journal.testing import CrashableMemFS
+from journal import read_records
 from tests.relay.dialog import Dialog
-from tests.relay.harness import ALICE, MALLORY, Relay, enroll, make_config, running_relay
+from tests.relay.harness import ALICE, MALLORY, Relay, running_relay
 
 LIMITS = "[smtp]\nmax_recipients = 3\nmax_message_size = 4096\nmax_connections_per_ip = 3\n"
 
@@ -243,28 +237,3 @@ async def test_connection_limit_per_ip(tmp_path: Path) -> None:
                 return d.reply()
 
         assert (await in_thread(reconnect)).startswith(b"220 ")
-
-
-async def test_idle_timeout_on_virtual_time(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    ca = trustme.CA()
-    config = make_config(tmp_path, ca)
-    enroll(config)
-    store = Store(config.accounts_db)
-    ctx_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(ctx_tls)
-    async with open_journal("/j", fs=CrashableMemFS()) as journal:
-        ctx = make_context(config, store, QueueStore(journal), ctx_tls)
-        client, server = trio.testing.memory_stream_pair()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(Session(server, "192.0.2.1", "starttls", ctx).run)
-            greeting = await client.receive_some()
-            assert greeting.startswith(b"220 ")
-            await client.send_all(b"EHLO c\r\n")
-            await client.receive_some()
-            start = trio.current_time()
-            assert await client.receive_some() == b"421 4.4.2 Idle timeout, closing connection\r\n"
-            assert trio.current_time() - start == pytest.approx(60.0)
-            assert await client.receive_some() == b""
-    store.close()

@@ -53,7 +53,8 @@ async def test_session_log_lines_escape_peer_bytes_and_never_show_a_key(
             with Dialog(relay.implicit_port, relay.client_context()) as d:
                 d.reply()
                 d.cmd(b"EHLO c")
-                d.cmd(b"\x1b[31mBOGUS\x07 command")
+                d.cmd(b"\x1b[31mBOGUS\x07 command")  # logged as "refused 500 -": no verb known
+                d.cmd(plain("\x1b[31mBOGUS\x07", "atmos_" + "x" * 43))  # the username is logged
                 d.cmd(plain(ALICE, relay.key + "x"))  # a wrong key: logged as a failure, not shown
                 d.cmd(plain(ALICE, relay.key))
                 d.cmd(b"MAIL FROM:<alice@example.org>")
@@ -66,7 +67,7 @@ async def test_session_log_lines_escape_peer_bytes_and_never_show_a_key(
     text = "\n".join(r.getMessage() for r in caplog.records if r.name == "atmosrelay.smtp")
     for what in (
         "connect implicit",
-        "refused 500",
+        "refused 500 -",
         "auth-failed",
         "auth did:plc:",
         "queued ",
@@ -75,7 +76,8 @@ async def test_session_log_lines_escape_peer_bytes_and_never_show_a_key(
         assert what in text, what
     assert relay.key[6:] not in text  # never the secret part of a key (the key id may appear)
     assert "\x1b" not in text and "\x07" not in text
-    assert "\\x1b[31mBOGUS\\x07" in text  # escaped, so a log viewer shows it safely
+    assert "auth-failed \\x1b[31mBOGUS\\x07 unknown-user" in text  # escaped for log viewers
+    assert "command" not in text  # a refused line is never logged, only its verb if known
 
 
 async def test_shutdown_idle_session_gets_421_and_one_in_data_finishes(tmp_path: Path) -> None:
