@@ -235,7 +235,16 @@ def key_list(args: argparse.Namespace, config: Config, store: Store) -> None:
 
 
 def key_revoke(args: argparse.Namespace, config: Config, store: Store) -> None:
-    key = store.revoke_key(args.key_id)
+    # An operator may paste the whole key rather than its id: revoke by the id it carries.
+    # Anything else that is not an id is refused without being echoed (it may be a secret).
+    key_id = api_keys.key_id_of(args.key_id) or args.key_id
+    if len(key_id) != api_keys.KEY_ID_LENGTH:
+        raise _Refused(
+            "that is not a key id (8 characters, as 'atmosrelay key list DID' shows them); "
+            "the argument is not repeated here in case it was a key",
+            EXIT_INVALID,
+        )
+    key = store.revoke_key(key_id)
     _out(args, {"key_id": key.key_id, "revoked_at": key.revoked_at}, f"key {key.key_id} revoked")
 
 
