@@ -21,7 +21,13 @@ lanes); the DSN's ACCEPTED record names what it reports, so a restart between th
 the DSN still sends it, once.
 
 Workers run under ``supervise()``: a crash is logged and the worker restarted, within
-bounds; the recipients it held go back on the schedule a minute later. ``drain(grace)``
+bounds; the recipients it held go back on the schedule a minute later. A lane whose worker
+keeps crashing past those bounds (a bug that one remote triggers every time) is *parked*:
+its waiting work and whatever is routed to it go back on the schedule for when the park
+ends (``PARK_BASE``, doubling per park in a row up to ``PARK_MAX``), a CRITICAL log line
+says so, and every other destination goes on. Nothing is ever started in a nursery that
+is being cancelled. (The alternative, stopping the relay so a service manager restarts it,
+would let one remote halt all delivery; see docs/security.md.) ``drain(grace)``
 stops taking work; workers finish the transaction in hand and leave; at the deadline the
 rest is cancelled (nothing is recorded for it, so it is tried again after the restart).
 
@@ -31,6 +37,7 @@ on trio's clock.
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import ssl
@@ -62,7 +69,7 @@ from atmosrelay.queue.records import (
 )
 from atmosrelay.queue.state import DSN_FOR, DSN_RECIPIENTS, QueuedMessage, domain_of
 from atmosrelay.queue.store import QueueStore
-from atmosrelay.supervise import supervise
+from atmosrelay.supervise import GaveUp, supervise
 from journal import Record
 
 log = logging.getLogger("atmosrelay.delivery")
@@ -73,6 +80,8 @@ IDLE_POLL: Final = 60.0  # with nothing due, look again at least this often
 # and a destination that is due later is not stuck behind everything due now.
 MAX_BACKLOG: Final = 2000
 CRASH_RETRY: Final = 60.0  # recipients of a crashed attempt are tried again after this
+PARK_BASE: Final = 300.0  # a lane whose worker kept crashing rests this long first ...
+PARK_MAX: Final = 6 * 3600.0  # ... doubling per park in a row, up to this
 
 OpenRemote = Callable[..., Awaitable[Remote]]
 # (message, its recipients in this transaction, body) -> the bytes to send (signed)
@@ -105,6 +114,9 @@ class Lane:
     send: trio.MemorySendChannel[Work]
     receive: trio.MemoryReceiveChannel[Work]
     workers: int = 0
+    parked_until: float = 0.0  # the clock's time; work for it waits on the schedule till then
+    parks: int = 0  # parks in a row (an attempt that ends without a crash resets it)
+    crashes: collections.deque[float] = attrs.field(factory=collections.deque)  # all workers'
 
 
 class Dispatcher:
@@ -205,31 +217,79 @@ class Dispatcher:
         self._destinations[domain] = (now + self.settings.destination_ttl, destination)
         return destination
 
+    def parked(self) -> dict[str, float]:
+        """Parked lanes: destination key -> when the park ends (the clock's time)."""
+        now = self.clock()
+        return {k: lane.parked_until for k, lane in self.lanes.items() if lane.parked_until > now}
+
     def _route(self, work: Work) -> None:
         key = work.destination.key
         lane = self.lanes.get(key)
         if lane is None:
             send, receive = trio.open_memory_channel[Work](float("inf"))
             lane = self.lanes[key] = Lane(key, send, receive)
+        if lane.parked_until > self.clock():
+            self._postpone(work, lane.parked_until)
+            return
         lane.send.send_nowait(work)  # straight to a waiting worker, if there is one
         self._staff(lane)
 
+    def _postpone(self, work: Work, at: float) -> None:
+        for rcpt in work.recipients:
+            self.in_flight.discard((work.queue_id, rcpt))
+            self.queue.state.schedule(work.queue_id, rcpt, at)
+
     def _staff(self, lane: Lane) -> None:
-        """One more worker when work waits in the buffer and the lane has room for one."""
+        """One more worker when work waits in the buffer and the lane has room for one;
+        never into a nursery that is being cancelled, nor for a parked lane."""
+        assert self._nursery is not None
+        if self.draining or self._nursery.cancel_scope.cancel_called:
+            return
         waiting = lane.receive.statistics().current_buffer_used
-        if waiting and lane.workers < self.settings.concurrency and not self.draining:
-            assert self._nursery is not None
+        if waiting and lane.workers < self.settings.concurrency:
             lane.workers += 1
             self._nursery.start_soon(self._run_worker, lane)
 
+    def _park(self, lane: Lane, gave_up: GaveUp) -> None:
+        """Rest a lane whose worker kept crashing; its waiting work goes back on the
+        schedule for when the park ends. Another worker of the lane that gives up while
+        it is parked changes nothing."""
+        if lane.parked_until > self.clock():
+            return
+        rest = min(PARK_MAX, PARK_BASE * 2.0**lane.parks)
+        lane.parks += 1
+        lane.parked_until = self.clock() + rest
+        postponed = 0
+        while True:
+            try:
+                work = lane.receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            self._postpone(work, lane.parked_until)
+            postponed += 1
+        log.critical(
+            "lane %s parked for %gs (park %d in a row): its worker %s; %d waiting "
+            "transaction(s) and all new work for it wait until then; other destinations "
+            "are unaffected",
+            lane.key,
+            rest,
+            lane.parks,
+            gave_up,
+            postponed,
+        )
+        self._wake.set()
+
     async def _run_worker(self, lane: Lane) -> None:
         try:
-            await supervise(f"lane {lane.key}", lambda: self._worker(lane))
+            await supervise(f"lane {lane.key}", lambda: self._worker(lane), crashes=lane.crashes)
+        except GaveUp as gave_up:
+            self._park(lane, gave_up)
         finally:
             lane.workers -= 1
             # nothing awaits between these checks and the removal: no work can slip in
             self._staff(lane)
-            if lane.workers == 0 and self.lanes.get(lane.key) is lane:
+            idle = lane.workers == 0 and lane.parked_until <= self.clock()
+            if idle and self.lanes.get(lane.key) is lane:
                 del self.lanes[lane.key]
 
     async def _worker(self, lane: Lane) -> None:
@@ -244,6 +304,7 @@ class Dispatcher:
                 if idle.cancelled_caught:
                     return
                 remote = await self._attempt(work, remote)
+                lane.parks = 0  # an attempt that ended without a crash
         finally:
             if remote is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):

@@ -4,6 +4,7 @@ own ServerConnection, the real journal on a crashable FS."""
 from __future__ import annotations
 
 import email
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -199,6 +200,54 @@ async def test_a_crashing_lane_is_restarted_by_supervise(
         ((at, rcpt, outcome),) = deliveries(w)
         assert (rcpt, outcome) == ("bob@example.net", "sent")
         assert at - t0 == pytest.approx(60, abs=5)
+
+
+def task_count() -> int:
+    def count(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(count(t) for n in task.child_nurseries for t in n.child_tasks)
+
+    return count(trio.lowlevel.current_root_task())
+
+
+async def test_a_lane_that_keeps_crashing_is_parked_while_the_rest_delivers(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug that one remote triggers on every attempt (injected through open_fn): the lane
+    is parked after its worker exhausts its restarts, with growing rests, while a message a
+    minute to another destination is delivered for an hour; tasks stay few."""
+    crashes = 0
+
+    async def hostile_open(destination: Destination, **kwargs: object) -> object:
+        nonlocal crashes
+        if destination.key == "mx-bad:25":
+            crashes += 1
+            raise RuntimeError("a bug this remote triggers")
+        return await open_remote(destination, **kwargs)  # type: ignore[arg-type]
+
+    bad_mx = Destination((("mx-bad", 25),))
+    hosts = {"mx1": Host(), "mx-bad": Host()}
+    async with world(hosts, {"example.net": MX1, "bad.example": bad_mx}, open_fn=hostile_open) as w:
+        stuck = [await accept(w.queue, f"r{i}@bad.example") for i in range(20)]
+        good = []
+        most_tasks = 0
+        for minute in range(60):
+            good.append(await accept(w.queue, f"g{minute}@example.net"))
+            w.dispatcher.notify()
+            await trio.sleep(60)
+            most_tasks = max(most_tasks, task_count())
+        await until(lambda: all(w.queue.state.messages[q].terminal for q in good))
+        assert len(w.mx.hosts["mx1"].received) == 60  # the other destination never stopped
+        assert len(w.mx.hosts["mx-bad"].received) == 0
+        assert all(not w.queue.state.messages[q].terminal for q in stuck)  # kept, not lost
+        assert "mx-bad:25" in w.dispatcher.parked()
+        # Restarts within bounds, then parks of 300 s, 600 s, 1,200 s...: over an hour, a
+        # few rounds of at most concurrency x (max_restarts + 1) crashes, not a spin.
+        assert 6 <= crashes <= 100
+        assert most_tasks < 40
+    parks = [r.getMessage() for r in caplog.records if "parked for" in r.getMessage()]
+    assert parks[0].startswith("lane mx-bad:25 parked for 300s (park 1 in a row)")
+    assert parks[1].startswith("lane mx-bad:25 parked for 600s (park 2 in a row)")
+    assert all(r.levelno == logging.CRITICAL for r in caplog.records if "parked" in r.message)
 
 
 async def test_connections_are_reused_with_rset_while_the_lane_has_work(
