@@ -37,7 +37,7 @@ import trio
 from atmosrelay._text import printable as _clean
 from atmosrelay.accounts.api_keys import PREFIX, KeyChecker, Verified
 from atmosrelay.accounts.store import AsyncStore, NotFound
-from atmosrelay.message.headers import MessageError, process
+from atmosrelay.message.headers import MessageError, check_octets, process
 from atmosrelay.queue.records import Accepted, Recipient, new_queue_id
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.smtp import (
@@ -490,9 +490,13 @@ class Session:
             self._log("message-refused", str(tx.refused.code), "in-flight budget full")
             return tx.refused
         now = time.time()  # wall clock: it is written into the record and the Date header
+        data = bytes(tx.data)
         try:
+            check_octets(
+                data, smtputf8=tx.params.smtputf8, eight_bit_mime=tx.params.body == "8BITMIME"
+            )
             processed = process(
-                bytes(tx.data),
+                data,
                 did=self.did,
                 operator_domain=self.ctx.operator_domain,
                 hostname=self.ctx.hostname,
@@ -503,7 +507,8 @@ class Session:
                 exc.detail.replace("\r", " ").replace("\n", " ").replace("{", "(").replace("}", ")")
             )
             self._log("message-refused", "554", _clean(detail))
-            return R.UNPARSEABLE_MESSAGE.format(detail=detail[:200])
+            reply = R.UNPARSEABLE_MESSAGE.format(detail=detail[:200])
+            return attrs.evolve(reply, enhanced=exc.status)
         queue_id = new_queue_id(now)
         record = Accepted(
             id=queue_id,

@@ -229,3 +229,38 @@ def test_secret_forms_find_a_key_at_every_alignment(suffix: str) -> None:
     for prefix in range(6):
         text = b64("p" * prefix + key + suffix).decode()
         assert any(form in text for form in secret_forms(key, "u")[4:])
+
+
+@pytest.mark.parametrize(
+    ("mail", "message", "reply"),
+    [
+        ("", b"From: alice@example.org\r\n\r\nline 1\r\nli\x00ne 2\r\n",
+         b"554 5.6.0 Failed to parse message: NUL octet on line 4\r\n"),
+        ("", b"From: alice@example.org\r\nSubject: a\x00b\r\n\r\nbody\r\n",
+         b"554 5.6.0 Failed to parse message: NUL octet on line 2\r\n"),
+        (" BODY=8BITMIME", b"From: alice@example.org\r\nSubject: caf\xc3\xa9\r\n\r\nbody\r\n",
+         b"554 5.6.7 Failed to parse message: 8-bit octet in header line 2 without SMTPUTF8 "
+         b"(RFC 6531)\r\n"),
+        (" SMTPUTF8", b"From: alice@example.org\r\nSubject: caf\xc3\xa9\r\n\r\nbody\r\n", b"250"),
+        ("", b"From: alice@example.org\r\n\r\ncaf\xc3\xa9\r\n",
+         b"554 5.6.0 Failed to parse message: 8-bit octet on line 3 of the message without "
+         b"BODY=8BITMIME (RFC 6152)\r\n"),
+        (" BODY=8BITMIME", b"From: alice@example.org\r\n\r\ncaf\xc3\xa9\r\n", b"250"),
+    ],
+    ids=["nul-body", "nul-header", "8bit-header", "8bit-header-smtputf8", "8bit-body",
+         "8bit-body-8bitmime"],
+)  # fmt: skip
+async def test_nul_and_unannounced_8bit_are_refused_naming_the_line(
+    tmp_path: Path, mail: str, message: bytes, reply: bytes
+) -> None:
+    async with running_relay(tmp_path) as relay:
+
+        def send() -> bytes:
+            with authed(relay) as d:
+                assert d.cmd(f"MAIL FROM:<alice@example.org>{mail}".encode()).startswith(b"250")
+                assert d.cmd(b"RCPT TO:<bob@example.net>").startswith(b"250")
+                assert d.cmd(b"DATA").startswith(b"354")
+                return d.cmd(message + b".")
+
+        got = await trio.to_thread.run_sync(send)
+    assert got.startswith(reply) if reply == b"250" else got == reply
