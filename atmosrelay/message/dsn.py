@@ -21,8 +21,10 @@ from typing import Final
 import attrs
 
 from atmosrelay._random import RANDOM
+from atmosrelay._text import printable
 
 HEADER_LIMIT: Final = 64 * 1024  # original headers beyond this are cut (a DSN stays small)
+MAX_DIAGNOSTIC: Final = 1000  # characters of the remote's text kept in a DSN
 
 
 @attrs.frozen
@@ -34,6 +36,13 @@ class RecipientStatus:
     remote_mta: str | None
     last_attempt: float
     original_recipient: tuple[str, str] | None = None  # ORCPT (type, address)
+
+
+def _diagnostic(s: RecipientStatus) -> str:
+    """The remote's text, escaped: it is the peer's, and a CR or LF in it would end the
+    field and start one of the peer's choosing (the client never lets one through today;
+    this does not depend on it)."""
+    return printable(s.diagnostic or "", MAX_DIAGNOSTIC)
 
 
 def wants_dsn(sender: str, notify: Sequence[str] | None, action: str) -> bool:
@@ -75,7 +84,7 @@ def build_dsn(
         if delayed
         else "Your message could not be delivered to:",
     ]
-    human += [f"  <{s.recipient}>: {s.diagnostic or s.status}" for s in statuses]
+    human += [f"  <{s.recipient}>: {_diagnostic(s) or s.status}" for s in statuses]
     per_message = [("Reporting-MTA", f"dns; {reporting_mta}")]
     if envid:
         per_message.append(("Original-Envelope-Id", envid))
@@ -95,7 +104,7 @@ def build_dsn(
         if s.remote_mta:
             fields.append(("Remote-MTA", f"dns; {s.remote_mta}"))
         if s.diagnostic:
-            fields.append(("Diagnostic-Code", f"smtp; {s.diagnostic}"))
+            fields.append(("Diagnostic-Code", f"smtp; {_diagnostic(s)}"))
         fields.append(("Last-Attempt-Date", email.utils.formatdate(s.last_attempt, usegmt=True)))
         blocks.append(_fields(fields))
     head, _, _ = original.partition(b"\r\n\r\n")
