@@ -8,6 +8,11 @@ non-printable characters are escaped as Python does in ``repr``, and the result 
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
+from typing import Final
+
 
 def printable(data: bytes | str, limit: int = 120) -> str:
     """``data`` escaped and bounded (see the module docstring)."""
@@ -16,3 +21,33 @@ def printable(data: bytes | str, limit: int = 120) -> str:
     if len(text) > limit:
         shown += f"...(+{len(text) - limit} chars)"
     return shown
+
+
+# An API key anywhere in a text: the prefix, the 8-character id, the secret (see
+# accounts/api_keys.py). Matched loosely (any length of key characters) so that a
+# mistyped or truncated key is caught too.
+_KEY: Final = re.compile(r"atmos_([A-Za-z0-9_-]{0,8})[A-Za-z0-9_-]*")
+
+
+def redact_keys(text: str) -> str:
+    """``text`` with every API key cut to its id: ``atmos_<id>…``. The id is not secret
+    (it is how keys are listed and revoked); the rest is."""
+    return _KEY.sub(lambda m: f"atmos_{m.group(1)}…", text)
+
+
+def print_error(message: str) -> None:
+    """The one way the command line reports an error: ``atmosrelay: <message>`` on stderr,
+    with any key in it redacted (an error may quote an argument, and an operator may paste
+    a key where an id, a DID or an address belongs)."""
+    print(f"atmosrelay: {redact_keys(message)}", file=sys.stderr)
+
+
+class RedactKeys(logging.Filter):
+    """A log filter that redacts keys from every record's final text. The relay never logs
+    one on purpose (tests/relay/test_hostile_clients.py); this is the net under that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "atmos_" in text:
+            record.msg, record.args = redact_keys(text), None
+        return True

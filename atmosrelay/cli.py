@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import trio
 
 from atmosrelay import __version__
+from atmosrelay._text import RedactKeys, print_error
 from atmosrelay.accounts.cli import register as register_accounts
 from atmosrelay.config import DEFAULTS_TOML, ConfigError, load_config
 from atmosrelay.queue.cli import register as register_queue
@@ -33,8 +34,7 @@ EXIT_USAGE = 64  # sysexits EX_USAGE: bad config or arguments
 EXIT_CORRUPT = 2
 
 
-def _err(message: str) -> None:
-    print(f"atmosrelay: {message}", file=sys.stderr)
+_err = print_error
 
 
 def _announce(message: str) -> None:
@@ -50,6 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=str(config["relay.log_level"]).upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactKeys())
     _announce(f"config: {config.source}; data directory {config.data_dir}")
     try:
         trio.run(lambda: run_relay(config, announce=_announce))

@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 import trio
 
+from atmosrelay._text import print_error
 from atmosrelay.accounts import api_keys, domains
 from atmosrelay.accounts.identity import (
     DnsSettings,
@@ -284,16 +285,16 @@ def _run(
         try:
             config = load_config(args.config)
         except ConfigError as exc:
-            print(f"atmosrelay: {exc}", file=sys.stderr)
+            print_error(str(exc))
             return EXIT_USAGE
         store = Store(config.accounts_db)
         try:
             handler(args, config, store)
         except _Refused as exc:
-            print(f"atmosrelay: {exc}", file=sys.stderr)
+            print_error(str(exc))
             return exc.code
         except StoreError as exc:
-            print(f"atmosrelay: {exc}", file=sys.stderr)
+            print_error(str(exc))
             return EXIT_REFUSED
         finally:
             store.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+from atmosrelay._text import print_error
 from atmosrelay.config import ConfigError, load_config
 from atmosrelay.control import ControlError, call, socket_path
 from atmosrelay.queue.state import QueuedMessage, fold
@@ -40,7 +41,7 @@ def _load(args: argparse.Namespace) -> dict[str, QueuedMessage] | int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"atmosrelay: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 64
     directory = str(config.journal_dir)
     try:
@@ -115,10 +116,10 @@ def _control(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any
         config = load_config(args.config)
         return call(socket_path(config.data_dir), request)
     except ConfigError as exc:
-        print(f"atmosrelay: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 64
     except ControlError as exc:
-        print(f"atmosrelay: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 1
 
 

@@ -160,6 +160,34 @@ def test_keys_and_suppressions(cli: Cli) -> None:
     assert "no suppressed addresses" in cli("suppression", "list", ALICE).stdout
 
 
+def test_no_command_but_key_issue_prints_a_key(cli: Cli) -> None:
+    """Every other output, human or --json, success or error, keeps the key to itself, even
+    when the operator pastes the whole key where an id belongs."""
+    cli("member", "add", ALICE, "--handle", "alice.test")
+    key = cli.json("key", "issue", ALICE)["key"]  # type: ignore[index]
+    secret = key[len("atmos_") + 8 :]
+    outputs = []
+    for args in (
+        ("member", "show", ALICE),
+        ("member", "list"),
+        ("key", "list", ALICE),
+        ("domain", "list"),
+        ("key", "revoke", key + "x"),  # not a key: refused, not echoed
+        ("key", "revoke", "atmos_" + "y" * 60),
+        ("key", "revoke", key),  # the whole key: revoked by its id
+        ("key", "revoke", key),  # already revoked
+        ("member", "show", key),  # a key where a DID belongs
+    ):
+        for fmt in ((), ("--json",)):
+            result = cli(*args, *fmt)
+            outputs.append((args, result.returncode, result.stdout + result.stderr))
+    for args, _, text in outputs:
+        assert secret not in text, args
+    assert [code for _, code, _ in outputs[8:16]] == [65, 65, 65, 65, 0, 1, 1, 1]
+    assert "revoked" in outputs[12][2]
+    assert "not repeated here" in outputs[8][2]
+
+
 def test_bad_config_is_refused_for_operator_commands(cli: Cli) -> None:
     cli.config.write_text("[dns]\nnameservers = ['127.0.0.1:99999']\n")
     refused(cli("member", "list"), 64, "dns.nameservers")
