@@ -22,10 +22,17 @@ from journal.testing import CrashableMemFS, FaultFS
 from tests.journal.helpers import DIR, ident, payload, recover
 
 
-async def _workload(fs: FaultFS, acked: dict[int, int], failures: dict[int, type]) -> None:
-    """Open, append 60 records from 4 tasks (rotating), closing and reopening halfway so
-    recovery runs under faults too, compact once, close. Every error must be a
-    JournalError; acknowledged ids go to ``acked``."""
+async def _workload(
+    fs: FaultFS, acked: dict[int, int], failures: dict[int, type], *, appenders: int = 1
+) -> None:
+    """Open, append 60 records from ``appenders`` tasks (rotating), closing and reopening
+    halfway so recovery runs under faults too, compact once, close. Every error must be a
+    JournalError; acknowledged ids go to ``acked``.
+
+    With one appender each append is its own batch, so the sequence of FS operations is the
+    same on every run (``test_the_single_appender_workload_is_deterministic``) and every
+    operation can be failed in turn. With several, how appends share batches depends on
+    how the writer thread and the tasks interleave, so the count of operations does too."""
     positions: dict[int, Position] = {}
     for first, last in ((0, 30), (30, 60)):
         try:
@@ -48,7 +55,7 @@ async def _workload(fs: FaultFS, acked: dict[int, int], failures: dict[int, type
                                 failures[-1] = type(exc)
 
                 async with trio.open_nursery() as nursery:
-                    for _ in range(4):
+                    for _ in range(appenders):
                         nursery.start_soon(appender)
         except JournalError as exc:
             failures[-2 - first] = type(exc)
@@ -58,13 +65,21 @@ async def _workload(fs: FaultFS, acked: dict[int, int], failures: dict[int, type
 POISONING = {"append", "sync", "sync_dir", "create", "truncate", "remove"}
 
 
-def _count_ops() -> int:
+def _op_log() -> list[tuple[str, str]]:
     fs = FaultFS(CrashableMemFS())
     trio.run(_workload, fs, {}, {})
-    return len(fs.log)
+    return [(r.op, r.path) for r in fs.log]
 
 
-TOTAL_OPS = _count_ops()
+TOTAL_OPS = len(_op_log())
+
+
+def test_the_single_appender_workload_is_deterministic() -> None:
+    """What makes enumerating its operations sound: the same operations, in the same
+    order, on the same files, every time."""
+    first = _op_log()
+    for _ in range(5):
+        assert _op_log() == first
 
 
 def _check_after(base: CrashableMemFS, acked: dict[int, int], context: str) -> None:
@@ -75,15 +90,14 @@ def _check_after(base: CrashableMemFS, acked: dict[int, int], context: str) -> N
         assert not missing, f"{context}: acknowledged appends lost: {sorted(missing)}"
 
 
-@pytest.mark.parametrize("fail_at", range(TOTAL_OPS))
-async def test_fault_at_every_operation(fail_at: int) -> None:
-    base = CrashableMemFS()
-    fs = FaultFS(base, fail_at=fail_at)
+async def _fail_and_check(fs: FaultFS, base: CrashableMemFS, appenders: int) -> None:
     acked: dict[int, int] = {}
     failures: dict[int, type] = {}
     with trio.fail_after(20):
-        await _workload(fs, acked, failures)  # raises if anything but a JournalError escapes
-    failed_op = next(r for r in fs.log if r.failed)
+        # raises if anything but a JournalError escapes
+        await _workload(fs, acked, failures, appenders=appenders)
+    failed_op = next((r for r in fs.log if r.failed), None)
+    assert failed_op is not None, "the fault never fired"
     if failed_op.op in POISONING:
         # A failed write, fsync or directory change poisons: nothing is written or fsynced
         # again (a retried fsync could falsely succeed), and somebody was told.
@@ -94,7 +108,26 @@ async def test_fault_at_every_operation(fail_at: int) -> None:
         later = [r.op for r in after[:reopen] if r.op in ("append", "sync")]
         assert not later, f"wrote after a failed {failed_op.op}: {later}"
         assert JournalFatalError in failures.values()
-    _check_after(base, acked, f"fault at op {fail_at} ({failed_op.op} {failed_op.path})")
+    _check_after(base, acked, f"fault at op {failed_op.index} ({failed_op.op} {failed_op.path})")
+
+
+@pytest.mark.parametrize("fail_at", range(TOTAL_OPS))
+async def test_fault_at_every_operation(fail_at: int) -> None:
+    base = CrashableMemFS()
+    await _fail_and_check(FaultFS(base, fail_at=fail_at), base, appenders=1)
+
+
+# With four appenders, 60 appends make at least 15 batches (a batch holds at most one
+# append per waiting task), each a write and an fsync, and both opens list and fsync the
+# directory: these occurrences exist in every interleaving.
+@pytest.mark.parametrize(
+    ("op", "nth"),
+    [(op, n) for op in ("append", "sync") for n in (0, 1, 2, 7, 14)]
+    + [(op, n) for op in ("sync_dir", "listdir") for n in (0, 1)],
+)
+async def test_fault_with_concurrent_appenders(op: str, nth: int) -> None:
+    base = CrashableMemFS()
+    await _fail_and_check(FaultFS(base, only=op, fail_at=nth), base, appenders=4)
 
 
 def test_every_operation_kind_is_exercised() -> None:
