@@ -110,3 +110,11 @@ async def running_relay(
             yield Relay(handle, config, key, mallory, ca, lines)
         finally:
             handle.stop()
+
+
+async def until_the_relay_sees_an_account_change(relay: Relay, before: int) -> None:
+    """Wait (bounded) until the relay has noticed a write to the account store by another
+    connection: it polls SQLite's change counter every ``auth.revocation_poll`` (1 s)."""
+    with trio.fail_after(10):
+        while relay.handle.ctx.keys.generation == before:  # noqa: ASYNC110 - its own poll
+            await trio.sleep(0.05)

@@ -15,7 +15,12 @@ import trio
 from atmosrelay.accounts.api_keys import key_id_of
 from atmosrelay.accounts.store import Store
 from tests.relay.dialog import Dialog
-from tests.relay.harness import ALICE, Relay, running_relay
+from tests.relay.harness import (
+    ALICE,
+    Relay,
+    running_relay,
+    until_the_relay_sees_an_account_change,
+)
 
 # Failures are answered after 1-2 ms, not 0.5-8 s, so ten of them take no time; the policy
 # and its figures are tested on virtual time in tests/accounts/test_api_keys.py.
@@ -144,13 +149,6 @@ def send_one(d: Dialog) -> bytes:
     return d.cmd(b"From: alice@example.org\r\nSubject: x\r\n\r\nhi\r\n.")
 
 
-async def until_the_relay_sees_the_change(relay: Relay, before: int) -> None:
-    """The relay polls the account store's change counter every second (revocation_poll)."""
-    with trio.fail_after(10):
-        while relay.handle.ctx.keys.generation == before:  # noqa: ASYNC110 - its own poll
-            await trio.sleep(0.05)
-
-
 async def test_revoking_the_key_closes_open_sessions_at_their_next_mail(tmp_path: Path) -> None:
     async with running_relay(tmp_path) as relay:
         d = await trio.to_thread.run_sync(authed, relay)
@@ -162,7 +160,7 @@ async def test_revoking_the_key_closes_open_sessions_at_their_next_mail(tmp_path
             assert key_id is not None
             cli.revoke_key(key_id)
             cli.close()
-            await until_the_relay_sees_the_change(relay, before)
+            await until_the_relay_sees_an_account_change(relay, before)
             reply = await trio.to_thread.run_sync(send_one, d)
             assert reply == b"421 4.7.8 Credentials no longer valid, closing connection\r\n"
             assert await trio.to_thread.run_sync(d.reply) == b""  # closed
@@ -189,7 +187,7 @@ async def test_suspending_the_member_refuses_the_next_mail_in_open_sessions(
             cli = Store(relay.config.accounts_db)
             cli.set_status(ALICE, "suspended", "test")
             cli.close()
-            await until_the_relay_sees_the_change(relay, before)
+            await until_the_relay_sees_an_account_change(relay, before)
             reply = await trio.to_thread.run_sync(send_one, d)
             assert reply == b"550 5.7.1 Account suspended; contact the operator\r\n"
         finally:

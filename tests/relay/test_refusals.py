@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,13 @@ import trio.testing
 from atmosrelay.accounts.store import Store
 from journal import read_records
 from tests.relay.dialog import Dialog
-from tests.relay.harness import ALICE, MALLORY, Relay, running_relay
+from tests.relay.harness import (
+    ALICE,
+    MALLORY,
+    Relay,
+    running_relay,
+    until_the_relay_sees_an_account_change,
+)
 
 LIMITS = "[smtp]\nmax_recipients = 3\nmax_message_size = 4096\nmax_connections_per_ip = 3\n"
 
@@ -87,11 +94,12 @@ async def test_revoked_key_is_refused(tmp_path: Path) -> None:
     async with running_relay(tmp_path) as relay:
         await in_thread(lambda: authed(relay).close())  # verified once: now in the cache
 
+        before = relay.handle.ctx.keys.generation
         store = Store(relay.config.accounts_db)
         key_id = relay.key[6:14]
         store.revoke_key(key_id)  # as the operator CLI would, from another connection
         store.close()
-        await trio.sleep(1.5)  # the revocation poll
+        await until_the_relay_sees_an_account_change(relay, before)
 
         def check() -> None:
             with Dialog(relay.implicit_port, relay.client_context()) as d:
@@ -230,10 +238,16 @@ async def test_connection_limit_per_ip(tmp_path: Path) -> None:
                 d.close()
 
         await in_thread(check)
-        await trio.sleep(0.2)
 
         def reconnect() -> bytes:
-            with Dialog(relay.starttls_port) as d:
-                return d.reply()
+            """The relay frees the slots when it has seen the three sessions end, which
+            it learns from the sockets: poll for that, bounded, rather than guess a time."""
+            deadline = time.monotonic() + 10
+            while True:
+                with Dialog(relay.starttls_port) as d:
+                    reply = d.reply()
+                if reply.startswith(b"220 ") or time.monotonic() > deadline:
+                    return reply
+                time.sleep(0.05)  # a retry interval, not a synchronisation
 
         assert (await in_thread(reconnect)).startswith(b"220 ")

@@ -106,7 +106,8 @@ async def test_shutdown_idle_session_gets_421_and_one_in_data_finishes(tmp_path:
                 )
 
             await trio.to_thread.run_sync(prepare)
-            await trio.sleep(0.2)
+            # The busy session is in DATA from the moment it sent its 354 (read above), so
+            # stopping now finds one session waiting for a command and one inside DATA.
             relay.handle.stop()
             assert (
                 await trio.to_thread.run_sync(idle.reply)
