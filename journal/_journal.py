@@ -108,6 +108,13 @@ class Journal:
         return self._log.directory
 
     @property
+    def poisoned(self) -> bool:
+        """An fsync or write failed: every append now raises ``JournalFatalError`` and only
+        a restart (which re-reads the disk) makes the journal usable again. A cheap read of
+        a flag, for callers that want to stop taking work at once."""
+        return self._log.poisoned
+
+    @property
     def syncs(self) -> int:
         """File fsyncs since open (recovery's included)."""
         return self._log.syncs

@@ -263,6 +263,11 @@ class Log:
     def _path(self, number: int) -> str:
         return posixpath.join(self.directory, segment_name(number))
 
+    @property
+    def poisoned(self) -> bool:
+        """An I/O failure poisoned the log: nothing more is written until a reopen."""
+        return self._poison is not None
+
     def _check_usable(self) -> None:
         if self._poison is not None:
             raise JournalFatalError(

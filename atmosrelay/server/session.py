@@ -123,6 +123,21 @@ class SessionContext:
     shutdown: trio.Event = attrs.field(factory=trio.Event)
     waiting: set[trio.CancelScope] = attrs.field(factory=set)  # sessions waiting for a command
 
+    journal_failure_reported: bool = False
+
+    def journal_failed(self) -> bool:
+        """True once the journal is poisoned; the first caller to see it logs it, once."""
+        if not self.queue.journal.poisoned:
+            return False
+        if not self.journal_failure_reported:
+            self.journal_failure_reported = True
+            log.critical(
+                "the journal failed an fsync or a write: no mail is accepted (421 4.3.0) "
+                "until the relay is restarted, which re-reads the disk; check the disk and "
+                "the kernel log"
+            )
+        return True
+
     def request_shutdown(self) -> None:
         """Sessions waiting for a command answer 421 4.3.2 now; those in DATA finish first."""
         self.shutdown.set()
@@ -348,6 +363,8 @@ class Session:
                 self._end_transaction()
             return event.reply
         if isinstance(event, Greet):
+            if self.ctx.journal_failed():
+                return R.JOURNAL_FAILED  # a 421: the connection closes
             return R.GREETING.format(hostname=self.ctx.hostname)
         if isinstance(event, Hello):
             self.helo = event.hostname
@@ -429,6 +446,8 @@ class Session:
         self.verified_domains = frozenset(d.name for d in domains if d.status == "verified")
 
     async def _mail(self, event: MailFrom) -> Reply:
+        if self.ctx.journal_failed():
+            return R.JOURNAL_FAILED  # before reading a message that could not be kept
         if self.did is None:
             return R.AUTH_REQUIRED
         if not await self._recheck():
@@ -532,6 +551,7 @@ class Session:
             return R.QUEUE_FULL
         except JournalError as exc:
             self._log("queue-refused", queue_id, _clean(str(exc)))
+            self.ctx.journal_failed()  # logs it, if this is the failure that poisoned it
             return R.QUEUE_UNAVAILABLE
         if log.isEnabledFor(logging.INFO):  # the 250 path: build the line only if it is kept
             self._log(

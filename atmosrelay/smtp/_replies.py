@@ -144,5 +144,7 @@ IDLE_TIMEOUT = _r(421, "4.4.2", "Idle timeout, closing connection")
 DATA_TIMEOUT = _r(421, "4.4.2", "Message data too slow, closing connection")
 SESSION_TIME_LIMIT = _r(421, "4.4.2", "Session time limit reached, reconnect to continue")
 TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "Too many connections, try again later")
+# The journal failed (fsync or write): nothing can be made durable until a restart.
+JOURNAL_FAILED = _r(421, "4.3.0", "Mail system failure, not accepting mail; try again later")
 # The key this session authenticated with was revoked, or its member removed, since AUTH.
 CREDENTIALS_REVOKED = _r(421, "4.7.8", "Credentials no longer valid, closing connection")

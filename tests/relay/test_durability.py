@@ -3,7 +3,9 @@ operation while clients submit; and a failing fsync that must never be followed 
 
 from __future__ import annotations
 
+import base64
 import errno
+import logging
 import smtplib
 import threading
 from pathlib import Path
@@ -15,6 +17,7 @@ from atmosrelay.queue.state import fold
 from journal import Log
 from journal.testing import CrashableMemFS, FaultFS
 from tests.journal.helpers import SnapshotFS
+from tests.relay.dialog import Dialog
 from tests.relay.harness import ALICE, Relay, running_relay
 
 BODY = b"From: alice@example.org\r\nSubject: durable %d\r\n\r\nHello.\r\n"
@@ -69,18 +72,57 @@ async def test_crash_at_every_sync_keeps_every_250(tmp_path: Path, mode: str) ->
 
 
 @pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC])
-async def test_failed_fsync_gives_451_and_no_250_after(tmp_path: Path, error: int) -> None:
+async def test_a_failed_fsync_stops_the_relay_taking_mail(
+    tmp_path: Path, error: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a failed fsync the journal is poisoned: the message being stored gets 451 (it
+    may or may not be on disk), the next MAIL on an open session gets 421 4.3.0 and the
+    session closes, a new connection gets 421 4.3.0 instead of a greeting, nothing is read
+    that could not be kept, no 250 ever follows, and the log says a restart is needed."""
     base = CrashableMemFS()
     # Syncs 0-2 are the journal's own at open; the 4th message's fsync fails.
     fs = FaultFS(base, only="sync", fail_at=6, error=error)
     acked: set[str] = set()
+    failed = b"421 4.3.0 Mail system failure, not accepting mail; try again later\r\n"
+
+    def session(relay: Relay) -> list[bytes]:
+        replies = []
+        with Dialog(relay.implicit_port, relay.client_context()) as d:
+            d.reply()
+            d.cmd(b"EHLO client.test")
+            assert (
+                d.cmd(b"AUTH PLAIN " + base64.b64encode(f"\0{ALICE}\0{relay.key}".encode()))[:3]
+                == b"235"
+            )
+            for i in range(8):
+                reply = d.cmd(b"MAIL FROM:<alice@example.org>")
+                if not reply.startswith(b"250"):
+                    replies.append(reply)
+                    replies.append(d.reply())  # b"": closed after the 421
+                    break
+                assert d.cmd(b"RCPT TO:<bob@example.net>").startswith(b"250")
+                assert d.cmd(b"DATA").startswith(b"354")
+                reply = d.cmd(BODY % i + b".")
+                replies.append(reply)
+                if reply.startswith(b"250"):
+                    acked.add(reply.decode().rsplit(" ", 1)[1].strip())
+        with Dialog(relay.implicit_port, relay.client_context()) as again:
+            replies.append(again.reply())
+            replies.append(again.reply())  # b"": closed
+        return replies
+
     with trio.fail_after(60):
         async with running_relay(tmp_path, fs=fs) as relay:
-            codes = await trio.to_thread.run_sync(client, relay, 8, acked, threading.Lock(), 0)
-    first_failure = codes.index(451)
-    assert first_failure >= 1
-    assert codes[:first_failure] == [250] * first_failure
-    assert codes[first_failure:] == [451] * (
-        len(codes) - first_failure
-    )  # poisoned: never 250 again
+            replies = await trio.to_thread.run_sync(session, relay)
+    codes = [r[:3] for r in replies]
+    stored = codes.index(b"451")  # the message whose fsync failed
+    assert stored >= 1
+    assert codes == [b"250"] * stored + [b"451", b"421", b"", b"421", b""]
+    assert replies[stored + 1] == replies[stored + 3] == failed
     assert acked <= recovered_ids(base.crash_clone(), relay)
+    # The journal says what failed; the relay says, once, what that means for mail.
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert {r.name for r in critical} == {"journal", "atmosrelay.smtp"}
+    critical = [r for r in critical if r.name == "atmosrelay.smtp"]
+    assert len(critical) == 1
+    assert "until the relay is restarted" in critical[0].getMessage()
