@@ -29,9 +29,12 @@ def ident(record_payload: bytes) -> int:
 class HookedFile:
     """Forwards to a real File and calls ``after(op, inner)`` after each mutating call."""
 
-    def __init__(self, inner: File, after: Callable[[str, File], None]) -> None:
+    def __init__(
+        self, inner: File, after: Callable[[str, File], None], skip_sync: bool = False
+    ) -> None:
         self._inner = inner
         self._after = after
+        self._skip_sync = skip_sync
 
     def append(self, data: bytes) -> None:
         self._inner.append(data)
@@ -48,7 +51,8 @@ class HookedFile:
         self._after("truncate", self._inner)
 
     def sync(self) -> None:
-        self._inner.sync()
+        if not self._skip_sync:
+            self._inner.sync()
         self._after("sync", self._inner)
 
     def close(self) -> None:
@@ -60,17 +64,28 @@ class Snapshot:
     index: int
     after: str
     fs: CrashableMemFS
-    acked: frozenset[int]
+    acked: frozenset[int] | frozenset[str]
 
 
 class SnapshotFS:
     """Wraps a CrashableMemFS and takes a crash clone after every mutating operation,
     remembering which appends had been acknowledged at that instant."""
 
-    def __init__(self, inner: CrashableMemFS, acked: set[int], **crash: object) -> None:
+    def __init__(
+        self,
+        inner: CrashableMemFS,
+        acked: set[int] | set[str],
+        *,
+        skip_file_sync: bool = False,
+        **crash: object,
+    ) -> None:
+        """``skip_file_sync``: the mutant for the power-cut tests' own check. Every file
+        fsync is answered but never reaches the disk, as if the journal had lost its
+        fsync call: a power cut must then be seen to lose acknowledged records."""
         self.inner = inner
         self.acked = acked
         self.crash = crash
+        self.skip_file_sync = skip_file_sync
         self.snapshots: list[Snapshot] = []
         self._lock = threading.Lock()
 
@@ -84,12 +99,12 @@ class SnapshotFS:
         self.snap(op)
 
     def create(self, path: str) -> File:
-        f = HookedFile(self.inner.create(path), self._after)
+        f = HookedFile(self.inner.create(path), self._after, self.skip_file_sync)
         self.snap("create")
         return f
 
     def open(self, path: str) -> File:
-        return HookedFile(self.inner.open(path), self._after)
+        return HookedFile(self.inner.open(path), self._after, self.skip_file_sync)
 
     def read_file(self, path: str) -> bytes:
         return self.inner.read_file(path)
