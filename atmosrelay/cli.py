@@ -25,6 +25,7 @@ from atmosrelay import __version__
 from atmosrelay._text import RedactKeys, print_error
 from atmosrelay.accounts.cli import register as register_accounts
 from atmosrelay.config import DEFAULTS_TOML, ConfigError, load_config
+from atmosrelay.crashtest import register as register_crashtest
 from atmosrelay.queue.cli import register as register_queue
 from atmosrelay.queue.records import RecordError
 from atmosrelay.runtime import DataDirLocked, run_relay
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_accounts(sub)
     register_queue(sub)
+    register_crashtest(sub)
 
     config = sub.add_parser("config", help="configuration helpers")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

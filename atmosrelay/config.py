@@ -109,6 +109,7 @@ retry_initial = 60.0           # seconds to the first retry, doubling each time 
 retry_cap = 3600.0             # ... up to this
 max_age = 432000.0             # a recipient still deferred after 5 days bounces
 drain_grace = 30.0             # seconds deliveries in hand get to finish on SIGTERM
+restart_spread = 60.0          # retries overdue at start are spread over this many seconds
 # Where List-Unsubscribe points ("" means https://<operator.domain>); the token in it is an
 # HMAC with a key generated in <data_dir>/unsubscribe.key.
 unsubscribe_url = ""
@@ -277,6 +278,7 @@ SCHEMA: Final[dict[str, dict[str, Check]]] = {
         "retry_cap": _number(1),
         "max_age": _number(0),
         "drain_grace": _number(0),
+        "restart_spread": _number(0),
         "unsubscribe_url": _string(empty=True),
     },
     "auth": {

@@ -223,6 +223,7 @@ def make_dispatcher(
         concurrency=config["delivery.concurrency"],
         require_tls=frozenset(d.lower() for d in config["delivery.require_tls"]),
         idle=config["delivery.idle"],
+        restart_spread=config["delivery.restart_spread"],
     )
     resolver = DnsResolver(
         DnsSettings(nameservers=config.nameservers, timeout=config["dns.timeout"]),
