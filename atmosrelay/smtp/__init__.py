@@ -18,7 +18,7 @@ from atmosrelay.smtp._extensions import (
     ServerCapabilities,
 )
 from atmosrelay.smtp._replies import Reply
-from atmosrelay.smtp._server import ServerConnection
+from atmosrelay.smtp._server import ServerConnection, permissive_reply
 from atmosrelay.smtp._states import State
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "ServerCapabilities",
     "ServerConnection",
     "State",
+    "permissive_reply",
     "replies",
     *_event_names,
 ]

@@ -538,3 +538,36 @@ _COMMANDS: Final[dict[str, _Handler]] = {
     "STARTTLS": ServerConnection._cmd_simple,
     "AUTH": ServerConnection._cmd_auth,
 }
+
+
+def permissive_reply(
+    conn: ServerConnection, event: Event, hostname: str, queue_id: str = "Q1"
+) -> Reply | None:
+    """What a server that takes everything answers to ``event``, or None when no reply is
+    owed (message content). For sinks and test servers; AUTH is the caller's to answer,
+    as only it knows the password (None here)."""
+    if isinstance(event, (CommandError, AuthChallenge, MessageRejected)):
+        return event.reply
+    if isinstance(event, Greet):
+        return R.GREETING.format(hostname=hostname)
+    if isinstance(event, Hello):
+        return conn.ehlo_reply(hostname) if event.extended else R.HELO_OK.format(hostname=hostname)
+    if isinstance(event, ChunkEnd):
+        return R.CHUNK_OK.format(size=event.size)
+    if isinstance(event, EndOfMessage):
+        return R.QUEUED.format(queue_id=queue_id)
+    return _PERMISSIVE.get(type(event))
+
+
+_PERMISSIVE: Final[dict[type, Reply]] = {
+    StartTLS: R.READY_TO_START_TLS,
+    MailFrom: R.SENDER_OK,
+    RcptTo: R.RECIPIENT_OK,
+    Data: R.START_DATA,
+    Rset: R.OK,
+    Noop: R.OK,
+    Quit: R.CLOSING,
+    Vrfy: R.VRFY_CANNOT,
+    Expn: R.EXPN_DISABLED,
+    Help: R.HELP,
+}

@@ -9,33 +9,17 @@ from collections.abc import Callable, Iterable
 from atmosrelay.smtp import (
     NEED_DATA,
     PAUSED,
-    AuthChallenge,
     AuthCredentials,
-    ChunkEnd,
     ClientConnection,
-    CommandError,
     ConnectionClosed,
-    Data,
-    EndOfMessage,
     Event,
-    Expn,
-    Greet,
-    Hello,
-    Help,
-    MailFrom,
     MessageData,
-    MessageRejected,
-    Noop,
-    Quit,
-    RcptTo,
     RemoteProtocolError,
     Reply,
-    Rset,
     ServerConnection,
     ServerReply,
-    StartTLS,
     TLSReady,
-    Vrfy,
+    permissive_reply,
 )
 from atmosrelay.smtp import replies as R
 
@@ -45,32 +29,9 @@ PASSWORD = "secret"
 
 def answer(conn: ServerConnection, event: Event) -> Reply | None:
     """What a permissive server says to each event (None: no reply owed)."""
-    reply = getattr(event, "reply", None)
-    if isinstance(event, (CommandError, AuthChallenge, MessageRejected)):
-        assert reply is not None
-        return reply
-    if isinstance(event, Greet):
-        return R.GREETING.format(hostname=HOST)
-    if isinstance(event, Hello):
-        return conn.ehlo_reply(HOST) if event.extended else R.HELO_OK.format(hostname=HOST)
     if isinstance(event, AuthCredentials):
         return R.AUTH_SUCCESS if event.password == PASSWORD else R.AUTH_FAILED
-    if isinstance(event, ChunkEnd):
-        return R.CHUNK_OK.format(size=event.size)
-    table: dict[type, Reply] = {
-        StartTLS: R.READY_TO_START_TLS,
-        MailFrom: R.SENDER_OK,
-        RcptTo: R.RECIPIENT_OK,
-        Data: R.START_DATA,
-        EndOfMessage: R.QUEUED.format(queue_id="Q1"),
-        Rset: R.OK,
-        Noop: R.OK,
-        Quit: R.CLOSING,
-        Vrfy: R.VRFY_CANNOT,
-        Expn: R.EXPN_DISABLED,
-        Help: R.HELP,
-    }
-    return table.get(type(event))
+    return permissive_reply(conn, event, HOST)
 
 
 def splits(data: bytes, how: str, rng: random.Random) -> list[bytes]:
