@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from fuzz.fuzz_config import check_one as check_config
 from fuzz.fuzz_dsn import check_one as check_dsn
 from fuzz.fuzz_headers import check_one as check_headers
+from tests.protocol.test_fuzz_twins import mixed
 
 MESSAGE_PIECES = [
     b"From: alice@example.org\r\n",
@@ -47,24 +48,15 @@ TOML_PIECES = [
 ]
 
 
-def _mixed(pieces: list[bytes]) -> st.SearchStrategy[bytes]:
-    piece = st.one_of(st.sampled_from(pieces), st.binary(max_size=8))
-    return st.builds(
-        lambda first, xs: bytes([first]) + b"".join(xs),
-        st.integers(0, 255),
-        st.lists(piece, max_size=30),
-    )
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_mixed(MESSAGE_PIECES))
+@given(mixed(MESSAGE_PIECES))
 @example(b"\x00From: a@b.c\r\nSubject: caf\xc3\xa9\r\n\r\nbody\r\n")
 def test_headers(data: bytes) -> None:
     check_headers(data)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_mixed(MESSAGE_PIECES))
+@given(mixed(MESSAGE_PIECES))
 def test_dsn(data: bytes) -> None:
     check_dsn(data)
 

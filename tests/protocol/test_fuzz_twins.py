@@ -59,7 +59,7 @@ SERVER_PIECES = [
 ]
 
 
-def _mixed(pieces: list[bytes]) -> st.SearchStrategy[bytes]:
+def mixed(pieces: list[bytes]) -> st.SearchStrategy[bytes]:
     piece = st.one_of(st.sampled_from(pieces), st.binary(max_size=8))
     return st.builds(
         lambda first, xs: bytes([first]) + b"".join(xs),
@@ -69,7 +69,7 @@ def _mixed(pieces: list[bytes]) -> st.SearchStrategy[bytes]:
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_mixed(CLIENT_PIECES))
+@given(mixed(CLIENT_PIECES))
 @example(b"\x00EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nhi\n.\nx\r\n.\r\n")
 @example(b"\x05EHLO c\r\nSTARTTLS\r\nMAIL FROM:<a@b.c>\r\n")
 def test_server_bytes(data: bytes) -> None:
@@ -77,7 +77,7 @@ def test_server_bytes(data: bytes) -> None:
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_mixed(SERVER_PIECES))
+@given(mixed(SERVER_PIECES))
 @example(b"\x00220 mx\r\n250-mx\r\n250 STARTTLS\r\n220 go\r\n250 injected\r\n")
 @example(b"\x03220 mx\r\n250 mx\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
 def test_client_replies(data: bytes) -> None:
