@@ -15,13 +15,13 @@ the submission's NOTIFY decides which ones are wanted (RFC 3461 section 4.1).
 from __future__ import annotations
 
 import email.utils
+import re
 from collections.abc import Sequence
 from typing import Final
 
 import attrs
 
 from atmosrelay._random import RANDOM
-from atmosrelay._text import printable
 
 HEADER_LIMIT: Final = 64 * 1024  # original headers beyond this are cut (a DSN stays small)
 MAX_DIAGNOSTIC: Final = 1000  # characters of the remote's text kept in a DSN
@@ -38,11 +38,15 @@ class RecipientStatus:
     original_recipient: tuple[str, str] | None = None  # ORCPT (type, address)
 
 
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _diagnostic(s: RecipientStatus) -> str:
-    """The remote's text, escaped: it is the peer's, and a CR or LF in it would end the
+    """The remote's text as recorded (already escaped once, by the delivery client), kept
+    verbatim but for control characters, which become spaces: a CR or LF would end the
     field and start one of the peer's choosing (the client never lets one through today;
-    this does not depend on it)."""
-    return printable(s.diagnostic or "", MAX_DIAGNOSTIC)
+    this does not depend on it). Escaping it again would double every backslash."""
+    return _CONTROL.sub(" ", (s.diagnostic or "")[:MAX_DIAGNOSTIC])
 
 
 def wants_dsn(sender: str, notify: Sequence[str] | None, action: str) -> bool:

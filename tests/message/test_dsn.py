@@ -92,3 +92,24 @@ def test_notify_and_no_dsn_loops(
     sender: str, notify: tuple[str, ...] | None, action: str, wanted: bool
 ) -> None:
     assert wants_dsn(sender, notify, action) is wanted
+
+
+def test_a_recorded_reply_goes_into_the_dsn_verbatim_without_control_characters() -> None:
+    """The delivery client records a remote's reply escaped (a backslash sequence for an
+    escape byte); the DSN keeps that text as it is, and turns a raw CR or LF into a space."""
+    status = RecipientStatus(
+        "bob@example.net", "failed", "5.1.1", "550 5.1.1 odd \\x1b[31m reply\r\nX-Injected: 1",
+        "mx.example.net", 0.0,
+    )  # fmt: skip
+    dsn = build_dsn(
+        reporting_mta="mx.test",
+        operator_domain="relay.test",
+        sender="alice@example.org",
+        original=b"Subject: x\r\n\r\nhi\r\n",
+        statuses=[status],
+        envid=None,
+        arrival=0.0,
+        ret_full=False,
+    )
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 odd \\x1b[31m reply  X-Injected: 1\r\n" in dsn
+    assert b"\r\nX-Injected" not in dsn
