@@ -47,7 +47,8 @@ class RedactKeys(logging.Filter):
     one on purpose (tests/relay/test_hostile_clients.py); this is the net under that."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # The record is formatted here once and handed on finished, so the formatter does
+        # not format it a second time (this runs for every log line, the 250's included).
         text = record.getMessage()
-        if "atmos_" in text:
-            record.msg, record.args = redact_keys(text), None
+        record.msg, record.args = redact_keys(text) if "atmos_" in text else text, None
         return True

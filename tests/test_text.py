@@ -34,3 +34,10 @@ def test_the_log_filter_redacts_the_formatted_message() -> None:
     assert RedactKeys().filter(record)
     assert record.getMessage() == "user u key atmos_AbCd1234…"
     assert "s3cr3t" not in logging.Formatter("%(message)s").format(record)
+
+
+def test_the_log_filter_hands_on_finished_text() -> None:
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s queued %d", ("s1", 3), None)
+    assert RedactKeys().filter(record)
+    assert (record.msg, record.args) == ("s1 queued 3", None)
+    assert logging.Formatter("%(message)s").format(record) == "s1 queued 3"
