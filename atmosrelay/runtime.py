@@ -76,6 +76,7 @@ class RelayHandle:
     ctx: SessionContext
     addresses: list[tuple[str, int, str]]  # (host, port, mode) actually listening
     dispatcher: Dispatcher | None = None  # None when delivery is disabled
+    limits: ConnectionLimits | None = None  # the sessions open now, in all and per address
     _stop: trio.Event = attrs.field(factory=trio.Event)
 
     def port(self, mode: str) -> int:
@@ -366,7 +367,7 @@ async def _sessions(
             host, port = listener.socket.getsockname()[:2]
             addresses.append((host, port, mode))
             announce(f"listening on {host}:{port} ({mode})")
-        handle = RelayHandle(ctx, addresses, dispatcher)
+        handle = RelayHandle(ctx, addresses, dispatcher, limits)
         async with trio.open_nursery() as acceptors:
             for listener, mode in listeners:
                 acceptors.start_soon(
