@@ -10,8 +10,12 @@ signatures stay within a couple of milliseconds. dkimpy verifies our output in t
 Signing is CPU work: the delivery lane runs it in a worker thread.
 
 Signed headers: those a mailbox provider expects (From, To, Cc, Subject, Date, Message-ID,
-Reply-To, the RFC 8058 pair, Feedback-ID, MIME headers, X-Atmos-Member-Did), each instance
-present once, the last one (RFC 6376 5.4.2). Private keys are parsed once per signer.
+Reply-To, the RFC 8058 pair, Feedback-ID, MIME headers, X-Atmos-Member-Did), every instance
+present, bottom up (RFC 6376 5.4.2), and each name **once more** than it occurs
+("over-signing", RFC 6376 8.15): a verifier takes the extra name as an empty header, so a
+field of any of these names added anywhere after signing (a second From on top, a Reply-To
+that was not there) breaks every signature instead of riding along under them. Private keys
+are parsed once per signer.
 """
 
 from __future__ import annotations
@@ -107,14 +111,15 @@ class Signer:
         body_hash = base64.b64encode(hashlib.sha256(canonical_body(body)).digest()).decode()
         chosen: list[bytes] = []
         names: list[str] = []
-        by_name: dict[str, bytes] = {}
+        by_name: dict[str, list[bytes]] = {}
         for field in fields:
-            by_name[field.split(b":", 1)[0].strip().lower().decode("ascii", "replace")] = field
+            name = field.split(b":", 1)[0].strip().lower().decode("ascii", "replace")
+            by_name.setdefault(name, []).append(field)
         for name in SIGNED_HEADERS:
-            last = by_name.get(name)  # the last instance (RFC 6376 5.4.2)
-            if last is not None:
-                chosen.append(canonical_header(last))
+            for field in reversed(by_name.get(name, ())):  # bottom up (RFC 6376 5.4.2)
+                chosen.append(canonical_header(field))
                 names.append(name)
+            names.append(name)  # once more: an empty header, so none can be added
         signed = b"".join(chosen)
         timestamp = int(time.time() if now is None else now)
         out = []

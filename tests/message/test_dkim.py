@@ -3,6 +3,8 @@ records `domain verify` prints."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import dkim
 import pytest
 
@@ -90,3 +92,81 @@ def test_three_signatures_verify_with_dkimpy(keys: tuple[dkim_keys.KeyPair, ...]
         except dkim.ValidationError:
             ok = False
         assert not ok
+
+
+def _zone_for(keys: tuple[dkim_keys.KeyPair, ...]) -> tuple[Signer, Callable[..., bytes | None]]:
+    rsa_key, ed_key, operator = keys
+    signer = Signer(
+        [
+            SigningKey("example.org", "s1r", "rsa", rsa_key.private),
+            SigningKey("example.org", "s1e", "ed25519", ed_key.private),
+            SigningKey("relay.test", "s2r", "rsa", operator.private),
+        ]
+    )
+    zone = {
+        b"s1r._domainkey.example.org.": dkim_keys.dkim_record_value("rsa", rsa_key.public_b64),
+        b"s1e._domainkey.example.org.": dkim_keys.dkim_record_value("ed25519", ed_key.public_b64),
+        b"s2r._domainkey.relay.test.": dkim_keys.dkim_record_value("rsa", operator.public_b64),
+    }
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
+        value = zone.get(name)
+        return value.encode() if value else None
+
+    return signer, dnsfunc
+
+
+def _verifies(message: bytes, idx: int, dnsfunc: Callable[..., bytes | None]) -> bool:
+    try:
+        return bool(dkim.DKIM(message).verify(idx=idx, dnsfunc=dnsfunc))
+    except dkim.ValidationError:
+        return False
+
+
+ADDED_IN_TRANSIT = [
+    pytest.param(b"Reply-To: thief@evil.example\r\n", id="reply-to-added"),
+    pytest.param(b"From: security@paypal.example\r\n", id="second-from-on-top"),
+    pytest.param(b"Cc: someone@evil.example\r\n", id="cc-added"),
+    pytest.param(b"Subject: Urgent: verify your account\r\n", id="second-subject-on-top"),
+    pytest.param(b"Content-Type: text/html\r\n", id="content-type-on-top"),
+]
+
+
+@pytest.mark.parametrize("added", ADDED_IN_TRANSIT)
+def test_a_header_added_after_signing_breaks_every_signature(
+    keys: tuple[dkim_keys.KeyPair, ...], added: bytes
+) -> None:
+    signer, dnsfunc = _zone_for(keys)
+    signatures = signer.sign(MESSAGE)
+    signed = signatures + MESSAGE
+    for idx in range(3):
+        assert _verifies(signed, idx, dnsfunc), idx
+    # The signature names each header once more than it occurs (e.g. from:from).
+    h = signed.split(b"h=", 1)[1].split(b";", 1)[0].replace(b"\r\n\t", b"").split(b":")
+    assert h.count(b"from") == 2
+    assert h.count(b"reply-to") == 1  # absent: signed as empty, so it cannot be added
+    # Added below the signatures, on top of the member's headers: what a forwarder or an
+    # attacker in the path would do.
+    tampered = signatures + added + MESSAGE
+    for idx in range(3):
+        assert not _verifies(tampered, idx, dnsfunc), idx
+
+
+def test_without_over_signing_the_added_header_would_pass(
+    keys: tuple[dkim_keys.KeyPair, ...],
+) -> None:
+    """The check above can fail: a signature over each present header once and no more
+    (what this signer did before; here dkimpy's own signer) still verifies with a Reply-To
+    added in transit."""
+    _, dnsfunc = _zone_for(keys)
+    present = [b"from", b"to", b"subject", b"date", b"message-id", b"mime-version"]
+    signature = dkim.sign(
+        MESSAGE,
+        b"s1r",
+        b"example.org",
+        keys[0].private.encode(),
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=present,
+    )
+    assert _verifies(signature + MESSAGE, 0, dnsfunc)
+    assert _verifies(signature + b"Reply-To: thief@evil.example\r\n" + MESSAGE, 0, dnsfunc)
