@@ -127,14 +127,26 @@ LINE_TOO_LONG_IN_MESSAGE = _r(554, "5.6.0", "Message has a line longer than 998 
 BARE_LINE_ENDING_IN_MESSAGE = _r(554, "5.6.0", "Message has bare CR or LF; lines end with CRLF")
 TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing connection")
 
-# -- relay policy (ARCHITECTURE.md section 7) -------------------------------------------------
-DOMAIN_MISMATCH = _r(550, "5.7.1", "Sender domain {domain} is not enrolled for this account")
+# -- relay policy (ARCHITECTURE.md section 7; the codes in atmosrelay/refusals.py) ----------
+DOMAIN_MISMATCH = _r(550, "5.1.0", "Sender domain {domain} is not enrolled for this account")
+DOMAIN_NOT_VERIFIED = _r(
+    550,
+    "5.1.0",
+    "Sender domain {domain} is enrolled but not verified yet; publish its TXT record, then "
+    "run 'atmosrelay domain verify {domain}'",
+)
+DOMAIN_PAUSED = _r(
+    550, "5.7.1", "Sending domain {domain} is paused: {reason}; contact the operator"
+)
+FROM_NOT_ALLOWED = _r(550, "5.7.1", "{detail}")
 MEMBER_SUSPENDED = _r(550, "5.7.1", "Account suspended; contact the operator")
 SUSPENDED_AT_CONNECT = _r(521, "5.7.1", "Account suspended; no mail accepted")
 NULL_SENDER_REFUSED = _r(550, "5.7.1", "Null reverse-path not accepted for submission")
-RATE_LIMITED = _r(451, "4.7.1", "Sending rate limit reached; back off and retry later")
+RATE_LIMITED = _r(451, "4.7.1", "{limit} reached; retry in {wait} s")
+RATE_LIMITED_SPLIT = _r(451, "4.7.1", "{n} recipients are over the {limit}; send fewer at once")
+RECIPIENT_SUPPRESSED = _r(550, "5.7.1", "Recipient suppressed ({reason}) for this sender")
 QUEUE_UNAVAILABLE = _r(451, "4.3.0", "Temporary failure storing message; retry later")
-QUEUE_FULL = _r(452, "4.3.1", "Insufficient system storage; retry later")
+QUEUE_FULL = _r(451, "4.4.2", "Queue full or busy; retry later")
 ALL_SUPPRESSED = _r(550, "5.7.1", "All recipients suppressed")
 UNPARSEABLE_MESSAGE = _r(554, "5.6.0", "Failed to parse message: {detail}")
 

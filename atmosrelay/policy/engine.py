@@ -1,0 +1,105 @@
+"""``Policy``: the in-memory half of the policy (counters, the spray tracker) and the
+decisions over it. No I/O: ``atmosrelay.submission`` loads and persists around it.
+
+Admission is check-then-count with nothing awaited in between, so concurrent sessions on
+one event loop can never both take the last place under a limit.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from atmosrelay.policy.counters import Counters
+from atmosrelay.policy.limits import Limits, check_rate, limits_for, next_change, recipients_key
+from atmosrelay.policy.member import SHADOW_PREFIX, THROTTLED, MemberSnapshot
+from atmosrelay.policy.rules import (
+    RuleHit,
+    SprayTracker,
+    bounced_key,
+    complaint_key,
+    pause_reason,
+    sent_key,
+    spray,
+    velocity,
+)
+from atmosrelay.policy.settings import Mode, PolicySettings
+from atmosrelay.refusals import Refusal
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+@attrs.define(eq=False)
+class Policy:
+    settings: PolicySettings = attrs.field(factory=PolicySettings)
+    counters: Counters = attrs.field(factory=Counters)
+    spray: SprayTracker = attrs.field(factory=SprayTracker)
+    # domain -> when it was last paused: its bounce rate counts only what came after, so an
+    # operator's unpause is a fresh start (loaded from the store's paused_at at startup)
+    fresh_since: dict[str, float] = attrs.field(factory=dict)
+    # did -> (the snapshot, valid until, its limits): a snapshot's limits change only when
+    # a tier ends, and they are asked for several times per message
+    _limits: dict[str, tuple[MemberSnapshot, float, Limits]] = attrs.field(factory=dict)
+
+    def limits(self, member: MemberSnapshot, now: float) -> Limits:
+        cached = self._limits.get(member.did)
+        if cached is not None and cached[0] is member and now < cached[1]:
+            return cached[2]
+        limits = limits_for(member, now, self.settings)
+        self._limits[member.did] = (member, next_change(member, now, self.settings), limits)
+        return limits
+
+    def check_rate(self, member: MemberSnapshot, now: float, n: int) -> Refusal | None:
+        """Would ``n`` more recipients fit now? (At MAIL with 1, at RCPT with the count so
+        far; only ``admit`` counts.)"""
+        limits = self.limits(member, now)
+        return check_rate(member, self.counters, now, n, self.settings, limits)
+
+    def admit(
+        self, member: MemberSnapshot, now: float, recipients: list[str]
+    ) -> Refusal | list[RuleHit]:
+        """Count ``recipients`` against the member's limits, or refuse them all. Returns
+        the rules the send triggered (the caller applies their labels)."""
+        n = len(recipients)
+        limits = self.limits(member, now)
+        refusal = check_rate(member, self.counters, now, n, self.settings, limits)
+        if refusal is not None:
+            return refusal
+        self.counters.add(recipients_key(member.did), now, n)
+        hits: list[RuleHit] = []
+        if limits.warming and not self._labelled(member, self.settings.spray_mode):
+            distinct = self.spray.add(member.did, {_domain(r) for r in recipients}, now)
+            hit = spray(distinct, True, self.settings)
+            if hit is not None:
+                hits.append(hit)
+        if not self._labelled(member, self.settings.velocity_mode):
+            hit = velocity(self.counters, member.did, now, self.settings)
+            if hit is not None:
+                hits.append(hit)
+        return hits
+
+    @staticmethod
+    def _labelled(member: MemberSnapshot, mode: Mode) -> bool:
+        """Whether the label a rule in ``mode`` would add is there already (then the rule
+        has nothing left to do for this member, and is not evaluated)."""
+        label = THROTTLED if mode is Mode.ENFORCE else SHADOW_PREFIX + THROTTLED
+        return label in member.labels
+
+    def refund(self, did: str, now: float, n: int) -> None:
+        """Recipients admitted whose message was then not kept (the journal failed)."""
+        self.counters.add(recipients_key(did), now, -n)
+
+    def delivered(self, sender: str, now: float) -> None:
+        self.counters.add(sent_key(_domain(sender)), now)
+
+    def bounced(self, sender: str, now: float) -> str | None:
+        """Count a bounce; returns why the sender's domain must be paused now, if it must."""
+        domain = _domain(sender)
+        self.counters.add(bounced_key(domain), now)
+        return pause_reason(self.counters, domain, now, self.settings, self.fresh_since.get(domain))
+
+    def complained(self, sender: str, now: float) -> str | None:
+        domain = _domain(sender)
+        self.counters.add(complaint_key(domain), now)
+        return pause_reason(self.counters, domain, now, self.settings, self.fresh_since.get(domain))
