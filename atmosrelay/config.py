@@ -114,6 +114,31 @@ restart_spread = 60.0          # retries overdue at start are spread over this m
 # HMAC with a key generated in <data_dir>/unsubscribe.key.
 unsubscribe_url = ""
 
+[policy]
+# Warming tiers (docs/policy.md): [until day, hourly, daily] for a member younger than that
+# many days; the limits count recipients (each is one delivery). Then the steady state.
+# An operator sets one member's own numbers with 'atmosrelay member limits'.
+tiers = [[7, 5, 50], [14, 20, 200]]
+hourly = 50
+daily = 500
+# A sending domain is paused when, over the rolling 24 h and with at least
+# rate_min_messages finished deliveries, bounces or complaints reach these shares.
+bounce_pause_rate = 0.05
+complaint_pause_rate = 0.0008
+rate_min_messages = 10
+# Rules that add the label "throttled" ("enforce") or only record "shadow:throttled"
+# ("shadow"): spray = more than spray_domains distinct recipient domains in an hour while
+# warming; velocity = the last hour over velocity_factor x the 7-day hourly mean and over
+# velocity_min recipients.
+spray_domains = 50
+spray_mode = "enforce"
+velocity_factor = 4.0
+velocity_min = 100
+velocity_mode = "enforce"
+# Seconds between writes of the counters to the account store (a kill -9 forgets at most
+# this much, and only of messages already delivered and compacted; docs/policy.md).
+counter_flush = 1.0
+
 [auth]
 bcrypt_cost = 12               # work factor of API key hashes (2^12 rounds, ~0.25 s here)
 cache_ttl = 300.0              # seconds a verified key is remembered
@@ -218,6 +243,32 @@ def _listeners(v: Any) -> str | None:
     return None
 
 
+def _tiers(v: Any) -> str | None:
+    expected = "a list of [until day, hourly, daily] (numbers > 0, days increasing)"
+    if not isinstance(v, list):
+        return expected
+    last = 0.0
+    for t in v:
+        if not (
+            isinstance(t, list)
+            and len(t) == 3
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in t)
+            and isinstance(t[1], int)
+            and isinstance(t[2], int)
+            and t[0] > last
+            and t[1] >= 1
+            and t[2] >= 1
+        ):
+            return f"{expected} (not {t!r})"
+        last = float(t[0])
+    return None
+
+
+def _share(v: Any) -> str | None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1
+    return None if ok else "a share > 0 and <= 1 (0.05 is 5%)"
+
+
 def _networks(v: Any) -> str | None:
     import ipaddress
 
@@ -280,6 +331,20 @@ SCHEMA: Final[dict[str, dict[str, Check]]] = {
         "drain_grace": _number(0),
         "restart_spread": _number(0),
         "unsubscribe_url": _string(empty=True),
+    },
+    "policy": {
+        "tiers": _tiers,
+        "hourly": _int(1),
+        "daily": _int(1),
+        "bounce_pause_rate": _share,
+        "complaint_pause_rate": _share,
+        "rate_min_messages": _int(1),
+        "spray_domains": _int(1),
+        "spray_mode": _string(choices=("enforce", "shadow")),
+        "velocity_factor": _number(1),
+        "velocity_min": _int(1),
+        "velocity_mode": _string(choices=("enforce", "shadow")),
+        "counter_flush": _number(0.05),
     },
     "auth": {
         "bcrypt_cost": _int(4, 31),

@@ -43,11 +43,17 @@ from atmosrelay.delivery.backoff import RetryPolicy
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
 from atmosrelay.delivery.prepare import Preparer, load_or_create_secret
 from atmosrelay.delivery.resolver import DnsResolver
+from atmosrelay.policy.engine import Policy
+from atmosrelay.policy.settings import PolicySettings
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.server.listeners import ConnectionLimits, serve_listener
 from atmosrelay.server.session import Budget, SessionContext
 from atmosrelay.server.tls import server_context
 from atmosrelay.smtp import Capabilities
+from atmosrelay.submission import Pipeline
+from atmosrelay.submission.actions import PolicyActions
+from atmosrelay.submission.counting import flush_loop, load_counters
+from atmosrelay.submission.members import MemberDirectory
 from journal import FS, RecoveryReport, open_journal
 
 log = logging.getLogger("atmosrelay")
@@ -97,15 +103,17 @@ async def run_relay(
     announce: Callable[[str], None] = print,
     fs: FS | None = None,
     handle_signals: bool = True,
+    enforce_limits: bool = True,
     task_status: trio.TaskStatus[RelayHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``RelayHandle.stop()``), then shut down in order.
+    ``enforce_limits=False`` is for one bench row only (bench/bench_accept.py).
 
     Raises ``journal.CorruptJournalError`` (before anything listens) when the journal holds
     damaged acknowledged records, and ``journal.JournalFatalError`` when the disk fails.
     """
     with await trio.to_thread.run_sync(lock_data_dir, config.data_dir):
-        await _run(config, announce, fs, handle_signals, task_status)
+        await _run(config, announce, fs, handle_signals, enforce_limits, task_status)
 
 
 class DataDirLocked(Exception):
@@ -136,6 +144,7 @@ async def _run(
     announce: Callable[[str], None],
     fs: FS | None,
     handle_signals: bool,
+    enforce_limits: bool,
     task_status: trio.TaskStatus[RelayHandle],
 ) -> None:
     directory = str(config.journal_dir)
@@ -181,7 +190,15 @@ async def _run(
             if dispatcher is None:
                 announce("delivery is disabled (delivery.enabled = false): mail is only queued")
             await _serve(
-                config, announce, store, queue, tls_context, dispatcher, handle_signals, task_status
+                config,
+                announce,
+                store,
+                queue,
+                tls_context,
+                dispatcher,
+                handle_signals,
+                enforce_limits,
+                task_status,
             )
             announce(
                 f"journal: {journal.appends} append(s) in {journal.batches} batch(es), "
@@ -287,19 +304,42 @@ async def _compactor(queue: QueueStore, interval: float) -> None:
 
 
 def make_context(
-    config: Config, store: Store, queue: QueueStore, tls_context: ssl.SSLContext
+    config: Config,
+    store: Store,
+    queue: QueueStore,
+    tls_context: ssl.SSLContext,
+    *,
+    enforce_limits: bool = True,
 ) -> SessionContext:
     """Everything sessions share, from the config (also used by tests that drive sessions
-    over memory streams)."""
+    over memory streams). ``enforce_limits=False`` only for the bench row that measures
+    what the limits cost; there is no config switch for it."""
     async_store = AsyncStore(store)
+    keys = KeyChecker(async_store, auth_settings(config))
+    policy = Policy(PolicySettings.from_config(dict(config.values["policy"])))
+    members = MemberDirectory(async_store, lambda: keys.generation)
+    actions = PolicyActions(async_store, policy, members, keys.changed)
+    queue.events.subscribe(actions.on_event)
+    pipeline = Pipeline(
+        queue,
+        members,
+        policy,
+        actions,
+        operator_domain=config["operator.domain"],
+        hostname=config["smtp.hostname"],
+        max_recipients=config["smtp.max_recipients"],
+        max_message_size=config["smtp.max_message_size"],
+        enforce_limits=enforce_limits,
+    )
     return SessionContext(
         hostname=config["smtp.hostname"],
         operator_domain=config["operator.domain"],
         capabilities=Capabilities(size=config["smtp.max_message_size"]),
         tls_context=tls_context,
-        keys=KeyChecker(async_store, auth_settings(config)),
+        keys=keys,
         store=async_store,
         queue=queue,
+        pipeline=pipeline,
         budget=Budget(config["smtp.inflight_budget"]),
         idle_timeout=config["smtp.idle_timeout"],
         data_timeout=config["smtp.data_timeout"],
@@ -318,15 +358,28 @@ async def _serve(
     tls_context: ssl.SSLContext,
     dispatcher: Dispatcher | None,
     handle_signals: bool,
+    enforce_limits: bool,
     task_status: trio.TaskStatus[RelayHandle],
 ) -> None:
-    ctx = make_context(config, store, queue, tls_context)
+    ctx = make_context(config, store, queue, tls_context, enforce_limits=enforce_limits)
     keys = ctx.keys
     for host, port, mode in config.listeners:
         if mode == "trusted" and not ctx.trusted_did:
             raise ValueError(f"listener {host}:{port} is trusted but smtp.trusted_did is not set")
+    pipeline = ctx.pipeline
+    journal_name = str(config.journal_dir.resolve())
+    rows, replayed = await trio.to_thread.run_sync(
+        load_counters, store, pipeline.policy, queue.state, journal_name, time.time()
+    )
+    announce(
+        f"policy: {rows} counter row(s) loaded, {replayed} message(s) recounted from the journal"
+    )
     async with trio.open_nursery() as services:
         await services.start(keys.watch_revocations)
+        await services.start(pipeline.actions.run)
+        await services.start(
+            partial(flush_loop, ctx.store, pipeline.policy, journal_name, time.time)
+        )
         services.start_soon(_compactor, queue, config["journal.compact_interval"])
         await services.start(
             serve_control, socket_path(config.data_dir), control_handler(queue, dispatcher)

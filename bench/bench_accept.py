@@ -1,6 +1,12 @@
 """Submission throughput: our relay against aiosmtpd with an fsync handler, side by side.
 
     python bench/bench_accept.py [--quick] [--json] [--sessions 1,10,50,100] [--seconds S]
+    python bench/bench_accept.py --policy-cost [--rounds 3]
+
+``--policy-cost`` measures what the acceptance policy costs: our relay with its limits
+enforced (a steady-state member far from them, so every message is checked and counted)
+against the same relay with them off (bench/relay_without_limits.py), 50 sessions of
+1 KiB messages, alternating in one run so both see the same machine.
 
 Each server runs as its own process on 127.0.0.1 with implicit TLS and AUTH. The load
 generator (this process, trio, our ClientConnection) opens N sessions, authenticates once per
@@ -180,8 +186,12 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
-def _ours(tmp: Path, cert: Path, delivery: str = "enabled = false\n") -> tuple[Server, str]:
-    """Our relay as a process; ``delivery`` is its [delivery] section (off: accept only)."""
+def _ours(
+    tmp: Path, cert: Path, delivery: str = "enabled = false\n", *, limits: bool | None = None
+) -> tuple[Server, str]:
+    """Our relay as a process (``atmosrelay serve``); ``delivery`` is its [delivery] section
+    (off: accept only). ``limits`` True/False: through bench/relay_process.py with the
+    policy's limits on or off (the --policy-cost row only)."""
     config = tmp / "relay.toml"
     config.write_text(
         f'[relay]\ndata_dir = "{tmp / "var"}"\nlog_level = "warning"\n[auth]\nbcrypt_cost = 4\n'
@@ -193,10 +203,16 @@ def _ours(tmp: Path, cert: Path, delivery: str = "enabled = false\n") -> tuple[S
     store.add_member(DID, "bench.test")
     domains.enroll(store, DID, "example.org", limit=2, clock_now=0)
     store.mark_verified("example.org", without_dns=True)
+    # a steady-state sender far from its limits (the policy still runs on every message)
+    store.set_limits(DID, hourly=100_000_000, daily=100_000_000)
     key = api_keys.issue(store, DID, cost=4).secret
     store.close()
+    command = [sys.executable, "-m", "atmosrelay", "serve", "--config", str(config)]
+    if limits is not None:
+        launcher = str(ROOT / "bench" / "relay_process.py")
+        command = [sys.executable, launcher, str(config), "on" if limits else "off"]
     server = Server(
-        [sys.executable, "-m", "atmosrelay", "serve", "--config", str(config)],
+        command,
         tmp / "relay.out",
         "ready",
         r"listening on 127\.0\.0\.1:(\d+)",
@@ -221,7 +237,14 @@ def measure(
         tmp = Path(d)
         cert = tmp / "tls.pem"
         ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
-        server, password = (_ours if name == "atmosrelay" else _baseline)(tmp, cert)
+        if name == "atmosrelay":
+            server, password = _ours(tmp, cert)
+        elif name == "atmosrelay-limits":
+            server, password = _ours(tmp, cert, limits=True)
+        elif name == "atmosrelay-nolimits":
+            server, password = _ours(tmp, cert, limits=False)
+        else:
+            server, password = _baseline(tmp, cert)
         ctx = ssl.create_default_context()
         ca.configure_trust(ctx)
         try:
@@ -257,9 +280,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--sessions", default="1,10,50,100")
     parser.add_argument("--sizes", default="1KiB,100KiB")
+    parser.add_argument("--policy-cost", action="store_true", help="limits on vs off")
+    parser.add_argument("--rounds", type=int, default=3, help="--policy-cost rounds")
     args = parser.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     ca = trustme.CA()
+    if args.policy_cost:
+        policy_cost(ca, seconds, args.rounds)
+        return
     rows = []
     for size in args.sizes.split(","):
         for sessions in (int(x) for x in args.sessions.split(",")):
@@ -306,6 +334,27 @@ def main() -> None:
                 f"{size} x {sessions} sessions: "
                 f"{ours['per_s'] / max(1e-9, base['per_s']):.1f}x the aiosmtpd fsync baseline"
             )
+
+
+def policy_cost(ca: trustme.CA, seconds: float, rounds: int) -> None:
+    """Limits on and off, alternating, 50 sessions of 1 KiB: the policy's share of the
+    accept path."""
+    rows: dict[str, list[dict[str, Any]]] = {"atmosrelay-limits": [], "atmosrelay-nolimits": []}
+    for _ in range(rounds):
+        for name in rows:
+            rows[name].append(measure(name, 50, "1KiB", seconds, ca))
+    print(f"policy cost: 50 sessions, 1 KiB, {seconds:g} s per run, {rounds} round(s) each")
+    print(f"{'relay':<22}{'msgs/s (each round)':<32}{'median':>8}{'cpu ms/msg':>12}")
+    medians = {}
+    for name, runs in rows.items():
+        rates = sorted(r["per_s"] for r in runs)
+        medians[name] = rates[len(rates) // 2]
+        cpu = sorted(r["server_cpu_ms_per_msg"] for r in runs)[len(runs) // 2]
+        each = ", ".join(f"{r['per_s']:.0f}" for r in runs)
+        label = "limits on" if name == "atmosrelay-limits" else "limits off"
+        print(f"{label:<22}{each:<32}{medians[name]:>8.0f}{cpu:>12.3f}")
+    on, off = medians["atmosrelay-limits"], medians["atmosrelay-nolimits"]
+    print(f"the policy costs {(1 - on / off) * 100:+.1f}% of accept throughput (median of rounds)")
 
 
 if __name__ == "__main__":

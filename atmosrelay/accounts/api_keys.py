@@ -285,6 +285,11 @@ class KeyChecker:
         self.forget_key(key_id)
         self.generation += 1
 
+    def changed(self) -> None:
+        """This process wrote the account store (SQLite's data_version only moves for the
+        writes of other connections): sessions look again at their next MAIL."""
+        self.generation += 1
+
     async def still_valid(self, did: str, key_id: str) -> bool:
         """Whether ``key_id`` is a live (unrevoked) key of ``did`` now."""
         keys = await self.store.run(self.store.sync.keys, did)

@@ -86,6 +86,21 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (did, name, window_start)
     );
     """,
+    # 2 -> 3: the policy layer: per-member limits, paused domains, why an address is
+    # suppressed. Counters are keyed (did = the subject: a DID or a domain, name = the kind,
+    # window_start = the bucket) and added to by every relay process sharing this file.
+    """
+    ALTER TABLE members ADD COLUMN hourly_limit INTEGER;
+    ALTER TABLE members ADD COLUMN daily_limit INTEGER;
+    ALTER TABLE domains ADD COLUMN paused_at REAL;
+    ALTER TABLE domains ADD COLUMN paused_reason TEXT;
+    ALTER TABLE suppressions ADD COLUMN detail TEXT;
+    CREATE INDEX counters_window ON counters (window_start);
+    CREATE TABLE counter_marks (
+        journal TEXT PRIMARY KEY,
+        flushed_until REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -113,6 +128,8 @@ class Member:
     labels: tuple[str, ...]
     created_at: float
     handles: tuple[str, ...]
+    hourly_limit: int | None = None
+    daily_limit: int | None = None
 
 
 @attrs.frozen
@@ -128,6 +145,8 @@ class Domain:
     dkim_ed25519_private: str = attrs.field(repr=False)
     forward_to: str | None
     created_at: float
+    paused_at: float | None = None
+    paused_reason: str | None = None
 
 
 @attrs.frozen
@@ -146,6 +165,7 @@ class Suppression:
     address: str
     source: str
     created_at: float
+    detail: str | None = None
 
 
 class Store:
@@ -248,6 +268,8 @@ class Store:
             labels=tuple(json.loads(row["labels"])),
             created_at=row["created_at"],
             handles=handles,
+            hourly_limit=row["hourly_limit"],
+            daily_limit=row["daily_limit"],
         )
 
     def members(self) -> list[Member]:
@@ -270,6 +292,29 @@ class Store:
                 (status, reason, self.clock(), did),
             )
         return self.member(did)
+
+    def set_limits(self, did: str, hourly: int | None, daily: int | None) -> Member:
+        """The member's own limits (None: the tier's)."""
+        self.member(did)
+        with self._tx() as db:
+            db.execute(
+                "UPDATE members SET hourly_limit = ?, daily_limit = ? WHERE did = ?",
+                (hourly, daily, did),
+            )
+        return self.member(did)
+
+    def set_label(self, did: str, label: str, present: bool) -> tuple[Member, bool]:
+        """Add (``present``) or remove a label; also whether that changed anything."""
+        with self._tx() as db:
+            row = db.execute("SELECT labels FROM members WHERE did = ?", (did,)).fetchone()
+            if row is None:
+                raise NotFound(f"no member {did}")
+            labels = list(json.loads(row[0]))
+            changed = (label in labels) != present
+            if changed:
+                labels = sorted({*labels, label}) if present else [x for x in labels if x != label]
+                db.execute("UPDATE members SET labels = ? WHERE did = ?", (json.dumps(labels), did))
+        return self.member(did), changed
 
     # -- domains --------------------------------------------------------------------------
     def add_domain(self, domain: Domain, *, limit: int) -> Domain:
@@ -332,6 +377,21 @@ class Store:
             )
         return self.domain(name)
 
+    def set_paused(self, name: str, reason: str | None) -> Domain:
+        """Pause a sending domain (``reason``), or unpause it (None). A domain is paused
+        while ``paused_reason`` is set; ``paused_at`` stays the time of its last pause (its
+        bounce rate counts only what came after)."""
+        self.domain(name)
+        with self._tx() as db:
+            if reason is None:
+                db.execute("UPDATE domains SET paused_reason = NULL WHERE name = ?", (name,))
+            else:
+                db.execute(
+                    "UPDATE domains SET paused_at = ?, paused_reason = ? WHERE name = ?",
+                    (self.clock(), reason, name),
+                )
+        return self.domain(name)
+
     # -- API keys --------------------------------------------------------------------------
     def add_key(self, key_id: str, did: str, bcrypt_hash: bytes) -> ApiKey:
         self.member(did)
@@ -380,13 +440,20 @@ class Store:
             )
 
     # -- suppressions ----------------------------------------------------------------------
-    def suppress(self, did: str, address: str, source: str) -> Suppression:
+    def suppress(
+        self, did: str, address: str, source: str, detail: str | None = None
+    ) -> Suppression:
+        """Suppress ``address`` for ``did``. An address already suppressed keeps its first
+        entry, unless the new source blocks more (a hard bounce after an unsubscribe)."""
         self.member(did)
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO suppressions (did, address, source, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                (did, address, source, self.clock()),
+                "INSERT INTO suppressions (did, address, source, created_at, detail)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (did, address) DO UPDATE SET"
+                " source = excluded.source, detail = excluded.detail,"
+                " created_at = excluded.created_at"
+                " WHERE suppressions.source = 'unsubscribe' AND excluded.source != 'unsubscribe'",
+                (did, address, source, self.clock(), detail),
             )
         rows = self._rows("SELECT * FROM suppressions WHERE did = ? AND address = ?", did, address)
         return Suppression(**dict(rows[0]))
@@ -404,6 +471,51 @@ class Store:
         rows = self._rows("SELECT * FROM suppressions WHERE did = ? ORDER BY address", did)
         return [Suppression(**dict(r)) for r in rows]
 
+    # -- counters (policy/counters.py) ----------------------------------------------------------
+    def add_counts(
+        self, deltas: dict[tuple[str, float], int], *, journal: str = "", until: float = 0.0
+    ) -> None:
+        """Add each ``(key, bucket start) -> n`` (key ``kind|subject``), in one transaction:
+        several relay processes may add to the same rows. ``journal``/``until``: the counts
+        of that journal's records up to ``until`` are now all in (``flushed_until``)."""
+        rows = []
+        for (key, start), n in deltas.items():
+            kind, _, subject = key.partition("|")
+            rows.append((subject, kind, start, n))
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO counters (did, name, window_start, value) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (did, name, window_start) DO UPDATE"
+                " SET value = value + excluded.value",
+                rows,
+            )
+            if journal:
+                db.execute(
+                    "INSERT INTO counter_marks (journal, flushed_until) VALUES (?, ?)"
+                    " ON CONFLICT (journal) DO UPDATE SET flushed_until = excluded.flushed_until",
+                    (journal, until),
+                )
+
+    def flushed_until(self, journal: str) -> float:
+        """Up to when this journal's records are counted in the store (0: never)."""
+        rows = self._rows("SELECT flushed_until FROM counter_marks WHERE journal = ?", journal)
+        return float(rows[0][0]) if rows else 0.0
+
+    def counts_since(
+        self, since: float, subject: str | None = None
+    ) -> list[tuple[str, float, int]]:
+        """(key, bucket start, n) of buckets starting at or after ``since``."""
+        sql = "SELECT name, did, window_start, value FROM counters WHERE window_start >= ?"
+        args: list[Any] = [since]
+        if subject is not None:
+            sql += " AND did = ?"
+            args.append(subject)
+        return [(f"{r[0]}|{r[1]}", r[2], r[3]) for r in self._rows(sql, *args)]
+
+    def prune_counts(self, before: float) -> int:
+        with self._tx() as db:
+            return db.execute("DELETE FROM counters WHERE window_start < ?", (before,)).rowcount
+
 
 def _domain(row: sqlite3.Row) -> Domain:
     return Domain(
@@ -418,6 +530,8 @@ def _domain(row: sqlite3.Row) -> Domain:
         dkim_ed25519_private=row["dkim_ed25519_private"],
         forward_to=row["forward_to"],
         created_at=row["created_at"],
+        paused_at=row["paused_at"],
+        paused_reason=row["paused_reason"],
     )
 
 

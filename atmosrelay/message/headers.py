@@ -5,10 +5,16 @@ starting with a space or tab, the section ending at the first empty line); the b
 after it are kept exactly as received. A header section that does not parse is refused
 (554 5.6.0, with what is wrong).
 
-Read and removed: ``X-Atmos-Category`` (``login-link``, ``password-reset``, ``mfa-otp`` and
-``verification`` are transactional; anything else, or none, is bulk), ``X-Atmos-Tags``
-(comma-separated, at most 10, each at most 64 characters) and ``X-Atmos-Metadata`` (a JSON
-object of string to string, at most 1 KiB). An invalid one is refused naming the header.
+Read and removed: ``X-Atmos-Category`` (``transactional``, ``login-link``,
+``password-reset``, ``mfa-otp`` and ``verification`` are transactional; anything else, or
+none, is bulk), ``X-Atmos-Tags`` (comma-separated, at most 10, each at most 64 characters)
+and ``X-Atmos-Metadata`` (a JSON object of string to string, at most 1 KiB). An invalid one
+is refused naming the header. ``X-Postscale-Tags`` and ``X-Postscale-Metadata`` are read
+and removed as the same two (a client set up for that relay works unchanged); a message
+with both spellings of one is refused.
+
+``From`` must appear once (and ``Sender`` at most once); their values are handed back for
+the policy to check against the member's domains (atmosrelay/policy/sender.py).
 
 Added: ``Date`` and ``Message-ID`` when missing; ``X-Atmos-Member-Did`` (the sender's DID, to
 attribute complaints and bounces) and ``Feedback-ID`` in Gmail's feedback-loop form
@@ -35,11 +41,17 @@ import attrs
 
 from atmosrelay._random import RANDOM
 
-TRANSACTIONAL: Final = frozenset({"login-link", "password-reset", "mfa-otp", "verification"})
+TRANSACTIONAL: Final = frozenset(
+    {"transactional", "login-link", "password-reset", "mfa-otp", "verification"}
+)
 CATEGORY_HEADER: Final = "x-atmos-category"
 TAGS_HEADER: Final = "x-atmos-tags"
 METADATA_HEADER: Final = "x-atmos-metadata"
-OWN_HEADERS: Final = frozenset({CATEGORY_HEADER, TAGS_HEADER, METADATA_HEADER})
+TAGS_ALIAS: Final = "x-postscale-tags"
+METADATA_ALIAS: Final = "x-postscale-metadata"
+OWN_HEADERS: Final = frozenset(
+    {CATEGORY_HEADER, TAGS_HEADER, METADATA_HEADER, TAGS_ALIAS, METADATA_ALIAS}
+)
 STAMPED: Final = frozenset({"x-atmos-member-did", "feedback-id"})  # a client may not forge these
 MAX_TAGS: Final = 10
 MAX_TAG: Final = 64
@@ -164,6 +176,8 @@ class Processed:
     tags: tuple[str, ...]
     metadata: dict[str, str]
     message_id: str
+    from_value: str = ""  # the From field's value, unfolded
+    sender_value: str | None = None  # the Sender field's, if any
 
 
 def _one(index: dict[str, list[Field]], key: str) -> Field | None:
@@ -175,16 +189,23 @@ def _one(index: dict[str, list[Field]], key: str) -> Field | None:
     return found[0]
 
 
+def _either(index: dict[str, list[Field]], key: str, alias: str) -> Field | None:
+    ours, theirs = _one(index, key), _one(index, alias)
+    if ours is not None and theirs is not None:
+        raise MessageError(f"both {ours.name} and {theirs.name}; send one")
+    return ours or theirs
+
+
 def _tags(field: Field | None) -> tuple[str, ...]:
     if field is None:
         return ()
     tags = tuple(t.strip() for t in field.value.split(",") if t.strip())
     if len(tags) > MAX_TAGS:
-        raise MessageError(f"X-Atmos-Tags has {len(tags)} tags; at most {MAX_TAGS}")
+        raise MessageError(f"{field.name} has {len(tags)} tags; at most {MAX_TAGS}")
     for tag in tags:
         if len(tag) > MAX_TAG or not _TAG.fullmatch(tag):
             raise MessageError(
-                f"X-Atmos-Tags: {tag[:70]!r} is not a tag (letters, digits, '_', '.', '-'; "
+                f"{field.name}: {tag[:70]!r} is not a tag (letters, digits, '_', '.', '-'; "
                 f"at most {MAX_TAG})"
             )
     return tags
@@ -195,15 +216,15 @@ def _metadata(field: Field | None) -> dict[str, str]:
         return {}
     text = field.value
     if len(text.encode("utf-8")) > MAX_METADATA:
-        raise MessageError(f"X-Atmos-Metadata is over {MAX_METADATA} bytes")
+        raise MessageError(f"{field.name} is over {MAX_METADATA} bytes")
     try:
         data = json.loads(text)
     except ValueError:
-        raise MessageError("X-Atmos-Metadata is not JSON") from None
+        raise MessageError(f"{field.name} is not JSON") from None
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in data.items()
     ):
-        raise MessageError("X-Atmos-Metadata must be a JSON object of string to string")
+        raise MessageError(f"{field.name} must be a JSON object of string to string")
     return data
 
 
@@ -216,14 +237,16 @@ def process(
     index: dict[str, list[Field]] = {}
     for f in fields:
         index.setdefault(f.key, []).append(f)
-    if _one(index, "from") is None:
+    from_field = _one(index, "from")
+    if from_field is None:
         raise MessageError("no From header")
+    sender_field = _one(index, "sender")
     category_field = _one(index, CATEGORY_HEADER)
     category = category_field.value.strip().lower() if category_field else "bulk"
     if category_field is not None and not _TAG.fullmatch(category or "-"):
         raise MessageError(f"X-Atmos-Category: {category[:40]!r} is not a category name")
-    tags = _tags(_one(index, TAGS_HEADER))
-    metadata = _metadata(_one(index, METADATA_HEADER))
+    tags = _tags(_either(index, TAGS_HEADER, TAGS_ALIAS))
+    metadata = _metadata(_either(index, METADATA_HEADER, METADATA_ALIAS))
     bulk = category not in TRANSACTIONAL
     kept = [f for f in fields if f.key not in OWN_HEADERS and f.key not in STAMPED]
     added: list[bytes] = []
@@ -242,7 +265,16 @@ def process(
         f"Feedback-ID: {feedback}\r\n".encode(),
     ]
     head = b"".join(stamps) + b"".join(f.raw for f in kept) + b"".join(added)
-    return Processed(head + b"\r\n" + body, category, bulk, tags, metadata, message_id)
+    return Processed(
+        head + b"\r\n" + body,
+        category,
+        bulk,
+        tags,
+        metadata,
+        message_id,
+        from_field.value,
+        sender_field.value if sender_field is not None else None,
+    )
 
 
 def unsubscribe_token(secret: bytes, did: str, recipient: str) -> str:

@@ -8,7 +8,8 @@ The JSON head holds the envelope and what the relay decided at acceptance:
 
     {"v": 1, "id": queue id, "t": accepted at (unix seconds), "did": member DID,
      "from": envelope sender, "rcpt": [{"addr": ..., "notify": [...] | null,
-     "orcpt": [type, addr] | null}, ...], "ret": "FULL" | "HDRS" | null, "envid": ... | null,
+     "orcpt": [type, addr] | null, "supp": true (only when set)}, ...],
+     "ret": "FULL" | "HDRS" | null, "envid": ... | null,
      "category": ..., "bulk": true | false, "tags": [...], "metadata": {...},
      "client": {"ip": ..., "tls": "TLSv1.3 ..." | null, "helo": ...}, "size": octets}
 
@@ -17,6 +18,10 @@ The JSON head holds the envelope and what the relay decided at acceptance:
                         "bounced" | "suppressed", "status": "2.0.0", "reply": remote reply
                         verbatim | null, "attempt": n, "next": next attempt time | null}]}
     DELETED (type 3):   JSON {"v": 1, "id": queue id, "t": time, "reason": text}
+
+``supp`` marks a recipient of bulk mail who unsubscribed from this member: it is kept in the
+record (the message's status reports it) and never delivered; its state starts as
+``suppressed``. Records without it are read as before, so the format version stays 1.
 
 The message bytes are the processed message (relay headers added, X-Atmos-* removed). They are
 not held in memory by the queue: the state keeps the record's journal position and reads the
@@ -61,6 +66,7 @@ class Recipient:
     addr: str
     notify: tuple[str, ...] | None = None
     orcpt: tuple[str, str] | None = None
+    suppressed: bool = False  # unsubscribed: recorded, never delivered
 
 
 @attrs.frozen
@@ -87,14 +93,7 @@ def encode_accepted(record: Accepted, message: bytes) -> bytes:
         "t": record.accepted_at,
         "did": record.did,
         "from": record.sender,
-        "rcpt": [
-            {
-                "addr": r.addr,
-                "notify": list(r.notify) if r.notify else None,
-                "orcpt": list(r.orcpt) if r.orcpt else None,
-            }
-            for r in record.recipients
-        ],
+        "rcpt": [_recipient(r) for r in record.recipients],
         "ret": record.ret,
         "envid": record.envid,
         "category": record.category,
@@ -106,6 +105,17 @@ def encode_accepted(record: Accepted, message: bytes) -> bytes:
     }
     raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return _LEN.pack(len(raw)) + raw + message
+
+
+def _recipient(r: Recipient) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "addr": r.addr,
+        "notify": list(r.notify) if r.notify else None,
+        "orcpt": list(r.orcpt) if r.orcpt else None,
+    }
+    if r.suppressed:
+        out["supp"] = True
+    return out
 
 
 class RecordError(ValueError):
@@ -133,6 +143,7 @@ def decode_accepted(payload: bytes) -> tuple[Accepted, int]:
                 r["addr"],
                 tuple(r["notify"]) if r.get("notify") else None,
                 tuple(r["orcpt"]) if r.get("orcpt") else None,
+                bool(r.get("supp", False)),
             )
             for r in head["rcpt"]
         ),

@@ -221,10 +221,14 @@ class QueueState:
         if accepted.id in self.messages:
             return  # a replayed duplicate: the fold is idempotent
         self.messages[accepted.id] = QueuedMessage(
-            accepted, [position], body_offset, {r.addr: "accepted" for r in accepted.recipients}
+            accepted,
+            [position],
+            body_offset,
+            {r.addr: "suppressed" if r.suppressed else "accepted" for r in accepted.recipients},
         )
         for r in accepted.recipients:
-            self.schedule(accepted.id, r.addr, accepted.accepted_at)
+            if not r.suppressed:
+                self.schedule(accepted.id, r.addr, accepted.accepted_at)
         reported = self.messages.get(accepted.metadata.get(DSN_FOR, ""))
         if not accepted.sender and reported is not None:
             reported.dsn_covered.update(accepted.metadata.get(DSN_RECIPIENTS, "").split("\n"))

@@ -13,7 +13,16 @@ from typing import Final
 import attrs
 import trio
 
+from atmosrelay.queue.events import (
+    AttemptOutcome,
+    Bounced,
+    Delivered,
+    EventFeed,
+    MessageAccepted,
+    MessageDeleted,
+)
 from atmosrelay.queue.records import (
+    TERMINAL,
     Accepted,
     Delivery,
     RecordType,
@@ -34,6 +43,7 @@ class QueueStore:
     journal: Journal
     state: QueueState = attrs.field(factory=QueueState)
     on_accept: Callable[[], None] | None = None  # the dispatcher's notify, when delivering
+    events: EventFeed = attrs.field(factory=EventFeed)  # queue/events.py
 
     @classmethod
     async def recover(cls, journal: Journal) -> QueueStore:
@@ -57,6 +67,7 @@ class QueueStore:
         payload = encode_accepted(record, message)
         position = await self.journal.append(RecordType.ACCEPTED, payload)
         self.state.add_accepted(record, position, len(payload) - len(message))
+        self.events.publish(MessageAccepted(record))
         if self.on_accept is not None:
             self.on_accept()
         return position
@@ -64,7 +75,32 @@ class QueueStore:
     async def record(self, delivery: Delivery) -> None:
         """Append and fsync one attempt's outcomes, then apply them."""
         position = await self.journal.append(RecordType.DELIVERY, encode_delivery(delivery))
+        msg = self.state.messages.get(delivery.id)
+        before = dict(msg.recipient_states) if msg is not None else {}
         self.state.add_delivery(delivery, position)
+        if msg is None:
+            return
+        record, publish = msg.record, self.events.publish
+        for o in delivery.outcomes:
+            if before.get(o.recipient, "accepted") in TERMINAL:
+                continue  # the fold ignored it
+            publish(
+                AttemptOutcome(delivery.id, record.did, record.sender, o, delivery.mta, delivery.at)
+            )
+            if o.outcome == "sent":
+                publish(Delivered(delivery.id, record.did, record.sender, o.recipient, delivery.at))
+            elif o.outcome == "bounced":
+                publish(
+                    Bounced(
+                        delivery.id,
+                        record.did,
+                        record.sender,
+                        o.recipient,
+                        o.status,
+                        o.reply,
+                        delivery.at,
+                    )
+                )
 
     async def delete(self, queue_id: str, reason: str, now: float) -> None:
         """Remove a message, with a record saying who and why (raises KeyError if unknown)."""
@@ -73,6 +109,7 @@ class QueueStore:
         payload = encode_deleted(queue_id, now, reason)
         position = await self.journal.append(RecordType.DELETED, payload)
         self.state.add_deleted(queue_id, position)
+        self.events.publish(MessageDeleted(queue_id, reason, now))
 
     def compaction_due(self) -> bool:
         """Whether enough of the sealed segments is dead to be worth a compaction."""

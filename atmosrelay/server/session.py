@@ -1,12 +1,17 @@
 """One SMTP submission session: drives ``smtp.ServerConnection`` over a trio stream.
 
-Policy lives here, protocol in ``atmosrelay.smtp``. The order of a message's life:
+A thin driver: the protocol is ``atmosrelay.smtp``'s, the rules are the acceptance
+pipeline's (``atmosrelay.submission``), the same for HTTP. The order of a message's life:
 
-    AUTH (key checked by accounts.KeyChecker, bcrypt off the event loop)
-    MAIL FROM   authenticated? member active? null sender? domain verified for this DID?
-    RCPT TO     (the limit of recipients is the protocol core's)
+    AUTH (key checked by accounts.KeyChecker, bcrypt off the event loop); a suspended
+                member gets 521 and the connection closes
+    MAIL FROM   authenticated? key still valid? then pipeline.check_mail: member active,
+                sender domain verified and not paused, room under the limits
+    RCPT TO     pipeline.check_rcpt: suppressed for every category? room for one more?
+                (the limit of recipients per message is the protocol core's)
     DATA/BDAT   bytes counted against the shared in-flight budget while they arrive
-    end         headers processed -> ACCEPTED record -> journal group commit -> fsync
+    end         pipeline.submit: every check again, header From, suppression of bulk mail,
+                the limits counted, the ACCEPTED record -> journal group commit -> fsync
                 -> only then "250 2.0.0 Ok: queued as <id>"
 
 Time limits are deadlines, not per-read timeouts, so a peer cannot stretch them by sending
@@ -28,7 +33,6 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
-import time
 from typing import Final
 
 import attrs
@@ -36,10 +40,11 @@ import trio
 
 from atmosrelay._text import printable as _clean
 from atmosrelay.accounts.api_keys import PREFIX, KeyChecker, Verified
-from atmosrelay.accounts.store import AsyncStore, NotFound
-from atmosrelay.message.headers import MessageError, check_octets, process
-from atmosrelay.queue.records import Accepted, Recipient, new_queue_id
+from atmosrelay.accounts.store import AsyncStore
+from atmosrelay.policy.member import MemberSnapshot
+from atmosrelay.queue.records import Recipient
 from atmosrelay.queue.store import QueueStore
+from atmosrelay.refusals import Code, Refusal
 from atmosrelay.smtp import (
     NEED_DATA,
     AuthChallenge,
@@ -75,7 +80,7 @@ from atmosrelay.smtp import (
 )
 from atmosrelay.smtp import replies as R
 from atmosrelay.smtp._extensions import Address, AddressError
-from journal import JournalError, JournalFullError
+from atmosrelay.submission import Envelope, Pipeline, Submission
 
 log = logging.getLogger("atmosrelay.smtp")
 
@@ -113,6 +118,7 @@ class SessionContext:
     keys: KeyChecker
     store: AsyncStore
     queue: QueueStore
+    pipeline: Pipeline
     budget: Budget
     idle_timeout: float = 60.0
     data_timeout: float = 600.0
@@ -176,8 +182,8 @@ class Session:
         self.username = ""
         self.key_id: str | None = None  # None for a trusted session
         self._generation = ctx.keys.generation  # of the account store, when last checked
-        self.verified_domains: frozenset[str] = frozenset()
-        self.member_status = "active"
+        self.member: MemberSnapshot | None = None
+        self._close = False  # close once the queued replies are written (521 after AUTH)
         self.helo = ""
         self.tx: _Transaction | None = None
         self._out = bytearray()  # replies not yet written: pipelined ones go out together
@@ -267,7 +273,7 @@ class Session:
             self._command_deadline = None  # a whole command arrived: the next wait starts anew
             reply = await self._answer(event)  # type: ignore[arg-type]
             self._queue(reply)
-            if self.conn.state is State.CLOSED:
+            if self.conn.state is State.CLOSED or self._close:
                 await self._flush()
                 return
             if self.ctx.shutdown.is_set() and self.conn.state in (State.READY, State.CONNECTED):
@@ -379,9 +385,7 @@ class Session:
         if isinstance(event, MailFrom):
             return await self._mail(event)
         if isinstance(event, RcptTo):
-            assert self.tx is not None
-            self.tx.recipients.append((event.recipient, event.params))
-            return R.RECIPIENT_OK
+            return self._rcpt(event)
         if isinstance(event, Data):
             if not self._reserve():
                 return R.QUEUE_FULL
@@ -417,33 +421,33 @@ class Session:
         self.did, self.username, self.key_id = result.did, event.username, result.key_id
         self._generation = self.ctx.keys.generation
         await self._load_member()
+        if self.member is not None and self.member.suspended:
+            self._log("auth-refused", result.did, self.member.suspension_reason)
+            self._close = True
+            return R.SUSPENDED_AT_CONNECT
         self._log("auth", _loggable_username(event.username), result.did, f"key={result.key_id}")
         return R.AUTH_SUCCESS
 
     async def _recheck(self) -> bool:
         """At MAIL: if the account store changed since this session last looked (a key
-        revoked, a member suspended or removed, a domain dropped), look again. False when
-        the session's credentials are gone."""
+        revoked, a member suspended or removed, a domain dropped or paused), look again.
+        False when the session's credentials are gone."""
         keys = self.ctx.keys
         if self._generation == keys.generation or self.did is None:
-            return True
+            return self.did is None or self.member is not None
         self._generation = keys.generation
         if self.key_id is not None and not await keys.still_valid(self.did, self.key_id):
             return False
         await self._load_member()
-        return self.member_status != "removed"
+        return self.member is not None
 
     async def _load_member(self) -> None:
         assert self.did is not None
-        store = self.ctx.store
-        try:
-            member = await store.run(store.sync.member, self.did)
-        except NotFound:
-            self.member_status = "removed"
-            return
-        self.member_status = member.status
-        domains = await store.run(store.sync.domains, self.did)
-        self.verified_domains = frozenset(d.name for d in domains if d.status == "verified")
+        self.member = await self.ctx.pipeline.member(self.did)
+
+    def _refused(self, what: str, refusal: Refusal) -> Reply:
+        self._log(what, self.did or "-", refusal.code.value, _clean(refusal.log))
+        return refusal.reply
 
     async def _mail(self, event: MailFrom) -> Reply:
         if self.ctx.journal_failed():
@@ -453,21 +457,27 @@ class Session:
         if not await self._recheck():
             self._log("mail-refused", self.did, f"key={self.key_id} revoked or member removed")
             return R.CREDENTIALS_REVOKED
-        if self.member_status != "active":
-            self._log("mail-refused", self.did, f"member {self.member_status}")
-            return R.MEMBER_SUSPENDED
         if event.sender.is_null:
             return R.NULL_SENDER_REFUSED
-        try:
-            domain = event.sender.domain_ascii
-        except AddressError:
-            domain = event.sender.domain.lower()
-        if domain not in self.verified_domains:
-            self._log("mail-refused", self.did, f"domain {domain} not enrolled")
-            return R.DOMAIN_MISMATCH.format(domain=domain.replace("{", "").replace("}", ""))
+        assert self.member is not None
+        refusal = self.ctx.pipeline.check_mail(self.member, _domain_of(event.sender))
+        if refusal is not None:
+            return self._refused("mail-refused", refusal)
         self._end_transaction()
         self.tx = _Transaction(event.sender, event.params)
         return R.SENDER_OK
+
+    def _rcpt(self, event: RcptTo) -> Reply:
+        tx = self.tx
+        assert tx is not None
+        assert self.member is not None
+        refusal = self.ctx.pipeline.check_rcpt(
+            self.member, str(event.recipient), len(tx.recipients)
+        )
+        if refusal is not None:
+            return self._refused("rcpt-refused", refusal)
+        tx.recipients.append((event.recipient, event.params))
+        return R.RECIPIENT_OK
 
     # -- message bytes ------------------------------------------------------------------------
     def _reserve(self) -> bool:
@@ -508,58 +518,40 @@ class Session:
         if tx.refused is not None:
             self._log("message-refused", str(tx.refused.code), "in-flight budget full")
             return tx.refused
-        now = time.time()  # wall clock: it is written into the record and the Date header
-        data = bytes(tx.data)
-        try:
-            check_octets(
-                data, smtputf8=tx.params.smtputf8, eight_bit_mime=tx.params.body == "8BITMIME"
-            )
-            processed = process(
-                data,
-                did=self.did,
-                operator_domain=self.ctx.operator_domain,
-                hostname=self.ctx.hostname,
-                now=now,
-            )
-        except MessageError as exc:
-            detail = (
-                exc.detail.replace("\r", " ").replace("\n", " ").replace("{", "(").replace("}", ")")
-            )
-            self._log("message-refused", "554", _clean(detail))
-            reply = R.UNPARSEABLE_MESSAGE.format(detail=detail[:200])
-            return attrs.evolve(reply, enhanced=exc.status)
-        queue_id = new_queue_id(now)
-        record = Accepted(
-            id=queue_id,
-            accepted_at=now,
-            did=self.did,
+        envelope = Envelope(
             sender=str(tx.sender),
+            sender_domain=_domain_of(tx.sender),
             recipients=tuple(Recipient(str(a), p.notify, p.orcpt) for a, p in tx.recipients),
             ret=tx.params.ret,
             envid=tx.params.envid,
-            category=processed.category,
-            bulk=processed.bulk,
-            tags=processed.tags,
-            metadata=processed.metadata,
-            client={"ip": self.peer, "tls": self.tls_version, "helo": self.helo},
-            size=len(processed.message),
+            smtputf8=tx.params.smtputf8,
+            eight_bit=tx.params.body == "8BITMIME",
         )
-        try:
-            await self.ctx.queue.accept(record, processed.message)
-        except JournalFullError:
-            self._log("queue-refused", queue_id, "journal disk full")
-            return R.QUEUE_FULL
-        except JournalError as exc:
-            self._log("queue-refused", queue_id, _clean(str(exc)))
-            self.ctx.journal_failed()  # logs it, if this is the failure that poisoned it
-            return R.QUEUE_UNAVAILABLE
+        client = {"ip": self.peer, "tls": self.tls_version, "helo": self.helo}
+        result = await self.ctx.pipeline.submit(
+            Submission(self.did, envelope, bytes(tx.data), client)
+        )
+        if isinstance(result, Refusal):
+            if result.code is Code.TEMPORARILY_UNAVAILABLE:
+                self.ctx.journal_failed()  # logs it, if this is the failure that poisoned it
+            return self._refused("message-refused", result)
+        record = result.record
         if log.isEnabledFor(logging.INFO):  # the 250 path: build the line only if it is kept
             self._log(
                 "queued",
-                queue_id,
+                record.id,
                 f"from={_clean(record.sender)}",
                 f"rcpt={len(record.recipients)}",
                 f"size={record.size}",
                 f"category={record.category}",
+                *([f"suppressed={len(result.suppressed)}"] if result.suppressed else []),
             )
-        return R.QUEUED.format(queue_id=queue_id)
+        return R.QUEUED.format(queue_id=record.id)
+
+
+def _domain_of(address: Address) -> str:
+    """The domain as the account store spells it: IDNA (A-labels), lower case."""
+    try:
+        return address.domain_ascii
+    except AddressError:
+        return address.domain.lower()

@@ -20,6 +20,7 @@ from journal import FS
 
 ALICE = "did:plc:abcdefghijklmnopqrstuvwx"
 MALLORY = "did:plc:mmmmmmmmmmmmmmmmmmmmmmmm"
+HIGH_LIMIT = 1_000_000
 
 
 @attrs.define
@@ -81,6 +82,11 @@ def enroll(config: Config) -> tuple[str, str]:
         domains.enroll(store, MALLORY, "mallory.example", limit=2, clock_now=0)
         store.mark_verified("mallory.example", without_dns=True)
         mallory = api_keys.issue(store, MALLORY, cost=4).secret
+        # Both are long-standing senders here: explicit limits far above what any test
+        # sends, so the warming tiers of a member added a moment ago do not apply. Tests of
+        # the policy itself enroll a member of their own (tests/relay/test_policy.py).
+        for did in (ALICE, MALLORY):
+            store.set_limits(did, hourly=HIGH_LIMIT, daily=HIGH_LIMIT)
     finally:
         store.close()
     return key, mallory

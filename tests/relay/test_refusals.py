@@ -114,19 +114,21 @@ async def test_revoked_key_is_refused(tmp_path: Path) -> None:
     [
         (
             b"<alice@other.example>",
-            b"550 5.7.1 Sender domain other.example is not enrolled for this account\r\n",
+            b"550 5.1.0 Sender domain other.example is not enrolled for this account\r\n",
         ),
         (
             b"<alice@pending.example.org>",
-            b"550 5.7.1 Sender domain pending.example.org is not enrolled for this account\r\n",
+            b"550 5.1.0 Sender domain pending.example.org is enrolled but not verified yet; "
+            b"publish its TXT record, then run 'atmosrelay domain verify pending.example.org'"
+            b"\r\n",
         ),
         (
             b"<eve@mallory.example>",
-            b"550 5.7.1 Sender domain mallory.example is not enrolled for this account\r\n",
+            b"550 5.1.0 Sender domain mallory.example is not enrolled for this account\r\n",
         ),
         (
             b"<alice@sub.example.org>",
-            b"550 5.7.1 Sender domain sub.example.org is not enrolled for this account\r\n",
+            b"550 5.1.0 Sender domain sub.example.org is not enrolled for this account\r\n",
         ),
         (b"<>", b"550 5.7.1 Null reverse-path not accepted for submission\r\n"),
         (b"<alice@EXAMPLE.org>", b"250 2.1.0 Sender ok\r\n"),
@@ -138,13 +140,24 @@ async def test_sender_domain_policy(tmp_path: Path, sender: bytes, reply: bytes)
         assert got == reply
 
 
-async def test_suspended_member_is_refused_after_auth(tmp_path: Path) -> None:
+async def test_suspended_member_gets_521_at_auth_and_the_connection_closes(
+    tmp_path: Path,
+) -> None:
     async with running_relay(tmp_path) as relay:
         store = Store(relay.config.accounts_db)
         store.set_status(ALICE, "suspended", "complaints")
         store.close()
-        got = await in_thread(after_auth, relay, b"MAIL FROM:<alice@example.org>")
-        assert got == b"550 5.7.1 Account suspended; contact the operator\r\n"
+
+        def check() -> None:
+            with Dialog(relay.implicit_port, relay.client_context()) as d:
+                d.reply()
+                d.cmd(b"EHLO client.test")
+                assert d.cmd(plain(ALICE, relay.key)) == (
+                    b"521 5.7.1 Account suspended; no mail accepted\r\n"
+                )
+                assert d.reply() == b""  # closed
+
+        await in_thread(check)
 
 
 def transaction(d: Dialog, body: bytes, rcpts: int = 1) -> list[bytes]:

@@ -1,0 +1,82 @@
+"""Typed events of the queue: what happened to a message, as it happens.
+
+``QueueStore`` publishes them to its ``EventFeed`` right after the record that says so is
+durable and folded into the state, and only then: a subscriber never hears of something a
+crash could take back. Replaying the journal at startup publishes nothing (whatever keeps
+counts from these events persists them itself, see atmosrelay/submission/counting.py).
+
+    MessageAccepted   an ACCEPTED record (a member's message, or a DSN: sender "")
+    AttemptOutcome    one recipient's outcome of one attempt (deferred ones included)
+    Delivered         a recipient's final outcome was "sent"
+    Bounced           ... was "bounced" (a remote 5xx, a permanent DNS failure, or expiry)
+    MessageDeleted    the operator deleted a message
+
+Subscribers are called synchronously, in order, on the event loop: they must be quick and
+must not raise (hand slow work, such as a store write, to a task through a channel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+
+from atmosrelay.queue.records import Accepted, Outcome
+
+
+@attrs.frozen
+class MessageAccepted:
+    record: Accepted
+
+
+@attrs.frozen
+class AttemptOutcome:
+    queue_id: str
+    did: str
+    sender: str
+    outcome: Outcome
+    mta: str | None
+    at: float
+
+
+@attrs.frozen
+class Delivered:
+    queue_id: str
+    did: str
+    sender: str
+    recipient: str
+    at: float
+
+
+@attrs.frozen
+class Bounced:
+    queue_id: str
+    did: str
+    sender: str
+    recipient: str
+    status: str
+    reply: str | None
+    at: float
+
+
+@attrs.frozen
+class MessageDeleted:
+    queue_id: str
+    reason: str
+    at: float
+
+
+QueueEvent = MessageAccepted | AttemptOutcome | Delivered | Bounced | MessageDeleted
+Subscriber = Callable[[QueueEvent], None]
+
+
+class EventFeed:
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.append(subscriber)
+
+    def publish(self, event: QueueEvent) -> None:
+        for subscriber in self._subscribers:
+            subscriber(event)

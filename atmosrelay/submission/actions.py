@@ -1,0 +1,132 @@
+"""What the policy decides to write to the account store, and the queue events that feed it.
+
+    a rule fired (spray, velocity)      -> the member gets the rule's label, logged with figures
+    a hard bounce (5.1.1, 5.1.2, ...)   -> the recipient is suppressed for the member
+    a domain over its bounce threshold  -> the domain is paused (DOMAIN_PAUSED), logged
+
+Writes go through one task (``run``) in the store's worker thread, in order; each one then
+moves the account store's generation on, so sessions and the member directory see it at
+their next MAIL. Until the write lands, the in-memory view already refuses: a paused domain
+is held in ``paused_now`` and checked by the pipeline, so a burst of mail does not slip in
+behind the bounce that tripped the threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Final
+
+import attrs
+import trio
+
+from atmosrelay._text import printable
+from atmosrelay.accounts.store import AsyncStore, NotFound, Store
+from atmosrelay.policy.engine import Policy
+from atmosrelay.policy.member import SuppressionSource
+from atmosrelay.policy.rules import RuleHit
+from atmosrelay.queue.events import Bounced, Delivered, QueueEvent
+from atmosrelay.submission.members import MemberDirectory
+
+log = logging.getLogger("atmosrelay.policy")
+
+# Permanent failures that say the address itself is bad (RFC 3463): bad mailbox (5.1.1),
+# bad system (5.1.2), bad syntax (5.1.3), moved (5.1.6), null MX (5.1.10).
+HARD_BOUNCES: Final = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10"})
+
+
+class PolicyActions:
+    def __init__(
+        self,
+        store: AsyncStore,
+        policy: Policy,
+        members: MemberDirectory,
+        bump_generation: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.members = members
+        self.bump_generation = bump_generation
+        self.paused_now: dict[str, str] = {}  # domain -> reason, before the store has it
+        self._labelled: set[tuple[str, str]] = set()  # (did, label) written or on the way
+        self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
+        self.written = 0  # writes landed (tests wait on it)
+
+    # -- decisions, called synchronously --------------------------------------------------
+    def rule_hits(self, did: str, hits: list[RuleHit]) -> None:
+        for hit in hits:
+            if (did, hit.label) in self._labelled:
+                continue
+            self._labelled.add((did, hit.label))
+            log.warning(
+                "rule %s fired for %s: %s; label %s added", hit.rule, did, hit.detail, hit.label
+            )
+            self._write(
+                f"label {hit.label} for {did}", partial(_add_label, self.store.sync, did, hit.label)
+            )
+
+    def on_event(self, event: QueueEvent) -> None:
+        """The queue-event subscriber (queue/events.py)."""
+        if isinstance(event, Delivered):
+            if event.sender:
+                self.policy.delivered(event.sender, event.at)
+        elif isinstance(event, Bounced) and event.sender:  # a DSN's own bounce counts nothing
+            reason = self.policy.bounced(event.sender, event.at)
+            if event.status in HARD_BOUNCES:
+                detail = f"{event.status} {printable(event.reply or '')}"[:300]
+                self._write(
+                    f"suppress a recipient for {event.did} ({event.status})",
+                    partial(
+                        self.store.sync.suppress,
+                        event.did,
+                        event.recipient,
+                        SuppressionSource.HARD_BOUNCE.value,
+                        detail,
+                    ),
+                )
+            domain = event.sender.rpartition("@")[2].lower()
+            if reason is not None and domain not in self.paused_now:
+                self.paused_now[domain] = reason
+                self.policy.fresh_since[domain] = event.at  # an unpause starts afresh
+                log.warning("domain %s of %s paused: %s", domain, event.did, reason)
+                self._write(
+                    f"pause {domain}",
+                    partial(_pause, self.store.sync, domain, reason),
+                    partial(self.paused_now.pop, domain, None),  # the store has it now
+                )
+
+    def _write(
+        self, what: str, fn: Callable[[], object], after: Callable[[], object] | None = None
+    ) -> None:
+        self._send.send_nowait(_Write(what, fn, after))
+
+    # -- the writer task ------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for write in self._receive:
+            try:
+                await self.store.run(write.fn)
+            except NotFound:
+                log.info("policy write skipped (%s): the member or domain is gone", write.what)
+            self.members.invalidate()
+            self.bump_generation()
+            if write.after is not None:
+                write.after()
+            self.written += 1
+
+
+@attrs.frozen
+class _Write:
+    what: str
+    fn: Callable[[], object]
+    after: Callable[[], object] | None = None
+
+
+def _add_label(store: Store, did: str, label: str) -> None:
+    store.set_label(did, label, True)
+
+
+def _pause(store: Store, domain: str, reason: str) -> None:
+    store.set_paused(domain, reason)

@@ -1,0 +1,118 @@
+"""The policy's counters across restarts: where they live, and what a crash can forget.
+
+**Home.** The account store's ``counters`` table: one row per (subject, kind, minute
+bucket), e.g. (``did:plc:...``, ``rcpt``, 1764172800) -> 12. Every relay process adds its
+own deltas to the rows with an UPSERT (``value = value + excluded.value``), so several
+processes on one host share the same totals without coordinating; several hosts would do
+the same against a shared store (the account store moved to PostgreSQL, or these rows to
+Redis ``INCRBY`` on ``kind|subject|bucket`` keys with a TTL: the same add-only protocol).
+Today a process reads the table at startup only; reading the other processes' deltas
+back every few seconds is the step that makes a second process on this host see them
+(not built: one process runs per data directory).
+
+**Writes.** The hot path only counts in memory (policy/counters.py); ``flush_loop``
+writes the deltas every ``policy.counter_flush`` seconds (1 s) in one transaction, with
+the time up to which this journal's ACCEPTED records are counted (``counter_marks``).
+
+**After a crash.** Startup loads the table (the last 8 days), then adds what the journal
+still holds past that mark: each ACCEPTED record's recipients, and each DELIVERY record's
+sent and bounced outcomes. So a ``kill -9`` forgets only what was both accepted after the
+last flush *and* compacted out of the journal before the crash; compaction only touches
+sealed segments of finished messages, checked every ``journal.compact_interval`` (30 s),
+so in practice nothing. The bound stated in docs/policy.md: at most one flush interval of
+sends, and only for messages already delivered and compacted. A failed flush keeps its
+deltas for the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+from functools import partial
+
+import trio
+
+from atmosrelay.accounts.store import AsyncStore, Store
+from atmosrelay.policy.counters import KEEP
+from atmosrelay.policy.engine import Policy
+from atmosrelay.policy.limits import recipients_key
+from atmosrelay.policy.rules import bounced_key, sent_key
+from atmosrelay.queue.state import QueueState, domain_of
+
+log = logging.getLogger("atmosrelay.policy")
+
+
+def load_counters(
+    store: Store, policy: Policy, state: QueueState, journal: str, now: float
+) -> tuple[int, int]:
+    """Fill ``policy``'s counters from the store, then from the journal's records past the
+    last flush; also when each domain was last paused. Returns (rows loaded, records
+    replayed). Run once at startup, before anything listens."""
+    counters = policy.counters
+    rows = store.counts_since(now - KEEP)
+    for key, start, n in rows:
+        counters.load(key, start, n)
+    mark = store.flushed_until(journal)
+    replayed = 0
+    for msg in state.messages.values():
+        record = msg.record
+        if not record.sender:
+            continue  # DSNs count against nobody
+        if record.accepted_at > mark:
+            n = sum(1 for r in record.recipients if not r.suppressed)
+            counters.add(recipients_key(record.did), record.accepted_at, n)
+            replayed += 1
+        for delivery in msg.history:
+            if delivery.at <= mark:
+                continue
+            for o in delivery.outcomes:
+                if o.outcome == "sent":
+                    counters.add(sent_key(domain_of(record.sender)), delivery.at)
+                elif o.outcome == "bounced":
+                    counters.add(bounced_key(domain_of(record.sender)), delivery.at)
+    for domain in store.domains():
+        if domain.paused_at is not None:
+            policy.fresh_since[domain.name] = domain.paused_at
+    return len(rows), replayed
+
+
+def flush(store: Store, policy: Policy, journal: str, now: float) -> int:
+    """Write the deltas counted since the last flush (synchronously: the CLI, tests, and
+    the flush loop's worker thread). Returns how many rows were written."""
+    deltas = policy.counters.take_unflushed()
+    try:
+        store.add_counts(deltas, journal=journal, until=now)
+    except BaseException:
+        policy.counters.restore_unflushed(deltas)
+        raise
+    return len(deltas)
+
+
+async def flush_loop(
+    store: AsyncStore,
+    policy: Policy,
+    journal: str,
+    clock: Callable[[], float],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Flush every ``counter_flush`` seconds until cancelled; a last flush on the way out."""
+    task_status.started()
+    try:
+        while True:
+            await trio.sleep(policy.settings.counter_flush)
+            await _flush_once(store, policy, journal, clock())
+    finally:
+        with trio.CancelScope(shield=True):
+            await _flush_once(store, policy, journal, clock())
+
+
+async def _flush_once(store: AsyncStore, policy: Policy, journal: str, now: float) -> None:
+    # the deltas are taken on the event loop (no send can interleave), written in the thread
+    deltas = policy.counters.take_unflushed()
+    try:
+        await store.run(partial(store.sync.add_counts, deltas, journal=journal, until=now))
+    except (OSError, sqlite3.Error):  # the disk: keep the deltas, say so, try next time
+        policy.counters.restore_unflushed(deltas)
+        log.exception("could not write the policy counters; they are kept for the next try")
