@@ -3,9 +3,11 @@
     atmosrelay member add DID --handle HANDLE [--without-dns]
     atmosrelay member list | show DID | unsuspend DID
     atmosrelay member suspend DID --reason R | remove DID --reason R
+    atmosrelay member limits DID [--hourly N] [--daily N] [--reset]
+    atmosrelay member label add|remove DID LABEL
     atmosrelay domain add DID DOMAIN        prints the TXT challenge to publish
     atmosrelay domain verify DOMAIN [--without-dns]
-    atmosrelay domain list [DID] | records DOMAIN
+    atmosrelay domain list [DID] | records DOMAIN | unpause DOMAIN
     atmosrelay key issue DID | list DID | revoke KEYID
     atmosrelay suppression list DID | add DID ADDRESS | remove DID ADDRESS
 
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +44,13 @@ from atmosrelay.accounts.identity import (
 )
 from atmosrelay.accounts.store import Domain, Store, StoreError
 from atmosrelay.config import Config, ConfigError, load_config
+from atmosrelay.policy.counters import Counters
+from atmosrelay.policy.limits import DAY, HOUR, limits_for, recipients_key
+from atmosrelay.policy.member import SHADOW_PREFIX
+from atmosrelay.policy.settings import PolicySettings
+from atmosrelay.submission.members import load_snapshot
+
+_LABEL = re.compile(r"(shadow:)?[A-Za-z0-9_-]{1,64}")
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 64
@@ -107,23 +118,126 @@ def member_list(args: argparse.Namespace, config: Config, store: Store) -> None:
     _out(args, [_member_json(m) for m in members], "\n".join(lines))
 
 
+def _standing(config: Config, store: Store, did: str) -> dict[str, Any]:
+    """Where a member stands against its limits now: its tier, the limits, the recipients
+    counted in the last hour and day (as the relay last wrote them, at most
+    ``policy.counter_flush`` seconds ago)."""
+    snapshot = load_snapshot(store, did)
+    assert snapshot is not None
+    settings = PolicySettings.from_config(dict(config.values["policy"]))
+    now = time.time()
+    limits = limits_for(snapshot, now, settings)
+    counters = Counters()
+    for key, start, n in store.counts_since(now - DAY - counters.bucket, subject=did):
+        counters.load(key, start, n)
+    key = recipients_key(did)
+    return {
+        "tier": limits.tier,
+        "hourly_limit": limits.hourly,
+        "daily_limit": limits.daily,
+        "custom_limits": limits.custom,
+        "throttled": limits.throttled,
+        "last_hour": counters.total(key, now, HOUR),
+        "last_day": counters.total(key, now, DAY),
+        "suspended": snapshot.suspended,
+    }
+
+
+def _domain_state(d: Domain) -> str:
+    state = d.status
+    if d.paused_reason is not None:
+        state += f", paused: {d.paused_reason}"
+    return state
+
+
 def member_show(args: argparse.Namespace, config: Config, store: Store) -> None:
     m = store.member(_did(args.did))
     doms = store.domains(m.did)
     keys = store.keys(m.did)
+    standing = _standing(config, store, m.did)
+    limits = (
+        f"  limits: {standing['hourly_limit']}/hour, {standing['daily_limit']}/day "
+        f"({standing['tier']}"
+        + (", set by the operator" if standing["custom_limits"] else "")
+        + (", halved: throttled" if standing["throttled"] else "")
+        + ")"
+    )
     human = "\n".join(
         [
             f"member {m.did}",
             f"  handles: {', '.join(m.handles) or '-'}",
             f"  status: {m.status}" + (f" ({m.status_reason})" if m.status_reason else ""),
             f"  labels: {', '.join(m.labels) or '-'}",
-            f"  domains: {', '.join(f'{d.name} ({d.status})' for d in doms) or '-'}",
+            limits,
+            f"  sent: {standing['last_hour']} recipient(s) in the last hour, "
+            f"{standing['last_day']} in the last day",
+            f"  domains: {', '.join(f'{d.name} ({_domain_state(d)})' for d in doms) or '-'}",
             f"  keys: {sum(k.revoked_at is None for k in keys)} active, "
             f"{sum(k.revoked_at is not None for k in keys)} revoked",
         ]
     )
-    data = {**_member_json(m), "domains": [_domain_json(d) for d in doms]}
+    data = {**_member_json(m), "standing": standing, "domains": [_domain_json(d) for d in doms]}
     _out(args, data, human)
+
+
+def member_limits(args: argparse.Namespace, config: Config, store: Store) -> None:
+    did = _did(args.did)
+    if args.reset:
+        if args.hourly is not None or args.daily is not None:
+            raise _Refused(
+                "--reset goes alone: it returns the member to its tier's limits", EXIT_INVALID
+            )
+        hourly, daily = None, None
+    else:
+        if args.hourly is None and args.daily is None:
+            raise _Refused("give --hourly N and/or --daily N (or --reset)", EXIT_INVALID)
+        current = store.member(did)
+        hourly = args.hourly if args.hourly is not None else current.hourly_limit
+        daily = args.daily if args.daily is not None else current.daily_limit
+    for name, value in (("--hourly", hourly), ("--daily", daily)):
+        if value is not None and value < 1:
+            raise _Refused(
+                f"{name} must be at least 1 (suspend the member to stop it)", EXIT_INVALID
+            )
+    m = store.set_limits(did, hourly, daily)
+    standing = _standing(config, store, did)
+    _out(
+        args,
+        {**_member_json(m), "standing": standing},
+        f"member {did}: {standing['hourly_limit']}/hour, {standing['daily_limit']}/day "
+        f"({'set by the operator' if standing['custom_limits'] else standing['tier']}); "
+        "a running relay applies it within a second",
+    )
+
+
+def member_label(args: argparse.Namespace, config: Config, store: Store) -> None:
+    did = _did(args.did)
+    label = args.label.strip()
+    if not _LABEL.fullmatch(label):
+        raise _Refused(
+            f"{label!r} is not a label: letters, digits, '_', '-', optionally 'shadow:' first",
+            EXIT_INVALID,
+        )
+    present = args.change == "add"
+    m, changed = store.set_label(did, label, present)
+    effect = _label_effect(label)
+    verb = "added" if present else "removed"
+    human = (
+        f"label {label} {verb} for {did}"
+        if changed
+        else f"{did} already {'has' if present else 'lacks'} {label}"
+    )
+    _out(args, {**_member_json(m), "changed": changed, "effect": effect}, f"{human}; {effect}")
+
+
+def _label_effect(label: str) -> str:
+    if label.startswith(SHADOW_PREFIX):
+        return "a shadow label: recorded and shown, never enforced"
+    return {
+        "throttled": "halves the hourly limit",
+        "highly_trusted": "skips the warming tiers",
+        "auto_suspended": "suspends the member",
+    }.get(label, "not a label the relay acts on: stored and shown only")
 
 
 def _status(status: str, needs_reason: bool) -> Callable[[argparse.Namespace, Config, Store], None]:
@@ -205,7 +319,7 @@ def domain_records(args: argparse.Namespace, config: Config, store: Store) -> No
 def domain_list(args: argparse.Namespace, config: Config, store: Store) -> None:
     ds = store.domains(_did(args.did) if args.did else None)
     lines = [
-        f"{d.name}  {d.status}{' (without DNS)' if d.verified_without_dns else ''}  {d.did}"
+        f"{d.name}  {_domain_state(d)}{' (without DNS)' if d.verified_without_dns else ''}  {d.did}"
         for d in ds
     ] or ["no domains yet"]
     _out(args, [_domain_json(d) for d in ds], "\n".join(lines))
@@ -250,6 +364,20 @@ def key_revoke(args: argparse.Namespace, config: Config, store: Store) -> None:
 
 
 # -- suppressions ------------------------------------------------------------------------------
+def domain_unpause(args: argparse.Namespace, config: Config, store: Store) -> None:
+    name = args.domain.strip().lower()
+    was = store.domain(name).paused_reason
+    if was is None:
+        raise _Refused(f"domain {name} is not paused")
+    d = store.set_paused(name, None)
+    _out(
+        args,
+        _domain_json(d),
+        f"domain {name} unpaused (it was paused: {was}); its bounce rate counts afresh from "
+        "the pause; a running relay applies it within a second",
+    )
+
+
 def _address(text: str) -> str:
     local, at, domain = text.strip().rpartition("@")
     if not at or not local or not domain:
@@ -262,8 +390,16 @@ def _address(text: str) -> str:
 
 def suppression_list(args: argparse.Namespace, config: Config, store: Store) -> None:
     rows = store.suppressions(_did(args.did))
-    lines = [f"{r.address}  ({r.source})" for r in rows] or ["no suppressed addresses"]
+    lines = [
+        f"{r.address}  {r.source}  since {_when(r.created_at)}"
+        + (f"  {r.detail}" if r.detail else "")
+        for r in rows
+    ] or ["no suppressed addresses"]
     _out(args, [attrs.asdict(r) for r in rows], "\n".join(lines))
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
 
 
 def suppression_add(args: argparse.Namespace, config: Config, store: Store) -> None:
@@ -321,9 +457,20 @@ def register(sub: Any) -> None:
     )
     p.set_defaults(func=_run(member_add))
     _common(ms.add_parser("list", help="all members")).set_defaults(func=_run(member_list))
-    p = _common(ms.add_parser("show", help="one member, its domains and keys"))
+    p = _common(ms.add_parser("show", help="one member: status, limits, counts, domains, keys"))
     p.add_argument("did")
     p.set_defaults(func=_run(member_show))
+    p = _common(ms.add_parser("limits", help="set a member's own hourly/daily limits"))
+    p.add_argument("did")
+    p.add_argument("--hourly", type=int, help="recipients per hour")
+    p.add_argument("--daily", type=int, help="recipients per day")
+    p.add_argument("--reset", action="store_true", help="back to the tier's limits")
+    p.set_defaults(func=_run(member_limits))
+    p = _common(ms.add_parser("label", help="add or remove a reputation label"))
+    p.add_argument("change", choices=("add", "remove"))
+    p.add_argument("did")
+    p.add_argument("label", help="throttled, highly_trusted, auto_suspended, shadow:<label>, ...")
+    p.set_defaults(func=_run(member_label))
     for action, status, reason in (
         ("suspend", "suspended", True),
         ("unsuspend", "active", False),
@@ -350,6 +497,9 @@ def register(sub: Any) -> None:
     p = _common(ds.add_parser("records", help="the DNS records a domain must publish"))
     p.add_argument("domain")
     p.set_defaults(func=_run(domain_records))
+    p = _common(ds.add_parser("unpause", help="let a paused domain send again"))
+    p.add_argument("domain")
+    p.set_defaults(func=_run(domain_unpause))
     p = _common(ds.add_parser("list", help="enrolled domains (of DID, if given)"))
     p.add_argument("did", nargs="?")
     p.set_defaults(func=_run(domain_list))

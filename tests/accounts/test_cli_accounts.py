@@ -191,3 +191,65 @@ def test_no_command_but_key_issue_prints_a_key(cli: Cli) -> None:
 def test_bad_config_is_refused_for_operator_commands(cli: Cli) -> None:
     cli.config.write_text("[dns]\nnameservers = ['127.0.0.1:99999']\n")
     refused(cli("member", "list"), 64, "dns.nameservers")
+
+
+def test_member_limits_labels_and_standing(cli: Cli) -> None:
+    assert cli("member", "add", ALICE, "--handle", "alice.test").returncode == 0
+    shown = cli.json("member", "show", ALICE)
+    assert isinstance(shown, dict)
+    assert shown["standing"] == {
+        "tier": "warming 1 (days 0-7)",
+        "hourly_limit": 5,
+        "daily_limit": 50,
+        "custom_limits": False,
+        "throttled": False,
+        "last_hour": 0,
+        "last_day": 0,
+        "suspended": False,
+    }
+    out = cli("member", "limits", ALICE, "--hourly", "300", "--daily", "3000")
+    assert out.returncode == 0, out.stderr
+    assert "300/hour, 3000/day (set by the operator)" in out.stdout
+    out = cli("member", "label", "add", ALICE, "throttled")
+    assert "label throttled added" in out.stdout and "halves the hourly limit" in out.stdout
+    assert "shadow label" in cli("member", "label", "add", ALICE, "shadow:velocity").stdout
+    assert "not a label the relay acts on" in cli("member", "label", "add", ALICE, "vip").stdout
+    standing = cli.json("member", "show", ALICE)["standing"]  # type: ignore[index]
+    assert (standing["hourly_limit"], standing["daily_limit"]) == (150, 3000)
+    human = cli("member", "show", ALICE).stdout
+    assert "labels: shadow:velocity, throttled, vip" in human
+    assert "limits: 150/hour, 3000/day (warming 1 (days 0-7), set by the operator, " in human
+    assert "halved: throttled)" in human
+    assert "sent: 0 recipient(s) in the last hour, 0 in the last day" in human
+    out = cli("member", "label", "remove", ALICE, "throttled")
+    assert "label throttled removed" in out.stdout
+    assert "already lacks" in cli("member", "label", "remove", ALICE, "throttled").stdout
+    out = cli("member", "limits", ALICE, "--reset")
+    assert "5/hour, 50/day (warming 1 (days 0-7))" in out.stdout
+    refused(cli("member", "limits", ALICE), 65, "give --hourly N and/or --daily N")
+    refused(cli("member", "limits", ALICE, "--hourly", "0"), 65, "--hourly must be at least 1")
+    refused(cli("member", "label", "add", ALICE, "no spaces"), 65, "is not a label")
+    refused(cli("member", "limits", BOB, "--hourly", "5"), 1, f"no member {BOB}")
+
+
+def test_domain_unpause_and_suppression_reasons(cli: Cli, tmp_path: Path) -> None:
+    from atmosrelay.accounts.store import Store
+
+    assert cli("member", "add", ALICE, "--handle", "alice.test").returncode == 0
+    assert cli("domain", "add", ALICE, "example.org").returncode == 0
+    refused(cli("domain", "unpause", "example.org"), 1, "domain example.org is not paused")
+    store = Store(tmp_path / "var" / "accounts.sqlite3")
+    store.set_paused("example.org", "bounce rate 2/10 = 20.0% over 24 h (threshold 5.00%)")
+    store.suppress(ALICE, "gone@example.net", "hard-bounce", "5.1.1 550 5.1.1 no such user")
+    store.suppress(ALICE, "gone@example.net", "unsubscribe")  # does not weaken it
+    store.suppress(ALICE, "optout@example.net", "unsubscribe")
+    store.suppress(ALICE, "optout@example.net", "complaint")  # strengthens it
+    store.close()
+    assert "paused: bounce rate 2/10" in cli("domain", "list").stdout
+    out = cli("domain", "unpause", "example.org")
+    assert out.returncode == 0 and "unpaused (it was paused: bounce rate 2/10" in out.stdout
+    assert "paused" not in cli("domain", "list").stdout
+    listed = cli("suppression", "list", ALICE).stdout.splitlines()
+    assert listed[0].startswith("gone@example.net  hard-bounce  since ")
+    assert listed[0].endswith("5.1.1 550 5.1.1 no such user")
+    assert listed[1].startswith("optout@example.net  complaint  since ")
