@@ -50,11 +50,13 @@ class Policy:
         self._limits[member.did] = (member, next_change(member, now, self.settings), limits)
         return limits
 
-    def check_rate(self, member: MemberSnapshot, now: float, n: int) -> Refusal | None:
-        """Would ``n`` more recipients fit now? (At MAIL with 1, at RCPT with the count so
-        far; only ``admit`` counts.)"""
+    def check_rate(
+        self, member: MemberSnapshot, now: float, n: int = 1, pending: int = 0
+    ) -> Refusal | None:
+        """Would ``n`` more recipients fit now, besides ``pending`` ones of the transaction?
+        (At MAIL one, at RCPT one besides those before it; only ``admit`` counts.)"""
         limits = self.limits(member, now)
-        return check_rate(member, self.counters, now, n, self.settings, limits)
+        return check_rate(member, self.counters, now, n, self.settings, limits, pending)
 
     def admit(
         self, member: MemberSnapshot, now: float, recipients: list[str]
@@ -90,8 +92,14 @@ class Policy:
         """Recipients admitted whose message was then not kept (the journal failed)."""
         self.counters.add(recipients_key(did), now, -n)
 
-    def delivered(self, sender: str, now: float) -> None:
-        self.counters.add(sent_key(_domain(sender)), now)
+    def delivered(self, sender: str, now: float) -> str | None:
+        """Count a delivery; the domain may cross its threshold on one too (a bounce first,
+        then the deliveries that make the rule's minimum)."""
+        domain = _domain(sender)
+        self.counters.add(sent_key(domain), now)
+        if not self.counters.total(bounced_key(domain), now, self.settings.rate_window):
+            return None  # the common case: no bounce in the window, nothing to decide
+        return pause_reason(self.counters, domain, now, self.settings, self.fresh_since.get(domain))
 
     def bounced(self, sender: str, now: float) -> str | None:
         """Count a bounce; returns why the sender's domain must be paused now, if it must."""

@@ -93,20 +93,21 @@ def check_rate(
     n: int,
     settings: PolicySettings,
     limits: Limits | None = None,
+    pending: int = 0,
 ) -> Refusal | None:
-    """Whether ``n`` more recipients fit in the member's hourly and daily limits now; the
-    refusal says which limit and when it frees (``retry_after``). ``limits``: the member's,
-    when the caller has them at hand."""
+    """Whether ``n`` more recipients fit in the member's hourly and daily limits now, besides
+    ``pending`` ones of the same transaction not counted yet (at RCPT); the refusal says
+    which limit and when it frees (``retry_after``). ``limits``: the member's, when the
+    caller has them at hand."""
     if limits is None:
         limits = limits_for(member, now, settings)
     key = recipients_key(member.did)
     worst: tuple[float, str] | None = None
     for which, span, cap in (("Hourly", HOUR, limits.hourly), ("Daily", DAY, limits.daily)):
-        if counters.total(key, now, span) + n <= cap:
+        if counters.total(key, now, span) + pending + n <= cap:
             continue
-        frees = counters.frees_at(key, now, span, cap, n)
         described = _describe(which, cap, limits)
-        if frees is None:
+        if n > cap:
             return refuse(
                 Code.RATE_LIMITED,
                 reply=R.RATE_LIMITED_SPLIT,
@@ -114,6 +115,11 @@ def check_rate(
                 n=n,
                 limit=described,
             )
+        if pending + n <= cap:
+            frees = counters.frees_at(key, now, span, cap - pending, n)
+            assert frees is not None
+        else:  # this transaction alone fills it: free once its own recipients leave
+            frees = (now // counters.bucket) * counters.bucket + counters.bucket + span
         if worst is None or frees > worst[0]:
             worst = (frees, described)
     if worst is None:

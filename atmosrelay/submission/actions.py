@@ -68,11 +68,13 @@ class PolicyActions:
             )
 
     def on_event(self, event: QueueEvent) -> None:
-        """The queue-event subscriber (queue/events.py)."""
-        if isinstance(event, Delivered):
-            if event.sender:
-                self.policy.delivered(event.sender, event.at)
-        elif isinstance(event, Bounced) and event.sender:  # a DSN's own bounce counts nothing
+        """The queue-event subscriber (queue/events.py). A DSN's own outcomes (null
+        sender) count against nobody."""
+        if isinstance(event, Delivered) and event.sender:
+            self._maybe_pause(
+                event.did, event.sender, self.policy.delivered(event.sender, event.at), event.at
+            )
+        elif isinstance(event, Bounced) and event.sender:
             reason = self.policy.bounced(event.sender, event.at)
             if event.status in HARD_BOUNCES:
                 detail = f"{event.status} {printable(event.reply or '')}"[:300]
@@ -86,16 +88,20 @@ class PolicyActions:
                         detail,
                     ),
                 )
-            domain = event.sender.rpartition("@")[2].lower()
-            if reason is not None and domain not in self.paused_now:
-                self.paused_now[domain] = reason
-                self.policy.fresh_since[domain] = event.at  # an unpause starts afresh
-                log.warning("domain %s of %s paused: %s", domain, event.did, reason)
-                self._write(
-                    f"pause {domain}",
-                    partial(_pause, self.store.sync, domain, reason),
-                    partial(self.paused_now.pop, domain, None),  # the store has it now
-                )
+            self._maybe_pause(event.did, event.sender, reason, event.at)
+
+    def _maybe_pause(self, did: str, sender: str, reason: str | None, at: float) -> None:
+        domain = sender.rpartition("@")[2].lower()
+        if reason is None or domain in self.paused_now:
+            return
+        self.paused_now[domain] = reason
+        self.policy.fresh_since[domain] = at  # an unpause starts afresh
+        log.warning("domain %s of %s paused: %s", domain, did, reason)
+        self._write(
+            f"pause {domain}",
+            partial(_pause, self.store.sync, domain, reason),
+            partial(self.paused_now.pop, domain, None),  # the store has it now
+        )
 
     def _write(
         self, what: str, fn: Callable[[], object], after: Callable[[], object] | None = None
@@ -129,4 +135,7 @@ def _add_label(store: Store, did: str, label: str) -> None:
 
 
 def _pause(store: Store, domain: str, reason: str) -> None:
-    store.set_paused(domain, reason)
+    """Pause, unless it is already (deliveries still in flight when the pause came keep
+    reporting): the first pause's time and reason stay."""
+    if store.domain(domain).paused_reason is None:
+        store.set_paused(domain, reason)

@@ -99,7 +99,7 @@ class Pipeline:
         """``before``: recipients this transaction already has."""
         refusal = check_recipient(member, address)
         if refusal is None and self.enforce_limits:
-            refusal = self.policy.check_rate(member, self.clock(), before + 1)
+            refusal = self.policy.check_rate(member, self.clock(), 1, pending=before)
         return refusal
 
     def _check_domain(self, member: MemberSnapshot, domain: str) -> Refusal | None:

@@ -176,3 +176,18 @@ def test_a_member_never_gets_more_than_its_limit_in_any_window(
         day = sum(n for t, n in admitted if now - DAY < t <= now)
         assert hour <= limits.hourly, (now, hour, limits)
         assert day <= limits.daily, (now, day, limits)
+
+
+def test_at_rcpt_the_transactions_own_recipients_count_before_they_are_admitted() -> None:
+    p = Policy()
+    m = member()
+    now = T0 + 130.0
+    assert p.check_rate(m, now, 1, pending=4) is None  # the fifth fits
+    refusal = p.check_rate(m, now, 1, pending=5)  # the sixth does not ...
+    assert refusal is not None and refusal.retryable
+    # ... until this transaction's five, counted in the bucket of now, leave the hour
+    assert refusal.retry_after == pytest.approx(120.0 + 60.0 + HOUR - 130.0)
+    p.admit(m, T0, ["a@example.net", "b@example.net"])
+    later = p.check_rate(m, now, 1, pending=3)  # 2 sent + 3 pending: full
+    assert later is not None
+    assert later.retry_after == pytest.approx(60.0 + HOUR - 130.0)  # the two sent leave first
