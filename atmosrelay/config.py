@@ -11,6 +11,7 @@ start with the dotted key and what was expected, e.g.
 
 from __future__ import annotations
 
+import enum
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -154,6 +155,14 @@ half_life = 600.0              # failures are forgotten by half every this many 
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
+class ListenerMode(enum.StrEnum):
+    """How a listener's sessions start (docs/security.md)."""
+
+    STARTTLS = "starttls"  # plaintext greeting; AUTH only after STARTTLS
+    IMPLICIT = "implicit"  # TLS from the first byte
+    TRUSTED = "trusted"  # no TLS, no AUTH: clients in trusted_networks submit as trusted_did
+
+
 class ConfigError(Exception):
     """The configuration is invalid; the message names the key and what was expected."""
 
@@ -236,7 +245,7 @@ def _listeners(v: Any) -> str | None:
             return expected
         address, mode = x.split()
         host, _, port = address.rpartition(":")
-        if mode not in ("starttls", "implicit", "trusted") or not host:
+        if mode not in set(ListenerMode) or not host:
             return f"{expected} (not {x!r})"
         if not (port.isdigit() and 0 <= int(port) < 65536):
             return f"{expected} ({x!r} has a bad port)"
@@ -392,13 +401,13 @@ class Config:
         return self.data_dir / "dkim"
 
     @property
-    def listeners(self) -> tuple[tuple[str, int, str], ...]:
+    def listeners(self) -> tuple[tuple[str, int, ListenerMode], ...]:
         """(host, port, mode) for each configured listener."""
         out = []
         for x in self["smtp.listeners"]:
             address, mode = x.split()
             host, _, port = address.rpartition(":")
-            out.append((host.strip("[]"), int(port), mode))
+            out.append((host.strip("[]"), int(port), ListenerMode(mode)))
         return tuple(out)
 
     @property

@@ -37,7 +37,7 @@ from atmosrelay.accounts.api_keys import AuthSettings, KeyChecker
 from atmosrelay.accounts.dkim_keys import OperatorKey, ensure_operator_key
 from atmosrelay.accounts.identity import DnsSettings
 from atmosrelay.accounts.store import AsyncStore, Store
-from atmosrelay.config import Config
+from atmosrelay.config import Config, ListenerMode
 from atmosrelay.control import Handler, serve_control, socket_path
 from atmosrelay.delivery.backoff import RetryPolicy
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
@@ -45,6 +45,7 @@ from atmosrelay.delivery.prepare import Preparer, load_or_create_secret
 from atmosrelay.delivery.resolver import DnsResolver
 from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.settings import PolicySettings
+from atmosrelay.queue.records import PENDING
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.server.listeners import ConnectionLimits, serve_listener
 from atmosrelay.server.session import Budget, SessionContext
@@ -80,7 +81,7 @@ class RelayHandle:
     """What a running relay exposes to its starter (tests, an embedding program)."""
 
     ctx: SessionContext
-    addresses: list[tuple[str, int, str]]  # (host, port, mode) actually listening
+    addresses: list[tuple[str, int, ListenerMode]]  # (host, port, mode) actually listening
     dispatcher: Dispatcher | None = None  # None when delivery is disabled
     limits: ConnectionLimits | None = None  # the sessions open now, in all and per address
     _stop: trio.Event = attrs.field(factory=trio.Event)
@@ -271,9 +272,13 @@ def control_handler(queue: QueueStore, dispatcher: Dispatcher | None) -> Handler
             else:
                 return {"ok": False, "error": f"no message {queue_id} in the queue"}
             now = time.time()
-            count = sum(queue.state.retry_now(q, now) for q in ids)
             if dispatcher is not None:
+                count = sum(dispatcher.schedule.retry_now(q, now) for q in ids)
                 dispatcher.notify()
+            else:  # nothing delivers: the count says what a delivering relay would retry
+                count = sum(
+                    sum(s in PENDING for s in messages[q].recipient_states.values()) for q in ids
+                )
             return {"ok": True, "recipients": count, "delivering": dispatcher is not None}
         if cmd == "delete":
             reason = str(request.get("reason") or "deleted by the operator")
@@ -364,7 +369,7 @@ async def _serve(
     ctx = make_context(config, store, queue, tls_context, enforce_limits=enforce_limits)
     keys = ctx.keys
     for host, port, mode in config.listeners:
-        if mode == "trusted" and not ctx.trusted_did:
+        if mode is ListenerMode.TRUSTED and not ctx.trusted_did:
             raise ValueError(f"listener {host}:{port} is trusted but smtp.trusted_did is not set")
     pipeline = ctx.pipeline
     journal_name = str(config.journal_dir.resolve())
@@ -411,7 +416,7 @@ async def _sessions(
     limits = ConnectionLimits(config["smtp.max_connections"], config["smtp.max_connections_per_ip"])
     networks = [ipaddress.ip_network(n) for n in config["smtp.trusted_networks"]]
     async with trio.open_nursery() as sessions:
-        listeners: list[tuple[trio.SocketListener, str]] = []
+        listeners: list[tuple[trio.SocketListener, ListenerMode]] = []
         for host, port, mode in config.listeners:
             for listener in await trio.open_tcp_listeners(port, host=host):
                 listeners.append((listener, mode))

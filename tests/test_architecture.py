@@ -96,3 +96,55 @@ def test_state_changes_only_through_the_table() -> None:
             if not ok:
                 bad.append(f"{path.name}:{node.lineno}")
     assert not bad, f"state set outside the table: {bad}"
+
+
+def test_policy_is_pure() -> None:
+    """policy/ decides; it never reads the disk, the network or the clock (``now`` is an
+    argument), so every rule is testable over a fake clock without sockets."""
+    files = [
+        *sorted((ROOT / "atmosrelay" / "policy").glob("*.py")),
+        ROOT / "atmosrelay/refusals.py",
+    ]
+    assert len(files) >= 8
+    forbidden = SANS_IO_FORBIDDEN | {"os", "sqlite3", "pathlib", "random"}
+    offenders = {str(p.relative_to(ROOT)): sorted(_imports(p) & forbidden) for p in files}
+    assert not {k: v for k, v in offenders.items() if v}
+    for p in files:  # nor the store, the queue or the sessions
+        imported = {
+            node.module
+            for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert not {
+            m
+            for m in imported
+            if m.startswith(
+                (
+                    "atmosrelay.accounts",
+                    "atmosrelay.queue",
+                    "atmosrelay.server",
+                    "atmosrelay.submission",
+                )
+            )
+        }, p
+
+
+def test_the_queue_state_changes_only_by_folding_records() -> None:
+    """Outside queue/, code only reads the queue state's messages: the schedule,
+    postponements and retries live in queue/schedule.py, owned by delivery, and the fold
+    steps are QueueStore's (this caught dispatcher.py and runtime.py calling
+    ``state.schedule`` and ``state.retry_now``)."""
+    offenders = []
+    for p in ROOT.glob("atmosrelay/**/*.py"):
+        if p.parent.name == "queue":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)):
+                continue
+            owner = node.value.value
+            of_queue = (isinstance(owner, ast.Name) and owner.id == "queue") or (
+                isinstance(owner, ast.Attribute) and owner.attr == "queue"
+            )
+            if node.value.attr == "state" and of_queue and node.attr != "messages":
+                offenders.append(f"{p.relative_to(ROOT)}:{node.lineno} state.{node.attr}")
+    assert not offenders

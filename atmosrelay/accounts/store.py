@@ -25,6 +25,8 @@ from typing import Any, Final, TypeVar
 import attrs
 import trio
 
+from atmosrelay.policy.member import MemberStatus
+
 T = TypeVar("T")
 
 MIGRATIONS: Final[tuple[str, ...]] = (
@@ -104,7 +106,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-MEMBER_STATUSES: Final = ("active", "paused", "suspended", "removed")
+MEMBER_STATUSES: Final = tuple(MemberStatus)
 
 
 class StoreError(Exception):
@@ -122,7 +124,7 @@ class Conflict(StoreError):
 @attrs.frozen
 class Member:
     did: str
-    status: str
+    status: MemberStatus = attrs.field(converter=MemberStatus)
     status_reason: str | None
     status_changed_at: float | None
     labels: tuple[str, ...]

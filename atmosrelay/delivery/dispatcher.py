@@ -1,35 +1,23 @@
-"""The dispatcher and its lanes: from the queue's schedule to delivery attempts, one lane per
-destination.
+"""The dispatcher: from the schedule to delivery attempts, and from their outcomes to records.
 
-    dispatcher: take what the schedule says is due (O(log n) each, never a scan of the
-                queue) -> resolve its domain (cached a minute) -> the lane of that
-                destination (keyed by its MX set, so domains at one provider share a lane)
-                -> a work item (message, recipients; one recipient per item for bulk mail,
-                whose List-Unsubscribe is made for each recipient)
-    lane:       a channel of work and up to ``concurrency`` workers, started on demand;
-                each worker holds one connection and reuses it (RSET between messages)
-                while the lane has work, closes it after ``idle`` seconds without, and the
-                lane is forgotten when its last worker leaves
-    attempt:    read the body back from the journal, prepare it (List-Unsubscribe, the
-                DKIM signatures; in a worker thread), one transaction, then the outcomes:
-                a DELIVERY record through the journal's group commit, then the state
+    dispatcher: take what the schedule says is due (queue/schedule.py: O(log n) each, never
+                a scan of the queue) -> resolve its domain (cached a minute) -> the lane of
+                that destination (delivery/lane.py; keyed by its MX set, so domains at one
+                provider share a lane) -> a work item (message, recipients; one recipient
+                per item for bulk mail, whose List-Unsubscribe is made for each recipient)
+    attempt:    what a lane's worker does with a work item: read the body back from the
+                journal, prepare it (List-Unsubscribe, the DKIM signatures; in a worker
+                thread), one transaction, then the outcomes (delivery/outcomes.py decides
+                retry times, expiry and the DSN): a DELIVERY record through the journal's
+                group commit, then the state, then the queue's events
 
-Deferred recipients get their next time from the retry policy; past ``max_age`` they bounce
-with 5.4.7. A permanent resolution failure bounces at once; a temporary one defers. A bounce
-the sender asked to hear about queues an RFC 3464 DSN to them (null sender, through the same
-lanes); the DSN's ACCEPTED record names what it reports, so a restart between the bounce and
-the DSN still sends it, once.
-
-Workers run under ``supervise()``: a crash is logged and the worker restarted, within
-bounds; the recipients it held go back on the schedule a minute later. A lane whose worker
-keeps crashing past those bounds (a bug that one remote triggers every time) is *parked*:
-its waiting work and whatever is routed to it go back on the schedule for when the park
-ends (``PARK_BASE``, doubling per park in a row up to ``PARK_MAX``), a CRITICAL log line
-says so, and every other destination goes on. Nothing is ever started in a nursery that
-is being cancelled. (The alternative, stopping the relay so a service manager restarts it,
-would let one remote halt all delivery; see docs/security.md.) ``drain(grace)``
-stops taking work; workers finish the transaction in hand and leave; at the deadline the
-rest is cancelled (nothing is recorded for it, so it is tried again after the restart).
+A permanent resolution failure bounces at once; a temporary one defers. A bounce the sender
+asked to hear about queues an RFC 3464 DSN to them (null sender, through the same lanes);
+the DSN's ACCEPTED record names what it reports, so a restart between the bounce and the
+DSN still sends it, once. The recipients of an attempt that crashed go back on the schedule
+a minute later. ``drain(grace)`` stops taking work; workers finish the transaction in hand
+and leave; at the deadline the rest is cancelled (nothing is recorded for it, so it is tried
+again after the restart).
 
 Times are the ``clock`` (wall time in the relay; trio's virtual time in tests); waiting is
 on trio's clock.
@@ -37,7 +25,6 @@ on trio's clock.
 
 from __future__ import annotations
 
-import collections
 import logging
 import random
 import ssl
@@ -57,19 +44,14 @@ from atmosrelay.delivery.client_session import (
     Remote,
     open_remote,
 )
+from atmosrelay.delivery.lane import Lane, Lanes, Work
+from atmosrelay.delivery.outcomes import dsn_record, dsn_statuses, finalize, unresolvable
 from atmosrelay.delivery.resolver import Destination, ResolutionFailed, Resolver
-from atmosrelay.message.dsn import RecipientStatus, build_dsn
-from atmosrelay.queue.records import (
-    PENDING,
-    Accepted,
-    Delivery,
-    Outcome,
-    Recipient,
-    new_queue_id,
-)
-from atmosrelay.queue.state import DSN_FOR, DSN_RECIPIENTS, QueuedMessage, domain_of
+from atmosrelay.message.dsn import build_dsn
+from atmosrelay.queue.records import PENDING, Delivery, Outcome
+from atmosrelay.queue.schedule import Schedule
+from atmosrelay.queue.state import QueuedMessage, domain_of
 from atmosrelay.queue.store import QueueStore
-from atmosrelay.supervise import GaveUp, supervise
 from journal import Record
 
 log = logging.getLogger("atmosrelay.delivery")
@@ -80,8 +62,6 @@ IDLE_POLL: Final = 60.0  # with nothing due, look again at least this often
 # and a destination that is due later is not stuck behind everything due now.
 MAX_BACKLOG: Final = 2000
 CRASH_RETRY: Final = 60.0  # recipients of a crashed attempt are tried again after this
-PARK_BASE: Final = 300.0  # a lane whose worker kept crashing rests this long first ...
-PARK_MAX: Final = 6 * 3600.0  # ... doubling per park in a row, up to this
 
 OpenRemote = Callable[..., Awaitable[Remote]]
 # (message, its recipients in this transaction, body) -> the bytes to send (signed)
@@ -99,24 +79,6 @@ class DeliverySettings:
     idle: float = 5.0  # a worker keeps its connection this long without work
     destination_ttl: float = 60.0  # a resolved destination is reused this long
     restart_spread: float = 60.0  # overdue retries after a restart spread over this
-
-
-@attrs.frozen
-class Work:
-    queue_id: str
-    recipients: tuple[str, ...]
-    destination: Destination
-
-
-@attrs.define(eq=False)
-class Lane:
-    key: str
-    send: trio.MemorySendChannel[Work]
-    receive: trio.MemoryReceiveChannel[Work]
-    workers: int = 0
-    parked_until: float = 0.0  # the clock's time; work for it waits on the schedule till then
-    parks: int = 0  # parks in a row (an attempt that ends without a crash resets it)
-    crashes: collections.deque[float] = attrs.field(factory=collections.deque)  # all workers'
 
 
 class Dispatcher:
@@ -140,13 +102,32 @@ class Dispatcher:
         self.connect = connect
         self.clock = clock
         self.rng = rng or random.Random()
+        self.schedule = Schedule.from_state(queue.state)
+        queue.events.subscribe(self.schedule.on_event)
         self.in_flight: set[tuple[str, str]] = set()
-        self.lanes: dict[str, Lane] = {}
         self.connections = 0
-        self.draining = False
+        self._lanes = Lanes(
+            concurrency=settings.concurrency,
+            idle=settings.idle,
+            attempt=self._attempt,
+            postpone=self._postpone,
+            woken=self.notify,
+            clock=clock,
+        )
         self._destinations: dict[str, tuple[float, Destination]] = {}
         self._wake = trio.Event()
-        self._nursery: trio.Nursery | None = None
+
+    @property
+    def lanes(self) -> dict[str, Lane]:
+        return self._lanes.lanes
+
+    @property
+    def draining(self) -> bool:
+        return self._lanes.draining
+
+    def parked(self) -> dict[str, float]:
+        """Parked lanes: destination key -> when the park ends (the clock's time)."""
+        return self._lanes.parked()
 
     def notify(self) -> None:
         """Something changed (a message was accepted): look again now."""
@@ -154,19 +135,19 @@ class Dispatcher:
 
     def drain(self, grace: float) -> None:
         """Stop taking work; what is in hand gets ``grace`` seconds, then is cancelled."""
-        self.draining = True
+        self._lanes.draining = True
         self._wake.set()
-        if self._nursery is not None:
-            self._nursery.cancel_scope.deadline = trio.current_time() + grace
+        if self._lanes.nursery is not None:
+            self._lanes.nursery.cancel_scope.deadline = trio.current_time() + grace
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver until ``drain()``; returns when the lanes have stopped."""
         state = self.queue.state
-        spread = state.spread_overdue(self.clock(), self.settings.restart_spread, self.rng)
+        spread = self.schedule.spread_overdue(self.clock(), self.settings.restart_spread, self.rng)
         if spread:
             log.info("%d overdue retries spread over %gs", spread, self.settings.restart_spread)
-        async with trio.open_nursery() as lanes:
-            self._nursery = lanes
+        async with trio.open_nursery() as nursery:
+            self._lanes.nursery = nursery
             task_status.started()
             for msg in list(state.messages.values()):
                 if msg.dsn_owed():  # the relay stopped between a bounce and its DSN
@@ -174,39 +155,37 @@ class Dispatcher:
             while not self.draining:
                 self._wake = trio.Event()
                 await self._dispatch()
-                wait = IDLE_POLL if self._backlog() >= MAX_BACKLOG else self._until_next_due()
+                backlog = self._lanes.backlog()
+                wait = IDLE_POLL if backlog >= MAX_BACKLOG else self._until_next_due()
                 with trio.move_on_after(wait):  # an attempt ending wakes it early
                     await self._wake.wait()
-            for lane in self.lanes.values():
-                lane.send.close()  # idle workers leave; busy ones after their transaction
+            self._lanes.close()
 
     def _until_next_due(self) -> float:
-        at = self.queue.state.next_due()
+        at = self.schedule.next_due()
         return IDLE_POLL if at is None else min(IDLE_POLL, max(0.0, at - self.clock()))
 
-    def _backlog(self) -> int:
-        return sum(lane.receive.statistics().current_buffer_used for lane in self.lanes.values())
-
     async def _dispatch(self) -> None:
-        room = MAX_BACKLOG - self._backlog()
+        room = MAX_BACKLOG - self._lanes.backlog()
         if room <= 0:
             return
         by_domain: dict[str, list[tuple[str, str]]] = {}
-        for queue_id, rcpt in self.queue.state.take_due(self.clock(), room):
+        for queue_id, rcpt in self.schedule.take_due(self.clock(), room):
             if (queue_id, rcpt) not in self.in_flight:
                 by_domain.setdefault(domain_of(rcpt), []).append((queue_id, rcpt))
         for domain, items in by_domain.items():
             try:
                 destination = await self._destination(domain)
             except ResolutionFailed as exc:
-                await self._resolution_failed(items, exc)
+                for queue_id, rcpts in _by_message(items).items():
+                    await self._record(queue_id, None, unresolvable(rcpts, exc))
                 continue
             self.in_flight.update(items)
             for queue_id, rcpts in _by_message(items).items():
                 msg = self.queue.state.messages[queue_id]
                 groups = [(r,) for r in rcpts] if msg.record.bulk else [tuple(rcpts)]
                 for group in groups:
-                    self._route(Work(queue_id, group, destination))
+                    self._lanes.route(Work(queue_id, group, destination))
 
     async def _destination(self, domain: str) -> Destination:
         now = trio.current_time()
@@ -217,98 +196,10 @@ class Dispatcher:
         self._destinations[domain] = (now + self.settings.destination_ttl, destination)
         return destination
 
-    def parked(self) -> dict[str, float]:
-        """Parked lanes: destination key -> when the park ends (the clock's time)."""
-        now = self.clock()
-        return {k: lane.parked_until for k, lane in self.lanes.items() if lane.parked_until > now}
-
-    def _route(self, work: Work) -> None:
-        key = work.destination.key
-        lane = self.lanes.get(key)
-        if lane is None:
-            send, receive = trio.open_memory_channel[Work](float("inf"))
-            lane = self.lanes[key] = Lane(key, send, receive)
-        if lane.parked_until > self.clock():
-            self._postpone(work, lane.parked_until)
-            return
-        lane.send.send_nowait(work)  # straight to a waiting worker, if there is one
-        self._staff(lane)
-
     def _postpone(self, work: Work, at: float) -> None:
         for rcpt in work.recipients:
             self.in_flight.discard((work.queue_id, rcpt))
-            self.queue.state.schedule(work.queue_id, rcpt, at)
-
-    def _staff(self, lane: Lane) -> None:
-        """One more worker when work waits in the buffer and the lane has room for one;
-        never into a nursery that is being cancelled, nor for a parked lane."""
-        assert self._nursery is not None
-        if self.draining or self._nursery.cancel_scope.cancel_called:
-            return
-        waiting = lane.receive.statistics().current_buffer_used
-        if waiting and lane.workers < self.settings.concurrency:
-            lane.workers += 1
-            self._nursery.start_soon(self._run_worker, lane)
-
-    def _park(self, lane: Lane, gave_up: GaveUp) -> None:
-        """Rest a lane whose worker kept crashing; its waiting work goes back on the
-        schedule for when the park ends. Another worker of the lane that gives up while
-        it is parked changes nothing."""
-        if lane.parked_until > self.clock():
-            return
-        rest = min(PARK_MAX, PARK_BASE * 2.0**lane.parks)
-        lane.parks += 1
-        lane.parked_until = self.clock() + rest
-        postponed = 0
-        while True:
-            try:
-                work = lane.receive.receive_nowait()
-            except trio.WouldBlock:
-                break
-            self._postpone(work, lane.parked_until)
-            postponed += 1
-        log.critical(
-            "lane %s parked for %gs (park %d in a row): its worker %s; %d waiting "
-            "transaction(s) and all new work for it wait until then; other destinations "
-            "are unaffected",
-            lane.key,
-            rest,
-            lane.parks,
-            gave_up,
-            postponed,
-        )
-        self._wake.set()
-
-    async def _run_worker(self, lane: Lane) -> None:
-        try:
-            await supervise(f"lane {lane.key}", lambda: self._worker(lane), crashes=lane.crashes)
-        except GaveUp as gave_up:
-            self._park(lane, gave_up)
-        finally:
-            lane.workers -= 1
-            # nothing awaits between these checks and the removal: no work can slip in
-            self._staff(lane)
-            idle = lane.workers == 0 and lane.parked_until <= self.clock()
-            if idle and self.lanes.get(lane.key) is lane:
-                del self.lanes[lane.key]
-
-    async def _worker(self, lane: Lane) -> None:
-        remote: Remote | None = None
-        try:
-            while not self.draining:
-                try:
-                    with trio.move_on_after(self.settings.idle) as idle:
-                        work = await lane.receive.receive()
-                except trio.EndOfChannel:
-                    return
-                if idle.cancelled_caught:
-                    return
-                remote = await self._attempt(work, remote)
-                lane.parks = 0  # an attempt that ended without a crash
-        finally:
-            if remote is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await remote.aclose()
+            self.schedule.put(work.queue_id, rcpt, at)
 
     async def _attempt(self, work: Work, remote: Remote | None) -> Remote | None:
         """Deliver ``work``, on ``remote`` if it still fits; returns the connection to keep."""
@@ -345,7 +236,7 @@ class Dispatcher:
                 if not recorded and not self.draining:  # a crash: back on the schedule
                     msg = self.queue.state.messages.get(work.queue_id)
                     if msg is not None and msg.recipient_states.get(rcpt) in PENDING:
-                        self.queue.state.schedule(work.queue_id, rcpt, self.clock() + CRASH_RETRY)
+                        self.schedule.put(work.queue_id, rcpt, self.clock() + CRASH_RETRY)
             self._wake.set()
 
     def _prepared(self, msg: QueuedMessage, recipients: tuple[str, ...], record: Record) -> bytes:
@@ -385,35 +276,15 @@ class Dispatcher:
         self.connections += 1
         return remote
 
-    async def _resolution_failed(self, items: list[tuple[str, str]], exc: ResolutionFailed) -> None:
-        for queue_id, rcpts in _by_message(items).items():
-            outcome = "bounced" if exc.permanent else "deferred"
-            outcomes = [Outcome(r, outcome, exc.status, str(exc)) for r in rcpts]
-            await self._record(queue_id, None, outcomes)
-
     async def _record(self, queue_id: str, mta: str | None, outcomes: Sequence[Outcome]) -> None:
-        """Give deferred outcomes their next time (or bounce them when too old), make the
-        attempt durable and apply it; then queue the DSN a bounce may owe."""
+        """Decide retry times and expiry (delivery/outcomes.py), make the attempt durable
+        and apply it; then queue the DSN a bounce may owe."""
         msg = self.queue.state.messages.get(queue_id)
         if msg is None:
             return
         now = self.clock()
-        final = []
-        for o in outcomes:
-            attempt = msg.attempts.get(o.recipient, 0) + 1
-            if o.outcome == "deferred":
-                at = self.settings.policy.next_attempt(
-                    accepted_at=msg.record.accepted_at, now=now, attempt=attempt, rng=self.rng
-                )
-                if at is None:
-                    final.append(
-                        attrs.evolve(o, outcome="bounced", status="5.4.7", attempt=attempt)
-                    )
-                    continue
-                final.append(attrs.evolve(o, attempt=attempt, next_at=at))
-            else:
-                final.append(attrs.evolve(o, attempt=attempt))
-        await self.queue.record(Delivery(queue_id, now, mta, tuple(final)))
+        final = finalize(outcomes, msg, now, self.settings.policy, self.rng)
+        await self.queue.record(Delivery(queue_id, now, mta, final))
         for o in final:
             log.info(
                 "%s %s %s %s via %s: %s",
@@ -431,20 +302,6 @@ class Dispatcher:
         """Queue the DSN for ``msg``'s bounced recipients (to its envelope sender, from the
         null sender); its record covers them, so it is never sent twice."""
         owed = msg.dsn_owed()
-        last = _last_outcomes(msg)
-        orcpt = {r.addr: r.orcpt for r in msg.record.recipients}
-        statuses = [
-            RecipientStatus(
-                recipient=r,
-                action="failed",
-                status=last[r][1].status,
-                diagnostic=last[r][1].reply,
-                remote_mta=last[r][0].mta,
-                last_attempt=last[r][0].at,
-                original_recipient=orcpt.get(r),
-            )
-            for r in owed
-        ]
         original = await self.queue.journal.read(msg.position)
         now = self.clock()
         dsn = build_dsn(
@@ -452,26 +309,12 @@ class Dispatcher:
             operator_domain=self.settings.operator_domain,
             sender=msg.record.sender,
             original=original.payload[msg.body_offset :],
-            statuses=statuses,
+            statuses=dsn_statuses(msg, owed),
             envid=msg.record.envid,
             arrival=msg.record.accepted_at,
             ret_full=msg.record.ret == "FULL",
         )
-        record = Accepted(
-            id=new_queue_id(now),
-            accepted_at=now,
-            did=msg.record.did,
-            sender="",
-            recipients=(Recipient(msg.record.sender),),
-            ret=None,
-            envid=None,
-            category="transactional",
-            bulk=False,
-            tags=(),
-            metadata={DSN_FOR: msg.id, DSN_RECIPIENTS: "\n".join(owed)},
-            client={},
-            size=len(dsn),
-        )
+        record = dsn_record(msg, owed, len(dsn), now)
         await self.queue.accept(record, dsn)
         log.info("%s: DSN %s queued to %s for %s", msg.id, record.id, msg.record.sender, owed)
         self._wake.set()
@@ -489,11 +332,3 @@ def _envelope(msg: QueuedMessage, recipients: tuple[str, ...]) -> Envelope:
     notify = {r.addr: r.notify for r in msg.record.recipients}
     orcpt = {r.addr: r.orcpt for r in msg.record.recipients}
     return Envelope(msg.record.sender, recipients, notify, orcpt, msg.record.ret, msg.record.envid)
-
-
-def _last_outcomes(msg: QueuedMessage) -> dict[str, tuple[Delivery, Outcome]]:
-    out: dict[str, tuple[Delivery, Outcome]] = {}
-    for delivery in msg.history:
-        for o in delivery.outcomes:
-            out[o.recipient] = (delivery, o)
-    return out

@@ -159,15 +159,26 @@ def decode_accepted(payload: bytes) -> tuple[Accepted, int]:
     return record, _LEN.size + n
 
 
-OUTCOMES = ("sent", "deferred", "bounced", "suppressed")
-TERMINAL = frozenset({"sent", "bounced", "suppressed"})
-PENDING = frozenset({"accepted", "deferred"})
+class RecipientState(enum.StrEnum):
+    """Where a recipient of a queued message stands (the reference's vocabulary). A
+    DELIVERY record's outcome is one of these but ``accepted``."""
+
+    ACCEPTED = "accepted"  # queued, never tried
+    DEFERRED = "deferred"  # a 4xx or a connection failure: tried again later
+    SENT = "sent"  # the recipient's MX took it
+    BOUNCED = "bounced"  # a 5xx, a permanent DNS failure, or too old
+    SUPPRESSED = "suppressed"  # unsubscribed from this member's bulk mail: never sent
+
+
+OUTCOMES = frozenset(RecipientState) - {RecipientState.ACCEPTED}
+TERMINAL = frozenset({RecipientState.SENT, RecipientState.BOUNCED, RecipientState.SUPPRESSED})
+PENDING = frozenset({RecipientState.ACCEPTED, RecipientState.DEFERRED})
 
 
 @attrs.frozen
 class Outcome:
     recipient: str
-    outcome: str
+    outcome: RecipientState = attrs.field(converter=RecipientState)
     status: str
     reply: str | None = None
     attempt: int = 1
@@ -219,7 +230,7 @@ def decode_delivery(payload: bytes) -> Delivery:
             )
             for o in head["outcomes"]
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # an unknown outcome is a ValueError
         raise RecordError(f"delivery record is not valid: {exc}") from None
     if any(o.outcome not in OUTCOMES for o in outcomes):
         raise RecordError("delivery record has an unknown outcome")

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
+from atmosrelay.config import ListenerMode
 from atmosrelay.server.session import TLS_HANDSHAKE_TIMEOUT, Session, SessionContext
 from atmosrelay.smtp import replies as R
 
@@ -69,10 +70,10 @@ async def _wrap_tls(stream: trio.abc.Stream, ctx: SessionContext) -> trio.abc.St
 
 
 async def _refuse(
-    stream: trio.SocketStream, mode: str, ctx: SessionContext, reply: R.Reply
+    stream: trio.SocketStream, mode: ListenerMode, ctx: SessionContext, reply: R.Reply
 ) -> None:
     target: trio.abc.Stream | None = stream
-    if mode == "implicit":
+    if mode is ListenerMode.IMPLICIT:
         target = await _wrap_tls(stream, ctx)
     if target is None:
         return
@@ -83,11 +84,15 @@ async def _refuse(
 
 
 async def _connection(
-    stream: trio.SocketStream, peer: str, mode: str, ctx: SessionContext, limits: ConnectionLimits
+    stream: trio.SocketStream,
+    peer: str,
+    mode: ListenerMode,
+    ctx: SessionContext,
+    limits: ConnectionLimits,
 ) -> None:
     try:
         session_stream: trio.abc.Stream | None = stream
-        if mode == "implicit":
+        if mode is ListenerMode.IMPLICIT:
             session_stream = await _wrap_tls(stream, ctx)
         if session_stream is not None:
             await Session(session_stream, peer, mode, ctx).run()
@@ -97,7 +102,7 @@ async def _connection(
 
 async def serve_listener(
     listener: trio.SocketListener,
-    mode: str,
+    mode: ListenerMode,
     ctx: SessionContext,
     sessions: trio.Nursery,
     limits: ConnectionLimits,
@@ -114,7 +119,7 @@ async def serve_listener(
             await trio.sleep(_ACCEPT_BACKOFF)
             continue
         peer = _peer(stream)
-        if mode == "trusted" and not _trusted(peer, trusted_networks):
+        if mode is ListenerMode.TRUSTED and not _trusted(peer, trusted_networks):
             log.warning("%s refused: not in trusted_networks", peer)
             sessions.start_soon(_refuse, stream, mode, ctx, R.NO_SERVICE)
             continue

@@ -41,6 +41,7 @@ import trio
 from atmosrelay._text import printable as _clean
 from atmosrelay.accounts.api_keys import PREFIX, KeyChecker, Verified
 from atmosrelay.accounts.store import AsyncStore
+from atmosrelay.config import ListenerMode
 from atmosrelay.policy.member import MemberSnapshot
 from atmosrelay.queue.records import Recipient
 from atmosrelay.queue.store import QueueStore
@@ -170,15 +171,17 @@ class _Transaction:
 
 
 class Session:
-    def __init__(self, stream: trio.abc.Stream, peer: str, mode: str, ctx: SessionContext) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, peer: str, mode: ListenerMode, ctx: SessionContext
+    ) -> None:
         self.stream = stream
         self.peer = peer
-        self.mode = mode  # "starttls", "implicit" or "trusted"
+        self.mode = ListenerMode(mode)
         self.ctx = ctx
         self.id = f"s{next(_ids)}"
-        self.tls = mode == "implicit"
+        self.tls = self.mode is ListenerMode.IMPLICIT
         self.tls_version: str | None = None
-        self.did: str | None = ctx.trusted_did if mode == "trusted" else None
+        self.did: str | None = ctx.trusted_did if self.mode is ListenerMode.TRUSTED else None
         self.username = ""
         self.key_id: str | None = None  # None for a trusted session
         self._generation = ctx.keys.generation  # of the account store, when last checked
@@ -194,15 +197,15 @@ class Session:
         self.conn = self._new_connection(after_starttls=False)
 
     def _new_connection(self, *, after_starttls: bool) -> ServerConnection:
-        auth = self.tls and self.mode != "trusted" and self.did is None
+        auth = self.tls and self.mode is not ListenerMode.TRUSTED and self.did is None
         caps = attrs.evolve(
             self.ctx.capabilities,
-            starttls=self.mode == "starttls" and not self.tls,
+            starttls=self.mode is ListenerMode.STARTTLS and not self.tls,
             auth=("PLAIN", "LOGIN") if auth else (),
         )
         refusal = (
             R.ENCRYPTION_REQUIRED
-            if self.mode == "starttls" and not self.tls
+            if self.mode is ListenerMode.STARTTLS and not self.tls
             else R.AUTH_NOT_AVAILABLE
         )
         return ServerConnection(
@@ -222,7 +225,7 @@ class Session:
         """Serve until QUIT, EOF, a timeout, a protocol breach or shutdown. Closes the stream."""
         self._log("connect", self.mode)
         try:
-            if self.mode == "trusted":
+            if self.mode is ListenerMode.TRUSTED:
                 await self._load_member()  # no AUTH here: the member is known from the start
             await self._loop()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

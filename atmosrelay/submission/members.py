@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from atmosrelay.accounts.store import AsyncStore, NotFound, Store
-from atmosrelay.policy.member import MemberSnapshot, MemberStatus, SuppressionSource
+from atmosrelay.policy.member import MemberSnapshot, SuppressionSource
 
 
 def load_snapshot(store: Store, did: str) -> MemberSnapshot | None:
@@ -30,7 +30,7 @@ def load_snapshot(store: Store, did: str) -> MemberSnapshot | None:
         suppressed[s.address.lower()] = source
     return MemberSnapshot(
         did=member.did,
-        status=MemberStatus(member.status),
+        status=member.status,
         created_at=member.created_at,
         labels=frozenset(member.labels),
         status_reason=member.status_reason,

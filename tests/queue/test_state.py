@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
-import attrs
-import pytest
-
 from atmosrelay.queue.records import (
     Delivery,
     Outcome,
@@ -53,50 +48,15 @@ def test_lifecycle_to_terminal() -> None:
     msg = state.messages[QID]
     assert msg.recipient_states == {"bob@example.net": "deferred", "carol@example.org": "accepted"}
     assert msg.next_at == {"bob@example.net": 1_800_000_220.0}
-    # carol was never tried: due since acceptance; bob at his retry time, not before
-    assert state.next_due() == 1_800_000_000.0
-    assert state.take_due(1_800_000_200.0) == [(QID, "carol@example.org")]
-    assert state.next_due() == 1_800_000_220.0
-    assert state.take_due(1_800_000_219.9) == []
-    assert state.take_due(1_800_000_220.0) == [(QID, "bob@example.net")]
-    assert state.next_due() is None  # both taken: the lanes have them
     state.apply(delivery(3, SENT_BOB, BOUNCE_CAROL))
     assert msg.recipient_states == {"bob@example.net": "sent", "carol@example.org": "bounced"}
     assert msg.terminal
     assert msg.attempts == {"bob@example.net": 2, "carol@example.org": 1}
-    assert state.next_due() is None
+    assert msg.next_at == {}
     assert [d.outcomes[0].reply for d in msg.history] == ["450 4.2.0 try later", "250 2.0.0 ok"]
     # carol asked for FAILURE notices: a DSN is owed until a DSN record covers her
     assert msg.dsn_owed() == ["carol@example.org"] and not msg.dead
     assert state.dead_positions() == set()
-
-
-def test_a_later_schedule_replaces_an_earlier_one() -> None:
-    state = fold([accepted(), delivery(2, DEFER)])
-    state.take_due(1_800_000_000.0)  # carol out to a lane
-    state.retry_now(QID, 1_800_000_050.0)  # operator: retry bob (and carol) now
-    state.apply(delivery(3, attrs.evolve(DEFER, attempt=2, next_at=1_800_000_500.0)))
-    # bob's stale entries (220 from the first deferral, 50 from the forced retry) are gone
-    assert state.take_due(1_800_000_400.0) == [(QID, "carol@example.org")]
-    assert state.take_due(1_800_000_500.0) == [(QID, "bob@example.net")]
-
-
-def test_overdue_retries_are_spread_after_a_restart() -> None:
-    ids = [new_queue_id(1_800_000_000.0) for _ in range(10)]
-    records = []
-    for n, qid in enumerate(ids):
-        records += [
-            accepted(qid),
-            delivery(2 + n, DEFER, attrs.evolve(DEFER, recipient="carol@example.org"), qid=qid),
-        ]
-    state = fold(records)
-    now = 1_800_001_000.0
-    assert state.spread_overdue(now, 60.0, random.Random(3)) == 20
-    times = []
-    while (at := state.next_due()) is not None:
-        times.append(at)
-        state.take_due(at)
-    assert times == pytest.approx([now + 3.0 * i for i in range(20)])  # evenly, none at once
 
 
 def test_a_dsn_record_covers_the_bounce_and_the_message_becomes_dead() -> None:
@@ -139,7 +99,6 @@ def test_orphans_and_deletion() -> None:
     )
     assert QID not in state.messages
     assert state.dead_positions() == {Position(1, 32), Position(1, 500)}  # both compactable
-    assert state.next_due() is None  # nothing of it left to try
 
 
 def test_codec_round_trip_through_the_journal() -> None:

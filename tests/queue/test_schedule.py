@@ -1,0 +1,91 @@
+"""Delivery's schedule: built from the folded state, kept current by the queue's events,
+moved by the dispatcher (postpone, crash retry, restart spread, retry now) without ever
+touching the fold."""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+import pytest
+
+from atmosrelay.queue.events import AttemptOutcome, MessageAccepted
+from atmosrelay.queue.records import Outcome, Recipient, RecipientState, new_queue_id
+from atmosrelay.queue.schedule import Schedule
+from atmosrelay.queue.state import QueueState, fold
+from journal import Position
+from tests.queue.factories import accepted_record
+from tests.queue.test_state import BOUNCE_CAROL, DEFER, QID, SENT_BOB, accepted, delivery
+
+
+def outcome_event(o: Outcome, qid: str = QID) -> AttemptOutcome:
+    return AttemptOutcome(qid, "did:plc:x", "alice@example.org", o, "mx", 0.0)
+
+
+def test_from_state_then_events_to_terminal() -> None:
+    state = fold([accepted(), delivery(2, DEFER)])
+    schedule = Schedule.from_state(state)
+    # carol was never tried: due since acceptance; bob at his retry time, not before
+    assert schedule.next_due() == 1_800_000_000.0
+    assert schedule.take_due(1_800_000_200.0) == [(QID, "carol@example.org")]
+    assert schedule.next_due() == 1_800_000_220.0
+    assert schedule.take_due(1_800_000_219.9) == []
+    assert schedule.take_due(1_800_000_220.0) == [(QID, "bob@example.net")]
+    assert schedule.next_due() is None  # both taken: the lanes have them
+    state.apply(delivery(3, SENT_BOB, BOUNCE_CAROL))
+    for o in (SENT_BOB, BOUNCE_CAROL):
+        schedule.on_event(outcome_event(o))
+    assert schedule.next_due() is None
+
+
+def test_a_later_time_replaces_an_earlier_one() -> None:
+    state = fold([accepted(), delivery(2, DEFER)])
+    schedule = Schedule.from_state(state)
+    schedule.take_due(1_800_000_000.0)  # carol out to a lane
+    assert schedule.retry_now(QID, 1_800_000_050.0) == 2  # operator: retry both now
+    again = attrs.evolve(DEFER, attempt=2, next_at=1_800_000_500.0)
+    state.apply(delivery(3, again))
+    schedule.on_event(outcome_event(again))
+    # bob's stale entries (220 from the first deferral, 50 from the forced retry) are gone
+    assert schedule.take_due(1_800_000_400.0) == [(QID, "carol@example.org")]
+    assert schedule.take_due(1_800_000_500.0) == [(QID, "bob@example.net")]
+
+
+def test_overdue_retries_are_spread_after_a_restart() -> None:
+    ids = [new_queue_id(1_800_000_000.0) for _ in range(10)]
+    records = []
+    for n, qid in enumerate(ids):
+        records += [
+            accepted(qid),
+            delivery(2 + n, DEFER, attrs.evolve(DEFER, recipient="carol@example.org"), qid=qid),
+        ]
+    schedule = Schedule.from_state(fold(records))
+    now = 1_800_001_000.0
+    assert schedule.spread_overdue(now, 60.0, random.Random(3)) == 20
+    times = []
+    while (at := schedule.next_due()) is not None:
+        times.append(at)
+        schedule.take_due(at)
+    assert times == pytest.approx([now + 3.0 * i for i in range(20)])  # evenly, none at once
+
+
+def test_accepted_messages_are_due_at_once_but_not_their_unsubscribed_recipients() -> None:
+    state = QueueState()
+    schedule = Schedule(state)
+    record = accepted_record(
+        "bob@example.net",
+        Recipient("optout@example.net", suppressed=True),
+        queue_id=QID,
+    )
+    state.add_accepted(record, Position(1, 32), 10)
+    schedule.on_event(MessageAccepted(record))
+    assert state.messages[QID].recipient_states["optout@example.net"] == RecipientState.SUPPRESSED
+    assert schedule.take_due(record.accepted_at) == [(QID, "bob@example.net")]
+
+
+def test_a_deleted_message_is_never_handed_out() -> None:
+    state = fold([accepted()])
+    schedule = Schedule.from_state(state)
+    state.add_deleted(QID, Position(1, 500))
+    assert schedule.take_due(1_800_000_000.0) == []
+    assert schedule.next_due() is None
