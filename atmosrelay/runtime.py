@@ -3,7 +3,7 @@
     trio.run(run_relay)
     └── journal (recovery and the queue fold finish before anything listens; closes last)
         └── services: the API-key revocation watcher, the compactor
-            └── delivery: the dispatcher and its lanes (delivery/dispatcher.py)
+            └── delivery: the dispatcher and its lanes (delivery/dispatcher.py, lane.py)
                 └── sessions (one task per connection; a grace deadline on shutdown)
                     └── acceptors (one per listener; cancelled first on shutdown)
 

@@ -4,7 +4,7 @@ A lane that crashes is a bug; the relay should not lose its other lanes over it,
 ``supervise`` runs a task body, logs a crash with its traceback, and restarts it, at most
 ``max_restarts`` times within ``window`` seconds (trio's clock); past that it raises
 ``GaveUp`` (the last crash as its ``__cause__``), a specific exception the caller decides
-about: the dispatcher parks that destination (delivery/dispatcher.py); a caller that cannot
+about: the dispatcher parks that destination (delivery/lane.py); a caller that cannot
 go on without the task lets it propagate. ``trio.Cancelled`` and other BaseExceptions are
 never caught.
 """

@@ -6,7 +6,7 @@ lock-step; a recipient still deferred ``max_age`` (5 days) after acceptance boun
 optional delay notification (RFC 3464 ``Action: delayed``) after ``delay_warning``.
 
 After a restart, retry times come from the journal (each DEFERRED record carries its next
-attempt time), so nothing resets; ``QueueState.spread_overdue`` staggers the ones already due
+attempt time), so nothing resets; ``Schedule.spread_overdue`` staggers the ones already due
 so a restart does not stampede a destination.
 """
 
