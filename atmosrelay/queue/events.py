@@ -10,6 +10,8 @@ counts from these events persists them itself, see atmosrelay/submission/countin
     Delivered         a recipient's final outcome was "sent"
     Bounced           ... was "bounced" (a remote 5xx, a permanent DNS failure, or expiry)
     MessageDeleted    the operator deleted a message
+    Complained        a recipient reported a message as spam (published by the inbound
+                      side when it parses a feedback report; nothing publishes it yet)
 
 Subscribers are called synchronously, in order, on the event loop: they must be quick and
 must not raise (hand slow work, such as a store write, to a task through a channel).
@@ -66,7 +68,16 @@ class MessageDeleted:
     at: float
 
 
-QueueEvent = MessageAccepted | AttemptOutcome | Delivered | Bounced | MessageDeleted
+@attrs.frozen
+class Complained:
+    did: str
+    sender: str  # the complained-of message's envelope sender (its domain is judged)
+    recipient: str
+    at: float
+    queue_id: str | None = None
+
+
+QueueEvent = MessageAccepted | AttemptOutcome | Delivered | Bounced | MessageDeleted | Complained
 Subscriber = Callable[[QueueEvent], None]
 
 

@@ -42,7 +42,7 @@ from atmosrelay._text import printable as _clean
 from atmosrelay.accounts.api_keys import PREFIX, KeyChecker, Verified
 from atmosrelay.accounts.store import AsyncStore
 from atmosrelay.config import ListenerMode
-from atmosrelay.policy.member import MemberSnapshot
+from atmosrelay.policy.member import MemberSnapshot, MemberStatus
 from atmosrelay.queue.records import Recipient
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.refusals import Code, Refusal
@@ -424,7 +424,12 @@ class Session:
         self.did, self.username, self.key_id = result.did, event.username, result.key_id
         self._generation = self.ctx.keys.generation
         await self._load_member()
-        if self.member is not None and self.member.suspended:
+        if self.member is None or self.member.status is MemberStatus.REMOVED:
+            self._log("auth-failed", _loggable_username(event.username), "member removed")
+            self.did = self.key_id = None
+            self.member = None
+            return R.AUTH_FAILED
+        if self.member.suspended:
             self._log("auth-refused", result.did, self.member.suspension_reason)
             self._close = True
             return R.SUSPENDED_AT_CONNECT
@@ -442,7 +447,7 @@ class Session:
         if self.key_id is not None and not await keys.still_valid(self.did, self.key_id):
             return False
         await self._load_member()
-        return self.member is not None
+        return self.member is not None and self.member.status is not MemberStatus.REMOVED
 
     async def _load_member(self) -> None:
         assert self.did is not None

@@ -2,7 +2,9 @@
 
     a rule fired (spray, velocity)      -> the member gets the rule's label, logged with figures
     a hard bounce (5.1.1, 5.1.2, ...)   -> the recipient is suppressed for the member
-    a domain over its bounce threshold  -> the domain is paused (DOMAIN_PAUSED), logged
+    a complaint                         -> likewise, with the source "complaint"
+    a domain over its bounce or
+    complaint threshold                 -> the domain is paused (DOMAIN_PAUSED), logged
 
 Writes go through one task (``run``) in the store's worker thread, in order; each one then
 moves the account store's generation on, so sessions and the member directory see it at
@@ -27,7 +29,7 @@ from atmosrelay.accounts.store import AsyncStore, NotFound, Store
 from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.member import SuppressionSource
 from atmosrelay.policy.rules import RuleHit
-from atmosrelay.queue.events import Bounced, Delivered, QueueEvent
+from atmosrelay.queue.events import Bounced, Complained, Delivered, QueueEvent
 from atmosrelay.submission.members import MemberDirectory
 
 log = logging.getLogger("atmosrelay.policy")
@@ -88,6 +90,19 @@ class PolicyActions:
                         detail,
                     ),
                 )
+            self._maybe_pause(event.did, event.sender, reason, event.at)
+        elif isinstance(event, Complained) and event.sender:
+            reason = self.policy.complained(event.sender, event.at)
+            self._write(
+                f"suppress a recipient for {event.did} (complaint)",
+                partial(
+                    self.store.sync.suppress,
+                    event.did,
+                    event.recipient,
+                    SuppressionSource.COMPLAINT.value,
+                    "reported as spam",
+                ),
+            )
             self._maybe_pause(event.did, event.sender, reason, event.at)
 
     def _maybe_pause(self, did: str, sender: str, reason: str | None, at: float) -> None:

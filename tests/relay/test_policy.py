@@ -296,3 +296,46 @@ def test_kill_9_does_not_give_a_member_a_fresh_hourly_allowance(tmp_path: Path) 
             server.proc.wait(30)
         if round_ == 0:
             assert server.proc.returncode == -signal.SIGKILL
+
+
+async def test_a_removed_member_is_refused_at_auth_and_its_open_sessions_at_mail(
+    tmp_path: Path,
+) -> None:
+    async with running_relay(tmp_path) as relay:
+        ctx = relay.client_context()
+        open_session = await in_thread(connect, relay.implicit_port, ctx, "alice.test", relay.key)
+        try:
+            await store_change(relay, lambda s: s.set_status(ALICE, "removed", "left"))
+
+            def login() -> tuple[int, bytes]:
+                with smtplib.SMTP_SSL("127.0.0.1", relay.implicit_port, context=ctx) as s:
+                    s.ehlo()
+                    return s.docmd("AUTH", "PLAIN " + _plain("alice.test", relay.key))
+
+            assert await in_thread(login) == (535, b"5.7.8 Authentication failed")
+            assert await in_thread(open_session.mail, "alice@example.org") == (
+                421,
+                b"4.7.8 Credentials no longer valid, closing connection",
+            )
+        finally:
+            open_session.close()
+
+
+async def test_the_limits_apply_to_the_trusted_listener_too(tmp_path: Path) -> None:
+    extra = (
+        '[smtp]\nlisteners = ["127.0.0.1:0 trusted", "127.0.0.1:0 implicit"]\n'
+        f'trusted_did = "{NEWBIE}"\n'
+    )
+    async with running_relay(tmp_path, extra=extra) as relay:
+        add_newbie(relay.config)
+
+        def send() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", relay.handle.port("trusted"), timeout=10) as s:
+                s.ehlo()
+                assert s.mail("app@newbie.example") == (250, b"2.1.0 Sender ok")
+                for i in range(5):
+                    assert s.rcpt(f"r{i}@example.net")[0] == 250
+                return s.rcpt("r5@example.net")
+
+        code, text = await in_thread(send)
+        assert (code, text[:48]) == (451, b"4.7.1 Hourly limit of 5 recipient(s) (warming 1 ")
