@@ -4,10 +4,15 @@ aliases; and a kill -9 that does not hand a member a fresh hourly allowance."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import smtplib
 import ssl
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -24,6 +29,7 @@ from tests.relay.harness import (
 from tests.relay.test_kill import Server, write_config
 
 NEWBIE = "did:plc:nnnnnnnnnnnnnnnnnnnnnnnn"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_newbie(config: Config) -> str:
@@ -93,6 +99,47 @@ async def test_warming_refuses_the_sixth_recipient_of_the_hour_with_451_4_7_1(
         await in_thread(send)
         [record] = [m.record for m in relay.handle.ctx.queue.state.messages.values()]
         assert len(record.recipients) == 5
+        # the relay writes its counters every second: `member show` then sees the five
+        with trio.fail_after(10):
+            while await in_thread(counted, relay.config) < 5:  # noqa: ASYNC110 - the relay's flush
+                await trio.sleep(0.05)
+        shown = await in_thread(member_show, relay.config)
+    assert shown["standing"]["last_hour"] == 5
+    assert shown["standing"]["hourly_limit"] == 5
+    assert shown["standing"]["tier"] == "warming 1 (days 0-7)"
+
+
+def counted(config: Config) -> int:
+    store = Store(config.accounts_db)
+    try:
+        return sum(n for key, _, n in store.counts_since(0) if key == f"rcpt|{NEWBIE}")
+    finally:
+        store.close()
+
+
+def member_show(config: Config) -> dict[str, Any]:
+    """`atmosrelay member show --json`, the operator's own process."""
+    path = config.data_dir.parent / "cli.toml"
+    path.write_text(f'[relay]\ndata_dir = "{config.data_dir}"\n')
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atmosrelay",
+            "member",
+            "show",
+            NEWBIE,
+            "--json",
+            "--config",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    return dict(json.loads(out.stdout))
 
 
 async def test_suppressed_recipients_by_reason(tmp_path: Path) -> None:
