@@ -7,10 +7,20 @@ one event loop can never both take the last place under a limit.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from atmosrelay.policy.counters import Counters
-from atmosrelay.policy.limits import Limits, check_rate, limits_for, next_change, recipients_key
+from atmosrelay.policy.limits import (
+    DAY,
+    HOUR,
+    Limits,
+    check_rate,
+    limits_for,
+    next_change,
+    recipients_key,
+)
 from atmosrelay.policy.member import SHADOW_PREFIX, THROTTLED, MemberSnapshot
 from atmosrelay.policy.rules import (
     RuleHit,
@@ -41,6 +51,10 @@ class Policy:
     # did -> (the snapshot, valid until, its limits): a snapshot's limits change only when
     # a tier ends, and they are asked for several times per message
     _limits: dict[str, tuple[MemberSnapshot, float, Limits]] = attrs.field(factory=dict)
+    # did -> [its Limits, recipients that surely still fit]: a window's total only falls as
+    # time passes, so room measured once stays a lower bound, less what is admitted since.
+    # The hot path (a member far from its limits) then never sums a window.
+    _room: dict[str, list[Any]] = attrs.field(factory=dict)
 
     def limits(self, member: MemberSnapshot, now: float) -> Limits:
         cached = self._limits.get(member.did)
@@ -50,13 +64,28 @@ class Policy:
         self._limits[member.did] = (member, next_change(member, now, self.settings), limits)
         return limits
 
+    def _fits(self, did: str, limits: Limits, n: int) -> bool:
+        room = self._room.get(did)
+        return room is not None and room[0] is limits and room[1] >= n
+
+    def _measure(self, did: str, limits: Limits, now: float) -> None:
+        key = recipients_key(did)
+        hour = limits.hourly - self.counters.total(key, now, HOUR)
+        day = limits.daily - self.counters.total(key, now, DAY)
+        self._room[did] = [limits, min(hour, day)]
+
     def check_rate(
         self, member: MemberSnapshot, now: float, n: int = 1, pending: int = 0
     ) -> Refusal | None:
         """Would ``n`` more recipients fit now, besides ``pending`` ones of the transaction?
         (At MAIL one, at RCPT one besides those before it; only ``admit`` counts.)"""
         limits = self.limits(member, now)
-        return check_rate(member, self.counters, now, n, self.settings, limits, pending)
+        if self._fits(member.did, limits, n + pending):
+            return None
+        refusal = check_rate(member, self.counters, now, n, self.settings, limits, pending)
+        if refusal is None:
+            self._measure(member.did, limits, now)
+        return refusal
 
     def admit(
         self, member: MemberSnapshot, now: float, recipients: list[str]
@@ -65,9 +94,14 @@ class Policy:
         the rules the send triggered (the caller applies their labels)."""
         n = len(recipients)
         limits = self.limits(member, now)
-        refusal = check_rate(member, self.counters, now, n, self.settings, limits)
-        if refusal is not None:
-            return refusal
+        if self._fits(member.did, limits, n):
+            self._room[member.did][1] -= n
+        else:
+            refusal = check_rate(member, self.counters, now, n, self.settings, limits)
+            if refusal is not None:
+                return refusal
+            self._measure(member.did, limits, now)
+            self._room[member.did][1] -= n
         self.counters.add(recipients_key(member.did), now, n)
         hits: list[RuleHit] = []
         if limits.warming and not self._labelled(member, self.settings.spray_mode):
@@ -91,6 +125,7 @@ class Policy:
     def refund(self, did: str, now: float, n: int) -> None:
         """Recipients admitted whose message was then not kept (the journal failed)."""
         self.counters.add(recipients_key(did), now, -n)
+        self._room.pop(did, None)  # measured again at the next check
 
     def delivered(self, sender: str, now: float) -> str | None:
         """Count a delivery; the domain may cross its threshold on one too (a bounce first,

@@ -17,6 +17,8 @@ which is known at the end of DATA (``unsubscribed``).
 from __future__ import annotations
 
 import email.utils
+import re
+from typing import Final
 
 from atmosrelay.policy.member import MemberSnapshot, SuppressionSource
 from atmosrelay.refusals import Code, Refusal, refuse
@@ -51,6 +53,21 @@ def check_sender_domain(member: MemberSnapshot, domain: str) -> Refusal | None:
     return refuse(Code.DOMAIN_MISMATCH, log=f"domain {domain} not enrolled", domain=domain)
 
 
+# "local@domain" or "Display Name <local@domain>" made of RFC 5322 atext, dots and blanks
+# only: most From fields. Everything else goes to the standard library's full parser.
+_ATEXT: Final = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
+_ADDR: Final = rf"[{_ATEXT}.]+@[A-Za-z0-9.-]+"
+_SIMPLE: Final = re.compile(rf"[ \t]*(?:[{_ATEXT}. \t]*<({_ADDR})>|({_ADDR}))[ \t]*")
+
+
+def addresses(value: str) -> list[str]:
+    """The addr-specs in a From/Sender value (groups and empty ones dropped)."""
+    simple = _SIMPLE.fullmatch(value)
+    if simple is not None:
+        return [simple.group(1) or simple.group(2)]
+    return [a for _, a in email.utils.getaddresses([value]) if a]
+
+
 def _allowed(member: MemberSnapshot, domain: str) -> bool:
     domain = domain.lower().rstrip(".")
     return any(domain == d or domain.endswith("." + d) for d in member.verified)
@@ -66,11 +83,11 @@ def check_header_addresses(
         if len(values) != 1:
             detail = f"The message must have exactly one {name} header, not {len(values)}"
             return refuse(Code.FROM_NOT_ALLOWED, log=detail, detail=detail)
-        addresses = [a for _, a in email.utils.getaddresses(values) if a]
-        if len(addresses) != 1 or "@" not in addresses[0]:
+        found = addresses(values[0])
+        if len(found) != 1 or "@" not in found[0]:
             detail = f"The {name} header must hold exactly one address"
             return refuse(Code.FROM_NOT_ALLOWED, log=detail, detail=detail)
-        domain = addresses[0].rpartition("@")[2]
+        domain = found[0].rpartition("@")[2]
         if not _allowed(member, domain):
             detail = (
                 f"{name} header domain {domain} is not one of this account's verified "

@@ -80,6 +80,8 @@ class Address:
         """The domain with U-labels as A-labels (IDNA), lower-cased; literals as they are."""
         if self.domain.startswith("["):
             return self.domain
+        if self.domain.isascii():  # the common case: nothing for IDNA to do but lower-case
+            return self.domain.lower()
         try:
             return self.domain.encode("idna").decode("ascii").lower()
         except UnicodeError as exc:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import trio
+
 from atmosrelay.accounts.store import AsyncStore, NotFound, Store
 from atmosrelay.policy.member import MemberSnapshot, SuppressionSource
 
@@ -44,19 +46,38 @@ def load_snapshot(store: Store, did: str) -> MemberSnapshot | None:
 
 
 class MemberDirectory:
+    """One snapshot object per member and generation: sessions that look at once (fifty
+    of them at their next MAIL after a change) share one load and get the same object,
+    which the policy's per-member caches key on."""
+
     def __init__(self, store: AsyncStore, generation: Callable[[], int]) -> None:
         self.store = store
         self.generation = generation
         self._cache: dict[str, tuple[int, MemberSnapshot | None]] = {}
+        self._loading: dict[tuple[str, int], trio.Event] = {}
+        self.loads = 0  # store reads, for tests
 
     async def get(self, did: str) -> MemberSnapshot | None:
-        generation = self.generation()
-        cached = self._cache.get(did)
-        if cached is not None and cached[0] == generation:
-            return cached[1]
-        snapshot = await self.store.run(load_snapshot, self.store.sync, did)
-        self._cache[did] = (generation, snapshot)
-        return snapshot
+        while True:
+            generation = self.generation()
+            cached = self._cache.get(did)
+            if cached is not None and cached[0] == generation:
+                return cached[1]
+            loading = self._loading.get((did, generation))
+            if loading is None:
+                break
+            await loading.wait()  # another session is loading it: take its answer
+        done = self._loading[(did, generation)] = trio.Event()
+        try:
+            self.loads += 1
+            snapshot = await self.store.run(load_snapshot, self.store.sync, did)
+            current = self._cache.get(did)
+            if current is None or current[0] <= generation:
+                self._cache[did] = (generation, snapshot)
+            return snapshot
+        finally:
+            del self._loading[(did, generation)]
+            done.set()
 
     def invalidate(self, did: str | None = None) -> None:
         if did is None:

@@ -3,8 +3,12 @@ and suppression, as pure decisions over a fake clock."""
 
 from __future__ import annotations
 
+import email.utils
+
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from atmosrelay.policy.counters import Counters
 from atmosrelay.policy.engine import Policy
@@ -12,6 +16,8 @@ from atmosrelay.policy.limits import DAY, HOUR
 from atmosrelay.policy.member import MemberSnapshot, MemberStatus, SuppressionSource
 from atmosrelay.policy.rules import RuleHit, pause_reason, sent_key
 from atmosrelay.policy.sender import (
+    _SIMPLE,
+    addresses,
     check_header_addresses,
     check_recipient,
     check_sender_domain,
@@ -233,3 +239,37 @@ def test_counters_between_is_what_the_velocity_rule_reads() -> None:
     c.add(sent_key("x"), T0, 2)
     assert c.between(sent_key("x"), T0 - 60, T0 + 60) == 2
     assert c.between(sent_key("x"), T0 + 1, T0 + 60) == 0  # the bucket starts before
+
+
+FROM_ALPHABET = 'ab.@<> "(),:;[]\\x-'
+
+
+@settings(max_examples=2000, deadline=None)
+@given(value=st.text(alphabet=FROM_ALPHABET, max_size=30))
+def test_the_fast_from_parser_agrees_with_the_standard_library(value: str) -> None:
+    """Wherever the shortcut for plain From values applies, it finds what email.utils
+    finds (its twin, the full parser, handles everything else)."""
+    if _SIMPLE.fullmatch(value) is None:
+        return
+    assert addresses(value) == [a for _, a in email.utils.getaddresses([value]) if a]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "alice@example.org",
+        "Alice <alice@example.org>",
+        "  Alice Smith   <alice@example.org>  ",
+        "<alice@example.org>",
+        "a.b-c@mail.example.org",
+    ],
+)
+def test_plain_from_values_take_the_shortcut(value: str) -> None:
+    assert _SIMPLE.fullmatch(value) is not None
+    assert addresses(value) == [a for _, a in email.utils.getaddresses([value]) if a]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(value=st.from_regex(_SIMPLE, fullmatch=True))
+def test_every_value_the_shortcut_takes_parses_the_same_in_full(value: str) -> None:
+    assert addresses(value) == [a for _, a in email.utils.getaddresses([value]) if a]
