@@ -3,13 +3,24 @@
 
 Invariant (fuzz/README.md): only ``MessageError`` is raised; on success the body bytes come
 out exactly as they went in, the relay's own stamps appear once each, the X-Atmos-* headers
-the relay reads are gone, and what was accepted holds no NUL. The first input byte chooses
-the SMTPUTF8 and BODY=8BITMIME flags.
+the relay reads (and their X-Postscale-* aliases) are gone, and what was accepted holds no
+NUL; the From value parses without an exception, and where the policy's shortcut for plain
+From values applies it finds what the standard library's parser finds. The first input
+byte chooses the SMTPUTF8 and BODY=8BITMIME flags.
 """
 
 from __future__ import annotations
 
-from atmosrelay.message.headers import MessageError, check_octets, process, split_header
+import email.utils
+
+from atmosrelay.message.headers import (
+    OWN_HEADERS,
+    MessageError,
+    check_octets,
+    process,
+    split_header,
+)
+from atmosrelay.policy.sender import _SIMPLE, addresses
 from fuzz._harness import atheris_main
 
 DID = "did:plc:abcdefghijklmnopqrstuvwx"
@@ -36,7 +47,10 @@ def check_one(data: bytes) -> None:
     names = [f.key for f in fields]
     assert names.count("x-atmos-member-did") == 1
     assert names.count("feedback-id") == 1
-    assert not {"x-atmos-category", "x-atmos-tags", "x-atmos-metadata"} & set(names)
+    assert not OWN_HEADERS & set(names)
+    found = addresses(out.from_value)
+    if _SIMPLE.fullmatch(out.from_value):
+        assert found == [a for _, a in email.utils.getaddresses([out.from_value]) if a]
 
 
 if __name__ == "__main__":  # pragma: no cover
