@@ -138,24 +138,20 @@ def queue_ids(config_path: Path) -> set[str]:
 
 
 def _queue_list(config_path: Path) -> list[dict[str, Any]]:
+    return list(cli_json(config_path, "queue", "list"))
+
+
+def cli_json(config_path: Path, *args: str) -> Any:
+    """``atmosrelay ARGS --json`` in a process of its own, as the operator runs it."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "atmosrelay",
-            "queue",
-            "list",
-            "--json",
-            "--config",
-            str(config_path),
-        ],
+        [sys.executable, "-m", "atmosrelay", *args, "--json", "--config", str(config_path)],
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr
-    return list(json.loads(result.stdout))
+    return json.loads(result.stdout)
 
 
 def write_config(

@@ -4,13 +4,9 @@ aliases; and a kill -9 that does not hand a member a fresh hourly allowance."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import smtplib
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +22,7 @@ from tests.relay.harness import (
     running_relay,
     until_the_relay_sees_an_account_change,
 )
-from tests.relay.test_kill import Server, write_config
+from tests.relay.test_kill import Server, cli_json, write_config
 
 NEWBIE = "did:plc:nnnnnnnnnnnnnnnnnnnnnnnn"
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,25 +117,7 @@ def member_show(config: Config) -> dict[str, Any]:
     """`atmosrelay member show --json`, the operator's own process."""
     path = config.data_dir.parent / "cli.toml"
     path.write_text(f'[relay]\ndata_dir = "{config.data_dir}"\n')
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "atmosrelay",
-            "member",
-            "show",
-            NEWBIE,
-            "--json",
-            "--config",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=True,
-    )
-    return dict(json.loads(out.stdout))
+    return dict(cli_json(path, "member", "show", NEWBIE))
 
 
 async def test_suppressed_recipients_by_reason(tmp_path: Path) -> None:
