@@ -21,7 +21,13 @@ from atmosrelay.policy.limits import (
     next_change,
     recipients_key,
 )
-from atmosrelay.policy.member import SHADOW_PREFIX, THROTTLED, MemberSnapshot
+from atmosrelay.policy.member import (
+    AUTO_SUSPENDED,
+    HIGHLY_TRUSTED,
+    SHADOW_PREFIX,
+    THROTTLED,
+    MemberSnapshot,
+)
 from atmosrelay.policy.rules import (
     RuleHit,
     SprayTracker,
@@ -99,11 +105,13 @@ class Policy:
         else:
             refusal = check_rate(member, self.counters, now, n, self.settings, limits)
             if refusal is not None:
+                if SHADOW_PREFIX + HIGHLY_TRUSTED in member.labels:
+                    refusal = self._shadow_trusted(member, now, n, refusal)
                 return refusal
             self._measure(member.did, limits, now)
             self._room[member.did][1] -= n
+        hits: list[RuleHit] = self._shadows(member, now, n) if member.labels else []
         self.counters.add(recipients_key(member.did), now, n)
-        hits: list[RuleHit] = []
         if limits.warming and not self._labelled(member, self.settings.spray_mode):
             distinct = self.spray.add(member.did, {_domain(r) for r in recipients}, now)
             hit = spray(distinct, True, self.settings)
@@ -114,6 +122,43 @@ class Policy:
             if hit is not None:
                 hits.append(hit)
         return hits
+
+    def _shadows(self, member: MemberSnapshot, now: float, n: int) -> list[RuleHit]:
+        """What the member's shadow labels would have done to this send (logged, never
+        enforced; a hit with no label to add)."""
+        notes = []
+        if SHADOW_PREFIX + AUTO_SUSPENDED in member.labels:
+            notes.append(
+                RuleHit(
+                    SHADOW_PREFIX + AUTO_SUSPENDED,
+                    "",
+                    f"would have refused {n} recipient(s): suspended",
+                )
+            )
+        if SHADOW_PREFIX + THROTTLED in member.labels and THROTTLED not in member.labels:
+            throttled = attrs.evolve(member, labels=member.labels | {THROTTLED})
+            limits = limits_for(throttled, now, self.settings)
+            refusal = check_rate(throttled, self.counters, now, n, self.settings, limits)
+            if refusal is not None:
+                notes.append(
+                    RuleHit(
+                        SHADOW_PREFIX + THROTTLED,
+                        "",
+                        f"would have refused {n} recipient(s): {refusal.log}",
+                    )
+                )
+        return notes
+
+    def _shadow_trusted(
+        self, member: MemberSnapshot, now: float, n: int, refusal: Refusal
+    ) -> Refusal:
+        trusted = attrs.evolve(member, labels=member.labels | {HIGHLY_TRUSTED})
+        limits = limits_for(trusted, now, self.settings)
+        if check_rate(trusted, self.counters, now, n, self.settings, limits) is None:
+            return attrs.evolve(
+                refusal, log=f"{refusal.log} (shadow:highly_trusted would have admitted it)"
+            )
+        return refusal
 
     @staticmethod
     def _labelled(member: MemberSnapshot, mode: Mode) -> bool:

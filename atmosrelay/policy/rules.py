@@ -76,8 +76,8 @@ def pause_reason(
 
 @attrs.frozen
 class RuleHit:
-    rule: str  # "spray" or "velocity"
-    label: str  # "throttled" or "shadow:throttled"
+    rule: str  # "spray", "velocity", or a shadow label that would have acted
+    label: str  # to add: "throttled" or "shadow:throttled"; "" for a note to log only
     detail: str  # the figures, for the log
 
 

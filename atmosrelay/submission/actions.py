@@ -59,6 +59,9 @@ class PolicyActions:
     # -- decisions, called synchronously --------------------------------------------------
     def rule_hits(self, did: str, hits: list[RuleHit]) -> None:
         for hit in hits:
+            if not hit.label:  # a shadow label's "would have": logged, never enforced
+                log.info("%s for %s: %s", hit.rule, did, hit.detail)
+                continue
             if (did, hit.label) in self._labelled:
                 continue
             self._labelled.add((did, hit.label))

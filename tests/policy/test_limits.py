@@ -191,3 +191,24 @@ def test_at_rcpt_the_transactions_own_recipients_count_before_they_are_admitted(
     later = p.check_rate(m, now, 1, pending=3)  # 2 sent + 3 pending: full
     assert later is not None
     assert later.retry_after == pytest.approx(60.0 + HOUR - 130.0)  # the two sent leave first
+
+
+def test_shadow_labels_report_what_they_would_have_done_and_change_nothing() -> None:
+    p = Policy()
+    m = member(labels=frozenset({"shadow:throttled", "shadow:auto_suspended"}))
+    for i in range(2):  # the throttled cap would be 2: these fit either way
+        notes = p.admit(m, T0 + i, ["x@example.net"])
+        assert [n.rule for n in notes] == ["shadow:auto_suspended"]  # type: ignore[union-attr]
+    notes = p.admit(m, T0 + 2, ["x@example.net"])  # admitted: the real cap is 5
+    assert not isinstance(notes, Refusal)
+    assert [(n.rule, n.label) for n in notes] == [
+        ("shadow:auto_suspended", ""),
+        ("shadow:throttled", ""),
+    ]
+    assert "would have refused 1 recipient(s): Hourly limit of 2" in notes[1].detail
+    trusted = member(labels=frozenset({"shadow:highly_trusted"}))
+    q = Policy()
+    assert q.admit(trusted, T0, [f"r{i}@example.net" for i in range(5)]) == []
+    refusal = q.admit(trusted, T0 + 1, ["r5@example.net"])
+    assert isinstance(refusal, Refusal)  # still refused: shadow labels never act
+    assert refusal.log.endswith("(shadow:highly_trusted would have admitted it)")

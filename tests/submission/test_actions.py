@@ -69,3 +69,12 @@ async def test_a_rule_hit_becomes_a_label_once(tmp_path: Path) -> None:
     assert store.member(DID).labels == ("throttled",)
     assert actions.written == 1
     assert actions._send.statistics().current_buffer_used == 0  # and nothing more queued
+
+
+async def test_a_shadow_note_is_logged_and_never_written(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    store, actions, _ = make(tmp_path)
+    caplog.set_level("INFO", logger="atmosrelay.policy")
+    actions.rule_hits(DID, [RuleHit("shadow:throttled", "", "would have refused 1")])
+    assert actions._send.statistics().current_buffer_used == 0
+    assert f"shadow:throttled for {DID}: would have refused 1" in caplog.text
+    assert store.member(DID).labels == ()
