@@ -271,7 +271,7 @@ class Session:
                 if self._data_started is None:
                     self._start_data_phase()
                 if self.tx is not None and self.tx.held == 0 and not self._reserve():
-                    self.tx.refused = R.QUEUE_FULL
+                    self.tx.refused = R.INFLIGHT_FULL
                 continue
             self._command_deadline = None  # a whole command arrived: the next wait starts anew
             reply = await self._answer(event)  # type: ignore[arg-type]
@@ -391,7 +391,7 @@ class Session:
             return self._rcpt(event)
         if isinstance(event, Data):
             if not self._reserve():
-                return R.QUEUE_FULL
+                return R.INFLIGHT_FULL
             self._start_data_phase()
             return R.START_DATA
         if isinstance(event, ChunkEnd):
@@ -510,7 +510,7 @@ class Session:
             if self.ctx.budget.take(grow):
                 tx.held += grow
             else:
-                tx.refused = R.QUEUE_FULL
+                tx.refused = R.INFLIGHT_FULL
                 tx.data = bytearray()  # drop what we hold; the rest is drained unkept
 
     def _end_transaction(self) -> None:

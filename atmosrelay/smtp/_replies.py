@@ -147,6 +147,8 @@ RATE_LIMITED_SPLIT = _r(451, "4.7.1", "{n} recipients are over the {limit}; send
 RECIPIENT_SUPPRESSED = _r(550, "5.7.1", "Recipient suppressed ({reason}) for this sender")
 QUEUE_UNAVAILABLE = _r(451, "4.3.0", "Temporary failure storing message; retry later")
 QUEUE_FULL = _r(451, "4.4.2", "Queue full or busy; retry later")
+# Messages being received at once hold more than smtp.inflight_budget (RFC 5321's 452).
+INFLIGHT_FULL = _r(452, "4.3.1", "Insufficient system storage; retry later")
 ALL_SUPPRESSED = _r(550, "5.7.1", "All recipients suppressed")
 UNPARSEABLE_MESSAGE = _r(554, "5.6.0", "Failed to parse message: {detail}")
 

@@ -263,3 +263,16 @@ async def test_connection_limit_per_ip(tmp_path: Path) -> None:
                 return d.reply()
 
         assert (await in_thread(reconnect)).startswith(b"220 ")
+
+
+async def test_a_full_in_flight_budget_refuses_data_with_452_4_3_1(tmp_path: Path) -> None:
+    # 1 KiB of budget: not even the 64 KiB a message reserves when DATA starts
+    async with running_relay(tmp_path, extra="[smtp]\ninflight_budget = 1024\n") as relay:
+
+        def check() -> None:
+            with authed(relay) as d:
+                assert d.cmd(b"MAIL FROM:<alice@example.org>").startswith(b"250")
+                assert d.cmd(b"RCPT TO:<bob@example.net>").startswith(b"250")
+                assert d.cmd(b"DATA") == b"452 4.3.1 Insufficient system storage; retry later\r\n"
+
+        await in_thread(check)
