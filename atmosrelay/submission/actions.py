@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 from collections.abc import Callable
 from functools import partial
 from typing import Final
@@ -30,6 +31,7 @@ from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.member import SuppressionSource
 from atmosrelay.policy.rules import RuleHit
 from atmosrelay.queue.events import Bounced, Complained, Delivered, QueueEvent
+from atmosrelay.queue.state import domain_of
 from atmosrelay.submission.members import MemberDirectory
 
 log = logging.getLogger("atmosrelay.policy")
@@ -63,13 +65,17 @@ class PolicyActions:
                 log.info("%s for %s: %s", hit.rule, did, hit.detail)
                 continue
             if (did, hit.label) in self._labelled:
-                continue
+                continue  # on its way to the store: sessions have not reloaded the member yet
             self._labelled.add((did, hit.label))
             log.warning(
                 "rule %s fired for %s: %s; label %s added", hit.rule, did, hit.detail, hit.label
             )
             self._write(
-                f"label {hit.label} for {did}", partial(_add_label, self.store.sync, did, hit.label)
+                f"label {hit.label} for {did}",
+                partial(_add_label, self.store.sync, did, hit.label),
+                # landed: the member's snapshot carries it now (an operator may remove it, and
+                # the rule may then fire again)
+                partial(self._labelled.discard, (did, hit.label)),
             )
 
     def on_event(self, event: QueueEvent) -> None:
@@ -83,33 +89,23 @@ class PolicyActions:
             reason = self.policy.bounced(event.sender, event.at)
             if event.status in HARD_BOUNCES:
                 detail = f"{event.status} {printable(event.reply or '')}"[:300]
-                self._write(
-                    f"suppress a recipient for {event.did} ({event.status})",
-                    partial(
-                        self.store.sync.suppress,
-                        event.did,
-                        event.recipient,
-                        SuppressionSource.HARD_BOUNCE.value,
-                        detail,
-                    ),
-                )
+                self._suppress(event.did, event.recipient, SuppressionSource.HARD_BOUNCE, detail)
             self._maybe_pause(event.did, event.sender, reason, event.at)
         elif isinstance(event, Complained) and event.sender:
             reason = self.policy.complained(event.sender, event.at)
-            self._write(
-                f"suppress a recipient for {event.did} (complaint)",
-                partial(
-                    self.store.sync.suppress,
-                    event.did,
-                    event.recipient,
-                    SuppressionSource.COMPLAINT.value,
-                    "reported as spam",
-                ),
+            self._suppress(
+                event.did, event.recipient, SuppressionSource.COMPLAINT, "reported as spam"
             )
             self._maybe_pause(event.did, event.sender, reason, event.at)
 
+    def _suppress(self, did: str, address: str, source: SuppressionSource, detail: str) -> None:
+        self._write(
+            f"suppress a recipient for {did} ({source.value})",
+            partial(self.store.sync.suppress, did, address, source.value, detail),
+        )
+
     def _maybe_pause(self, did: str, sender: str, reason: str | None, at: float) -> None:
-        domain = sender.rpartition("@")[2].lower()
+        domain = domain_of(sender)
         if reason is None or domain in self.paused_now:
             return
         self.paused_now[domain] = reason
@@ -134,6 +130,12 @@ class PolicyActions:
                 await self.store.run(write.fn)
             except NotFound:
                 log.info("policy write skipped (%s): the member or domain is gone", write.what)
+            except (OSError, sqlite3.Error):
+                # the disk failed: the relay goes on without this write (a pause it was for
+                # stays in force in memory, since ``after`` does not run)
+                log.exception("policy write failed (%s); it is lost", write.what)
+                self.written += 1
+                continue
             self.members.invalidate()
             self.bump_generation()
             if write.after is not None:

@@ -12,7 +12,9 @@ back every few seconds is the step that makes a second process on this host see 
 
 **Writes.** The hot path only counts in memory (policy/counters.py); ``flush_loop``
 writes the deltas every ``policy.counter_flush`` seconds (1 s) in one transaction, with
-the time up to which this journal's ACCEPTED records are counted (``counter_marks``).
+the time up to which this journal's ACCEPTED records are counted (``counter_marks``). An
+idle second writes nothing: with no delta, nothing was accepted or delivered since the
+last mark, so it still holds.
 
 **After a crash.** Startup loads the table (the last 8 days), then adds what the journal
 still holds past that mark: each ACCEPTED record's recipients, and each DELIVERY record's
@@ -38,6 +40,7 @@ from atmosrelay.policy.counters import KEEP
 from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.limits import recipients_key
 from atmosrelay.policy.rules import bounced_key, sent_key
+from atmosrelay.queue.records import RecipientState
 from atmosrelay.queue.state import QueueState, domain_of
 
 log = logging.getLogger("atmosrelay.policy")
@@ -67,26 +70,14 @@ def load_counters(
             if delivery.at <= mark:
                 continue
             for o in delivery.outcomes:
-                if o.outcome == "sent":
+                if o.outcome == RecipientState.SENT:
                     counters.add(sent_key(domain_of(record.sender)), delivery.at)
-                elif o.outcome == "bounced":
+                elif o.outcome == RecipientState.BOUNCED:
                     counters.add(bounced_key(domain_of(record.sender)), delivery.at)
     for domain in store.domains():
         if domain.paused_at is not None:
             policy.fresh_since[domain.name] = domain.paused_at
     return len(rows), replayed
-
-
-def flush(store: Store, policy: Policy, journal: str, now: float) -> int:
-    """Write the deltas counted since the last flush (synchronously: the CLI, tests, and
-    the flush loop's worker thread). Returns how many rows were written."""
-    deltas = policy.counters.take_unflushed()
-    try:
-        store.add_counts(deltas, journal=journal, until=now)
-    except BaseException:
-        policy.counters.restore_unflushed(deltas)
-        raise
-    return len(deltas)
 
 
 async def flush_loop(
@@ -111,6 +102,8 @@ async def flush_loop(
 async def _flush_once(store: AsyncStore, policy: Policy, journal: str, now: float) -> None:
     # the deltas are taken on the event loop (no send can interleave), written in the thread
     deltas = policy.counters.take_unflushed()
+    if not deltas:
+        return  # nothing happened since the last flush: its mark still holds, no write
     try:
         await store.run(partial(store.sync.add_counts, deltas, journal=journal, until=now))
     except (OSError, sqlite3.Error):  # the disk: keep the deltas, say so, try next time

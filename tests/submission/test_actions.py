@@ -11,7 +11,7 @@ from atmosrelay.accounts import domains
 from atmosrelay.accounts.store import AsyncStore, Store
 from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.rules import RuleHit
-from atmosrelay.queue.events import Complained, Delivered
+from atmosrelay.queue.events import Bounced, Complained, Delivered
 from atmosrelay.submission.actions import PolicyActions
 from atmosrelay.submission.members import MemberDirectory
 
@@ -78,3 +78,30 @@ async def test_a_shadow_note_is_logged_and_never_written(tmp_path: Path, caplog)
     assert actions._send.statistics().current_buffer_used == 0
     assert f"shadow:throttled for {DID}: would have refused 1" in caplog.text
     assert store.member(DID).labels == ()
+
+
+async def test_a_failed_store_write_is_logged_and_the_pause_holds_in_memory(
+    tmp_path: Path, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    store, actions, bumps = make(tmp_path)
+    for i in range(10):
+        actions.on_event(Delivered("q", DID, "alice@example.org", f"r{i}@example.net", T0 + i))
+    store.close()  # every write now fails with sqlite3.ProgrammingError
+    actions.on_event(
+        Bounced("q", DID, "alice@example.org", "gone@example.net", "5.1.1", "550", T0 + 20)
+    )
+    await drain(actions, 2)  # the suppression and the pause both fail; the task goes on
+    assert "policy write failed (pause example.org); it is lost" in caplog.text
+    assert "example.org" in actions.paused_now  # still refused until a restart
+    assert bumps == []
+
+
+async def test_a_label_the_operator_removed_can_be_added_again(tmp_path: Path) -> None:
+    store, actions, _ = make(tmp_path)
+    hit = RuleHit("spray", "throttled", "figures")
+    actions.rule_hits(DID, [hit])
+    await drain(actions, 1)
+    store.set_label(DID, "throttled", False)  # the operator
+    actions.rule_hits(DID, [hit])  # the rule fires again on the member without it
+    await drain(actions, 2)
+    assert store.member(DID).labels == ("throttled",)
