@@ -25,6 +25,7 @@ from atmosrelay.queue.records import (
     TERMINAL,
     Accepted,
     Delivery,
+    RecipientState,
     RecordType,
     encode_accepted,
     encode_deleted,
@@ -76,20 +77,21 @@ class QueueStore:
         """Append and fsync one attempt's outcomes, then apply them."""
         position = await self.journal.append(RecordType.DELIVERY, encode_delivery(delivery))
         msg = self.state.messages.get(delivery.id)
-        before = dict(msg.recipient_states) if msg is not None else {}
+        states = msg.recipient_states if msg is not None else {}
+        before = {o.recipient: states.get(o.recipient) for o in delivery.outcomes}
         self.state.add_delivery(delivery, position)
         if msg is None:
             return
         record, publish = msg.record, self.events.publish
         for o in delivery.outcomes:
-            if before.get(o.recipient, "accepted") in TERMINAL:
+            if before[o.recipient] in TERMINAL:
                 continue  # the fold ignored it
             publish(
                 AttemptOutcome(delivery.id, record.did, record.sender, o, delivery.mta, delivery.at)
             )
-            if o.outcome == "sent":
+            if o.outcome == RecipientState.SENT:
                 publish(Delivered(delivery.id, record.did, record.sender, o.recipient, delivery.at))
-            elif o.outcome == "bounced":
+            elif o.outcome == RecipientState.BOUNCED:
                 publish(
                     Bounced(
                         delivery.id,

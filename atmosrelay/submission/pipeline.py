@@ -154,7 +154,7 @@ class Pipeline:
         refusal = check_header_addresses(member, [processed.from_value], senders)
         if refusal is not None:
             return refusal
-        if processed.bulk:
+        if processed.bulk and member.suppressed:  # most members have no one to skip
             kept = [attrs.evolve(r, suppressed=unsubscribed(member, r.addr)) for r in kept]
         deliver = [r.addr for r in kept if not r.suppressed]
         if not deliver:
