@@ -1,6 +1,6 @@
 """Refusals: why the relay will not take a submission, as values, one table for SMTP and HTTP.
 
-Every way in (the SMTP session, the HTTP API next) gets a ``Refusal`` from the acceptance
+Every way in (the SMTP session, the HTTP API) gets a ``Refusal`` from the acceptance
 pipeline (``atmosrelay.submission``) and the policy (``atmosrelay.policy``) and renders it:
 SMTP sends ``refusal.reply``, HTTP answers ``refusal.http_status`` with
 ``{"error": refusal.text, "code": refusal.code, "retryable": ...}`` and, for a rate limit,
@@ -40,6 +40,11 @@ class Code(enum.StrEnum):
     TOO_MANY_RECIPIENTS = "TOO_MANY_RECIPIENTS"
     QUEUE_FULL = "QUEUE_FULL"
     TEMPORARILY_UNAVAILABLE = "TEMPORARILY_UNAVAILABLE"
+    # HTTP only (no SMTP command asks these questions):
+    IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
+    NOT_FOUND = "NOT_FOUND"
+    INVALID_TOKEN = "INVALID_TOKEN"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 @attrs.frozen
@@ -47,6 +52,11 @@ class Entry:
     reply: Reply  # may hold {placeholders}, filled by ``refuse``
     http_status: int
     retryable: bool  # will the same request succeed later without anyone changing anything?
+    smtp: bool = True  # False: HTTP only (the reply is then only the HTTP error's text)
+
+
+def _http_only(text: str) -> Reply:
+    return Reply(554, "5.0.0", (text,))
 
 
 # The one table. SMTP codes follow the reference relay where it names one (docs/policy.md).
@@ -66,6 +76,22 @@ TABLE: Final[dict[Code, Entry]] = {
     Code.TOO_MANY_RECIPIENTS: Entry(R.TOO_MANY_RECIPIENTS, 400, False),
     Code.QUEUE_FULL: Entry(R.QUEUE_FULL, 503, True),
     Code.TEMPORARILY_UNAVAILABLE: Entry(R.QUEUE_UNAVAILABLE, 503, True),
+    Code.IDEMPOTENCY_CONFLICT: Entry(
+        _http_only("Idempotency-Key {key} was used for a different request in the last {ttl}"),
+        422,
+        False,
+        smtp=False,
+    ),
+    Code.NOT_FOUND: Entry(_http_only("No {what} {name}"), 404, False, smtp=False),
+    Code.INVALID_TOKEN: Entry(
+        _http_only("This unsubscribe link is not valid (it was altered or cut short)"),
+        400,
+        False,
+        smtp=False,
+    ),
+    Code.INTERNAL_ERROR: Entry(
+        _http_only("Internal error; nothing was queued, retry later"), 500, True, smtp=False
+    ),
 }
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Container, Generator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -102,6 +103,10 @@ class Journal:
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self.batches = 0
         self.appends = 0
+        # Called from the writer thread after each batch that reached the disk, with the
+        # batch's size and the seconds its write and fsync took (metrics; must be quick and
+        # thread-safe, and never raise).
+        self.on_batch: Callable[[int, float], None] | None = None
 
     @property
     def directory(self) -> str:
@@ -254,13 +259,18 @@ class Journal:
             self._notify(self._stopped)
 
     def _write(self, batch: _Batch) -> None:
+        took = 0.0
         try:
+            started = time.monotonic()
             batch.positions = self._log.write_batch(batch.items)
             self.batches += 1
             self.appends += len(batch.items)
+            took = time.monotonic() - started
         except Exception as exc:  # the waiters get it; the thread goes on (the log poisons)
             batch.error = exc
         self._notify(batch.done)
+        if batch.error is None and self.on_batch is not None:
+            self.on_batch(len(batch.items), took)
 
     def _step(self, job: _Job) -> None:
         try:

@@ -20,6 +20,7 @@ from atmosrelay._text import print_error
 from atmosrelay.config import ConfigError, load_config
 from atmosrelay.control import ControlError, call, socket_path
 from atmosrelay.queue.state import QueuedMessage, fold
+from atmosrelay.queue.status import StatusIndex
 from journal import CorruptJournalError, read_records
 
 
@@ -71,14 +72,42 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_from_index(args: argparse.Namespace) -> int:
+    """A message the journal no longer holds (finished and compacted): the status index
+    remembers it for ``http.status_retention``."""
+    config = load_config(args.config)
+    found = None
+    if config.status_db.exists():
+        index = StatusIndex(config.status_db)
+        try:
+            found = index.lookup(args.id)
+        finally:
+            index.close()
+    if found is None:
+        print(f"atmosrelay: no message {args.id} in the queue or the status index", file=sys.stderr)
+        return 1
+    data = attrs.asdict(found)
+    if args.json:
+        print(json.dumps({**data, "source": "status index"}, indent=2))
+        return 0
+    print(f"message {found.id} (finished; from the status index, the journal no longer holds it)")
+    for key in ("did", "sender", "category", "size", "status"):
+        print(f"  {key}: {data[key]}")
+    for address, state in found.recipients.items():
+        print(f"  recipient {address}: {state}")
+    for a in found.attempts:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a.at))
+        print(f"  {stamp} {a.recipient}: {a.status} via {a.mta or '-'}: {a.reply or a.code}")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     messages = _load(args)
     if isinstance(messages, int):
         return messages
     m = messages.get(args.id)
     if m is None:
-        print(f"atmosrelay: no message {args.id} in the queue", file=sys.stderr)
-        return 1
+        return _show_from_index(args)
     data = {
         **_row(m),
         "record": attrs.asdict(m.record),

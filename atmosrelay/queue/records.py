@@ -70,6 +70,17 @@ class Recipient:
 
 
 @attrs.frozen
+class Idempotency:
+    """An HTTP send's ``Idempotency-Key``, kept in the ACCEPTED record itself so a retry
+    after a crash finds it (the same fsync made both durable): the key, a digest of the
+    request, and the recipients refused at acceptance (the answer lists them again)."""
+
+    key: str
+    digest: str
+    rejected: tuple[tuple[str, str, str], ...] = ()  # (recipient, refusal code, reason)
+
+
+@attrs.frozen
 class Accepted:
     id: str
     accepted_at: float
@@ -84,6 +95,8 @@ class Accepted:
     metadata: dict[str, str]
     client: dict[str, str | None]
     size: int
+    message_id: str = ""  # the Message-ID header's value, as the message carries it
+    idem: Idempotency | None = None
 
 
 def encode_accepted(record: Accepted, message: bytes) -> bytes:
@@ -103,6 +116,14 @@ def encode_accepted(record: Accepted, message: bytes) -> bytes:
         "client": record.client,
         "size": record.size,
     }
+    if record.message_id:
+        head["mid"] = record.message_id
+    if record.idem is not None:
+        head["idem"] = [
+            record.idem.key,
+            record.idem.digest,
+            [list(r) for r in record.idem.rejected],
+        ]
     raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return _LEN.pack(len(raw)) + raw + message
 
@@ -155,8 +176,17 @@ def decode_accepted(payload: bytes) -> tuple[Accepted, int]:
         metadata=dict(head.get("metadata", {})),
         client=dict(head.get("client", {})),
         size=head["size"],
+        message_id=head.get("mid", ""),
+        idem=_idem(head.get("idem")),
     )
     return record, _LEN.size + n
+
+
+def _idem(value: Any) -> Idempotency | None:
+    if value is None:
+        return None
+    key, digest, rejected = value
+    return Idempotency(key, digest, tuple((str(a), str(c), str(r)) for a, c, r in rejected))
 
 
 class RecipientState(enum.StrEnum):

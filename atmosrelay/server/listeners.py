@@ -65,6 +65,7 @@ async def _wrap_tls(stream: trio.abc.Stream, ctx: SessionContext) -> trio.abc.St
             return tls
         except trio.BrokenResourceError:
             pass
+    ctx.tls_failures += 1
     await trio.aclose_forcefully(stream)
     return None
 

@@ -131,6 +131,7 @@ class SessionContext:
     waiting: set[trio.CancelScope] = attrs.field(factory=set)  # sessions waiting for a command
 
     journal_failure_reported: bool = False
+    tls_failures: int = 0  # handshakes that failed or timed out (implicit and STARTTLS)
 
     def journal_failed(self) -> bool:
         """True once the journal is poisoned; the first caller to see it logs it, once."""
@@ -352,6 +353,7 @@ class Session:
             try:
                 await tls.do_handshake()
             except trio.BrokenResourceError:
+                self.ctx.tls_failures += 1
                 self._log("tls-failed")
                 return False
             self.stream, self.tls = tls, True
@@ -359,6 +361,7 @@ class Session:
             self.conn = self._new_connection(after_starttls=True)
             self._log("starttls", self.tls_version)
             return True
+        self.ctx.tls_failures += 1
         self._log("tls-timeout")
         return False
 

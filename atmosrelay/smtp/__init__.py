@@ -16,6 +16,7 @@ from atmosrelay.smtp._extensions import (
     MailParams,
     RcptParams,
     ServerCapabilities,
+    parse_path,
 )
 from atmosrelay.smtp._replies import Reply
 from atmosrelay.smtp._server import ServerConnection, permissive_reply
@@ -35,6 +36,7 @@ __all__ = [
     "ServerCapabilities",
     "ServerConnection",
     "State",
+    "parse_path",
     "permissive_reply",
     "replies",
     *_event_names,

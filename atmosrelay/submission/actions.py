@@ -15,6 +15,7 @@ behind the bounce that tripped the threshold.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import sqlite3
@@ -57,10 +58,12 @@ class PolicyActions:
         self._labelled: set[tuple[str, str]] = set()  # (did, label) written or on the way
         self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
         self.written = 0  # writes landed (tests wait on it)
+        self.hits: collections.Counter[str] = collections.Counter()  # rule -> times (/metrics)
 
     # -- decisions, called synchronously --------------------------------------------------
     def rule_hits(self, did: str, hits: list[RuleHit]) -> None:
         for hit in hits:
+            self.hits[hit.rule] += 1
             if not hit.label:  # a shadow label's "would have": logged, never enforced
                 log.info("%s for %s: %s", hit.rule, did, hit.detail)
                 continue
@@ -109,6 +112,7 @@ class PolicyActions:
         if reason is None or domain in self.paused_now:
             return
         self.paused_now[domain] = reason
+        self.hits["domain_pause"] += 1
         self.policy.fresh_since[domain] = at  # an unpause starts afresh
         log.warning("domain %s of %s paused: %s", domain, did, reason)
         self._write(

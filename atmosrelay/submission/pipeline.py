@@ -20,6 +20,7 @@ its HTTP status, whether to retry and when (atmosrelay/refusals.py).
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 
@@ -35,7 +36,7 @@ from atmosrelay.policy.sender import (
     check_sender_domain,
     unsubscribed,
 )
-from atmosrelay.queue.records import Accepted, Recipient, new_queue_id
+from atmosrelay.queue.records import Accepted, Idempotency, Recipient, new_queue_id
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.refusals import Code, Refusal, refuse
 from atmosrelay.submission.actions import PolicyActions
@@ -60,6 +61,7 @@ class Submission:
     envelope: Envelope
     data: bytes
     client: dict[str, str | None] = attrs.field(factory=dict)
+    idempotency: tuple[str, str] | None = None  # HTTP: (Idempotency-Key, request digest)
 
 
 @attrs.frozen
@@ -85,6 +87,10 @@ class Pipeline:
     max_message_size: int = 52428800
     enforce_limits: bool = True  # False only in the bench row measuring the policy's cost
     clock: Callable[[], float] = time.time  # wall clock: it goes into records and headers
+    # What /metrics reports: messages accepted by way in, refusals by (code, way in).
+    accepted: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    refused: collections.Counter[tuple[str, str]] = attrs.field(factory=collections.Counter)
+    disk_full: bool = False  # the last append found the journal's disk full (/readyz)
 
     async def member(self, did: str) -> MemberSnapshot | None:
         return await self.members.get(did)
@@ -93,6 +99,8 @@ class Pipeline:
         refusal = check_member(member) or self._check_domain(member, sender_domain)
         if refusal is None and self.enforce_limits:
             refusal = self.policy.check_rate(member, self.clock(), 1)
+        if refusal is not None:
+            self.refused[refusal.code.value, "smtp"] += 1
         return refusal
 
     def check_rcpt(self, member: MemberSnapshot, address: str, before: int) -> Refusal | None:
@@ -100,6 +108,8 @@ class Pipeline:
         refusal = check_recipient(member, address)
         if refusal is None and self.enforce_limits:
             refusal = self.policy.check_rate(member, self.clock(), 1, pending=before)
+        if refusal is not None:
+            self.refused[refusal.code.value, "smtp"] += 1
         return refusal
 
     def _check_domain(self, member: MemberSnapshot, domain: str) -> Refusal | None:
@@ -114,6 +124,15 @@ class Pipeline:
         return check_sender_domain(member, domain)
 
     async def submit(self, sub: Submission) -> Queued | Refusal:
+        result = await self._submit(sub)
+        via = sub.client.get("via") or "smtp"
+        if isinstance(result, Refusal):
+            self.refused[result.code.value, via] += 1
+        else:
+            self.accepted[via] += 1
+        return result
+
+    async def _submit(self, sub: Submission) -> Queued | Refusal:
         member = await self.members.get(sub.did)
         if member is None:
             return refuse(Code.AUTH_FAILED, log="member removed")
@@ -178,15 +197,23 @@ class Pipeline:
             metadata=processed.metadata,
             client=sub.client,
             size=len(processed.message),
+            message_id=processed.message_id,
+            idem=None
+            if sub.idempotency is None
+            else Idempotency(
+                *sub.idempotency, tuple((a, r.code.value, r.text) for a, r in rejected)
+            ),
         )
         try:
             await self.queue.accept(record, processed.message)
         except JournalFullError:
+            self.disk_full = True
             self._refund(member, now, len(deliver))
             return refuse(Code.QUEUE_FULL, log="journal disk full")
         except JournalError as exc:
             self._refund(member, now, len(deliver))
             return refuse(Code.TEMPORARILY_UNAVAILABLE, log=f"journal: {type(exc).__name__}")
+        self.disk_full = False
         return Queued(record, tuple(rejected))
 
     def _refund(self, member: MemberSnapshot, now: float, n: int) -> None:
