@@ -140,6 +140,22 @@ velocity_mode = "enforce"
 # this much, and only of messages already delivered and compacted; docs/policy.md).
 counter_flush = 1.0
 
+[http]
+# The HTTP API (docs/api.md): "host:port" (plain HTTP, as behind a reverse proxy) or
+# "host:port tls" (the [smtp] certificate). [] turns the API off. Port 0 picks a free port.
+listeners = ["127.0.0.1:8080"]
+# Networks whose X-Forwarded-For is believed (the client address for limits and logs);
+# [] believes no one: the peer address is the client.
+trusted_proxies = []
+max_body = 1048576             # bytes of JSON a send may carry (1 MiB, as the reference)
+request_timeout = 30.0         # seconds a request may take once its body is read
+# Seconds the status index keeps finished messages (GET /v1/messages), and an
+# Idempotency-Key is remembered.
+status_retention = 2592000.0   # 30 days
+idempotency_ttl = 86400.0      # 24 hours
+# Where the status index lives ("" means <data_dir>/status.sqlite3).
+status_database = ""
+
 [auth]
 bcrypt_cost = 12               # work factor of API key hashes (2^12 rounds, ~0.25 s here)
 cache_ttl = 300.0              # seconds a verified key is remembered
@@ -252,6 +268,20 @@ def _listeners(v: Any) -> str | None:
     return None
 
 
+def _http_listeners(v: Any) -> str | None:
+    expected = 'a list of "host:port" or "host:port tls" strings'
+    if not isinstance(v, list):
+        return expected
+    for x in v:
+        parts = x.split() if isinstance(x, str) else []
+        if not 1 <= len(parts) <= 2 or (len(parts) == 2 and parts[1] != "tls"):
+            return f"{expected} (not {x!r})"
+        host, _, port = parts[0].rpartition(":")
+        if not host or not (port.isdigit() and 0 <= int(port) < 65536):
+            return f"{expected} ({x!r} has a bad port)"
+    return None
+
+
 def _tiers(v: Any) -> str | None:
     expected = "a list of [until day, hourly, daily] (numbers > 0, days increasing)"
     if not isinstance(v, list):
@@ -355,6 +385,15 @@ SCHEMA: Final[dict[str, dict[str, Check]]] = {
         "velocity_mode": _string(choices=("enforce", "shadow")),
         "counter_flush": _number(0.05),
     },
+    "http": {
+        "listeners": _http_listeners,
+        "trusted_proxies": _networks,
+        "max_body": _int(1024),
+        "request_timeout": _number(0.1),
+        "status_retention": _number(60),
+        "idempotency_ttl": _number(60),
+        "status_database": _string(empty=True),
+    },
     "auth": {
         "bcrypt_cost": _int(4, 31),
         "cache_ttl": _number(0),
@@ -395,6 +434,21 @@ class Config:
             if self["accounts.database"]
             else (self.data_dir / "accounts.sqlite3")
         )
+
+    @property
+    def status_db(self) -> Path:
+        value = self["http.status_database"]
+        return Path(value) if value else self.data_dir / "status.sqlite3"
+
+    @property
+    def http_listeners(self) -> tuple[tuple[str, int, bool], ...]:
+        """(host, port, tls) for each HTTP listener."""
+        out = []
+        for x in self["http.listeners"]:
+            address, *tls = x.split()
+            host, _, port = address.rpartition(":")
+            out.append((host.strip("[]"), int(port), bool(tls)))
+        return tuple(out)
 
     @property
     def dkim_dir(self) -> Path:

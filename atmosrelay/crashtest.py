@@ -329,6 +329,7 @@ def _write_config(directory: Path, sink_port: int, clients: int) -> Path:
         # Small segments and a frequent check make compaction run often, so kills land in it.
         "[journal]\nsegment_size = 65536\ncompact_interval = 0.2\n"
         '[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\nhostname = "localhost"\n'
+        "[http]\nlisteners = []\n"
         f'[delivery]\nsmarthost = "127.0.0.1:{sink_port}"\nconcurrency = {clients}\n'
         "idle = 1.0\nrestart_spread = 1.0\nretry_initial = 1.0\n"
     )

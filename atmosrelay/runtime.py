@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import os
 import signal
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable
@@ -37,6 +38,10 @@ from atmosrelay.accounts.api_keys import AuthSettings, KeyChecker
 from atmosrelay.accounts.dkim_keys import OperatorKey, ensure_operator_key
 from atmosrelay.accounts.identity import DnsSettings
 from atmosrelay.accounts.store import AsyncStore, Store
+from atmosrelay.api.app import make_app
+from atmosrelay.api.common import ApiContext
+from atmosrelay.api.metrics import RelayMetrics
+from atmosrelay.api.server import serve_http
 from atmosrelay.config import Config, ListenerMode
 from atmosrelay.control import Handler, serve_control, socket_path
 from atmosrelay.delivery.backoff import RetryPolicy
@@ -46,6 +51,7 @@ from atmosrelay.delivery.resolver import DnsResolver
 from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.settings import PolicySettings
 from atmosrelay.queue.records import PENDING
+from atmosrelay.queue.status import StatusIndex
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.server.listeners import ConnectionLimits, serve_listener
 from atmosrelay.server.session import Budget, SessionContext
@@ -84,10 +90,16 @@ class RelayHandle:
     addresses: list[tuple[str, int, ListenerMode]]  # (host, port, mode) actually listening
     dispatcher: Dispatcher | None = None  # None when delivery is disabled
     limits: ConnectionLimits | None = None  # the sessions open now, in all and per address
+    http: list[tuple[str, int, bool]] = attrs.field(factory=list)  # (host, port, tls) of HTTP
     _stop: trio.Event = attrs.field(factory=trio.Event)
 
     def port(self, mode: str) -> int:
         return next(p for _, p, m in self.addresses if m == mode)
+
+    @property
+    def http_url(self) -> str:
+        host, port, tls = self.http[0]
+        return f"{'https' if tls else 'http'}://{host}:{port}"
 
     def stop(self) -> None:
         self._stop.set()
@@ -173,6 +185,14 @@ async def _run(
         load_or_create_secret, config.data_dir / "unsubscribe.key"
     )
     store = await trio.to_thread.run_sync(Store, config.accounts_db)
+    status = await trio.to_thread.run_sync(
+        partial(
+            StatusIndex,
+            config.status_db,
+            retention=config["http.status_retention"],
+            idempotency_ttl=config["http.idempotency_ttl"],
+        )
+    )
     try:
         async with open_journal(
             directory,
@@ -183,6 +203,13 @@ async def _run(
             announce(describe_recovery(directory, journal.recovery))
             queue = await QueueStore.recover(journal)
             announce(f"queue: {len(queue.state.messages)} message(s) recovered")
+            rebuilt = await trio.to_thread.run_sync(status.rebuild, queue.state)
+            if rebuilt:
+                announce(f"status index: {rebuilt} message(s) written from the journal")
+            queue.events.subscribe(status.on_event)
+            metrics = RelayMetrics()
+            journal.on_batch = metrics.on_batch
+            queue.events.subscribe(metrics.on_event)
             dispatcher = (
                 make_dispatcher(config, store, queue, operator, unsubscribe_secret)
                 if config["delivery.enabled"]
@@ -200,6 +227,7 @@ async def _run(
                 handle_signals,
                 enforce_limits,
                 task_status,
+                _Extras(status, metrics, unsubscribe_secret),
             )
             announce(
                 f"journal: {journal.appends} append(s) in {journal.batches} batch(es), "
@@ -207,6 +235,7 @@ async def _run(
             )
     finally:
         store.close()
+        status.close()
     announce("journal closed; stopped")
 
 
@@ -293,12 +322,18 @@ def control_handler(queue: QueueStore, dispatcher: Dispatcher | None) -> Handler
     return handle
 
 
-async def _compactor(queue: QueueStore, interval: float) -> None:
+async def _compactor(queue: QueueStore, status: StatusIndex, interval: float) -> None:
     """Keep disk use following the live queue: compact when enough of the sealed segments
-    is dead. Each compaction is shielded: it is a sequence of journal steps best finished."""
+    is dead. Each compaction is shielded: it is a sequence of journal steps best finished.
+    The status index commits first: what compaction drops must already be in it."""
     while True:
         await trio.sleep(interval)
         if queue.compaction_due():
+            try:
+                await status.flush()
+            except (sqlite3.Error, OSError) as exc:  # compact later, never lose history
+                log.error("status index: commit failed (%s); compaction postponed", exc)
+                continue
             with trio.CancelScope(shield=True):
                 result = await queue.compact()
             log.info(
@@ -365,6 +400,7 @@ async def _serve(
     handle_signals: bool,
     enforce_limits: bool,
     task_status: trio.TaskStatus[RelayHandle],
+    extras: _Extras,
 ) -> None:
     ctx = make_context(config, store, queue, tls_context, enforce_limits=enforce_limits)
     keys = ctx.keys
@@ -385,7 +421,8 @@ async def _serve(
         await services.start(
             partial(flush_loop, ctx.store, pipeline.policy, journal_name, time.time)
         )
-        services.start_soon(_compactor, queue, config["journal.compact_interval"])
+        await services.start(extras.status.run)
+        services.start_soon(_compactor, queue, extras.status, config["journal.compact_interval"])
         await services.start(
             serve_control, socket_path(config.data_dir), control_handler(queue, dispatcher)
         )
@@ -393,7 +430,7 @@ async def _serve(
             if dispatcher is not None:
                 await delivery.start(dispatcher.run)
                 queue.on_accept = dispatcher.notify
-            await _sessions(config, announce, ctx, handle_signals, task_status, dispatcher)
+            await _sessions(config, announce, ctx, handle_signals, task_status, dispatcher, extras)
             if dispatcher is not None:
                 grace = float(config["delivery.drain_grace"])
                 announce(
@@ -404,6 +441,60 @@ async def _serve(
         services.cancel_scope.cancel()
 
 
+@attrs.define(eq=False)
+class _Extras:
+    """What the HTTP API needs beyond the sessions' context."""
+
+    status: StatusIndex
+    metrics: RelayMetrics
+    unsubscribe_secret: bytes
+    listening: bool = False  # the SMTP listeners are up and not closing (/readyz)
+
+
+def _problems(ctx: SessionContext, extras: _Extras) -> Callable[[], list[str]]:
+    def problems() -> list[str]:
+        found = []
+        if ctx.queue.journal.poisoned:
+            found.append("journal: a write or fsync failed; restart the relay")
+        if ctx.pipeline.disk_full:
+            found.append("journal: the disk is full")
+        if not extras.listening:
+            found.append("SMTP listeners are not up (starting or shutting down)")
+        return found
+
+    return problems
+
+
+def api_context(
+    config: Config, ctx: SessionContext, extras: _Extras, problems: Callable[[], list[str]]
+) -> ApiContext:
+    return ApiContext(
+        relay=ctx,
+        status=extras.status,
+        metrics=extras.metrics,
+        policy_settings=ctx.pipeline.policy.settings,
+        unsubscribe_secret=extras.unsubscribe_secret,
+        problems=problems,
+        max_body=config["http.max_body"],
+        request_timeout=config["http.request_timeout"],
+        idempotency_ttl=config["http.idempotency_ttl"],
+        trusted_proxies=tuple(ipaddress.ip_network(n) for n in config["http.trusted_proxies"]),
+    )
+
+
+def _http_tls(config: Config) -> ssl.SSLContext | None:
+    if not any(tls for _, _, tls in config.http_listeners):
+        return None
+    context, _ = server_context(
+        config["smtp.tls_cert"],
+        config["smtp.tls_key"],
+        data_dir=config.data_dir,
+        hostname=config["smtp.hostname"],
+    )
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    return context
+
+
 async def _sessions(
     config: Config,
     announce: Callable[[str], None],
@@ -411,9 +502,11 @@ async def _sessions(
     handle_signals: bool,
     task_status: trio.TaskStatus[RelayHandle],
     dispatcher: Dispatcher | None,
+    extras: _Extras,
 ) -> None:
-    """Listen and serve sessions until stopped; returns when the sessions are done."""
+    """Listen and serve sessions (and HTTP) until stopped; returns when they are done."""
     limits = ConnectionLimits(config["smtp.max_connections"], config["smtp.max_connections_per_ip"])
+    extras.metrics.watch(ctx, ctx.pipeline.actions, lambda: limits, dispatcher)
     networks = [ipaddress.ip_network(n) for n in config["smtp.trusted_networks"]]
     async with trio.open_nursery() as sessions:
         listeners: list[tuple[trio.SocketListener, ListenerMode]] = []
@@ -426,6 +519,23 @@ async def _sessions(
             addresses.append((host, port, mode))
             announce(f"listening on {host}:{port} ({mode})")
         handle = RelayHandle(ctx, addresses, dispatcher, limits)
+        if config.http_listeners:
+            app = make_app(api_context(config, ctx, extras, _problems(ctx, extras)))
+            tls = await trio.to_thread.run_sync(_http_tls, config)
+            bound = await sessions.start(
+                partial(
+                    serve_http,
+                    app,
+                    config.http_listeners,
+                    tls,
+                    grace=float(config["smtp.shutdown_grace"]),
+                    read_timeout=float(config["http.request_timeout"]),
+                    shutdown=handle._stop.wait,
+                )
+            )
+            for host, port, use_tls in bound:
+                handle.http.append((host, port, use_tls))
+                announce(f"listening on {host}:{port} (http{'s' if use_tls else ''})")
         async with trio.open_nursery() as acceptors:
             for listener, mode in listeners:
                 acceptors.start_soon(
@@ -433,9 +543,11 @@ async def _sessions(
                 )
             if handle_signals:  # installed before "ready", so no signal can slip past it
                 await acceptors.start(_watch_signals, handle, announce)
+            extras.listening = True
             announce("ready; SIGTERM or Ctrl-C stops")
             task_status.started(handle)
             await handle._stop.wait()
+            extras.listening = False
             acceptors.cancel_scope.cancel()
         for listener, _ in listeners:
             await listener.aclose()

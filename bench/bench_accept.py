@@ -198,6 +198,7 @@ def _ours(
         f'[relay]\ndata_dir = "{tmp / "var"}"\nlog_level = "warning"\n[auth]\nbcrypt_cost = 4\n'
         f'[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\nhostname = "bench.test"\n'
         f'tls_cert = "{cert}"\ntls_key = "{cert}"\nmax_connections_per_ip = 200\n'
+        '[http]\nlisteners = []\n'
         f"[delivery]\n{delivery}"
     )
     store = Store(tmp / "var" / "accounts.sqlite3")

@@ -62,6 +62,8 @@ def make_config(tmp: Path, ca: trustme.CA, extra: str = "", auth: str = "") -> C
         text = text.replace(
             "[smtp]\n", '[smtp]\nlisteners = ["127.0.0.1:0 starttls", "127.0.0.1:0 implicit"]\n', 1
         )
+    if "[http]" not in text:  # the HTTP API on a free port (tests/api use it)
+        text += '[http]\nlisteners = ["127.0.0.1:0"]\n'
     text = text.replace(
         "[smtp]\n",
         f'[smtp]\nhostname = "mx.test"\ntls_cert = "{tmp / "tls.pem"}"\ntls_key = "{tmp / "tls.pem"}"\n',

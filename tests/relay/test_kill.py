@@ -170,6 +170,7 @@ def write_config(
         f'[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\nhostname = "mx.test"\n'
         f'tls_cert = "{cert}"\ntls_key = "{cert}"\nshutdown_grace = 10.0\n'
         f"[delivery]\n{delivery}"
+        '[http]\nlisteners = ["127.0.0.1:0"]\n'
     )
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)

@@ -1,0 +1,158 @@
+"""``POST /v1/send``: a JSON message through the same acceptance pipeline as SMTP.
+
+    authenticate (Bearer key + X-Atmos-DID)      401 / 400 / 403
+    read the body, at most http.max_body         413
+    validate (SendRequest), write the MIME       400 INVALID_REQUEST, naming the field
+    Idempotency-Key seen in the last 24 h?       the first answer again / 422 on another body
+    pipeline.submit -> fsynced ACCEPTED record   200 {"id", "messageId", "accepted", "rejected"}
+                    or a Refusal                 its status, code and retryable (+Retry-After)
+
+**200 means durable**: the answer is written only after the journal's fsync covered the
+record, and from the moment the pipeline is called the request is shielded from the
+server's shutdown, so an accepted send is never left without its answer.
+
+**Idempotency.** The key (1-255 printable ASCII characters, scoped to the member) and a
+digest of the request (the JSON, keys sorted, so spacing and key order do not matter) go
+into the ACCEPTED record itself: the fsync that makes the message durable makes the key
+durable, and a retry after a ``kill -9`` finds it (the status index is rebuilt from the
+journal). Only a send that was queued is remembered: a refused one may be retried as new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Final
+
+import orjson
+import trio
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from atmosrelay.api.common import (
+    ApiContext,
+    authenticate,
+    context,
+    error_response,
+    invalid,
+    json_response,
+    read_body,
+    shield_from_here,
+)
+from atmosrelay.api.compose import ComposeError, compose
+from atmosrelay.api.models import AcceptedRecipient, Rejected, SendRequest, SendResponse
+from atmosrelay.queue.status import UNSUBSCRIBED, Remembered
+from atmosrelay.refusals import Code, Refusal, refuse
+from atmosrelay.submission.pipeline import Queued, Submission
+
+_KEY: Final = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def _field_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    return f"{where}: {first['msg']}"
+
+
+async def send(request: Request) -> Response:
+    ctx = context(request)
+    caller = await authenticate(request, ctx)
+    if isinstance(caller, Refusal):
+        return error_response(caller)
+    body = await read_body(request, ctx.max_body)
+    if isinstance(body, Refusal):
+        return error_response(body)
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return error_response(invalid("the body is not JSON"))
+    try:
+        req = SendRequest.model_validate(parsed)
+    except ValidationError as exc:
+        return error_response(invalid(_field_error(exc)))
+    key = request.headers.get("idempotency-key")
+    if key is not None and not _KEY.fullmatch(key):
+        return error_response(invalid("Idempotency-Key: 1 to 255 printable ASCII characters"))
+    if key is None:
+        return await _send(request, ctx, caller.did, caller.ip, req, None)
+    digest = hashlib.sha256(orjson.dumps(parsed, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    lock = ctx.key_locks.setdefault((caller.did, key), trio.Lock())
+    try:
+        async with lock:
+            found = await ctx.status.idempotent(caller.did, key)
+            if found is not None:
+                if found.digest != digest:
+                    hours = ctx.idempotency_ttl / 3600
+                    return error_response(
+                        refuse(
+                            Code.IDEMPOTENCY_CONFLICT,
+                            log=f"key reused for another body (first: {found.queue_id})",
+                            key=key[:64],
+                            ttl=f"{hours:g} hours",
+                        )
+                    )
+                return json_response(_replayed(found), headers={"Idempotent-Replayed": "true"})
+            return await _send(request, ctx, caller.did, caller.ip, req, (key, digest))
+    finally:
+        if not lock.statistics().tasks_waiting and not lock.locked():
+            ctx.key_locks.pop((caller.did, key), None)
+
+
+async def _send(
+    request: Request,
+    ctx: ApiContext,
+    did: str,
+    ip: str,
+    req: SendRequest,
+    idem: tuple[str, str] | None,
+) -> Response:
+    try:
+        composed = compose(req, hostname=ctx.relay.hostname)
+    except ComposeError as exc:
+        return error_response(invalid(str(exc)))
+    shield_from_here(request, ctx.request_timeout)
+    result = await ctx.relay.pipeline.submit(
+        Submission(did, composed.envelope, composed.message, {"ip": ip, "via": "http"}, idem)
+    )
+    if isinstance(result, Refusal):
+        if result.code is Code.ALL_SUPPRESSED:
+            rejected = [
+                Rejected(recipient=r.addr, code=Code.RECIPIENT_SUPPRESSED.value, reason=result.text)
+                for r in composed.envelope.recipients
+            ]
+            return json_response(
+                SendResponse(id=None, messageId=None, accepted=[], rejected=rejected)
+            )
+        if result.code is Code.TEMPORARILY_UNAVAILABLE:
+            ctx.relay.journal_failed()  # logs it once, as SMTP does
+        return error_response(result)
+    return json_response(_answer(result))
+
+
+def _answer(queued: Queued) -> SendResponse:
+    record = queued.record
+    mid = record.message_id
+    rejected = [
+        Rejected(recipient=addr, code=r.code.value, reason=r.text) for addr, r in queued.rejected
+    ]
+    rejected += [
+        Rejected(recipient=addr, code=Code.RECIPIENT_SUPPRESSED.value, reason=UNSUBSCRIBED)
+        for addr in queued.suppressed
+    ]
+    accepted = [
+        AcceptedRecipient(recipient=r.addr, messageId=mid)
+        for r in record.recipients
+        if not r.suppressed
+    ]
+    return SendResponse(id=record.id, messageId=mid, accepted=accepted, rejected=rejected)
+
+
+def _replayed(found: Remembered) -> SendResponse:
+    mid = found.message_id
+    return SendResponse(
+        id=found.queue_id,
+        messageId=mid,
+        accepted=[AcceptedRecipient(recipient=a, messageId=mid) for a in found.accepted],
+        rejected=[Rejected(recipient=a, code=c, reason=r) for a, c, r in found.rejected],
+    )

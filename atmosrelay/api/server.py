@@ -1,0 +1,103 @@
+"""The HTTP listeners: hypercorn's trio worker inside the relay's own ``trio.run``.
+
+Started with ``task_status`` (ready only once every socket listens), it serves until the
+relay's stop event fires, together with the SMTP listeners: then it stops accepting, lets
+requests in hand finish within ``graceful_timeout`` (the relay's ``smtp.shutdown_grace``),
+and closes idle keep-alive connections. A send past the journal is shielded beyond that
+(api/common.py ``shield_from_here``), so its 200 is never cut off.
+
+The sockets are made here rather than by hypercorn so that port 0 works and each listener
+chooses plain HTTP or TLS on its own; TLS uses the [smtp] certificate (a context of its
+own, with ALPN for HTTP/2 and HTTP/1.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+log = logging.getLogger("atmosrelay.http")
+
+BACKLOG = 512
+
+
+class _Config(HypercornConfig):
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
+        super().__init__()
+        self._tls = tls
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        return self._tls
+
+
+def _socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_http(
+    app: Any,
+    listeners: tuple[tuple[str, int, bool], ...],
+    tls: ssl.SSLContext | None,
+    *,
+    grace: float,
+    read_timeout: float,
+    shutdown: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[list[tuple[str, int, bool]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until ``shutdown`` returns; ``task_status.started`` gets the
+    (host, port, tls) actually listening."""
+    config = _Config(tls)
+    config.graceful_timeout = grace
+    config.read_timeout = max(1, int(read_timeout))
+    config.keep_alive_timeout = 5.0
+    config.include_server_header = False
+    config.accesslog = None
+    config.errorlog = log
+    secure: list[socket.socket] = []
+    insecure: list[socket.socket] = []
+    bound = []
+    try:
+        for host, port, use_tls in listeners:
+            sock = _socket(host, port)
+            (secure if use_tls else insecure).append(sock)
+            bound.append((host, sock.getsockname()[1], use_tls))
+    except OSError:
+        for sock in [*secure, *insecure]:
+            sock.close()
+        raise
+    if secure and tls is None:
+        raise ValueError("an HTTP listener asks for TLS and no TLS context was given")
+
+    async def started(
+        *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await worker_serve(
+            wrap_app(app, config.wsgi_max_body_size, "asgi"),
+            config,
+            sockets=Sockets(secure, insecure, []),
+            shutdown_trigger=shutdown,
+            task_status=task_status,
+        )
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(started)
+        task_status.started(bound)

@@ -1,0 +1,152 @@
+"""200 means durable, for HTTP too: the real process under HTTP load, killed with SIGKILL at
+random moments and restarted; every id answered 200 is in the journal after each restart,
+and once the relay delivers, every one of them reaches the stand-in MX. And an
+Idempotency-Key outlives a kill -9 between a send and its retry."""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.relay.harness import ALICE
+from tests.relay.test_kill import Server, queue_ids, write_config
+from tests.sink import Sink, aiosmtpd_sink
+
+ROUNDS = 5
+CLIENTS = 4
+
+
+def http_port(server: Server) -> int:
+    found = re.search(r"listening on 127\.0\.0\.1:(\d+) \(http\)", server.text())
+    assert found, server.text()
+    return int(found.group(1))
+
+
+def _load(
+    port: int,
+    key: str,
+    acked: dict[str, str],
+    lock: threading.Lock,
+    stop: threading.Event,
+    tag: str,
+) -> None:
+    """Send until stopped; ``acked`` maps each id answered 200 to its Message-ID."""
+    headers = {"Authorization": f"Bearer {key}", "X-Atmos-DID": ALICE}
+    n = 0
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            while not stop.is_set():
+                n += 1
+                body = {
+                    "from": "alice@example.org",
+                    "to": "bob@example.net",
+                    "subject": f"{tag}-{n}",
+                    "text": "load",
+                    "category": "transactional",
+                }
+                r = client.post("/v1/send", json=body, headers=headers)
+                if r.status_code == 200:
+                    with lock:
+                        acked[r.json()["id"]] = r.json()["messageId"]
+    except httpx.HTTPError:
+        pass  # the server went away (that is the point)
+
+
+def _load_then_kill(
+    server: Server, key: str, acked: dict[str, str], seconds: float, tag: str
+) -> None:
+    lock, stop = threading.Lock(), threading.Event()
+    port = http_port(server)
+    threads = [
+        threading.Thread(
+            target=_load, args=(port, key, acked, lock, stop, f"{tag}-{i}"), daemon=True
+        )
+        for i in range(CLIENTS)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)  # real load for a random real time: the moment of the kill is the test
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(60)
+    stop.set()
+    for t in threads:
+        t.join(15)
+
+
+def _delivered_ids(sink: Sink) -> set[str]:
+    out = set()
+    for r in sink.snapshot():
+        found = re.search(rb"(?im)^Message-ID:\s*(<[^>]+>)", r.content)
+        if found:
+            out.add(found.group(1).decode())
+    return out
+
+
+@pytest.mark.slow
+def test_kill_9_under_http_load_loses_no_200(tmp_path: Path) -> None:
+    with aiosmtpd_sink() as sink:
+        # Nothing is delivered while the kills go on (delivery off), then one start that
+        # delivers everything: each 200 must reach the sink.
+        config_path, _, key = write_config(tmp_path)
+        seed = random.randrange(2**32)
+        rng = random.Random(seed)
+        acked: dict[str, str] = {}
+        started = time.monotonic()
+        for round_ in range(ROUNDS):
+            assert time.monotonic() - started < 180, "kill loop over its time budget"
+            server = Server(tmp_path, config_path, round_)
+            recovered = int(re.search(r"queue: (\d+) message", server.text()).group(1))  # type: ignore[union-attr]
+            assert recovered >= len(acked), (
+                f"seed {seed}: round {round_}: {recovered} < {len(acked)}"
+            )
+            _load_then_kill(server, key, acked, rng.uniform(0.3, 1.0), f"r{round_}")
+        assert acked, "the load never got a 200"
+        missing = acked.keys() - queue_ids(config_path)
+        assert not missing, f"seed {seed}: answered 200 but lost: {sorted(missing)[:5]}"
+        text = config_path.read_text().replace(
+            "[delivery]\nenabled = false\n",
+            f'[delivery]\nsmarthost = "127.0.0.1:{sink.port}"\nconcurrency = 8\n',
+        )
+        config_path.write_text(text)
+        final = Server(tmp_path, config_path, ROUNDS)
+        try:
+            want = set(acked.values())
+            # (the queue also holds messages whose 200 the kill cut off: delivered too)
+            sink.wait(lambda: want <= _delivered_ids(sink), 120)
+            undelivered = want - _delivered_ids(sink)
+        finally:
+            final.proc.send_signal(signal.SIGTERM)
+            final.proc.wait(60)
+    assert not undelivered, f"seed {seed}: answered 200, never delivered: {sorted(undelivered)[:5]}"
+
+
+@pytest.mark.slow
+def test_an_idempotency_key_outlives_a_kill_9(tmp_path: Path) -> None:
+    config_path, _, key = write_config(tmp_path)
+    headers = {"Authorization": f"Bearer {key}", "X-Atmos-DID": ALICE, "Idempotency-Key": "inv-1"}
+    body = {"from": "alice@example.org", "to": "bob@example.net", "text": "your invoice"}
+    server = Server(tmp_path, config_path, 0)
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port(server)}", timeout=10) as client:
+        first = client.post("/v1/send", json=body, headers=headers)
+    server.proc.send_signal(signal.SIGKILL)  # before the status index could commit it
+    server.proc.wait(30)
+    again = Server(tmp_path, config_path, 1)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port(again)}", timeout=10) as client:
+            retry = client.post("/v1/send", json=body, headers=headers)
+            changed = client.post("/v1/send", json={**body, "text": "changed"}, headers=headers)
+    finally:
+        again.proc.send_signal(signal.SIGTERM)
+        again.proc.wait(30)
+    assert first.status_code == 200, first.text
+    assert retry.status_code == 200 and retry.json() == first.json()
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert changed.status_code == 422 and changed.json()["code"] == "IDEMPOTENCY_CONFLICT"
+    assert queue_ids(config_path) == {first.json()["id"]}
