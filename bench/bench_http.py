@@ -92,8 +92,9 @@ def _request(port: int, key: str, n: int) -> bytes:
     return head + body
 
 
-async def _response(stream: trio.SocketStream, buffer: bytearray) -> int:
-    """Read one response (Content-Length framed); returns its status."""
+async def _response(stream: trio.SocketStream, buffer: bytearray) -> tuple[int, bool]:
+    """Read one response (Content-Length framed); returns its status and whether the
+    server closes the connection after it (hypercorn does after 1,000 requests)."""
     while b"\r\n\r\n" not in buffer:
         data = await stream.receive_some(65536)
         if not data:
@@ -108,26 +109,29 @@ async def _response(stream: trio.SocketStream, buffer: bytearray) -> int:
             raise ConnectionError("server closed")
         buffer += data
     del buffer[: end + length]
-    return int(head.split(b" ", 2)[1])
+    closing = re.search(rb"(?i)\r\nconnection: *close", head) is not None
+    return int(head.split(b" ", 2)[1]), closing
 
 
 async def _http_client(
     port: int, key: str, deadline: float, latencies: list[float], errors: list[int]
 ) -> None:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    buffer = bytearray()
     n = 0
-    async with stream:
-        while trio.current_time() < deadline:
-            n += 1
-            request = _request(port, key, n)
-            await stream.send_all(request)
-            t = time.perf_counter()
-            status = await _response(stream, buffer)
-            if status != 200:
-                errors.append(status)
-                continue
-            latencies.append(time.perf_counter() - t)
+    while trio.current_time() < deadline:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        buffer = bytearray()
+        async with stream:
+            closing = False
+            while not closing and trio.current_time() < deadline:
+                n += 1
+                request = _request(port, key, n)
+                await stream.send_all(request)
+                t = time.perf_counter()
+                status, closing = await _response(stream, buffer)
+                if status != 200:
+                    errors.append(status)
+                    continue
+                latencies.append(time.perf_counter() - t)
 
 
 async def _drive_http(

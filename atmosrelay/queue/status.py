@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import attrs
+import orjson
 import trio
 
 from atmosrelay.queue.events import AttemptOutcome, MessageAccepted, MessageDeleted, QueueEvent
@@ -254,13 +255,13 @@ class StatusIndex:
 
     # -- writes (worker thread) ----------------------------------------------------------------
     def _write(self, batch: Iterable[QueueEvent], now: float) -> None:
+        events = list(batch)
         with self._lock, self._transaction():
+            # Every message first, in two statements: an attempt comes after its message.
+            self._insert([e.record for e in events if isinstance(e, MessageAccepted)], 0)
             touched: set[str] = set()
-            for event in batch:
-                if isinstance(event, MessageAccepted):
-                    self._insert(event.record, version=0)
-                    touched.add(event.record.id)
-                elif isinstance(event, AttemptOutcome):
+            for event in events:
+                if isinstance(event, AttemptOutcome):
                     o = event.outcome
                     self._attempt(
                         event.queue_id,
@@ -278,39 +279,44 @@ class StatusIndex:
                         (event.reason, event.queue_id),
                     )
                     touched.add(event.queue_id)
-            for queue_id in touched:
+            for queue_id in touched:  # a new message's summary is "accepted" already
                 self._db.execute(_SUMMARY, {"id": queue_id, "now": now})
 
     def _transaction(self) -> sqlite3.Connection:
         self._db.execute("BEGIN")
         return self._db  # the context manager commits, or rolls back on error
 
-    def _insert(self, record: Accepted, *, version: int) -> None:
-        idem = record.idem
-        self._db.execute(
+    def _insert(self, records: list[Accepted], version: int) -> None:
+        if not records:
+            return
+        self._db.executemany(
             "INSERT OR IGNORE INTO messages (id, did, accepted_at, sender, message_id, "
             "category, tags, metadata, size, status, version, idem_key, idem_digest, "
             "idem_rejected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?)",
-            (
-                record.id,
-                record.did,
-                record.accepted_at,
-                record.sender,
-                record.message_id,
-                record.category,
-                json.dumps(list(record.tags)),
-                json.dumps(record.metadata),
-                record.size,
-                version,
-                idem.key if idem else None,
-                idem.digest if idem else None,
-                json.dumps([list(r) for r in idem.rejected]) if idem else None,
-            ),
+            [
+                (
+                    r.id,
+                    r.did,
+                    r.accepted_at,
+                    r.sender,
+                    r.message_id,
+                    r.category,
+                    orjson.dumps(r.tags).decode(),
+                    orjson.dumps(r.metadata).decode(),
+                    r.size,
+                    version,
+                    r.idem.key if r.idem else None,
+                    r.idem.digest if r.idem else None,
+                    orjson.dumps(r.idem.rejected).decode() if r.idem else None,
+                )
+                for r in records
+            ],
         )
         self._db.executemany(
             "INSERT OR IGNORE INTO recipients (id, addr, status, pos) VALUES (?, ?, ?, ?)",
             [
                 (record.id, r.addr, "suppressed" if r.suppressed else "accepted", i)
+                for record in records
                 for i, r in enumerate(record.recipients)
             ],
         )
@@ -362,7 +368,7 @@ class StatusIndex:
         return len(behind)
 
     def _rebuild_one(self, msg: QueuedMessage, now: float) -> None:
-        self._insert(msg.record, version=0)
+        self._insert([msg.record], 0)
         for delivery in msg.history:
             for o in delivery.outcomes:
                 self._attempt(

@@ -4,6 +4,8 @@ HTTP status and ``retryable``), and that a 200 means the message is in the journ
 from __future__ import annotations
 
 import contextlib
+import email
+import email.policy
 import errno
 import json
 import logging
@@ -45,8 +47,10 @@ async def test_a_text_message_is_queued_and_answered_with_its_id(tmp_path: Path)
     assert record.sender == "alice@example.org"
     assert record.client["via"] == "http"
     assert record.message_id == body["messageId"]
-    assert b"Subject: Hi\r\n" in data and b"To: bob@example.net, Carol <carol@example.net>" in data
-    assert b"Content-Type: text/plain" in data and b"X-Atmos-Member-Did: " + ALICE.encode() in data
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert parsed["Subject"] == "Hi"
+    assert parsed["To"] == "bob@example.net, Carol <carol@example.net>"
+    assert parsed.get_content_type() == "text/plain" and parsed["X-Atmos-Member-Did"] == ALICE
 
 
 @pytest.mark.parametrize(
@@ -86,8 +90,10 @@ async def test_non_ascii_is_encoded_and_settings_become_the_records(tmp_path: Pa
         data = await _message(api, queue_id)
         record = api.relay.handle.ctx.queue.state.messages[queue_id].record
     assert data.isascii()  # RFC 2047 words and quoted-printable: no 8BITMIME needed
-    assert b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=" in data
-    assert b"Reply-To: Desk <desk@example.org>" in data and b"X-Campaign: autumn" in data
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert parsed["Subject"] == "Grüße"
+    assert parsed.get_content().strip() == "Ça va?"
+    assert parsed["Reply-To"] == "Desk <desk@example.org>" and parsed["X-Campaign"] == "autumn"
     assert b"X-Atmos-Category" not in data  # read and removed, as from SMTP
     assert (record.category, record.bulk, record.tags) == (
         "password-reset",
@@ -118,6 +124,9 @@ async def test_fifty_recipients_and_not_fifty_one(tmp_path: Path) -> None:
         ({"headers": {"From": "mallory@example.org"}}, "From"),
         ({"headers": {"Bcc": "hidden@example.net"}}, "Bcc"),
         ({"headers": {"X-Ok": "line\r\nInjected: yes"}}, "X-Ok"),
+        ({"subject": "Hi\r\nX-Atmos-Category: transactional"}, "subject"),
+        ({"from": "Alice\n <alice@example.org>"}, "from"),
+        ({"to": "Bob <bob@example.net>\r\nBcc: x@example.net"}, "to"),
         ({"to": "two@example.net, three@example.net"}, "to"),
         ({"from": "not an address"}, "from"),
         ({"text": None}, "text, html"),
