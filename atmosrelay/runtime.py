@@ -520,7 +520,9 @@ async def _sessions(
             announce(f"listening on {host}:{port} ({mode})")
         handle = RelayHandle(ctx, addresses, dispatcher, limits)
         if config.http_listeners:
-            app = make_app(api_context(config, ctx, extras, _problems(ctx, extras)))
+            api = api_context(config, ctx, extras, _problems(ctx, extras))
+            api.stopping = handle._stop.is_set
+            app = make_app(api)
             tls = await trio.to_thread.run_sync(_http_tls, config)
             bound = await sessions.start(
                 partial(

@@ -213,7 +213,9 @@ def make_app(ctx: ApiContext) -> Any:
         return error_response(refuse(Code.INTERNAL_ERROR, log=type(exc).__name__))
 
     def count(scope: dict[str, Any], status: int) -> None:
-        path = getattr(scope.get("route"), "path", "other")
+        path = scope.get("route_path") or getattr(scope.get("route"), "path", "other")
         ctx.metrics.http_requests.labels(path, str(status)).inc()
 
-    return Shieldable(app, count)
+    front = Shieldable(app, count, direct={("POST", "/v1/send"): send.send})
+    front.stopping = lambda: ctx.stopping()
+    return front

@@ -24,6 +24,7 @@ import hashlib
 import re
 from typing import Final
 
+import attrs
 import orjson
 import trio
 from pydantic import ValidationError
@@ -43,10 +44,13 @@ from atmosrelay.api.common import (
 from atmosrelay.api.compose import ComposeError, compose
 from atmosrelay.api.models import AcceptedRecipient, Rejected, SendRequest, SendResponse
 from atmosrelay.queue.status import UNSUBSCRIBED, Remembered
-from atmosrelay.refusals import Code, Refusal, refuse
+from atmosrelay.refusals import TABLE, Code, Refusal, refuse
 from atmosrelay.submission.pipeline import Queued, Submission
 
 _KEY: Final = re.compile(r"[\x21-\x7e]{1,255}")
+SHUTTING_DOWN: Final = attrs.evolve(
+    TABLE[Code.TEMPORARILY_UNAVAILABLE].reply, lines=("Shutting down; retry shortly",)
+)
 
 
 def _field_error(exc: ValidationError) -> str:
@@ -111,6 +115,11 @@ async def _send(
         composed = compose(req, hostname=ctx.relay.hostname)
     except ComposeError as exc:
         return error_response(invalid(str(exc)))
+    if ctx.stopping():
+        # The server may close this connection any moment now, whatever the request is
+        # doing: queue nothing whose 200 could be lost. (Checked after the stop has begun
+        # means refused; before means the server had not started closing: it finishes.)
+        return error_response(refuse(Code.TEMPORARILY_UNAVAILABLE, reply=SHUTTING_DOWN))
     shield_from_here(request, ctx.request_timeout)
     result = await ctx.relay.pipeline.submit(
         Submission(did, composed.envelope, composed.message, {"ip": ip, "via": "http"}, idem)

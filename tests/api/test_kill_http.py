@@ -150,3 +150,32 @@ def test_an_idempotency_key_outlives_a_kill_9(tmp_path: Path) -> None:
     assert retry.headers["Idempotent-Replayed"] == "true"
     assert changed.status_code == 422 and changed.json()["code"] == "IDEMPOTENCY_CONFLICT"
     assert queue_ids(config_path) == {first.json()["id"]}
+
+
+@pytest.mark.slow
+def test_sigterm_under_http_load_answers_every_send_it_queued(tmp_path: Path) -> None:
+    """A graceful stop mid-load: the HTTP listener closes with the SMTP ones, requests in
+    hand finish, and no send that reached the journal loses its 200: the queue holds
+    exactly the messages that were answered 200 (one more would be a cut-off answer)."""
+    config_path, _, key = write_config(tmp_path)
+    server = Server(tmp_path, config_path, 0)
+    lock, stop = threading.Lock(), threading.Event()
+    acked: dict[str, str] = {}
+    port = http_port(server)
+    threads = [
+        threading.Thread(target=_load, args=(port, key, acked, lock, stop, f"t{i}"), daemon=True)
+        for i in range(CLIENTS)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.8)  # real load for a real time, then the stop
+    server.proc.send_signal(signal.SIGTERM)
+    status = server.proc.wait(60)
+    stop.set()
+    for t in threads:
+        t.join(15)
+    text = server.finished()
+    assert status == 0, server.err.read_text()
+    assert "SIGTERM received" in text and "journal closed" in text
+    assert acked
+    assert queue_ids(config_path) == set(acked)
