@@ -2,16 +2,22 @@
 
     trio.run(run_relay)
     └── journal (recovery and the queue fold finish before anything listens; closes last)
-        └── services: the API-key revocation watcher, the compactor
+        └── services: the API-key revocation watcher, the policy's writer and counter
+            │         flush, the status index's writer, the compactor, the control socket
             └── delivery: the dispatcher and its lanes (delivery/dispatcher.py, lane.py)
                 └── sessions (one task per connection; a grace deadline on shutdown)
+                    ├── the HTTP API (api/server.py: hypercorn's trio worker, started
+                    │   with task_status, stopped with the acceptors, same grace)
                     └── acceptors (one per listener; cancelled first on shutdown)
 
 Before the journal opens: the operator's DKIM key and the TLS certificate are generated if
-missing, and the account store is opened. Shutdown (SIGTERM, SIGINT, or ``RelayHandle.stop``):
-the listeners close first, so nothing new is accepted; sessions waiting for a command get
-421 4.3.2, sessions inside DATA finish their message (250 after fsync, or 421 at the
-deadline); then the lanes stop taking work and finish the transactions in hand (until
+missing, and the account store and the status index are opened; after the queue's fold, the
+status index catches up with whatever the journal holds that it lacks.
+
+Shutdown (SIGTERM, SIGINT, or ``RelayHandle.stop``): the listeners (SMTP and HTTP) close
+first, so nothing new is accepted; sessions waiting for a command get 421 4.3.2, sessions
+inside DATA finish their message (250 after fsync, or 421 at the deadline), HTTP requests in
+hand finish; then the lanes stop taking work and finish the transactions in hand (until
 ``delivery.drain_grace``); then the journal writes its closing mark and closes. Whatever was
 accepted is on disk, and the next start folds it back into the queue and resumes delivering.
 """

@@ -62,6 +62,7 @@ from atmosrelay.smtp import (
 ROOT = Path(__file__).resolve().parents[1]
 DID = "did:plc:abcdefghijklmnopqrstuvwx"
 SIZES = {"1KiB": 1024, "100KiB": 100 * 1024}
+HTTP_ON = '["127.0.0.1:0"]'
 
 
 def _message(size: int) -> bytes:
@@ -188,17 +189,23 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _ours(
-    tmp: Path, cert: Path, delivery: str = "enabled = false\n", *, limits: bool | None = None
+    tmp: Path,
+    cert: Path,
+    delivery: str = "enabled = false\n",
+    *,
+    limits: bool | None = None,
+    http: bool = False,
 ) -> tuple[Server, str]:
     """Our relay as a process (``atmosrelay serve``); ``delivery`` is its [delivery] section
     (off: accept only). ``limits`` True/False: through bench/relay_process.py with the
-    policy's limits on or off (the --policy-cost row only)."""
+    policy's limits on or off (the --policy-cost row only). ``http``: the HTTP API on a
+    free port too (bench/bench_http.py)."""
     config = tmp / "relay.toml"
     config.write_text(
         f'[relay]\ndata_dir = "{tmp / "var"}"\nlog_level = "warning"\n[auth]\nbcrypt_cost = 4\n'
         f'[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\nhostname = "bench.test"\n'
         f'tls_cert = "{cert}"\ntls_key = "{cert}"\nmax_connections_per_ip = 200\n'
-        '[http]\nlisteners = []\n'
+        f"[http]\nlisteners = {HTTP_ON if http else '[]'}\n"
         f"[delivery]\n{delivery}"
     )
     store = Store(tmp / "var" / "accounts.sqlite3")
@@ -217,7 +224,7 @@ def _ours(
         command,
         tmp / "relay.out",
         "ready",
-        r"listening on 127\.0\.0\.1:(\d+)",
+        r"listening on 127\.0\.0\.1:(\d+) \(implicit\)",
     )
     return server, key
 

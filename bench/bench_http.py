@@ -39,36 +39,14 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atmosrelay.accounts import api_keys, domains
-from atmosrelay.accounts.store import Store
-from bench.bench_accept import DID, Server, _cpu_seconds, _drive, _pct
+from bench.bench_accept import DID, Server, _cpu_seconds, _drive, _ours, _pct
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "y" * 900 + "\n"  # with the headers the relay writes, about 1 KiB
 
 
 def _relay(tmp: Path, cert: Path) -> tuple[Server, str, int]:
-    config = tmp / "relay.toml"
-    config.write_text(
-        f'[relay]\ndata_dir = "{tmp / "var"}"\nlog_level = "warning"\n[auth]\nbcrypt_cost = 4\n'
-        f'[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\nhostname = "bench.test"\n'
-        f'tls_cert = "{cert}"\ntls_key = "{cert}"\nmax_connections_per_ip = 200\n'
-        '[http]\nlisteners = ["127.0.0.1:0"]\n'
-        "[delivery]\nenabled = false\n"
-    )
-    store = Store(tmp / "var" / "accounts.sqlite3")
-    store.add_member(DID, "bench.test")
-    domains.enroll(store, DID, "example.org", limit=2, clock_now=0)
-    store.mark_verified("example.org", without_dns=True)
-    store.set_limits(DID, hourly=1_000_000_000, daily=1_000_000_000)
-    key = api_keys.issue(store, DID, cost=4).secret
-    store.close()
-    server = Server(
-        [sys.executable, "-m", "atmosrelay", "serve", "--config", str(config)],
-        tmp / "relay.out",
-        "ready",
-        r"listening on 127\.0\.0\.1:(\d+) \(implicit\)",
-    )
+    server, key = _ours(tmp, cert, http=True)
     found = re.search(r"listening on 127\.0\.0\.1:(\d+) \(http\)", server.out.read_text())
     assert found
     return server, key, int(found.group(1))

@@ -24,7 +24,15 @@ from fastapi import Query
 from starlette.requests import Request
 from starlette.responses import Response
 
-from atmosrelay.api.common import authenticate, context, error_response, invalid, json_response
+from atmosrelay.accounts.store import Domain, Member
+from atmosrelay.api.common import (
+    ApiContext,
+    authenticate,
+    context,
+    error_response,
+    invalid,
+    json_response,
+)
 from atmosrelay.api.models import (
     AttemptOut,
     Deliverability,
@@ -143,14 +151,17 @@ async def list_messages(
     )
 
 
+async def _account(ctx: ApiContext, did: str) -> tuple[Member, list[Domain]]:
+    store = ctx.relay.store
+    return await store.run(store.sync.member, did), await store.run(store.sync.domains, did)
+
+
 async def member_status(request: Request) -> Response:
     ctx = context(request)
     caller = await authenticate(request, ctx)
     if isinstance(caller, Refusal):
         return error_response(caller)
-    store = ctx.relay.store
-    member = await store.run(store.sync.member, caller.did)
-    domains = await store.run(store.sync.domains, caller.did)
+    member, domains = await _account(ctx, caller.did)
     now = time.time()
     snapshot = caller.member
     limits = limits_for(snapshot, now, ctx.policy_settings)
@@ -185,9 +196,9 @@ async def deliverability(request: Request) -> Response:
     caller = await authenticate(request, ctx)
     if isinstance(caller, Refusal):
         return error_response(caller)
+    member, enrolled = await _account(ctx, caller.did)
+    domains = [d.name for d in enrolled]
     store = ctx.relay.store
-    member = await store.run(store.sync.member, caller.did)
-    domains = [d.name for d in await store.run(store.sync.domains, caller.did)]
     now = time.time()
     live = ctx.relay.pipeline.policy.counters
     # Days 8-14 from the store (memory keeps 8 days); the rest from memory, which is live.

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,25 +183,44 @@ def setup(tmp_path: Path) -> tuple[Path, ssl.SSLContext, str]:
     return write_config(tmp_path)
 
 
-@pytest.mark.slow
-def test_kill_9_under_load_loses_no_250(
-    tmp_path: Path, setup: tuple[Path, ssl.SSLContext, str]
-) -> None:
-    config_path, ctx, key = setup
+def kill_rounds(
+    tmp_path: Path,
+    config_path: Path,
+    acked: dict[str, str],
+    load_then_kill: Callable[[Server, float, str], object],
+    rounds: int = ROUNDS,
+) -> int:
+    """Start the relay, check it recovered at least every acknowledged message, load it
+    for a random time and kill it (``load_then_kill(server, seconds, tag)``), ``rounds``
+    times. Returns the seed of the random times (for the failure messages)."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    acked: dict[str, str] = {}
     started = time.monotonic()
-    for round_ in range(ROUNDS):
+    for round_ in range(rounds):
         assert time.monotonic() - started < 180, "kill loop over its time budget"
         server = Server(tmp_path, config_path, round_)
         recovered = int(re.search(r"queue: (\d+) message", server.text()).group(1))  # type: ignore[union-attr]
         assert recovered >= len(acked), (
             f"seed {seed}: round {round_} recovered {recovered} < {len(acked)}"
         )
-        load_then_signal(
-            server, ctx, key, acked, rng.uniform(0.2, 1.0), f"r{round_}", signal.SIGKILL
-        )
+        load_then_kill(server, rng.uniform(0.2, 1.0), f"r{round_}")
+    return seed
+
+
+@pytest.mark.slow
+def test_kill_9_under_load_loses_no_250(
+    tmp_path: Path, setup: tuple[Path, ssl.SSLContext, str]
+) -> None:
+    config_path, ctx, key = setup
+    acked: dict[str, str] = {}
+    seed = kill_rounds(
+        tmp_path,
+        config_path,
+        acked,
+        lambda server, seconds, tag: load_then_signal(
+            server, ctx, key, acked, seconds, tag, signal.SIGKILL
+        ),
+    )
     assert acked, "the load never got a 250"  # how many is a speed figure, not a property
     missing = acked.keys() - queue_ids(config_path)
     assert not missing, f"seed {seed}: answered 250 but lost: {sorted(missing)[:5]}"
