@@ -348,18 +348,23 @@ class StatusIndex:
 
     def rebuild(self, state: QueueState) -> int:
         """Write every message of ``state`` whose row is missing or behind it (startup, in a
-        worker thread, before anything else touches the state). Returns how many."""
+        worker thread, before anything else touches the state). Returns how many. It asks
+        only for the rows of the messages the journal holds (the file keeps a month more)."""
         now = self.clock()
+        messages = [m for m in state.messages.values() if m.record.sender]
+        behind: list[QueuedMessage] = []
         with self._lock:
-            versions = {
-                row["id"]: row["version"]
-                for row in self._db.execute("SELECT id, version FROM messages")
-            }
-            behind = [
-                m
-                for m in state.messages.values()
-                if m.record.sender and versions.get(m.id, -1) < _version(m)
-            ]
+            for i in range(0, len(messages), 500):
+                chunk = messages[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                versions = {
+                    row["id"]: row["version"]
+                    for row in self._db.execute(
+                        f"SELECT id, version FROM messages WHERE id IN ({marks})",
+                        [m.id for m in chunk],
+                    )
+                }
+                behind += [m for m in chunk if versions.get(m.id, -1) < _version(m)]
             if not behind:
                 return 0
             with self._transaction():
