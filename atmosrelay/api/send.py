@@ -42,7 +42,13 @@ from atmosrelay.api.common import (
     shield_from_here,
 )
 from atmosrelay.api.compose import ComposeError, compose
-from atmosrelay.api.models import AcceptedRecipient, Rejected, SendRequest, SendResponse
+from atmosrelay.api.models import (
+    MAX_TO,
+    AcceptedRecipient,
+    Rejected,
+    SendRequest,
+    SendResponse,
+)
 from atmosrelay.queue.status import UNSUBSCRIBED, Remembered
 from atmosrelay.refusals import TABLE, Code, Refusal, refuse
 from atmosrelay.submission.pipeline import Queued, Submission
@@ -53,10 +59,20 @@ SHUTTING_DOWN: Final = attrs.evolve(
 )
 
 
-def _field_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "body"
-    return f"{where}: {first['msg']}"
+def _errors(exc: ValidationError) -> list[dict[str, object]]:
+    """Pydantic's errors, most telling first: for a field that takes a string or a list,
+    the branch the input did not even have the type of says nothing."""
+    errors = [dict(e) for e in exc.errors()]
+    telling = [e for e in errors if e["type"] not in ("string_type", "list_type")]
+    return telling or errors
+
+
+def _field_error(error: dict[str, object]) -> str:
+    loc = error["loc"]
+    assert isinstance(loc, tuple)
+    # loc parts such as "constrained-str" name the union branch, not a place in the body
+    where = ".".join(str(p) for p in loc if not (isinstance(p, str) and "-" in p)) or "body"
+    return f"{where}: {error['msg']}"
 
 
 async def send(request: Request) -> Response:
@@ -74,7 +90,12 @@ async def send(request: Request) -> Response:
     try:
         req = SendRequest.model_validate(parsed)
     except ValidationError as exc:
-        return error_response(invalid(_field_error(exc)))
+        first = _errors(exc)[0]
+        if first["type"] == "too_long" and first["loc"][:1] == ("to",):  # type: ignore[index]
+            return error_response(
+                refuse(Code.TOO_MANY_RECIPIENTS, log=f"over {MAX_TO} recipients in 'to'")
+            )
+        return error_response(invalid(_field_error(first)))
     key = request.headers.get("idempotency-key")
     if key is not None and not _KEY.fullmatch(key):
         return error_response(invalid("Idempotency-Key: 1 to 255 printable ASCII characters"))
