@@ -214,7 +214,10 @@ class StatusIndex:
             found = remembered(record)
             if found is not None and record.idem is not None:
                 self._keys[(record.did, record.idem.key)] = found
-        elif not isinstance(event, AttemptOutcome | MessageDeleted):
+        elif isinstance(event, AttemptOutcome):
+            if not event.sender:
+                return  # a DSN's own delivery: DSNs are not indexed
+        elif not isinstance(event, MessageDeleted):
             return
         self._pending.append(event)
         self._wake.set()

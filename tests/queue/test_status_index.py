@@ -90,7 +90,28 @@ async def test_an_idempotency_key_within_its_time_to_live(tmp_path: Path) -> Non
     index.close()
     assert pending == committed
     assert committed is not None
-    assert (committed.queue_id, committed.digest, committed.message_id) == (record.id, "d1", "<m@x>")
+    assert (committed.queue_id, committed.digest, committed.message_id) == (
+        record.id,
+        "d1",
+        "<m@x>",
+    )
     assert committed.accepted == ("bob@example.net", "gone@example.net")
     assert committed.rejected == (("x@example.net", "RECIPIENT_SUPPRESSED", "why"),)
     assert other_member is None and expired is None
+
+
+async def test_a_dsn_and_its_deliveries_leave_nothing_behind(tmp_path: Path) -> None:
+    """DSNs (null sender) are the relay's own mail: no row, and no orphan attempt rows
+    that retention could never find."""
+    index = _index(tmp_path, Clock(1_800_000_000.0))
+    dsn = accepted_record("alice@example.org", sender="")
+    sent = Outcome("alice@example.org", "sent", "2.0.0", "250 ok")
+    index.on_event(MessageAccepted(dsn))
+    index.on_event(AttemptOutcome(dsn.id, ALICE_DID, "", sent, "mx", 1_800_000_001.0))
+    await index.flush()
+    rows = index._db.execute(
+        "SELECT (SELECT count(*) FROM messages) + (SELECT count(*) FROM attempts)"
+    )
+    assert rows.fetchone()[0] == 0
+    assert await index.get(dsn.id) is None
+    index.close()
