@@ -24,11 +24,11 @@ import trio
 from atmosrelay import __version__
 from atmosrelay._text import RedactKeys, print_error
 from atmosrelay.accounts.cli import register as register_accounts
-from atmosrelay.config import DEFAULTS_TOML, ConfigError, load_config
+from atmosrelay.config import DEFAULTS_TOML, Config, ConfigError, load_config
 from atmosrelay.crashtest import register as register_crashtest
 from atmosrelay.queue.cli import register as register_queue
 from atmosrelay.queue.records import RecordError
-from atmosrelay.runtime import DataDirLocked, run_relay
+from atmosrelay.runtime import DataDirLocked, ListenError, run_relay
 from journal import CorruptJournalError, JournalError, check_journal, dump_journal
 
 EXIT_USAGE = 64  # sysexits EX_USAGE: bad config or arguments
@@ -40,6 +40,24 @@ _err = print_error
 
 def _announce(message: str) -> None:
     print(f"atmosrelay: {message}", flush=True)
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for e in error.exceptions for leaf in _leaves(e)]
+    return [error]
+
+
+def _run_unwrapped(config: Config) -> None:
+    """Run the relay; an error that stopped it alone comes out of trio's exception groups as
+    itself, so the handlers below can say what it means."""
+    try:
+        trio.run(lambda: run_relay(config, announce=_announce))
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1 and isinstance(leaves[0], Exception):
+            raise leaves[0] from None
+        raise
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -55,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         handler.addFilter(RedactKeys())
     _announce(f"config: {config.source}; data directory {config.data_dir}")
     try:
-        trio.run(lambda: run_relay(config, announce=_announce))
+        _run_unwrapped(config)
     except CorruptJournalError as exc:
         _err(f"{exc}")
         _err(
@@ -71,6 +89,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _err(f"journal failure: {exc}")
         return 1
     except DataDirLocked as exc:
+        _err(f"refusing to start: {exc}")
+        return 1
+    except ListenError as exc:
         _err(f"refusing to start: {exc}")
         return 1
     return 0

@@ -47,7 +47,7 @@ from atmosrelay.accounts.store import AsyncStore, Store
 from atmosrelay.api.app import make_app
 from atmosrelay.api.common import ApiContext
 from atmosrelay.api.metrics import RelayMetrics
-from atmosrelay.api.server import serve_http
+from atmosrelay.api.server import BindError, serve_http
 from atmosrelay.config import Config, ListenerMode
 from atmosrelay.control import Handler, serve_control, socket_path
 from atmosrelay.delivery.backoff import RetryPolicy
@@ -133,6 +133,18 @@ async def run_relay(
     """
     with await trio.to_thread.run_sync(lock_data_dir, config.data_dir):
         await _run(config, announce, fs, handle_signals, enforce_limits, task_status)
+
+
+class ListenError(Exception):
+    """A configured listener could not be opened (the port is taken, the address is not
+    this host's, a port under 1024 without the right): the message says which and where."""
+
+    def __init__(self, host: str, port: int, setting: str, error: OSError) -> None:
+        reason = error.strerror or str(error)
+        super().__init__(
+            f"cannot listen on {host}:{port}: {reason}; another program may hold the port, "
+            f"or change {setting}"
+        )
 
 
 class DataDirLocked(Exception):
@@ -517,8 +529,11 @@ async def _sessions(
     async with trio.open_nursery() as sessions:
         listeners: list[tuple[trio.SocketListener, ListenerMode]] = []
         for host, port, mode in config.listeners:
-            for listener in await trio.open_tcp_listeners(port, host=host):
-                listeners.append((listener, mode))
+            try:
+                opened = await trio.open_tcp_listeners(port, host=host)
+            except OSError as exc:
+                raise ListenError(host, port, "smtp.listeners", exc) from None
+            listeners.extend((listener, mode) for listener in opened)
         addresses = []
         for listener, mode in listeners:
             host, port = listener.socket.getsockname()[:2]
@@ -530,17 +545,20 @@ async def _sessions(
             api.stopping = handle._stop.is_set
             app = make_app(api)
             tls = await trio.to_thread.run_sync(_http_tls, config)
-            bound = await sessions.start(
-                partial(
-                    serve_http,
-                    app,
-                    config.http_listeners,
-                    tls,
-                    grace=float(config["smtp.shutdown_grace"]),
-                    read_timeout=float(config["http.request_timeout"]),
-                    shutdown=handle._stop.wait,
+            try:
+                bound = await sessions.start(
+                    partial(
+                        serve_http,
+                        app,
+                        config.http_listeners,
+                        tls,
+                        grace=float(config["smtp.shutdown_grace"]),
+                        read_timeout=float(config["http.request_timeout"]),
+                        shutdown=handle._stop.wait,
+                    )
                 )
-            )
+            except BindError as exc:
+                raise ListenError(exc.host, exc.port, "http.listeners", exc.error) from None
             for host, port, use_tls in bound:
                 handle.http.append((host, port, use_tls))
                 announce(f"listening on {host}:{port} (http{'s' if use_tls else ''})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -199,3 +200,24 @@ def test_serve_refuses_a_record_it_cannot_read(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "journal record seq 1 at 1:57 is not a valid ACCEPTED record" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("section", ["smtp", "http"])
+def test_serve_names_a_port_it_cannot_listen_on(tmp_path: Path, section: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        smtp = f"127.0.0.1:{port} starttls" if section == "smtp" else "127.0.0.1:0 starttls"
+        http = f"127.0.0.1:{port}" if section == "http" else "127.0.0.1:0"
+        (tmp_path / "relay.toml").write_text(
+            f'[relay]\ndata_dir = "{tmp_path / "var"}"\n[smtp]\nlisteners = ["{smtp}"]\n'
+            f'[http]\nlisteners = ["{http}"]\n[delivery]\nenabled = false\n'
+        )
+        result = run("serve", "--config", str(tmp_path / "relay.toml"))
+    assert result.returncode == 1
+    assert (
+        f"refusing to start: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        f"another program may hold the port, or change {section}.listeners"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr

@@ -30,6 +30,12 @@ log = logging.getLogger("atmosrelay.http")
 BACKLOG = 512
 
 
+class BindError(Exception):
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        super().__init__(f"{host}:{port}: {error}")
+        self.host, self.port, self.error = host, port, error
+
+
 class _Config(HypercornConfig):
     def __init__(self, tls: ssl.SSLContext | None) -> None:
         super().__init__()
@@ -75,15 +81,15 @@ async def serve_http(
     secure: list[socket.socket] = []
     insecure: list[socket.socket] = []
     bound = []
-    try:
-        for host, port, use_tls in listeners:
+    for host, port, use_tls in listeners:
+        try:
             sock = _socket(host, port)
-            (secure if use_tls else insecure).append(sock)
-            bound.append((host, sock.getsockname()[1], use_tls))
-    except OSError:
-        for sock in [*secure, *insecure]:
-            sock.close()
-        raise
+        except OSError as exc:
+            for opened in [*secure, *insecure]:
+                opened.close()
+            raise BindError(host, port, exc) from None
+        (secure if use_tls else insecure).append(sock)
+        bound.append((host, sock.getsockname()[1], use_tls))
     if secure and tls is None:
         raise ValueError("an HTTP listener asks for TLS and no TLS context was given")
 
