@@ -118,6 +118,8 @@ async def test_a_person_in_a_browser_presses_the_button(tmp_path: Path) -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
     ca = trustme.CA()
 
@@ -142,8 +144,11 @@ async def test_a_person_in_a_browser_presses_the_button(tmp_path: Path) -> None:
             driver.get(url)
             before = driver.title
             driver.find_element(By.ID, "unsubscribe").click()
-            done = driver.find_element(By.ID, "done").text
-            return before, done
+            # The click starts a navigation and returns: wait (bounded) for the answer's page.
+            done = WebDriverWait(driver, 30).until(
+                expected_conditions.presence_of_element_located((By.ID, "done"))
+            )
+            return before, done.text
         finally:
             driver.quit()
 
