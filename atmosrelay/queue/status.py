@@ -48,7 +48,7 @@ from atmosrelay.queue.state import QueuedMessage, QueueState
 
 log = logging.getLogger("atmosrelay.status")
 
-FLUSH_EVERY: Final = 0.25  # seconds between the writer's commits when events arrive
+FLUSH_EVERY: Final = 1.0  # seconds between the writer's commits when events arrive
 PRUNE_EVERY: Final = 3600.0
 STATUSES: Final = tuple(s.value for s in RecipientState)
 UNSUBSCRIBED: Final = "Recipient unsubscribed from this sender's bulk mail"
