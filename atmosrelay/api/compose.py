@@ -36,7 +36,7 @@ import attrs
 from atmosrelay._random import RANDOM
 from atmosrelay.api.models import SendRequest
 from atmosrelay.queue.records import Recipient
-from atmosrelay.smtp import AddressError, parse_path
+from atmosrelay.smtp import Address, AddressError, parse_path
 from atmosrelay.smtp import replies as R
 from atmosrelay.submission.pipeline import Envelope
 
@@ -87,8 +87,9 @@ def _text(value: str, field: str) -> str:
     return value
 
 
-def _mailbox(value: str, field: str) -> tuple[str, str]:
-    """(display name, address) of one ``"addr"`` or ``"Name <addr>"``."""
+def _mailbox(value: str, field: str) -> tuple[str, Address]:
+    """(display name, address) of one ``"addr"`` or ``"Name <addr>"``; the address is
+    parsed as SMTP would parse it in MAIL or RCPT."""
     _text(value, field)
     found = _MAILBOX.fullmatch(value)
     if found is None:
@@ -100,18 +101,9 @@ def _mailbox(value: str, field: str) -> tuple[str, str]:
     if "@" not in addr:
         raise ComposeError(f"{field}: {value[:80]!r} is not an address")
     try:
-        parse_path(f"<{addr}>", allow_null=False, bad=R.BAD_RECIPIENT_SYNTAX)
+        return name, parse_path(f"<{addr}>", allow_null=False, bad=R.BAD_RECIPIENT_SYNTAX)
     except AddressError:
         raise ComposeError(f"{field}: {addr[:80]!r} is not an address") from None
-    return name, addr
-
-
-def _domain(addr: str) -> str:
-    domain = addr.rpartition("@")[2]
-    try:
-        return domain.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        raise ComposeError(f"from: the domain {domain[:80]!r} is not a domain name") from None
 
 
 def _list(value: str | list[str] | None) -> list[str]:
@@ -136,7 +128,7 @@ def compose(req: SendRequest, *, hostname: str) -> Composed:
         _text(value, f"headers: {name}")
     _text(req.subject, "subject")
     addresses = [from_addr, *(a for _, a in to), *(a for _, a in reply_to)]
-    utf8 = not all(a.isascii() for a in addresses)
+    utf8 = not all(a.is_ascii for a in addresses)
     message_id = f"<{RANDOM.take(16).hex()}@{hostname}>"
     head = [
         f"From: {_address(from_name, from_addr)}",
@@ -168,21 +160,30 @@ def compose(req: SendRequest, *, hostname: str) -> Composed:
         assert content is not None
         message = "\r\n".join(head) + "\r\n" + _part(content, subtype)
     envelope = Envelope(
-        sender=from_addr,
-        sender_domain=_domain(from_addr),
-        recipients=tuple(Recipient(a) for _, a in to),
+        sender=str(from_addr),
+        sender_domain=_sender_domain(from_addr),
+        recipients=tuple(Recipient(str(a)) for _, a in to),
         smtputf8=utf8,
         eight_bit=utf8,
     )
     return Composed(envelope, message.encode("utf-8"), message_id)
 
 
-def _address(name: str, addr: str) -> str:
+def _sender_domain(address: Address) -> str:
+    """The domain as the account store spells it (IDNA, lower case), as SMTP's MAIL has it."""
+    try:
+        return address.domain_ascii
+    except AddressError:
+        raise ComposeError(f"from: {address.domain[:80]!r} is not a domain name") from None
+
+
+def _address(name: str, address: Address) -> str:
     """``addr``, or ``Name <addr>`` with the name quoted or encoded by the email package."""
+    addr = str(address)
     return email.utils.formataddr((name, addr), charset="utf-8") if name else addr
 
 
-def _addresses(mailboxes: list[tuple[str, str]]) -> str:
+def _addresses(mailboxes: list[tuple[str, Address]]) -> str:
     return ",\r\n ".join(_address(n, a) for n, a in mailboxes)  # folded: 50 fit any line
 
 

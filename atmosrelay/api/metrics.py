@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterator
 
+import attrs
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -74,20 +75,14 @@ class RelayMetrics:
         self.registry.register(_Relay(ctx, actions, limits, dispatcher))
 
 
+@attrs.frozen
 class _Relay(Collector):
     """The figures read at scrape time."""
 
-    def __init__(
-        self,
-        ctx: SessionContext,
-        actions: PolicyActions,
-        limits: Callable[[], ConnectionLimits | None],
-        dispatcher: Dispatcher | None,
-    ) -> None:
-        self.ctx = ctx
-        self.actions = actions
-        self.limits = limits
-        self.dispatcher = dispatcher
+    ctx: SessionContext
+    actions: PolicyActions
+    limits: Callable[[], ConnectionLimits | None]
+    dispatcher: Dispatcher | None
 
     def describe(self) -> list[Metric]:
         return []  # collected on each scrape only
