@@ -10,8 +10,11 @@ counts from these events persists them itself, see atmosrelay/submission/countin
     Delivered         a recipient's final outcome was "sent"
     Bounced           ... was "bounced" (a remote 5xx, a permanent DNS failure, or expiry)
     MessageDeleted    the operator deleted a message
-    Complained        a recipient reported a message as spam (published by the inbound
-                      side when it parses a feedback report; nothing publishes it yet)
+    Reported          a remote's own report, after it took the message, that a recipient
+                      bounced (or is delayed): an asynchronous DSN the inbound listener
+                      received (atmosrelay/inbound/processor.py)
+    Complained        a recipient reported a message as spam (an ARF report the inbound
+                      listener received)
 
 Subscribers are called synchronously, in order, on the event loop: they must be quick and
 must not raise (hand slow work, such as a store write, to a task through a channel).
@@ -69,6 +72,19 @@ class MessageDeleted:
 
 
 @attrs.frozen
+class Reported:
+    queue_id: str
+    did: str
+    sender: str
+    recipient: str
+    outcome: str  # "bounced" or "deferred"
+    status: str
+    reply: str | None
+    mta: str | None  # the MTA that reported it
+    at: float
+
+
+@attrs.frozen
 class Complained:
     did: str
     sender: str  # the complained-of message's envelope sender (its domain is judged)
@@ -77,7 +93,9 @@ class Complained:
     queue_id: str | None = None
 
 
-QueueEvent = MessageAccepted | AttemptOutcome | Delivered | Bounced | MessageDeleted | Complained
+QueueEvent = (
+    MessageAccepted | AttemptOutcome | Delivered | Bounced | MessageDeleted | Reported | Complained
+)
 Subscriber = Callable[[QueueEvent], None]
 
 

@@ -18,6 +18,17 @@ The JSON head holds the envelope and what the relay decided at acceptance:
                         "bounced" | "suppressed", "status": "2.0.0", "reply": remote reply
                         verbatim | null, "attempt": n, "next": next attempt time | null}]}
     DELETED (type 3):   JSON {"v": 1, "id": queue id, "t": time, "reason": text}
+    INBOUND (type 4):   u32 length of the JSON head | JSON head | the message as received
+                        {"v": 1, "id": inbound id, "t": received at, "from": envelope sender,
+                         "rcpt": [{"addr": ..., "kind": "bounce" | "srs" | "role" |
+                         "unsubscribe" | "reply", "target": ..., "did": ...}, ...],
+                         "client": {...}, "size": octets}
+    INBOUND_DONE (type 5): JSON {"v": 1, "id": inbound id, "t": time, "kind": what it was}
+
+An INBOUND record is what the inbound listener (atmosrelay/inbound/) made durable before
+its 250; INBOUND_DONE says its effects (events, suppressions, forwards, the inbound log)
+are applied, so both may be compacted away. A record without its DONE is processed again
+after a restart.
 
 ``supp`` marks a recipient of bulk mail who unsubscribed from this member: it is kept in the
 record (the message's status reports it) and never delivered; its state starts as
@@ -51,6 +62,8 @@ class RecordType(enum.IntEnum):
     ACCEPTED = 1
     DELIVERY = 2  # outcomes of one delivery attempt (JSON)
     DELETED = 3  # the operator removed a message (JSON)
+    INBOUND = 4  # a message the inbound listener accepted (JSON head + bytes)
+    INBOUND_DONE = 5  # ... and processed (JSON)
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -277,3 +290,84 @@ def decode_deleted(payload: bytes) -> tuple[str, float, str]:
         return head["id"], head["t"], head["reason"]
     except (ValueError, KeyError, TypeError) as exc:
         raise RecordError(f"deleted record is not valid: {exc}") from None
+
+
+# -- inbound ----------------------------------------------------------------------------------
+@attrs.frozen
+class InboundRecipient:
+    """One recipient of a message to the inbound listener, as RCPT classified it.
+
+    kind      target                                  did
+    bounce    "QUEUEID-N" (the VERP token's message)  ""
+    srs       the original sender to pass a bounce to  ""
+    role      the operator's forward address or ""     ""
+    unsubscribe  ""                                   ""
+    reply     the member domain's forward-to address   the member's DID
+    """
+
+    addr: str
+    kind: str
+    target: str = ""
+    did: str = ""
+
+
+@attrs.frozen
+class Inbound:
+    id: str
+    received_at: float
+    sender: str
+    recipients: tuple[InboundRecipient, ...]
+    client: dict[str, str | None]
+    size: int
+
+
+def encode_inbound(record: Inbound, message: bytes) -> bytes:
+    head = {
+        "v": FORMAT_VERSION,
+        "id": record.id,
+        "t": record.received_at,
+        "from": record.sender,
+        "rcpt": [
+            {"addr": r.addr, "kind": r.kind, "target": r.target, "did": r.did}
+            for r in record.recipients
+        ],
+        "client": record.client,
+        "size": record.size,
+    }
+    raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _LEN.pack(len(raw)) + raw + message
+
+
+def decode_inbound(payload: bytes) -> tuple[Inbound, int]:
+    if len(payload) < _LEN.size:
+        raise RecordError("inbound record too short")
+    (n,) = _LEN.unpack_from(payload)
+    try:
+        head: dict[str, Any] = orjson.loads(payload[_LEN.size : _LEN.size + n])
+        if head.get("v") != FORMAT_VERSION:
+            raise RecordError(f"inbound record version {head.get('v')!r} unknown to this build")
+        record = Inbound(
+            id=head["id"],
+            received_at=head["t"],
+            sender=head["from"],
+            recipients=tuple(
+                InboundRecipient(r["addr"], r["kind"], r.get("target", ""), r.get("did", ""))
+                for r in head["rcpt"]
+            ),
+            client=dict(head.get("client", {})),
+            size=head["size"],
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RecordError(f"inbound record is not valid: {exc}") from None
+    return record, _LEN.size + n
+
+
+def encode_inbound_done(inbound_id: str, at: float, kind: str) -> bytes:
+    return json.dumps({"v": FORMAT_VERSION, "id": inbound_id, "t": at, "kind": kind}).encode()
+
+
+def decode_inbound_done(payload: bytes) -> str:
+    try:
+        return str(json.loads(payload)["id"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RecordError(f"inbound-done record is not valid: {exc}") from None

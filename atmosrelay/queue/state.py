@@ -26,12 +26,15 @@ from atmosrelay.queue.records import (
     TERMINAL,
     Accepted,
     Delivery,
+    Inbound,
     RecipientState,
     RecordError,
     RecordType,
     decode_accepted,
     decode_deleted,
     decode_delivery,
+    decode_inbound,
+    decode_inbound_done,
 )
 from journal import Position, Record
 
@@ -81,6 +84,15 @@ class QueuedMessage:
         return self.terminal and not self.dsn_owed()
 
 
+@attrs.frozen
+class PendingInbound:
+    """A message the inbound listener accepted whose effects are not applied yet."""
+
+    record: Inbound
+    position: Position
+    body_offset: int
+
+
 DSN_FOR = "atmos-dsn-for"  # metadata of a DSN's ACCEPTED record: the queue id it reports on
 DSN_RECIPIENTS = "atmos-dsn-rcpts"  # ... and the recipients, one per line
 
@@ -95,6 +107,7 @@ class QueueState:
     unknown_records: int = 0  # types from a newer build, kept in the journal, not understood
     orphan_outcomes: int = 0
     graveyard: set[Position] = attrs.field(factory=set)  # records of deleted messages
+    inbound: dict[str, PendingInbound] = attrs.field(factory=dict)  # not processed yet
 
     # -- compaction -------------------------------------------------------------------
     def dead_positions(self) -> set[Position]:
@@ -111,6 +124,9 @@ class QueueState:
             del self.messages[queue_id]
         for msg in self.messages.values():
             msg.positions = [relocated.get(p, p) for p in msg.positions]
+        for key, pending in list(self.inbound.items()):
+            if pending.position in relocated:
+                self.inbound[key] = attrs.evolve(pending, position=relocated[pending.position])
 
     # -- the fold ---------------------------------------------------------------------
     def apply(self, record: Record) -> None:
@@ -128,8 +144,23 @@ class QueueState:
         elif record.type == RecordType.DELETED:
             queue_id, _, _ = decode_deleted(record.payload)
             self.add_deleted(queue_id, record.position)
+        elif record.type == RecordType.INBOUND:
+            inbound, offset = decode_inbound(record.payload)
+            self.add_inbound(inbound, record.position, offset)
+        elif record.type == RecordType.INBOUND_DONE:
+            self.add_inbound_done(decode_inbound_done(record.payload), record.position)
         else:
             self.unknown_records += 1
+
+    def add_inbound(self, inbound: Inbound, position: Position, body_offset: int) -> None:
+        self.inbound.setdefault(inbound.id, PendingInbound(inbound, position, body_offset))
+
+    def add_inbound_done(self, inbound_id: str, position: Position) -> None:
+        """Processed: both records are dead (the DONE alone, if it was replayed twice)."""
+        pending = self.inbound.pop(inbound_id, None)
+        self.graveyard.add(position)
+        if pending is not None:
+            self.graveyard.add(pending.position)
 
     def add_delivery(self, delivery: Delivery, position: Position | None = None) -> None:
         """Apply one attempt's outcomes. Idempotent: a record replayed (after a crash during

@@ -42,7 +42,13 @@ import attrs
 import orjson
 import trio
 
-from atmosrelay.queue.events import AttemptOutcome, MessageAccepted, MessageDeleted, QueueEvent
+from atmosrelay.queue.events import (
+    AttemptOutcome,
+    MessageAccepted,
+    MessageDeleted,
+    QueueEvent,
+    Reported,
+)
 from atmosrelay.queue.records import TERMINAL, Accepted, RecipientState
 from atmosrelay.queue.state import QueuedMessage, QueueState
 
@@ -217,7 +223,7 @@ class StatusIndex:
         elif isinstance(event, AttemptOutcome):
             if not event.sender:
                 return  # a DSN's own delivery: DSNs are not indexed
-        elif not isinstance(event, MessageDeleted):
+        elif not isinstance(event, MessageDeleted | Reported):
             return
         self._pending.append(event)
         self._wake.set()
@@ -275,6 +281,9 @@ class StatusIndex:
                         event.mta,
                         o.reply,
                     )
+                    touched.add(event.queue_id)
+                elif isinstance(event, Reported):
+                    self._reported(event)
                     touched.add(event.queue_id)
                 elif isinstance(event, MessageDeleted):
                     self._db.execute(
@@ -349,6 +358,32 @@ class StatusIndex:
         )
         self._db.execute("UPDATE messages SET version = version + 1 WHERE id = ?", (queue_id,))
 
+    def _reported(self, event: Reported) -> None:
+        """A remote's later report: an attempt row, and a bounce overrides "sent" (the
+        remote took the message, then could not deliver it)."""
+        added = self._db.execute(
+            "INSERT OR IGNORE INTO attempts (id, addr, at, status, code, mta, reply) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.queue_id,
+                event.recipient,
+                event.at,
+                event.outcome,
+                event.status,
+                event.mta,
+                event.reply,
+            ),
+        ).rowcount
+        if not added:
+            return
+        if event.outcome == RecipientState.BOUNCED:
+            self._db.execute(
+                "UPDATE recipients SET status = 'bounced' WHERE id = ? AND addr = ? "
+                "AND status != 'suppressed'",
+                (event.queue_id, event.recipient),
+            )
+        # no version bump: ``version`` counts journal records, and this is none
+
     def rebuild(self, state: QueueState) -> int:
         """Write every message of ``state`` whose row is missing or behind it (startup, in a
         worker thread, before anything else touches the state). Returns how many. It asks
@@ -413,6 +448,21 @@ class StatusIndex:
         """One message (``did``: only if it is that member's)."""
         await self.flush()
         return await self._run(self._get, queue_id, did)  # type: ignore[no-any-return]
+
+    async def by_message_id(self, did: str, message_id: str) -> MessageStatus | None:
+        """The member's newest message with this Message-ID (a feedback report names the
+        message it reports by its headers only)."""
+        await self.flush()
+        return await self._run(self._by_message_id, did, message_id)  # type: ignore[no-any-return]
+
+    def _by_message_id(self, did: str, message_id: str) -> MessageStatus | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM messages WHERE did = ? AND message_id = ? "
+                "ORDER BY accepted_at DESC LIMIT 1",
+                (did, message_id),
+            ).fetchone()
+            return None if row is None else self._status(row, attempts=False)
 
     def lookup(self, queue_id: str) -> MessageStatus | None:
         """One message, for a program outside the relay (``queue show``): committed rows

@@ -25,13 +25,16 @@ from atmosrelay.queue.records import (
     TERMINAL,
     Accepted,
     Delivery,
+    Inbound,
     RecipientState,
     RecordType,
     encode_accepted,
     encode_deleted,
     encode_delivery,
+    encode_inbound,
+    encode_inbound_done,
 )
-from atmosrelay.queue.state import QueueState, fold
+from atmosrelay.queue.state import PendingInbound, QueueState, fold
 from journal import Compaction, Journal, Position
 
 # Compact when at least this share of the records in sealed segments is dead: copying the
@@ -45,6 +48,7 @@ class QueueStore:
     state: QueueState = attrs.field(factory=QueueState)
     on_accept: Callable[[], None] | None = None  # the dispatcher's notify, when delivering
     events: EventFeed = attrs.field(factory=EventFeed)  # queue/events.py
+    on_inbound: Callable[[str], None] | None = None  # the inbound processor's notify
 
     @classmethod
     async def recover(cls, journal: Journal) -> QueueStore:
@@ -103,6 +107,28 @@ class QueueStore:
                         delivery.at,
                     )
                 )
+
+    async def receive(self, record: Inbound, message: bytes) -> Position:
+        """Append and fsync an INBOUND record (the inbound listener's 250 waits for it)."""
+        payload = encode_inbound(record, message)
+        position = await self.journal.append(RecordType.INBOUND, payload)
+        self.state.add_inbound(record, position, len(payload) - len(message))
+        if self.on_inbound is not None:
+            self.on_inbound(record.id)
+        return position
+
+    def pending_inbound(self) -> list[str]:
+        """Inbound ids accepted and not yet processed (after a restart: those to redo)."""
+        return list(self.state.inbound)
+
+    def inbound_pending(self, inbound_id: str) -> PendingInbound | None:
+        return self.state.inbound.get(inbound_id)
+
+    async def inbound_done(self, inbound_id: str, kind: str, now: float) -> None:
+        """Its effects are applied: an INBOUND_DONE record, and both are dead."""
+        payload = encode_inbound_done(inbound_id, now, kind)
+        position = await self.journal.append(RecordType.INBOUND_DONE, payload)
+        self.state.add_inbound_done(inbound_id, position)
 
     async def delete(self, queue_id: str, reason: str, now: float) -> None:
         """Remove a message, with a record saying who and why (raises KeyError if unknown)."""
