@@ -47,6 +47,7 @@ from atmosrelay.delivery.client_session import (
 from atmosrelay.delivery.lane import Lane, Lanes, Work
 from atmosrelay.delivery.outcomes import dsn_record, dsn_statuses, finalize, unresolvable
 from atmosrelay.delivery.resolver import Destination, ResolutionFailed, Resolver
+from atmosrelay.inbound.addresses import ReturnPath
 from atmosrelay.message.dsn import build_dsn
 from atmosrelay.queue.records import PENDING, Delivery, Outcome
 from atmosrelay.queue.schedule import Schedule
@@ -79,6 +80,9 @@ class DeliverySettings:
     idle: float = 5.0  # a worker keeps its connection this long without work
     destination_ttl: float = 60.0  # a resolved destination is reused this long
     restart_spread: float = 60.0  # overdue retries after a restart spread over this
+    # VERP (inbound/addresses.py): the envelope sender of member mail becomes
+    # bounces+TOKEN@<operator domain>, so later bounces reach the inbound listener
+    return_path: ReturnPath | None = None
 
 
 class Dispatcher:
@@ -218,7 +222,11 @@ class Dispatcher:
                 remote = None
             try:
                 remote, outcomes = await self._transaction(
-                    work, _envelope(msg, work.recipients), body, remote, require
+                    work,
+                    _envelope(msg, work.recipients, self.settings.return_path),
+                    body,
+                    remote,
+                    require,
                 )
             except ConnectFailed as failed:
                 await self._record(work.queue_id, None, failed.outcomes(work.recipients))
@@ -328,7 +336,34 @@ def _by_message(items: list[tuple[str, str]]) -> dict[str, list[str]]:
     return out
 
 
-def _envelope(msg: QueuedMessage, recipients: tuple[str, ...]) -> Envelope:
-    notify = {r.addr: r.notify for r in msg.record.recipients}
-    orcpt = {r.addr: r.orcpt for r in msg.record.recipients}
-    return Envelope(msg.record.sender, recipients, notify, orcpt, msg.record.ret, msg.record.envid)
+def _envelope(
+    msg: QueuedMessage, recipients: tuple[str, ...], return_path: ReturnPath | None = None
+) -> Envelope:
+    record = msg.record
+    notify = {r.addr: r.notify for r in record.recipients}
+    orcpt = {r.addr: r.orcpt for r in record.recipients}
+    return Envelope(
+        verp_sender(msg, recipients, return_path),
+        recipients,
+        notify,
+        orcpt,
+        record.ret,
+        record.envid,
+    )
+
+
+def verp_sender(
+    msg: QueuedMessage, recipients: tuple[str, ...], return_path: ReturnPath | None
+) -> str:
+    """The envelope sender on the wire: the VERP address for a member's message (naming
+    the recipient when the transaction carries one, else the whole message: index 0);
+    the record's own for the relay's mail (a DSN's null sender, a forward's SRS address)."""
+    sender = msg.record.sender
+    if return_path is None or not sender or domain_of(sender) == return_path.domain.lower():
+        return sender
+    index = 0
+    if len(recipients) == 1:
+        index = next(
+            (i for i, r in enumerate(msg.record.recipients, 1) if r.addr == recipients[0]), 0
+        )
+    return return_path.address(msg.id, index if index <= 999 else 0)

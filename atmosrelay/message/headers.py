@@ -36,6 +36,7 @@ import hmac
 import json
 import re
 from typing import Final
+from urllib.parse import quote
 
 import attrs
 
@@ -290,7 +291,10 @@ def unsubscribe_headers(
     token = unsubscribe_token(secret, did, recipient)
     query = f"did={did}&rcpt={recipient}&t={token}".replace("@", "%40").replace(":", "%3A")
     url = f"{base_url.rstrip('/')}/unsubscribe?{query}"
-    mailto = f"mailto:unsubscribe@{mailto_domain}?subject=unsubscribe%20{token}"
+    # the mailto's subject carries the member and the recipient too, so a reply to it
+    # proves itself as the one-click POST does (atmosrelay/inbound/addresses.py)
+    subject = quote(f"unsubscribe {did} {recipient} {token}", safe="")
+    mailto = f"mailto:unsubscribe@{mailto_domain}?subject={subject}"
     return (
         f"List-Unsubscribe: <{url}>, <{mailto}>\r\n"
         "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
