@@ -26,6 +26,7 @@ from atmosrelay._text import RedactKeys, print_error
 from atmosrelay.accounts.cli import register as register_accounts
 from atmosrelay.config import DEFAULTS_TOML, Config, ConfigError, load_config
 from atmosrelay.crashtest import register as register_crashtest
+from atmosrelay.inbound.cli import register as register_inbound
 from atmosrelay.queue.cli import register as register_queue
 from atmosrelay.queue.records import RecordError
 from atmosrelay.runtime import DataDirLocked, ListenError, run_relay
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_accounts(sub)
     register_queue(sub)
+    register_inbound(sub)
     register_crashtest(sub)
 
     config = sub.add_parser("config", help="configuration helpers")

@@ -52,11 +52,13 @@ spf_include = ""
 
 [smtp]
 # Listeners: "host:port mode", mode starttls (AUTH only after STARTTLS), implicit (TLS from
-# the first byte) or trusted (no TLS, no AUTH: clients from trusted_networks submit as
-# trusted_did; for a co-located app or a load generator). Port 0 picks a free port.
+# the first byte), trusted (no TLS, no AUTH: clients from trusted_networks submit as
+# trusted_did; for a co-located app or a load generator) or inbound (the relay's MX:
+# bounces, feedback reports, replies; no AUTH, STARTTLS offered; docs/inbound.md).
+# Port 0 picks a free port.
 # Production: ["0.0.0.0:587 starttls", "0.0.0.0:465 implicit", "0.0.0.0:2525 starttls",
-#              "0.0.0.0:2587 starttls"]
-listeners = ["127.0.0.1:2587 starttls", "127.0.0.1:2465 implicit"]
+#              "0.0.0.0:2587 starttls", "0.0.0.0:25 inbound"]
+listeners = ["127.0.0.1:2587 starttls", "127.0.0.1:2465 implicit", "127.0.0.1:2025 inbound"]
 hostname = "localhost"          # in the greeting and EHLO reply
 tls_cert = ""                   # PEM files; "" generates a self-signed pair in <data_dir>/tls
 tls_key = ""
@@ -77,6 +79,21 @@ inflight_budget = 268435456     # bytes all messages being received may hold (25
 shutdown_grace = 30.0           # seconds sessions get to finish on SIGTERM
 trusted_did = ""                # the member trusted listeners submit as
 trusted_networks = ["127.0.0.0/8", "::1/128"]
+
+[inbound]
+# Delivered mail carries MAIL FROM:<bounces+TOKEN@operator.domain> (VERP, an HMAC'd token
+# naming the message and the recipient), so bounces that come back later reach the inbound
+# listener and are counted (docs/inbound.md). false: the member's own address, as given.
+verp = true
+# Local parts at operator.domain that take mail for the operator (RFC 2142 role addresses,
+# and where feedback loops send complaints); kept in the inbound log.
+role_addresses = ["postmaster", "abuse", "fbl"]
+# Also forward what arrives for them to this address ("" keeps them only).
+role_forward = ""
+# Messages one client address may hand the inbound listener per hour (then 450 4.7.1).
+hourly_per_ip = 600
+# Seconds the inbound log keeps what arrived (``atmosrelay inbound list``).
+retention = 2592000.0          # 30 days
 
 [accounts]
 # The SQLite account store ("" means <data_dir>/accounts.sqlite3).
@@ -177,6 +194,7 @@ class ListenerMode(enum.StrEnum):
     STARTTLS = "starttls"  # plaintext greeting; AUTH only after STARTTLS
     IMPLICIT = "implicit"  # TLS from the first byte
     TRUSTED = "trusted"  # no TLS, no AUTH: clients in trusted_networks submit as trusted_did
+    INBOUND = "inbound"  # the relay's MX: no AUTH, STARTTLS offered, local recipients only
 
 
 class ConfigError(Exception):
@@ -253,7 +271,7 @@ def _domains(v: Any) -> str | None:
 
 
 def _listeners(v: Any) -> str | None:
-    expected = 'a list of "host:port mode" strings, mode starttls, implicit or trusted'
+    expected = 'a list of "host:port mode" strings, mode starttls, implicit, trusted or inbound'
     if not isinstance(v, list):
         return expected
     for x in v:
@@ -279,6 +297,24 @@ def _http_listeners(v: Any) -> str | None:
         host, _, port = parts[0].rpartition(":")
         if not host or not (port.isdigit() and 0 <= int(port) < 65536):
             return f"{expected} ({x!r} has a bad port)"
+    return None
+
+
+def _local_parts(v: Any) -> str | None:
+    expected = "a list of local parts such as postmaster"
+    if not isinstance(v, list) or not all(
+        isinstance(x, str) and x and "@" not in x and x.isascii() and " " not in x for x in v
+    ):
+        return expected
+    return None
+
+
+def _address_or_empty(v: Any) -> str | None:
+    expected = '"" or an address such as ops@example.org'
+    if not isinstance(v, str):
+        return expected
+    if v and (v.count("@") != 1 or not all(v.split("@")) or any(c.isspace() for c in v)):
+        return f"{expected} (not {v!r})"
     return None
 
 
@@ -346,6 +382,13 @@ SCHEMA: Final[dict[str, dict[str, Check]]] = {
         "shutdown_grace": _number(0),
         "trusted_did": _string(empty=True),
         "trusted_networks": _networks,
+    },
+    "inbound": {
+        "verp": _boolean,
+        "role_addresses": _local_parts,
+        "role_forward": _address_or_empty,
+        "hourly_per_ip": _int(1),
+        "retention": _number(60),
     },
     "accounts": {"database": _string(empty=True), "max_domains_per_member": _int(1)},
     "dns": {

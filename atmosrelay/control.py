@@ -17,14 +17,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
+
+from atmosrelay.queue.records import PENDING
+
+if TYPE_CHECKING:
+    from atmosrelay.delivery.dispatcher import Dispatcher
+    from atmosrelay.queue.store import QueueStore
+
+log = logging.getLogger("atmosrelay")
 
 MAX_REQUEST: Final = 4096
 TIMEOUT: Final = 10.0
@@ -108,3 +118,38 @@ def call(path: Path, request: dict[str, Any]) -> dict[str, Any]:
     if not reply.get("ok"):
         raise ControlError(str(reply.get("error", "refused")))
     return reply
+
+
+def control_handler(queue: QueueStore, dispatcher: Dispatcher | None) -> Handler:
+    """``queue retry`` and ``queue delete`` from the operator's CLI (see control.py)."""
+
+    async def handle(request: dict[str, Any]) -> dict[str, Any]:
+        cmd, queue_id = request.get("cmd"), request.get("id")
+        messages = queue.state.messages
+        if cmd == "retry":
+            if request.get("all"):
+                ids = list(messages)
+            elif queue_id in messages:
+                ids = [queue_id]
+            else:
+                return {"ok": False, "error": f"no message {queue_id} in the queue"}
+            now = time.time()
+            if dispatcher is not None:
+                count = sum(dispatcher.schedule.retry_now(q, now) for q in ids)
+                dispatcher.notify()
+            else:  # nothing delivers: the count says what a delivering relay would retry
+                count = sum(
+                    sum(s in PENDING for s in messages[q].recipient_states.values()) for q in ids
+                )
+            return {"ok": True, "recipients": count, "delivering": dispatcher is not None}
+        if cmd == "delete":
+            reason = str(request.get("reason") or "deleted by the operator")
+            try:
+                await queue.delete(str(queue_id), reason, time.time())
+            except KeyError:
+                return {"ok": False, "error": f"no message {queue_id} in the queue"}
+            log.info("%s deleted: %s", queue_id, reason)
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    return handle

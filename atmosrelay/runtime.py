@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import attrs
 import trio
@@ -49,14 +49,15 @@ from atmosrelay.api.common import ApiContext
 from atmosrelay.api.metrics import RelayMetrics
 from atmosrelay.api.server import BindError, serve_http
 from atmosrelay.config import Config, ListenerMode
-from atmosrelay.control import Handler, serve_control, socket_path
+from atmosrelay.control import control_handler, serve_control, socket_path
 from atmosrelay.delivery.backoff import RetryPolicy
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
 from atmosrelay.delivery.prepare import Preparer, load_or_create_secret
 from atmosrelay.delivery.resolver import DnsResolver
+from atmosrelay.inbound import make_inbound, return_path
+from atmosrelay.inbound.processor import InboundProcessor
 from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.settings import PolicySettings
-from atmosrelay.queue.records import PENDING
 from atmosrelay.queue.status import StatusIndex
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.server.listeners import ConnectionLimits, serve_listener
@@ -65,7 +66,7 @@ from atmosrelay.server.tls import server_context
 from atmosrelay.smtp import Capabilities
 from atmosrelay.submission import Pipeline
 from atmosrelay.submission.actions import PolicyActions
-from atmosrelay.submission.counting import flush_loop, load_counters
+from atmosrelay.submission.counting import flush_counters, flush_loop, load_counters
 from atmosrelay.submission.members import MemberDirectory
 from journal import FS, RecoveryReport, open_journal
 
@@ -97,6 +98,7 @@ class RelayHandle:
     dispatcher: Dispatcher | None = None  # None when delivery is disabled
     limits: ConnectionLimits | None = None  # the sessions open now, in all and per address
     http: list[tuple[str, int, bool]] = attrs.field(factory=list)  # (host, port, tls) of HTTP
+    inbound: InboundProcessor | None = None  # what the inbound listener's mail becomes
     _stop: trio.Event = attrs.field(factory=trio.Event)
 
     def port(self, mode: str) -> int:
@@ -290,6 +292,7 @@ def make_dispatcher(
         require_tls=frozenset(d.lower() for d in config["delivery.require_tls"]),
         idle=config["delivery.idle"],
         restart_spread=config["delivery.restart_spread"],
+        return_path=return_path(config, unsubscribe_secret) if config["inbound.verp"] else None,
     )
     resolver = DnsResolver(
         DnsSettings(nameservers=config.nameservers, timeout=config["dns.timeout"]),
@@ -303,41 +306,6 @@ def make_dispatcher(
         unsubscribe_url=config["delivery.unsubscribe_url"] or f"https://{operator_domain}",
     )
     return Dispatcher(queue, resolver, settings, prepare=prepare)
-
-
-def control_handler(queue: QueueStore, dispatcher: Dispatcher | None) -> Handler:
-    """``queue retry`` and ``queue delete`` from the operator's CLI (see control.py)."""
-
-    async def handle(request: dict[str, Any]) -> dict[str, Any]:
-        cmd, queue_id = request.get("cmd"), request.get("id")
-        messages = queue.state.messages
-        if cmd == "retry":
-            if request.get("all"):
-                ids = list(messages)
-            elif queue_id in messages:
-                ids = [queue_id]
-            else:
-                return {"ok": False, "error": f"no message {queue_id} in the queue"}
-            now = time.time()
-            if dispatcher is not None:
-                count = sum(dispatcher.schedule.retry_now(q, now) for q in ids)
-                dispatcher.notify()
-            else:  # nothing delivers: the count says what a delivering relay would retry
-                count = sum(
-                    sum(s in PENDING for s in messages[q].recipient_states.values()) for q in ids
-                )
-            return {"ok": True, "recipients": count, "delivering": dispatcher is not None}
-        if cmd == "delete":
-            reason = str(request.get("reason") or "deleted by the operator")
-            try:
-                await queue.delete(str(queue_id), reason, time.time())
-            except KeyError:
-                return {"ok": False, "error": f"no message {queue_id} in the queue"}
-            log.info("%s deleted: %s", queue_id, reason)
-            return {"ok": True}
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
-
-    return handle
 
 
 async def _compactor(queue: QueueStore, status: StatusIndex, interval: float) -> None:
@@ -377,6 +345,7 @@ def make_context(
     policy = Policy(PolicySettings.from_config(dict(config.values["policy"])))
     members = MemberDirectory(async_store, lambda: keys.generation)
     actions = PolicyActions(async_store, policy, members, keys.changed)
+    actions.own_domain = config["operator.domain"].lower()
     queue.events.subscribe(actions.on_event)
     pipeline = Pipeline(
         queue,
@@ -422,13 +391,26 @@ async def _serve(
 ) -> None:
     ctx = make_context(config, store, queue, tls_context, enforce_limits=enforce_limits)
     keys = ctx.keys
+    journal_name = str(config.journal_dir.resolve())
+    ctx.inbound, extras.inbound = make_inbound(
+        config,
+        ctx,
+        extras.status,
+        extras.unsubscribe_secret,
+        partial(_commit_policy, ctx, journal_name),
+    )
     for host, port, mode in config.listeners:
         if mode is ListenerMode.TRUSTED and not ctx.trusted_did:
             raise ValueError(f"listener {host}:{port} is trusted but smtp.trusted_did is not set")
     pipeline = ctx.pipeline
-    journal_name = str(config.journal_dir.resolve())
     rows, replayed = await trio.to_thread.run_sync(
-        load_counters, store, pipeline.policy, queue.state, journal_name, time.time()
+        load_counters,
+        store,
+        pipeline.policy,
+        queue.state,
+        journal_name,
+        time.time(),
+        config["operator.domain"].lower(),
     )
     announce(
         f"policy: {rows} counter row(s) loaded, {replayed} message(s) recounted from the journal"
@@ -440,6 +422,7 @@ async def _serve(
             partial(flush_loop, ctx.store, pipeline.policy, journal_name, time.time)
         )
         await services.start(extras.status.run)
+        await services.start(extras.inbound.run)  # before the listeners: replays first
         services.start_soon(_compactor, queue, extras.status, config["journal.compact_interval"])
         await services.start(
             serve_control, socket_path(config.data_dir), control_handler(queue, dispatcher)
@@ -459,6 +442,12 @@ async def _serve(
         services.cancel_scope.cancel()
 
 
+async def _commit_policy(ctx: SessionContext, journal: str) -> None:
+    """The policy's writes queued so far, then its counters, on disk."""
+    await ctx.pipeline.actions.settled()
+    await flush_counters(ctx.store, ctx.pipeline.policy, journal, time.time())
+
+
 @attrs.define(eq=False)
 class _Extras:
     """What the HTTP API needs beyond the sessions' context."""
@@ -466,6 +455,7 @@ class _Extras:
     status: StatusIndex
     metrics: RelayMetrics
     unsubscribe_secret: bytes
+    inbound: InboundProcessor | None = None  # set once the sessions' context exists
     listening: bool = False  # the SMTP listeners are up and not closing (/readyz)
 
 
@@ -524,7 +514,7 @@ async def _sessions(
 ) -> None:
     """Listen and serve sessions (and HTTP) until stopped; returns when they are done."""
     limits = ConnectionLimits(config["smtp.max_connections"], config["smtp.max_connections_per_ip"])
-    extras.metrics.watch(ctx, ctx.pipeline.actions, lambda: limits, dispatcher)
+    extras.metrics.watch(ctx, ctx.pipeline.actions, lambda: limits, dispatcher, extras.inbound)
     networks = [ipaddress.ip_network(n) for n in config["smtp.trusted_networks"]]
     async with trio.open_nursery() as sessions:
         listeners: list[tuple[trio.SocketListener, ListenerMode]] = []
@@ -539,7 +529,7 @@ async def _sessions(
             host, port = listener.socket.getsockname()[:2]
             addresses.append((host, port, mode))
             announce(f"listening on {host}:{port} ({mode})")
-        handle = RelayHandle(ctx, addresses, dispatcher, limits)
+        handle = RelayHandle(ctx, addresses, dispatcher, limits, inbound=extras.inbound)
         if config.http_listeners:
             api = api_context(config, ctx, extras, _problems(ctx, extras))
             api.stopping = handle._stop.is_set

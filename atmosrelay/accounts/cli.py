@@ -363,6 +363,27 @@ def key_revoke(args: argparse.Namespace, config: Config, store: Store) -> None:
     _out(args, {"key_id": key.key_id, "revoked_at": key.revoked_at}, f"key {key.key_id} revoked")
 
 
+def domain_forward_to(args: argparse.Namespace, config: Config, store: Store) -> None:
+    name = args.domain.strip().lower()
+    if args.clear == bool(args.address):
+        raise _Refused("give an ADDRESS, or --clear (not both)", EXIT_INVALID)
+    address = None if args.clear else _address(args.address)
+    if address is not None and address.rpartition("@")[2] == name:
+        raise _Refused(
+            f"{address} is at {name} itself: its replies would come back here in a loop",
+            EXIT_INVALID,
+        )
+    d = store.set_forward_to(name, address)
+    _out(
+        args,
+        _domain_json(d),
+        f"replies to {name} are forwarded to {address} (point {name}'s MX at the relay's "
+        "inbound listener; docs/inbound.md)"
+        if address
+        else f"replies to {name} are no longer forwarded (550 5.1.1 at RCPT)",
+    )
+
+
 # -- suppressions ------------------------------------------------------------------------------
 def domain_unpause(args: argparse.Namespace, config: Config, store: Store) -> None:
     name = args.domain.strip().lower()
@@ -500,6 +521,11 @@ def register(sub: Any) -> None:
     p = _common(ds.add_parser("unpause", help="let a paused domain send again"))
     p.add_argument("domain")
     p.set_defaults(func=_run(domain_unpause))
+    p = _common(ds.add_parser("forward-to", help="forward replies to DOMAIN to ADDRESS"))
+    p.add_argument("domain")
+    p.add_argument("address", nargs="?")
+    p.add_argument("--clear", action="store_true", help="stop forwarding")
+    p.set_defaults(func=_run(domain_forward_to))
     p = _common(ds.add_parser("list", help="enrolled domains (of DID, if given)"))
     p.add_argument("did", nargs="?")
     p.set_defaults(func=_run(domain_list))

@@ -25,6 +25,7 @@ from typing import Any, Final, TypeVar
 import attrs
 import trio
 
+from atmosrelay.accounts.inbound_log import InboundLog
 from atmosrelay.policy.member import MemberStatus
 
 T = TypeVar("T")
@@ -103,6 +104,27 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         flushed_until REAL NOT NULL
     );
     """,
+    # 3 -> 4: the inbound log: what the inbound listener received and what it made of it
+    # (atmosrelay/inbound/), one row per message, kept ``inbound.retention`` seconds.
+    """
+    CREATE TABLE inbound (
+        id TEXT PRIMARY KEY,
+        received_at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        did TEXT,
+        queue_id TEXT,
+        recipient TEXT,
+        sender TEXT NOT NULL,
+        rcpt TEXT NOT NULL,
+        client_ip TEXT,
+        summary TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        message BLOB
+    );
+    CREATE INDEX inbound_received ON inbound (received_at);
+    CREATE INDEX inbound_kind ON inbound (kind, received_at);
+    CREATE INDEX inbound_did ON inbound (did, kind, received_at);
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -170,7 +192,7 @@ class Suppression:
     detail: str | None = None
 
 
-class Store:
+class Store(InboundLog):
     """Synchronous, thread-safe access to the account database."""
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:

@@ -24,6 +24,8 @@ from atmosrelay.api.common import ApiContext, Shieldable, error_response, invali
 from atmosrelay.api.models import (
     Deliverability,
     Error,
+    ForwardToOut,
+    ForwardToRequest,
     Health,
     MemberStatusOut,
     MessageOut,
@@ -125,6 +127,20 @@ def make_app(ctx: ApiContext) -> Any:
         methods=["GET"],
         response_model=MemberStatusOut,
         responses=_errors(*AUTH_ERRORS),
+    )
+    route(
+        "/member/forward-to",
+        member.put_forward_to,
+        methods=["PUT"],
+        response_model=ForwardToOut,
+        responses=_errors(*AUTH_ERRORS, 403),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ForwardToRequest.model_json_schema()}},
+            }
+        },
+        summary="Forward replies to one of the member's domains (null stops it)",
     )
     route(
         "/member/deliverability",

@@ -21,9 +21,11 @@ from typing import Annotated, Final
 
 import orjson
 from fastapi import Query
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from atmosrelay.accounts.domains import DomainError, normalize_domain
 from atmosrelay.accounts.store import Domain, Member
 from atmosrelay.api.common import (
     ApiContext,
@@ -32,11 +34,14 @@ from atmosrelay.api.common import (
     error_response,
     invalid,
     json_response,
+    read_body,
 )
 from atmosrelay.api.models import (
     AttemptOut,
     Deliverability,
     DomainOut,
+    ForwardToOut,
+    ForwardToRequest,
     MemberStatusOut,
     MessageOut,
     MessagePage,
@@ -245,3 +250,42 @@ async def deliverability(request: Request) -> Response:
             labels=sorted(member.labels),
         )
     )
+
+
+async def put_forward_to(request: Request) -> Response:
+    """Where replies to one of the member's domains are forwarded (docs/inbound.md)."""
+    ctx = context(request)
+    caller = await authenticate(request, ctx)
+    if isinstance(caller, Refusal):
+        return error_response(caller)
+    body = await read_body(request, 4096)
+    if isinstance(body, Refusal):
+        return error_response(body)
+    try:
+        req = ForwardToRequest.model_validate(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return error_response(invalid("the body is not JSON"))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        return error_response(invalid(f"{where}: {error['msg']}"))
+    try:
+        name = normalize_domain(req.domain)
+        address = None if req.forward_to is None else _forward_address(req.forward_to, name)
+    except DomainError as exc:
+        return error_response(invalid(str(exc)))
+    store = ctx.relay.store
+    if name not in {d.name for d in await store.run(store.sync.domains, caller.did)}:
+        return error_response(refuse(Code.DOMAIN_MISMATCH, log="forward-to", domain=name))
+    domain = await store.run(store.sync.set_forward_to, name, address)
+    return json_response(ForwardToOut(domain=domain.name, forward_to=domain.forward_to))
+
+
+def _forward_address(text: str, domain: str) -> str:
+    local, at, host = text.strip().rpartition("@")
+    if not at or not local or any(c.isspace() or ord(c) < 32 or c in "<>," for c in text):
+        raise DomainError(f"forward_to: {text[:80]!r} is not an email address")
+    host = normalize_domain(host)
+    if host == domain:
+        raise DomainError(f"forward_to: an address at {domain} itself would loop")
+    return f"{local}@{host}"

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from atmosrelay.delivery.dispatcher import Dispatcher
+from atmosrelay.inbound.processor import KINDS, InboundProcessor
 from atmosrelay.queue.events import AttemptOutcome, QueueEvent
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.server.listeners import ConnectionLimits
@@ -71,8 +72,9 @@ class RelayMetrics:
         actions: PolicyActions,
         limits: Callable[[], ConnectionLimits | None],
         dispatcher: Dispatcher | None,
+        inbound: InboundProcessor | None = None,
     ) -> None:
-        self.registry.register(_Relay(ctx, actions, limits, dispatcher))
+        self.registry.register(_Relay(ctx, actions, limits, dispatcher, inbound))
 
 
 @attrs.frozen
@@ -83,6 +85,7 @@ class _Relay(Collector):
     actions: PolicyActions
     limits: Callable[[], ConnectionLimits | None]
     dispatcher: Dispatcher | None
+    inbound: InboundProcessor | None = None
 
     def describe(self) -> list[Metric]:
         return []  # collected on each scrape only
@@ -120,6 +123,8 @@ class _Relay(Collector):
             "TLS handshakes that failed or timed out",
             value=self.ctx.tls_failures,
         )
+        if self.inbound is not None:
+            yield from _inbound(self.ctx, self.inbound)
         if self.dispatcher is not None:
             dispatcher = self.dispatcher
             yield GaugeMetricFamily(
@@ -137,6 +142,33 @@ class _Relay(Collector):
                 "Recipients being delivered now",
                 value=len(self.dispatcher.in_flight),
             )
+
+
+def _inbound(ctx: SessionContext, processor: InboundProcessor) -> Iterator[Metric]:
+    settings = ctx.inbound
+    yield CounterMetricFamily(
+        "atmosrelay_inbound_received",
+        "Messages the inbound listener accepted (fsynced)",
+        value=settings.received if settings is not None else 0,
+    )
+    yield CounterMetricFamily(
+        "atmosrelay_inbound_recipients_refused",
+        "RCPTs the inbound listener refused as not its own (550 5.1.1)",
+        value=settings.refused_rcpt if settings is not None else 0,
+    )
+    processed = CounterMetricFamily(
+        "atmosrelay_inbound_processed",
+        "Inbound messages processed, by what they were (docs/inbound.md)",
+        labels=["kind"],
+    )
+    for kind in KINDS:
+        processed.add_metric([kind], processor.processed[kind])
+    yield processed
+    yield CounterMetricFamily(
+        "atmosrelay_inbound_unparseable",
+        "Inbound messages the parser could not read (kept in the inbound log)",
+        value=processor.unparseable,
+    )
 
 
 def _journal(queue: QueueStore) -> Iterator[Metric]:

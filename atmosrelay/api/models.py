@@ -110,6 +110,20 @@ class DomainOut(BaseModel):
     pausedReason: str | None = None
 
 
+class ForwardToRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    domain: str = Field(min_length=1, max_length=253)
+    forward_to: str | None = Field(
+        max_length=320,
+        description="where replies to the domain go; null stops forwarding",
+    )
+
+
+class ForwardToOut(BaseModel):
+    domain: str
+    forward_to: str | None
+
+
 class Window(BaseModel):
     limit: int
     used: int

@@ -95,7 +95,11 @@ async def _connection(
         session_stream: trio.abc.Stream | None = stream
         if mode is ListenerMode.IMPLICIT:
             session_stream = await _wrap_tls(stream, ctx)
-        if session_stream is not None:
+        if session_stream is not None and mode is ListenerMode.INBOUND:
+            from atmosrelay.inbound.session import InboundSession  # it builds on Session
+
+            await InboundSession(session_stream, peer, ctx, ctx.inbound).run()
+        elif session_stream is not None:
             await Session(session_stream, peer, mode, ctx).run()
     finally:
         limits.leave(peer)

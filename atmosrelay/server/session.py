@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import trio
@@ -127,6 +127,7 @@ class SessionContext:
     max_session_time: float = 3600.0
     max_recipients: int = 100
     trusted_did: str = ""
+    inbound: Any = None  # inbound.session.InboundSettings, when an inbound listener exists
     shutdown: trio.Event = attrs.field(factory=trio.Event)
     waiting: set[trio.CancelScope] = attrs.field(factory=set)  # sessions waiting for a command
 

@@ -161,4 +161,8 @@ TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "Too many connections, try again later")
 # The journal failed (fsync or write): nothing can be made durable until a restart.
 JOURNAL_FAILED = _r(421, "4.3.0", "Mail system failure, not accepting mail; try again later")
 # The key this session authenticated with was revoked, or its member removed, since AUTH.
+# The inbound listener (atmosrelay/inbound/): the relay's MX, never an open relay.
+ADDRESS_NOT_AVAILABLE = _r(550, "5.1.1", "Address not available")
+INBOUND_RATE_LIMITED = _r(450, "4.7.1", "Too much mail from your address; retry later")
+ONE_MEMBER_PER_MESSAGE = _r(452, "4.5.3", "Too many recipients; send the rest in another message")
 CREDENTIALS_REVOKED = _r(421, "4.7.8", "Credentials no longer valid, closing connection")

@@ -1,7 +1,8 @@
 """What the policy decides to write to the account store, and the queue events that feed it.
 
     a rule fired (spray, velocity)      -> the member gets the rule's label, logged with figures
-    a hard bounce (5.1.1, 5.1.2, ...)   -> the recipient is suppressed for the member
+    a hard bounce (5.1.1, 5.1.2, ...)   -> the recipient is suppressed for the member (a
+                                           remote's later DSN, ``Reported``, counts alike)
     a complaint                         -> likewise, with the source "complaint"
     a domain over its bounce or
     complaint threshold                 -> the domain is paused (DOMAIN_PAUSED), logged
@@ -31,7 +32,7 @@ from atmosrelay.accounts.store import AsyncStore, NotFound, Store
 from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.member import SuppressionSource
 from atmosrelay.policy.rules import RuleHit
-from atmosrelay.queue.events import Bounced, Complained, Delivered, QueueEvent
+from atmosrelay.queue.events import Bounced, Complained, Delivered, QueueEvent, Reported
 from atmosrelay.queue.state import domain_of
 from atmosrelay.submission.members import MemberDirectory
 
@@ -57,8 +58,13 @@ class PolicyActions:
         self.paused_now: dict[str, str] = {}  # domain -> reason, before the store has it
         self._labelled: set[tuple[str, str]] = set()  # (did, label) written or on the way
         self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
+        self.queued = 0  # writes asked for
         self.written = 0  # writes landed (tests wait on it)
+        self._progress = trio.Event()  # set (and replaced) as each write lands
         self.hits: collections.Counter[str] = collections.Counter()  # rule -> times (/metrics)
+        # the operator's domain: mail from it (a forwarded reply's SRS sender) is the
+        # relay's own, counted against no member
+        self.own_domain = ""
 
     # -- decisions, called synchronously --------------------------------------------------
     def rule_hits(self, did: str, hits: list[RuleHit]) -> None:
@@ -83,12 +89,17 @@ class PolicyActions:
 
     def on_event(self, event: QueueEvent) -> None:
         """The queue-event subscriber (queue/events.py). A DSN's own outcomes (null
-        sender) count against nobody."""
+        sender) count against nobody, nor does the relay's own mail (forwards)."""
+        sender = getattr(event, "sender", "")
+        if sender and domain_of(sender) == self.own_domain:
+            return
         if isinstance(event, Delivered) and event.sender:
             self._maybe_pause(
                 event.did, event.sender, self.policy.delivered(event.sender, event.at), event.at
             )
-        elif isinstance(event, Bounced) and event.sender:
+        elif isinstance(event, Bounced | Reported) and event.sender:
+            if isinstance(event, Reported) and event.outcome != "bounced":
+                return  # a remote's delay report: nothing to count
             reason = self.policy.bounced(event.sender, event.at)
             if event.status in HARD_BOUNCES:
                 detail = f"{event.status} {printable(event.reply or '')}"[:300]
@@ -96,9 +107,10 @@ class PolicyActions:
             self._maybe_pause(event.did, event.sender, reason, event.at)
         elif isinstance(event, Complained) and event.sender:
             reason = self.policy.complained(event.sender, event.at)
-            self._suppress(
-                event.did, event.recipient, SuppressionSource.COMPLAINT, "reported as spam"
-            )
+            if event.recipient:  # a report that redacted the complainant still counts
+                self._suppress(
+                    event.did, event.recipient, SuppressionSource.COMPLAINT, "reported as spam"
+                )
             self._maybe_pause(event.did, event.sender, reason, event.at)
 
     def _suppress(self, did: str, address: str, source: SuppressionSource, detail: str) -> None:
@@ -124,7 +136,15 @@ class PolicyActions:
     def _write(
         self, what: str, fn: Callable[[], object], after: Callable[[], object] | None = None
     ) -> None:
+        self.queued += 1
         self._send.send_nowait(_Write(what, fn, after))
+
+    async def settled(self) -> None:
+        """Return once every write queued before the call has landed (or failed, logged):
+        the inbound processor marks a report done only after what it caused is on disk."""
+        target = self.queued
+        while self.written < target:
+            await self._progress.wait()
 
     # -- the writer task ------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -138,13 +158,18 @@ class PolicyActions:
                 # the disk failed: the relay goes on without this write (a pause it was for
                 # stays in force in memory, since ``after`` does not run)
                 log.exception("policy write failed (%s); it is lost", write.what)
-                self.written += 1
+                self._landed()
                 continue
             self.members.invalidate()
             self.bump_generation()
             if write.after is not None:
                 write.after()
-            self.written += 1
+            self._landed()
+
+    def _landed(self) -> None:
+        self.written += 1
+        self._progress.set()
+        self._progress = trio.Event()
 
 
 @attrs.frozen

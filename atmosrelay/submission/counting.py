@@ -47,7 +47,12 @@ log = logging.getLogger("atmosrelay.policy")
 
 
 def load_counters(
-    store: Store, policy: Policy, state: QueueState, journal: str, now: float
+    store: Store,
+    policy: Policy,
+    state: QueueState,
+    journal: str,
+    now: float,
+    own_domain: str = "",
 ) -> tuple[int, int]:
     """Fill ``policy``'s counters from the store, then from the journal's records past the
     last flush; also when each domain was last paused. Returns (rows loaded, records
@@ -60,8 +65,8 @@ def load_counters(
     replayed = 0
     for msg in state.messages.values():
         record = msg.record
-        if not record.sender:
-            continue  # DSNs count against nobody
+        if not record.sender or domain_of(record.sender) == own_domain:
+            continue  # DSNs and forwards (the relay's own mail) count against nobody
         if record.accepted_at > mark:
             n = sum(1 for r in record.recipients if not r.suppressed)
             counters.add(recipients_key(record.did), record.accepted_at, n)
@@ -97,6 +102,12 @@ async def flush_loop(
     finally:
         with trio.CancelScope(shield=True):
             await _flush_once(store, policy, journal, clock())
+
+
+async def flush_counters(store: AsyncStore, policy: Policy, journal: str, now: float) -> None:
+    """Write what was counted since the last flush now (the inbound processor commits the
+    counts a report changed before it marks the report done)."""
+    await _flush_once(store, policy, journal, now)
 
 
 async def _flush_once(store: AsyncStore, policy: Policy, journal: str, now: float) -> None:
