@@ -1,0 +1,100 @@
+"""The real process, its inbound listener under load from several remotes, ``kill -9`` at
+random moments, restart: every message the listener answered 250 ends up in the inbound
+log (processed after the restart if the kill came between the fsync and the processing)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import smtplib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.relay.test_kill import CLIENTS, Server, cli_json, kill_rounds, write_config
+
+ROUNDS = 6
+
+
+def inbound_port(server: Server) -> int:
+    found = re.search(r"listening on 127\.0\.0\.1:(\d+) \(inbound\)", server.text())
+    assert found is not None, server.text()
+    return int(found.group(1))
+
+
+def remote(
+    port: int, acked: dict[str, str], lock: threading.Lock, stop: threading.Event, tag: str
+) -> None:
+    """A remote MX handing the relay abuse reports until stopped; ``acked`` maps each
+    inbound id answered 250 to its Subject."""
+    n = 0
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.ehlo("mx.remote.test")
+            while not stop.is_set():
+                n += 1
+                subject = f"{tag}-{n}"
+                smtp.mail("reports@remote.test")
+                smtp.rcpt("abuse@relay.test")
+                code, reply = smtp.data(f"Subject: {subject}\r\n\r\na report\r\n".encode())
+                if code == 250:
+                    with lock:
+                        acked[reply.decode().rsplit(" ", 1)[1]] = subject
+    except (smtplib.SMTPException, OSError):
+        pass  # the relay was killed: that is the point
+
+
+def load_then_kill(server: Server, seconds: float, tag: str, acked: dict[str, str]) -> None:
+    lock, stop = threading.Lock(), threading.Event()
+    port = inbound_port(server)
+    threads = [
+        threading.Thread(target=remote, args=(port, acked, lock, stop, f"{tag}-{i}"), daemon=True)
+        for i in range(CLIENTS)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)  # real load for a random real time: the moment of the kill is the test
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(60)
+    stop.set()
+    for t in threads:
+        t.join(15)
+
+
+@pytest.mark.slow
+def test_kill_9_during_inbound_acceptance_loses_nothing_that_got_250(tmp_path: Path) -> None:
+    config_path, _, _ = write_config(tmp_path)
+    text = config_path.read_text().replace(
+        'listeners = ["127.0.0.1:0 implicit"]',
+        'listeners = ["127.0.0.1:0 implicit", "127.0.0.1:0 inbound"]',
+    )
+    config_path.write_text(text + "[inbound]\nhourly_per_ip = 1000000\n")
+    acked: dict[str, str] = {}
+    seed = kill_rounds(
+        tmp_path,
+        config_path,
+        {},  # no submission here: the queue's own check has nothing to hold
+        lambda server, seconds, tag: load_then_kill(server, seconds, tag, acked),
+        rounds=ROUNDS,
+    )
+    assert acked, "the remotes never got a 250"
+    # a last start: whatever was fsynced but not processed is processed now
+    server = Server(tmp_path, config_path, ROUNDS)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            logged = {
+                r["id"]: r for r in cli_json(config_path, "inbound", "list", "--limit", "1000000")
+            }
+            if acked.keys() <= logged.keys() or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0, server.finished()
+    missing = acked.keys() - logged.keys()
+    assert not missing, f"seed {seed}: answered 250 but lost: {sorted(missing)[:5]}"
+    assert all(logged[i]["kind"] == "role" for i in acked)
+    assert all(logged[i]["rcpt"] == "abuse@relay.test" for i in acked)
