@@ -150,6 +150,7 @@ class QueueStore:
                 dead += sealed
             else:
                 live += sealed
+        live += sum(p.position.segment < active for p in self.state.inbound.values())
         return dead > 0 and dead >= DEAD_SHARE * (dead + live)
 
     async def compact(self) -> Compaction:

@@ -3,7 +3,15 @@ are copied forward and stay readable, and a crash after compaction replays the s
 
 from __future__ import annotations
 
-from atmosrelay.queue.records import Accepted, Delivery, Outcome, Recipient, new_queue_id
+from atmosrelay.queue.records import (
+    Accepted,
+    Delivery,
+    Inbound,
+    InboundRecipient,
+    Outcome,
+    Recipient,
+    new_queue_id,
+)
 from atmosrelay.queue.schedule import Schedule
 from atmosrelay.queue.store import QueueStore
 from journal import open_journal
@@ -56,3 +64,42 @@ async def test_compaction_keeps_the_live_queue_and_frees_the_rest() -> None:
             for m in again.state.messages.values()
         )
         assert Schedule.from_state(again.state).next_due() is not None
+
+
+def inbound(n: int) -> Inbound:
+    return Inbound(
+        id=new_queue_id(),
+        received_at=1_800_000_000.0 + n,
+        sender="",
+        recipients=(InboundRecipient("abuse@relay.test", "role"),),
+        client={"ip": "127.0.0.1", "helo": "mx", "tls": None},
+        size=len(BODY),
+    )
+
+
+async def test_processed_inbound_records_are_compacted_and_pending_ones_survive() -> None:
+    """An INBOUND record lives until its INBOUND_DONE; both then go, and one not yet
+    processed is copied forward, readable, and still pending after a crash."""
+    fs = CrashableMemFS()
+    async with open_journal("/q", fs=fs, segment_size=64 * 1024) as journal:
+        queue = QueueStore(journal)
+        records = [inbound(i) for i in range(40)]
+        for r in records:
+            await queue.receive(r, BODY)
+        for r in records[:30]:
+            await queue.inbound_done(r.id, "role", 1_800_000_100.0)
+        await journal.rotate()
+        assert queue.compaction_due()
+        result = await queue.compact()
+        assert result.copied == 10
+        assert sorted(queue.pending_inbound()) == sorted(r.id for r in records[30:])
+        for r in records[30:]:
+            pending = queue.inbound_pending(r.id)
+            assert pending is not None and pending.record == r
+            payload = (await journal.read(pending.position)).payload
+            assert payload[pending.body_offset :] == BODY
+        assert queue.state.dead_positions() == set()
+    async with open_journal("/q", fs=fs.crash_clone(), segment_size=64 * 1024) as journal:
+        again = await QueueStore.recover(journal)
+        assert sorted(again.pending_inbound()) == sorted(r.id for r in records[30:])
+        assert again.state.messages == {}
