@@ -139,14 +139,19 @@ class InboundProcessor:
         self._send.send_nowait(inbound_id)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        for inbound_id in self.queue.pending_inbound():  # left unprocessed by a restart
-            self.notify(inbound_id)
+        """Process what a restart left unprocessed first, then say started (so the relay
+        is "ready" only once every inbound message it ever answered 250 is applied), then
+        each new one as the listener makes it durable."""
+        for inbound_id in self.queue.pending_inbound():
+            pending = self.queue.inbound_pending(inbound_id)
+            if pending is not None:
+                await self._process_safely(pending)
         task_status.started()
         next_prune = trio.current_time()
         async for inbound_id in self._receive:
             pending = self.queue.inbound_pending(inbound_id)
             if pending is None:
-                continue  # done already (queued twice: at start and by the listener)
+                continue
             await self._process_safely(pending)
             if trio.current_time() >= next_prune:
                 next_prune = trio.current_time() + 3600

@@ -23,10 +23,13 @@ import trio
 import trustme
 
 from atmosrelay.accounts.store import Store
+from atmosrelay.queue.records import Inbound, InboundRecipient, new_queue_id
+from atmosrelay.queue.store import QueueStore
+from journal import open_journal
 from tests.accounts.dns_server import DnsServer
 from tests.delivery.test_end_to_end import config_for, publish, submit, wait_for
 from tests.inbound import samples
-from tests.relay.harness import ALICE, Relay, running_relay
+from tests.relay.harness import ALICE, Relay, make_config, running_relay
 from tests.sink import Sink, aiosmtpd_sink
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -470,3 +473,33 @@ async def test_an_inbound_flood_from_one_address_is_slowed(
                 return smtp.mail("a@remote.test")[0]
 
         assert await trio.to_thread.run_sync(third) == 450
+
+
+async def test_an_inbound_message_left_unprocessed_is_applied_before_ready(
+    tmp_path: Path,
+) -> None:
+    """The state a kill -9 between the fsync and the processing leaves: an INBOUND record
+    without its DONE. The next start applies it before it says ready."""
+    ca = trustme.CA()
+    config = make_config(tmp_path, ca)
+    report = samples.arf("abuse@relay.test", did=ALICE, redact=True)
+    record = Inbound(
+        id=new_queue_id(),
+        received_at=1_795_000_000.0,
+        sender="fbl@aol.example",
+        recipients=(InboundRecipient("abuse@relay.test", "role"),),
+        client={"ip": "192.0.2.9", "helo": "mx.aol.example", "tls": None},
+        size=len(report),
+    )
+    async with open_journal(str(config.journal_dir)) as journal:
+        await QueueStore(journal).receive(record, report)
+    async with running_relay(tmp_path, config=config, ca=ca) as relay:
+        assert relay.handle.inbound is not None
+        assert dict(relay.handle.inbound.processed) == {"complaint": 1}
+        store = Store(relay.config.accounts_db)
+        try:
+            (entry,) = store.inbound()
+        finally:
+            store.close()
+        assert (entry.id, entry.kind, entry.did) == (record.id, "complaint", ALICE)
+        assert relay.handle.ctx.queue.pending_inbound() == []
