@@ -44,6 +44,7 @@ import hashlib
 import hmac
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -155,7 +156,12 @@ class InboundProcessor:
             await self._process_safely(pending)
             if trio.current_time() >= next_prune:
                 next_prune = trio.current_time() + 3600
-                await self.store.run(self.store.sync.prune_inbound, self.clock() - self.retention)
+                try:
+                    await self.store.run(
+                        self.store.sync.prune_inbound, self.clock() - self.retention
+                    )
+                except (OSError, sqlite3.Error) as exc:  # the log grows an hour longer
+                    log.error("inbound log: pruning failed (%s); will retry", exc)
 
     async def _process_safely(self, pending: PendingInbound) -> None:
         record = pending.record

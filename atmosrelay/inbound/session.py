@@ -42,7 +42,7 @@ from atmosrelay.inbound.addresses import (
 from atmosrelay.policy.counters import Counters
 from atmosrelay.policy.limits import HOUR
 from atmosrelay.queue.records import Inbound, InboundRecipient, new_queue_id
-from atmosrelay.server.session import Session, _Transaction
+from atmosrelay.server.session import Session, SessionContext, _Transaction
 from atmosrelay.smtp import Event, MailFrom, RcptTo, Reply, ServerConnection
 from atmosrelay.smtp import replies as R
 from atmosrelay.smtp._extensions import AddressError
@@ -55,7 +55,7 @@ KEEP_COUNTS: Final = 2 * HOUR
 class InboundSettings:
     """What inbound sessions share besides the session context."""
 
-    operator_domain: str
+    operator_domain: str  # lower case
     return_path: ReturnPath
     srs: Srs
     store: AsyncStore
@@ -72,12 +72,12 @@ class InboundSession(Session):
         self,
         stream: trio.abc.Stream,
         peer: str,
-        ctx: object,
+        ctx: SessionContext,
         inbound: InboundSettings,
     ) -> None:
         self.inbound = inbound
         self._kinds: list[InboundRecipient] = []
-        super().__init__(stream, peer, ListenerMode.INBOUND, ctx)  # type: ignore[arg-type]
+        super().__init__(stream, peer, ListenerMode.INBOUND, ctx)
 
     def _new_connection(self, *, after_starttls: bool) -> ServerConnection:
         caps = attrs.evolve(self.ctx.capabilities, starttls=not self.tls, auth=())
@@ -135,7 +135,7 @@ class InboundSession(Session):
     async def _classify(self, local: str, domain: str) -> InboundRecipient | Reply:
         settings = self.inbound
         addr = f"{local}@{domain}"
-        if domain == settings.operator_domain.lower():
+        if domain == settings.operator_domain:
             lowered = local.lower()
             if is_verp_shaped(local):
                 verified = settings.return_path.verify(local)

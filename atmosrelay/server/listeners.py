@@ -18,6 +18,7 @@ import attrs
 import trio
 
 from atmosrelay.config import ListenerMode
+from atmosrelay.inbound.session import InboundSession
 from atmosrelay.server.session import TLS_HANDSHAKE_TIMEOUT, Session, SessionContext
 from atmosrelay.smtp import replies as R
 
@@ -96,8 +97,7 @@ async def _connection(
         if mode is ListenerMode.IMPLICIT:
             session_stream = await _wrap_tls(stream, ctx)
         if session_stream is not None and mode is ListenerMode.INBOUND:
-            from atmosrelay.inbound.session import InboundSession  # it builds on Session
-
+            assert ctx.inbound is not None  # set by the runtime with the listeners
             await InboundSession(session_stream, peer, ctx, ctx.inbound).run()
         elif session_stream is not None:
             await Session(session_stream, peer, mode, ctx).run()

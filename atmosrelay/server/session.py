@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
@@ -83,6 +83,9 @@ from atmosrelay.smtp import replies as R
 from atmosrelay.smtp._extensions import Address, AddressError
 from atmosrelay.submission import Envelope, Pipeline, Submission
 
+if TYPE_CHECKING:
+    from atmosrelay.inbound.session import InboundSettings
+
 log = logging.getLogger("atmosrelay.smtp")
 
 RECEIVE_SIZE: Final = 64 * 1024
@@ -127,7 +130,7 @@ class SessionContext:
     max_session_time: float = 3600.0
     max_recipients: int = 100
     trusted_did: str = ""
-    inbound: Any = None  # inbound.session.InboundSettings, when an inbound listener exists
+    inbound: InboundSettings | None = None  # what the inbound listener's sessions share
     shutdown: trio.Event = attrs.field(factory=trio.Event)
     waiting: set[trio.CancelScope] = attrs.field(factory=set)  # sessions waiting for a command
 
