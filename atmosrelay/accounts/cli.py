@@ -435,7 +435,7 @@ def suppression_remove(args: argparse.Namespace, config: Config, store: Store) -
 
 
 # -- wiring -----------------------------------------------------------------------------------
-def _run(
+def with_store(
     handler: Callable[[argparse.Namespace, Config, Store], None],
 ) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
@@ -460,7 +460,7 @@ def _run(
     return run
 
 
-def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def common_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML config file (default: $ATMOSRELAY_CONFIG)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
@@ -470,87 +470,93 @@ def register(sub: Any) -> None:
     """Add the member, domain, key and suppression commands to the CLI."""
     member = sub.add_parser("member", help="members (atproto DIDs) and their status")
     ms = member.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = _common(ms.add_parser("add", help="add a member: DID --handle HANDLE"))
+    p = common_options(ms.add_parser("add", help="add a member: DID --handle HANDLE"))
     p.add_argument("did")
     p.add_argument("--handle", required=True)
     p.add_argument(
         "--without-dns", action="store_true", help="do not check the handle's _atproto TXT"
     )
-    p.set_defaults(func=_run(member_add))
-    _common(ms.add_parser("list", help="all members")).set_defaults(func=_run(member_list))
-    p = _common(ms.add_parser("show", help="one member: status, limits, counts, domains, keys"))
+    p.set_defaults(func=with_store(member_add))
+    common_options(ms.add_parser("list", help="all members")).set_defaults(
+        func=with_store(member_list)
+    )
+    p = common_options(
+        ms.add_parser("show", help="one member: status, limits, counts, domains, keys")
+    )
     p.add_argument("did")
-    p.set_defaults(func=_run(member_show))
-    p = _common(ms.add_parser("limits", help="set a member's own hourly/daily limits"))
+    p.set_defaults(func=with_store(member_show))
+    p = common_options(ms.add_parser("limits", help="set a member's own hourly/daily limits"))
     p.add_argument("did")
     p.add_argument("--hourly", type=int, help="recipients per hour")
     p.add_argument("--daily", type=int, help="recipients per day")
     p.add_argument("--reset", action="store_true", help="back to the tier's limits")
-    p.set_defaults(func=_run(member_limits))
-    p = _common(ms.add_parser("label", help="add or remove a reputation label"))
+    p.set_defaults(func=with_store(member_limits))
+    p = common_options(ms.add_parser("label", help="add or remove a reputation label"))
     p.add_argument("change", choices=("add", "remove"))
     p.add_argument("did")
     p.add_argument("label", help="throttled, highly_trusted, auto_suspended, shadow:<label>, ...")
-    p.set_defaults(func=_run(member_label))
+    p.set_defaults(func=with_store(member_label))
     for action, status, reason in (
         ("suspend", "suspended", True),
         ("unsuspend", "active", False),
         ("remove", "removed", True),
     ):
-        p = _common(ms.add_parser(action, help=f"mark a member {status}"))
+        p = common_options(ms.add_parser(action, help=f"mark a member {status}"))
         p.add_argument("did")
         if reason:
             p.add_argument("--reason", required=True)
-        p.set_defaults(func=_run(_status(status, reason)))
+        p.set_defaults(func=with_store(_status(status, reason)))
 
     domain = sub.add_parser("domain", help="sending domains and their DNS proof")
     ds = domain.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = _common(ds.add_parser("add", help="enroll DOMAIN for DID; prints the TXT challenge"))
+    p = common_options(ds.add_parser("add", help="enroll DOMAIN for DID; prints the TXT challenge"))
     p.add_argument("did")
     p.add_argument("domain")
-    p.set_defaults(func=_run(domain_add))
-    p = _common(ds.add_parser("verify", help="check the TXT challenge; print DKIM/SPF/DMARC"))
+    p.set_defaults(func=with_store(domain_add))
+    p = common_options(
+        ds.add_parser("verify", help="check the TXT challenge; print DKIM/SPF/DMARC")
+    )
     p.add_argument("domain")
     p.add_argument(
         "--without-dns", action="store_true", help="local testing only: skip the DNS check"
     )
-    p.set_defaults(func=_run(domain_verify))
-    p = _common(ds.add_parser("records", help="the DNS records a domain must publish"))
+    p.set_defaults(func=with_store(domain_verify))
+    p = common_options(ds.add_parser("records", help="the DNS records a domain must publish"))
     p.add_argument("domain")
-    p.set_defaults(func=_run(domain_records))
-    p = _common(ds.add_parser("unpause", help="let a paused domain send again"))
+    p.set_defaults(func=with_store(domain_records))
+    p = common_options(ds.add_parser("unpause", help="let a paused domain send again"))
     p.add_argument("domain")
-    p.set_defaults(func=_run(domain_unpause))
-    p = _common(ds.add_parser("forward-to", help="forward replies to DOMAIN to ADDRESS"))
+    p.set_defaults(func=with_store(domain_unpause))
+    p = common_options(ds.add_parser("forward-to", help="forward replies to DOMAIN to ADDRESS"))
     p.add_argument("domain")
     p.add_argument("address", nargs="?")
     p.add_argument("--clear", action="store_true", help="stop forwarding")
-    p.set_defaults(func=_run(domain_forward_to))
-    p = _common(ds.add_parser("list", help="enrolled domains (of DID, if given)"))
+    p.set_defaults(func=with_store(domain_forward_to))
+    p = common_options(ds.add_parser("list", help="enrolled domains (of DID, if given)"))
     p.add_argument("did", nargs="?")
-    p.set_defaults(func=_run(domain_list))
+    p.set_defaults(func=with_store(domain_list))
 
     key = sub.add_parser("key", help="API keys")
     ks = key.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = _common(ks.add_parser("issue", help="a new key for DID, shown once"))
+    p = common_options(ks.add_parser("issue", help="a new key for DID, shown once"))
     p.add_argument("did")
-    p.set_defaults(func=_run(key_issue))
-    p = _common(ks.add_parser("list", help="a member's keys (ids only)"))
+    p.set_defaults(func=with_store(key_issue))
+    p = common_options(ks.add_parser("list", help="a member's keys (ids only)"))
     p.add_argument("did")
-    p.set_defaults(func=_run(key_list))
-    p = _common(ks.add_parser("revoke", help="revoke a key by id"))
+    p.set_defaults(func=with_store(key_list))
+    p = common_options(ks.add_parser("revoke", help="revoke a key by id"))
     p.add_argument(
         "key_id", help="as 'key list' shows it (an id starting with '-': put '--' first)"
     )
-    p.set_defaults(func=_run(key_revoke))
+    p.set_defaults(func=with_store(key_revoke))
 
     supp = sub.add_parser("suppression", help="a member's suppressed recipients")
     ss = supp.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = _common(ss.add_parser("list", help="suppressed addresses of DID"))
+    p = common_options(ss.add_parser("list", help="suppressed addresses of DID"))
     p.add_argument("did")
-    p.set_defaults(func=_run(suppression_list))
+    p.set_defaults(func=with_store(suppression_list))
     for action, fn in (("add", suppression_add), ("remove", suppression_remove)):
-        p = _common(ss.add_parser(action, help=f"{action} ADDRESS for DID"))
+        p = common_options(ss.add_parser(action, help=f"{action} ADDRESS for DID"))
         p.add_argument("did")
         p.add_argument("address")
-        p.set_defaults(func=_run(fn))
+        p.set_defaults(func=with_store(fn))

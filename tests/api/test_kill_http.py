@@ -8,14 +8,19 @@ from __future__ import annotations
 import re
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.relay.harness import ALICE
-from tests.relay.test_kill import Server, kill_rounds, queue_ids, write_config
+from tests.relay.test_kill import (
+    Server,
+    clients_then_signal,
+    kill_rounds,
+    queue_ids,
+    write_config,
+)
 from tests.sink import Sink, aiosmtpd_sink
 
 ROUNDS = 5
@@ -58,27 +63,6 @@ def _load(
         pass  # the server went away (that is the point)
 
 
-def _load_then_kill(
-    server: Server, key: str, acked: dict[str, str], seconds: float, tag: str
-) -> None:
-    lock, stop = threading.Lock(), threading.Event()
-    port = http_port(server)
-    threads = [
-        threading.Thread(
-            target=_load, args=(port, key, acked, lock, stop, f"{tag}-{i}"), daemon=True
-        )
-        for i in range(CLIENTS)
-    ]
-    for t in threads:
-        t.start()
-    time.sleep(seconds)  # real load for a random real time: the moment of the kill is the test
-    server.proc.send_signal(signal.SIGKILL)
-    server.proc.wait(60)
-    stop.set()
-    for t in threads:
-        t.join(15)
-
-
 def _delivered_ids(sink: Sink) -> set[str]:
     out = set()
     for r in sink.snapshot():
@@ -95,11 +79,16 @@ def test_kill_9_under_http_load_loses_no_200(tmp_path: Path) -> None:
         # delivers everything: each 200 must reach the sink.
         config_path, _, key = write_config(tmp_path)
         acked: dict[str, str] = {}
+        lock = threading.Lock()
         seed = kill_rounds(
             tmp_path,
             config_path,
             acked,
-            lambda server, seconds, tag: _load_then_kill(server, key, acked, seconds, tag),
+            lambda server, seconds, tag: clients_then_signal(
+                server,
+                lambda stop, i: _load(http_port(server), key, acked, lock, stop, f"{tag}-{i}"),
+                seconds,
+            ),
             ROUNDS,
         )
         assert acked, "the load never got a 200"
@@ -154,21 +143,15 @@ def test_sigterm_under_http_load_answers_every_send_it_queued(tmp_path: Path) ->
     exactly the messages that were answered 200 (one more would be a cut-off answer)."""
     config_path, _, key = write_config(tmp_path)
     server = Server(tmp_path, config_path, 0)
-    lock, stop = threading.Lock(), threading.Event()
+    lock = threading.Lock()
     acked: dict[str, str] = {}
     port = http_port(server)
-    threads = [
-        threading.Thread(target=_load, args=(port, key, acked, lock, stop, f"t{i}"), daemon=True)
-        for i in range(CLIENTS)
-    ]
-    for t in threads:
-        t.start()
-    time.sleep(0.8)  # real load for a real time, then the stop
-    server.proc.send_signal(signal.SIGTERM)
-    status = server.proc.wait(60)
-    stop.set()
-    for t in threads:
-        t.join(15)
+    status = clients_then_signal(  # real load for a real time, then the stop
+        server,
+        lambda stop, i: _load(port, key, acked, lock, stop, f"t{i}"),
+        0.8,
+        signal.SIGTERM,
+    )
     text = server.finished()
     assert status == 0, server.err.read_text()
     assert "SIGTERM received" in text and "journal closed" in text

@@ -295,6 +295,7 @@ async def test_forged_tokens_and_foreign_addresses_are_refused(
         assert (await trio.to_thread.run_sync(rcpt_reply, relay, "PostMaster@Relay.Test"))[0] == 250
         # and nothing of it was queued for delivery anywhere
         assert len(relay.handle.ctx.queue.state.messages) == 1
+        assert relay.handle.ctx.inbound is not None
         assert relay.handle.ctx.inbound.refused_rcpt == 18
 
 
@@ -503,3 +504,26 @@ async def test_an_inbound_message_left_unprocessed_is_applied_before_ready(
             store.close()
         assert (entry.id, entry.kind, entry.did) == (record.id, "complaint", ALICE)
         assert relay.handle.ctx.queue.pending_inbound() == []
+
+
+async def test_one_complaint_in_ten_deliveries_pauses_the_domain(
+    tmp_path: Path, dns_server: DnsServer
+) -> None:
+    readers = [f"reader{i}@example.net" for i in range(10)]
+    async with delivering(tmp_path, dns_server) as (relay, sink):
+        await trio.to_thread.run_sync(submit, relay, BULK, *readers)
+        paths = await delivered(relay, sink, 10)
+        assert paused(relay) is None
+        report = samples.arf(paths["reader3@example.net"], rcpt="reader3@example.net")
+        await trio.to_thread.run_sync(inbound, relay, "", [paths["reader3@example.net"]], report)
+        await processed(relay, 1)
+        reason = paused(relay)
+        assert reason is not None and reason.startswith("complaint rate 1/10 = 10.00%")
+
+        def mail_from() -> int:
+            with smtplib.SMTP("127.0.0.1", relay.starttls_port, timeout=10) as smtp:
+                smtp.starttls(context=relay.client_context())
+                smtp.login("alice.test", relay.key)
+                return smtp.mail("alice@example.org")[0]
+
+        assert await trio.to_thread.run_sync(mail_from) == 550  # DOMAIN_PAUSED

@@ -8,12 +8,17 @@ import re
 import signal
 import smtplib
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.relay.test_kill import CLIENTS, Server, cli_json, kill_rounds, write_config
+from tests.relay.test_kill import (
+    Server,
+    cli_json,
+    clients_then_signal,
+    kill_rounds,
+    write_config,
+)
 
 ROUNDS = 6
 
@@ -46,23 +51,6 @@ def remote(
         pass  # the relay was killed: that is the point
 
 
-def load_then_kill(server: Server, seconds: float, tag: str, acked: dict[str, str]) -> None:
-    lock, stop = threading.Lock(), threading.Event()
-    port = inbound_port(server)
-    threads = [
-        threading.Thread(target=remote, args=(port, acked, lock, stop, f"{tag}-{i}"), daemon=True)
-        for i in range(CLIENTS)
-    ]
-    for t in threads:
-        t.start()
-    time.sleep(seconds)  # real load for a random real time: the moment of the kill is the test
-    server.proc.send_signal(signal.SIGKILL)
-    server.proc.wait(60)
-    stop.set()
-    for t in threads:
-        t.join(15)
-
-
 @pytest.mark.slow
 def test_kill_9_during_inbound_acceptance_loses_nothing_that_got_250(tmp_path: Path) -> None:
     config_path, _, _ = write_config(tmp_path)
@@ -72,11 +60,16 @@ def test_kill_9_during_inbound_acceptance_loses_nothing_that_got_250(tmp_path: P
     )
     config_path.write_text(text + "[inbound]\nhourly_per_ip = 1000000\n")
     acked: dict[str, str] = {}
+    lock = threading.Lock()
     seed = kill_rounds(
         tmp_path,
         config_path,
         {},  # no submission here: the queue's own check has nothing to hold
-        lambda server, seconds, tag: load_then_kill(server, seconds, tag, acked),
+        lambda server, seconds, tag: clients_then_signal(
+            server,
+            lambda stop, i: remote(inbound_port(server), acked, lock, stop, f"{tag}-{i}"),
+            seconds,
+        ),
         rounds=ROUNDS,
     )
     assert acked, "the remotes never got a 250"

@@ -111,13 +111,26 @@ def load_then_signal(
 ) -> int:
     """CLIENTS sessions submit for ``seconds`` of real time, then the relay gets ``sig``;
     once it has exited the sessions stop. Returns its exit status."""
-    lock, stop = threading.Lock(), threading.Event()
-    threads = [
-        threading.Thread(
-            target=load, args=(server.port, ctx, key, acked, lock, stop, f"{tag}-{i}"), daemon=True
-        )
-        for i in range(CLIENTS)
-    ]
+    lock = threading.Lock()
+    return clients_then_signal(
+        server,
+        lambda stop, i: load(server.port, ctx, key, acked, lock, stop, f"{tag}-{i}"),
+        seconds,
+        sig,
+    )
+
+
+def clients_then_signal(
+    server: Server,
+    client: Callable[[threading.Event, int], object],
+    seconds: float,
+    sig: signal.Signals = signal.SIGKILL,
+) -> int:
+    """CLIENTS threads run ``client(stop, i)`` for ``seconds`` of real time, then the relay
+    gets ``sig``; once it has exited, ``stop`` is set and the threads joined. Returns the
+    relay's exit status."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=client, args=(stop, i), daemon=True) for i in range(CLIENTS)]
     for t in threads:
         t.start()
     time.sleep(seconds)  # real load for a random real time: the moment of the kill is the test
