@@ -199,8 +199,15 @@ class Store(InboundLog):
         self.path = Path(path)
         self.clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)  # never world-readable
-        os.close(fd)
+        if not self.path.exists():
+            # created 0600, never world-readable. Only when missing: closing a descriptor
+            # of a database file drops every POSIX lock this process holds on it, the
+            # locks of another connection in this process included (fcntl locks are per
+            # process), and a writer elsewhere that then closes its connection believes
+            # it is the last, deletes the WAL, and leaves that connection reading a stale
+            # snapshot for ever (tests/accounts/test_store.py shows it).
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+            os.close(fd)
         os.chmod(self.path, 0o600)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row

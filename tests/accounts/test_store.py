@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -102,3 +104,27 @@ def test_member_errors_are_clear(tmp_path: Path) -> None:
         store.set_status(DID, "sleeping", None)
     member = store.set_status(DID, "suspended", "spam complaints")
     assert (member.status, member.status_reason) == ("suspended", "spam complaints")
+
+
+def test_a_second_store_in_the_process_leaves_the_first_reading_what_others_write(
+    tmp_path: Path,
+) -> None:
+    """Opening another Store on the same file (a test beside an in-process relay, a tool)
+    must not drop the first connection's locks: a writer in another process that then
+    closes would take itself for the last, delete the WAL, and leave the first reading a
+    stale snapshot for good (what opening and closing a raw descriptor of the file did)."""
+    path = tmp_path / "a.sqlite3"
+    first = Store(path)
+    first.add_member("did:plc:abcdefghijklmnopqrstuvwx", None)
+    Store(path).close()  # a second connection in this process, opened and closed
+    opening = "import sys; from atmosrelay.accounts.store import Store; s = Store(sys.argv[1]); "
+    for then in ("", "s.add_member('did:plc:bbbbbbbbbbbbbbbbbbbbbbbb', None); "):
+        # an operator's command that only reads (it closes: WAL gone, if it thinks itself
+        # the last), then one that writes (a new WAL the first would never look at)
+        script = opening + then + "s.close()"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=60)
+    assert {m.did for m in first.members()} == {
+        "did:plc:abcdefghijklmnopqrstuvwx",
+        "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb",
+    }
+    first.close()
