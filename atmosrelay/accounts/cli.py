@@ -367,12 +367,10 @@ def domain_forward_to(args: argparse.Namespace, config: Config, store: Store) ->
     name = args.domain.strip().lower()
     if args.clear == bool(args.address):
         raise _Refused("give an ADDRESS, or --clear (not both)", EXIT_INVALID)
-    address = None if args.clear else _address(args.address)
-    if address is not None and address.rpartition("@")[2] == name:
-        raise _Refused(
-            f"{address} is at {name} itself: its replies would come back here in a loop",
-            EXIT_INVALID,
-        )
+    try:
+        address = None if args.clear else domains.forward_address(args.address, name)
+    except domains.DomainError as exc:
+        raise _Refused(str(exc), EXIT_INVALID) from None
     d = store.set_forward_to(name, address)
     _out(
         args,

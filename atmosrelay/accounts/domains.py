@@ -38,6 +38,18 @@ def normalize_domain(name: str) -> str:
     return d
 
 
+def forward_address(text: str, domain: str) -> str:
+    """A forward-to address for ``domain`` (normalised), checked: one address, not at
+    ``domain`` itself (its replies would come back to the relay in a loop)."""
+    local, at, host = text.strip().rpartition("@")
+    if not at or not local or any(c.isspace() or ord(c) < 32 or c in "<>,;" for c in text):
+        raise DomainError(f"{text[:80]!r} is not an email address")
+    address = f"{local}@{normalize_domain(host)}"
+    if address.rpartition("@")[2] == domain:
+        raise DomainError(f"{address} is at {domain} itself: its replies would come back here")
+    return address
+
+
 def challenge_name(domain: str) -> str:
     return f"{CHALLENGE_PREFIX}.{domain}"
 

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from atmosrelay.accounts.domains import DomainError, normalize_domain
+from atmosrelay.accounts.domains import DomainError, forward_address, normalize_domain
 from atmosrelay.accounts.store import Domain, Member
 from atmosrelay.api.common import (
     ApiContext,
@@ -271,7 +271,7 @@ async def put_forward_to(request: Request) -> Response:
         return error_response(invalid(f"{where}: {error['msg']}"))
     try:
         name = normalize_domain(req.domain)
-        address = None if req.forward_to is None else _forward_address(req.forward_to, name)
+        address = None if req.forward_to is None else forward_address(req.forward_to, name)
     except DomainError as exc:
         return error_response(invalid(str(exc)))
     store = ctx.relay.store
@@ -279,13 +279,3 @@ async def put_forward_to(request: Request) -> Response:
         return error_response(refuse(Code.DOMAIN_MISMATCH, log="forward-to", domain=name))
     domain = await store.run(store.sync.set_forward_to, name, address)
     return json_response(ForwardToOut(domain=domain.name, forward_to=domain.forward_to))
-
-
-def _forward_address(text: str, domain: str) -> str:
-    local, at, host = text.strip().rpartition("@")
-    if not at or not local or any(c.isspace() or ord(c) < 32 or c in "<>," for c in text):
-        raise DomainError(f"forward_to: {text[:80]!r} is not an email address")
-    host = normalize_domain(host)
-    if host == domain:
-        raise DomainError(f"forward_to: an address at {domain} itself would loop")
-    return f"{local}@{host}"

@@ -425,7 +425,12 @@ async def test_replies_are_forwarded_with_srs_and_their_bounces_find_the_sender(
         assert (figures["sent_14d"], figures["bounced_14d"]) == (0, 0)
         assert suppressions(relay) == {}
 
-        # the CLI turns forwarding off; then the domain answers 550 5.1.1 again
+        # the CLI refuses what the API refuses, and turns forwarding off; then the domain
+        # answers 550 5.1.1 again
+        loop = cli(tmp_path, "domain", "forward-to", "example.org", "me@Example.ORG")
+        assert (loop.returncode, "itself" in loop.stderr) == (65, True), loop.stderr
+        bad = cli(tmp_path, "domain", "forward-to", "example.org", "not an address")
+        assert (bad.returncode, "not an email address" in bad.stderr) == (65, True)
         off = cli(tmp_path, "domain", "forward-to", "example.org", "--clear")
         assert off.returncode == 0, off.stderr
         code, _ = await trio.to_thread.run_sync(rcpt_reply, relay, "alice@example.org")
