@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -153,8 +154,6 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
     except CorruptJournalError as exc:
         _err(str(exc))
         return EXIT_CORRUPT
-    except BrokenPipeError:  # `| head` closed the pipe: not an error
-        return 0
     return 0
 
 
@@ -199,7 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (`queue list | head`): not an error, nothing to tell it.
+        # Point stdout at /dev/null so the interpreter's own flush at exit stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     return code
 
 

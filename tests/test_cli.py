@@ -221,3 +221,32 @@ def test_serve_names_a_port_it_cannot_listen_on(tmp_path: Path, section: str) ->
         f"another program may hold the port, or change {section}.listeners"
     ) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["config defaults", "journal dump", "queue list"])
+def test_a_closed_standard_output_ends_quietly(tmp_path: Path, command: str) -> None:
+    """`atmosrelay queue list | head` and the like: the reader is gone before the first
+    write (its end of the pipe is closed before the process starts), so the outcome does
+    not depend on timing. Not an error (exit 0, as `journal dump` always did), no traceback."""
+    args = command.split()
+    if command == "journal dump":
+        make_journal(tmp_path / "j")
+        args.append(str(tmp_path / "j"))
+    if command == "queue list":
+        (tmp_path / "relay.toml").write_text(f'[relay]\ndata_dir = "{tmp_path / "var"}"\n')
+        make_journal(tmp_path / "var" / "journal", 0)
+        args += ["--json", "--config", str(tmp_path / "relay.toml")]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "atmosrelay", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")
