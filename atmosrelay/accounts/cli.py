@@ -242,10 +242,12 @@ def _label_effect(label: str) -> str:
 
 def _status(status: str, needs_reason: bool) -> Callable[[argparse.Namespace, Config, Store], None]:
     def run(args: argparse.Namespace, config: Config, store: Store) -> None:
-        reason = getattr(args, "reason", None)
+        reason = (getattr(args, "reason", None) or "").strip() or None
         if needs_reason and not reason:
             raise _Refused(
-                "give a --reason: it is recorded and shown to the operator", EXIT_INVALID
+                f"give a --reason, e.g. 'atmosrelay member {args.action} {args.did} --reason "
+                '"spam complaints"\': it is recorded and shown to the operator',
+                EXIT_INVALID,
             )
         m = store.set_status(_did(args.did), status, reason)
         _out(args, _member_json(m), f"member {m.did} is now {m.status}")
@@ -501,8 +503,8 @@ def register(sub: Any) -> None:
     ):
         p = common_options(ms.add_parser(action, help=f"mark a member {status}"))
         p.add_argument("did")
-        if reason:
-            p.add_argument("--reason", required=True)
+        if reason:  # checked by the handler: a missing reason is malformed input (65)
+            p.add_argument("--reason", help="why (recorded, shown to the operator)")
         p.set_defaults(func=with_store(_status(status, reason)))
 
     domain = sub.add_parser("domain", help="sending domains and their DNS proof")

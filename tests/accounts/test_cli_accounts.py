@@ -84,7 +84,8 @@ def test_member_lifecycle_and_errors(cli: Cli) -> None:
     listed = cli.json("member", "list")
     assert [m["did"] for m in listed] == [ALICE, BOB]  # type: ignore[index]
     refused(cli("member", "show", "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"), 1, "no member")
-    refused(cli("member", "suspend", ALICE), 2, "--reason")
+    refused(cli("member", "suspend", ALICE), 65, "give a --reason")  # malformed input
+    refused(cli("member", "remove", ALICE, "--reason", "  "), 65, "give a --reason")
     suspended = cli.json("member", "suspend", ALICE, "--reason", "spam complaints")
     assert suspended["status"] == "suspended"  # type: ignore[index]
     assert cli.json("member", "unsuspend", ALICE)["status"] == "active"  # type: ignore[index]
