@@ -31,7 +31,7 @@ import attrs
 import trio
 
 from atmosrelay._text import print_error
-from atmosrelay.accounts import api_keys, domains
+from atmosrelay.accounts import api_keys, dkim_keys, domains
 from atmosrelay.accounts.identity import (
     DnsSettings,
     HandleResolver,
@@ -313,9 +313,26 @@ def domain_verify(args: argparse.Namespace, config: Config, store: Store) -> Non
 
 
 def domain_records(args: argparse.Namespace, config: Config, store: Store) -> None:
-    d = store.domain(args.domain.strip().lower())
+    name = args.domain.strip().lower()
+    if name == config["operator.domain"].lower():
+        raise _Refused(
+            f"{name} is the operator's own domain: 'atmosrelay operator records' prints its records"
+        )
+    d = store.domain(name)
     data, lines = _records(args, config, d)
     _out(args, data, lines)
+
+
+def operator_records(args: argparse.Namespace, config: Config, store: Store) -> None:
+    """The operator domain's records, at any time (its key made now if the relay never ran)."""
+    operator, _ = dkim_keys.ensure_operator_key(config.dkim_dir, config["operator.domain"])
+    recs = domains.operator_records(operator, config["smtp.hostname"])
+    lines = [r.zone_line() + (f"    ; {r.note}" if r.note else "") for r in recs]
+    _out(
+        args,
+        [attrs.asdict(r) for r in recs],
+        f"publish these records for {operator.domain}:\n" + "\n".join("  " + x for x in lines),
+    )
 
 
 def domain_list(args: argparse.Namespace, config: Config, store: Store) -> None:
@@ -535,6 +552,11 @@ def register(sub: Any) -> None:
     p = common_options(ds.add_parser("list", help="enrolled domains (of DID, if given)"))
     p.add_argument("did", nargs="?")
     p.set_defaults(func=with_store(domain_list))
+
+    operator = sub.add_parser("operator", help="the operator's own domain")
+    ops = operator.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = common_options(ops.add_parser("records", help="its DKIM, MX, SPF and DMARC records"))
+    p.set_defaults(func=with_store(operator_records))
 
     key = sub.add_parser("key", help="API keys")
     ks = key.add_subparsers(dest="action", required=True, metavar="ACTION")

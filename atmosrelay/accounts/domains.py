@@ -103,8 +103,32 @@ class DnsRecord:
         return "".join(self.strings)
 
     def zone_line(self) -> str:
+        if self.type != "TXT":  # MX: "10 host." as it stands
+            return f"{self.name}. IN {self.type} {self.value}"
         quoted = " ".join(f'"{s}"' for s in self.strings)
         return f"{self.name}. IN {self.type} {quoted}"
+
+
+def operator_records(operator: dkim_keys.OperatorKey, hostname: str) -> list[DnsRecord]:
+    """What the operator's own domain publishes: its DKIM key (every message carries its
+    signature), the MX of the inbound listener (VERP bounces, feedback reports come back to
+    it: docs/inbound.md), SPF for the return path it is now the domain of, and DMARC."""
+    domain = operator.domain
+    return [
+        DnsRecord(
+            f"{operator.selector}._domainkey.{domain}",
+            "TXT",
+            dkim_keys.split_txt(dkim_keys.dkim_record_value("rsa", operator.key.public_b64)),
+        ),
+        DnsRecord(domain, "MX", (f"10 {hostname}.",), note="the inbound listener's host"),
+        DnsRecord(
+            domain,
+            "TXT",
+            (f"v=spf1 a:{hostname} -all",),
+            note="list every address the relay sends from",
+        ),
+        DnsRecord(f"_dmarc.{domain}", "TXT", (DMARC_VALUE,)),
+    ]
 
 
 def records_to_publish(domain: Domain, *, spf_include: str | None) -> list[DnsRecord]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from atmosrelay.accounts.dkim_keys import dkim_record_value, ensure_operator_key
 from tests.accounts.dns_server import DnsServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -254,3 +255,18 @@ def test_domain_unpause_and_suppression_reasons(cli: Cli, tmp_path: Path) -> Non
     assert listed[0].startswith("gone@example.net  hard-bounce  since ")
     assert listed[0].endswith("5.1.1 550 5.1.1 no such user")
     assert listed[1].startswith("optout@example.net  complaint  since ")
+
+
+def test_operator_records_print_the_key_the_relay_signs_with(cli: Cli, tmp_path: Path) -> None:
+    first = cli.json("operator", "records")
+    assert cli.json("operator", "records") == first  # the same key every time
+    by_type = {(r["name"], r["type"], r["strings"][0][:8]): r for r in first}  # type: ignore[index,union-attr]
+    operator, created = ensure_operator_key(tmp_path / "var" / "dkim", "atmosrelay.localhost")
+    assert not created  # the command made it; the relay would load this one
+    (dkim,) = [r for r in first if r["name"].endswith("._domainkey.atmosrelay.localhost")]  # type: ignore[index,union-attr]
+    assert dkim["name"] == f"{operator.selector}._domainkey.atmosrelay.localhost"  # type: ignore[index]
+    assert "".join(dkim["strings"]) == dkim_record_value("rsa", operator.key.public_b64)  # type: ignore[index]
+    assert ("atmosrelay.localhost", "MX", "10 local") in by_type
+    assert ("atmosrelay.localhost", "TXT", "v=spf1 a") in by_type
+    assert ("_dmarc.atmosrelay.localhost", "TXT", "v=DMARC1") in by_type
+    refused(cli("domain", "records", "atmosrelay.localhost"), 1, "'atmosrelay operator records'")
