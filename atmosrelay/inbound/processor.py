@@ -62,7 +62,7 @@ from atmosrelay.policy.member import SuppressionSource
 from atmosrelay.queue.events import Complained, Reported
 from atmosrelay.queue.records import Accepted, Inbound, Recipient, RecipientState
 from atmosrelay.queue.state import PendingInbound
-from atmosrelay.queue.status import StatusIndex
+from atmosrelay.queue.status import MessageStatus, StatusIndex
 from atmosrelay.queue.store import QueueStore
 
 log = logging.getLogger("atmosrelay.inbound")
@@ -84,6 +84,12 @@ class _About:
     sender: str
     recipients: tuple[str, ...]
     states: dict[str, str]
+
+    @classmethod
+    def of(cls, found: MessageStatus) -> _About:
+        """From the status index's row (which also knows what earlier reports made of it)."""
+        recipients = dict(found.recipients)
+        return cls(found.id, found.did, found.sender, tuple(recipients), recipients)
 
 
 @attrs.define
@@ -241,9 +247,7 @@ class InboundProcessor:
         of it), else from the queue (an index that lost its file and was rebuilt)."""
         found = await self.status.get(queue_id)
         if found is not None and found.sender:
-            return _About(
-                queue_id, found.did, found.sender, tuple(found.recipients), dict(found.recipients)
-            )
+            return _About.of(found)
         msg = self.queue.state.messages.get(queue_id)
         if msg is None or not msg.record.sender:
             return None
@@ -277,9 +281,7 @@ class InboundProcessor:
         message_id = report.about.get("message-id", "").strip()
         found = await self.status.by_message_id(did, message_id) if message_id else None
         if found is not None and found.sender:  # the member's own message: its recipients
-            return _About(
-                found.id, did, found.sender, tuple(found.recipients), dict(found.recipients)
-            ), 0
+            return _About.of(found), 0
         sender = email.utils.parseaddr(report.about.get("from", ""))[1].lower()
         domain = sender.rpartition("@")[2]
         try:
@@ -325,17 +327,10 @@ class InboundProcessor:
                 if not named:
                     outcome.summary.append("a bounce that names no recipient")
                     continue
-                status = report.text_status if report.text_status[:1] in "45" else ""
-                self._report(
-                    record,
-                    about,
-                    named,
-                    "deferred" if status.startswith("4") else "bounced",
-                    status or "5.0.0",
-                    report.subject,
-                    None,
-                    outcome,
-                )
+                # an old MTA's text: delayed only if its status says so, else failed
+                action = "delayed" if report.text_status.startswith("4") else "failed"
+                state, status = _outcome_of(action, report.text_status)
+                self._report(record, about, named, state, status, report.subject, None, outcome)
             else:
                 outcome.summary.append(f"a reply to the return path of {about.queue_id}")
 
@@ -350,32 +345,13 @@ class InboundProcessor:
             if not recipient:
                 outcome.summary.append(f"a DSN for {rr.recipient}, not a recipient of ours")
                 continue
-            if rr.action == "failed":
-                status = rr.status if rr.status.startswith("5") else "5.0.0"
-                self._report(
-                    record,
-                    about,
-                    recipient,
-                    "bounced",
-                    status,
-                    rr.diagnostic,
-                    rr.remote_mta,
-                    outcome,
-                )
-            elif rr.action == "delayed":
-                status = rr.status if rr.status.startswith("4") else "4.0.0"
-                self._report(
-                    record,
-                    about,
-                    recipient,
-                    "deferred",
-                    status,
-                    rr.diagnostic,
-                    rr.remote_mta,
-                    outcome,
-                )
-            else:
+            if rr.action not in _ACTIONS:
                 outcome.summary.append(f"{rr.action or 'an unknown action'} for {recipient}")
+                continue
+            state, status = _outcome_of(rr.action, rr.status)
+            self._report(
+                record, about, recipient, state, status, rr.diagnostic, rr.remote_mta, outcome
+            )
 
     def _report(
         self,
@@ -532,6 +508,16 @@ class InboundProcessor:
             size=len(message),
         )
         await self.queue.accept(accepted, message)
+
+
+# a DSN action -> (the outcome it reports, the status class it must carry, the status when
+# it carries none of that class)
+_ACTIONS: Final = {"failed": ("bounced", "5", "5.0.0"), "delayed": ("deferred", "4", "4.0.0")}
+
+
+def _outcome_of(action: str, status: str) -> tuple[str, str]:
+    state, klass, default = _ACTIONS[action]
+    return state, status if status.startswith(klass) else default
 
 
 def _complainant(report: Report, recipients: tuple[str, ...]) -> str:
