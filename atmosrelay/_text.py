@@ -8,7 +8,6 @@ non-printable characters are escaped as Python does in ``repr``, and the result 
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
 from typing import Final
@@ -40,15 +39,3 @@ def print_error(message: str) -> None:
     with any key in it redacted (an error may quote an argument, and an operator may paste
     a key where an id, a DID or an address belongs)."""
     print(f"atmosrelay: {redact_keys(message)}", file=sys.stderr)
-
-
-class RedactKeys(logging.Filter):
-    """A log filter that redacts keys from every record's final text. The relay never logs
-    one on purpose (tests/relay/test_hostile_clients.py); this is the net under that."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        # The record is formatted here once and handed on finished, so the formatter does
-        # not format it a second time (this runs for every log line, the 250's included).
-        text = record.getMessage()
-        record.msg, record.args = redact_keys(text) if "atmos_" in text else text, None
-        return True

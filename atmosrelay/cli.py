@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 import trio
 
-from atmosrelay import __version__
-from atmosrelay._text import RedactKeys, print_error
+from atmosrelay import __version__, logs
+from atmosrelay._text import print_error
 from atmosrelay.accounts.cli import register as register_accounts
 from atmosrelay.config import DEFAULTS_TOML, Config, ConfigError, load_config
 from atmosrelay.crashtest import register as register_crashtest
@@ -40,10 +39,6 @@ EXIT_CORRUPT = 2
 _err = print_error
 
 
-def _announce(message: str) -> None:
-    print(f"atmosrelay: {message}", flush=True)
-
-
 def _leaves(error: BaseException) -> list[BaseException]:
     if isinstance(error, BaseExceptionGroup):
         return [leaf for e in error.exceptions for leaf in _leaves(e)]
@@ -54,7 +49,7 @@ def _run_unwrapped(config: Config) -> None:
     """Run the relay; an error that stopped it alone comes out of trio's exception groups as
     itself, so the handlers below can say what it means."""
     try:
-        trio.run(lambda: run_relay(config, announce=_announce))
+        trio.run(lambda: run_relay(config, announce=logs.announce))
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
         if len(leaves) == 1 and isinstance(leaves[0], Exception):
@@ -68,12 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    logging.basicConfig(
-        level=str(config["relay.log_level"]).upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactKeys())
-    _announce(f"config: {config.source}; data directory {config.data_dir}")
+    logs.configure(config["relay.log_level"], config["relay.log_format"])
+    logs.announce(f"config: {config.source}; data directory {config.data_dir}")
     try:
         _run_unwrapped(config)
     except CorruptJournalError as exc:

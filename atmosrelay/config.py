@@ -29,8 +29,11 @@ DEFAULTS_TOML: Final = """\
 [relay]
 # Where the journal, the account database and generated keys live.
 data_dir = "./var"
-# Log verbosity: debug, info, warning, error.
+# Log verbosity: debug, info, warning, error (SIGHUP applies a change).
 log_level = "info"
+# "text": one line per event with an ISO-8601 UTC timestamp; "json": one JSON object per
+# line (ts, level, logger, event, message and the event's fields: queue_id, did, peer, ...).
+log_format = "text"
 
 [journal]
 # A segment is sealed and the next one started beyond this size. Compaction works on
@@ -358,7 +361,11 @@ def _networks(v: Any) -> str | None:
 
 
 SCHEMA: Final[dict[str, dict[str, Check]]] = {
-    "relay": {"data_dir": _string(), "log_level": _string(choices=_LOG_LEVELS)},
+    "relay": {
+        "data_dir": _string(),
+        "log_level": _string(choices=_LOG_LEVELS),
+        "log_format": _string(choices=("text", "json")),
+    },
     "journal": {
         "segment_size": _int(64 * 1024),
         "max_record_size": _int(1024, 1024 * MIB),

@@ -9,7 +9,6 @@ turn the limits off.
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atmosrelay._text import RedactKeys
+from atmosrelay import logs
 from atmosrelay.config import load_config
 from atmosrelay.runtime import run_relay
 
@@ -25,16 +24,8 @@ from atmosrelay.runtime import run_relay
 def main() -> None:
     config = load_config(sys.argv[1])
     enforce = sys.argv[2] == "on"
-    logging.basicConfig(
-        level=str(config["relay.log_level"]).upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactKeys())
-
-    def announce(message: str) -> None:
-        print(f"atmosrelay: {message}", flush=True)
-
-    trio.run(lambda: run_relay(config, announce=announce, enforce_limits=enforce))
+    logs.configure(config["relay.log_level"], config["relay.log_format"])
+    trio.run(lambda: run_relay(config, announce=logs.announce, enforce_limits=enforce))
 
 
 if __name__ == "__main__":

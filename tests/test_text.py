@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
-from atmosrelay._text import RedactKeys, printable, redact_keys
+from atmosrelay._text import printable, redact_keys
 
 KEY = "atmos_AbCd1234" + "s3cr3t-_" * 4 + "xyz"
 
@@ -27,17 +25,3 @@ def test_printable_escapes_and_bounds() -> None:
 )
 def test_redact_keys_keeps_the_id_only(text: str, expected: str) -> None:
     assert redact_keys(text) == expected
-
-
-def test_the_log_filter_redacts_the_formatted_message() -> None:
-    record = logging.LogRecord("t", logging.INFO, __file__, 1, "user %s key %s", ("u", KEY), None)
-    assert RedactKeys().filter(record)
-    assert record.getMessage() == "user u key atmos_AbCd1234…"
-    assert "s3cr3t" not in logging.Formatter("%(message)s").format(record)
-
-
-def test_the_log_filter_hands_on_finished_text() -> None:
-    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s queued %d", ("s1", 3), None)
-    assert RedactKeys().filter(record)
-    assert (record.msg, record.args) == ("s1 queued 3", None)
-    assert logging.Formatter("%(message)s").format(record) == "s1 queued 3"

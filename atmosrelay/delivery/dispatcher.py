@@ -48,6 +48,7 @@ from atmosrelay.delivery.lane import Lane, Lanes, Work
 from atmosrelay.delivery.outcomes import dsn_record, dsn_statuses, finalize, unresolvable
 from atmosrelay.delivery.resolver import Destination, ResolutionFailed, Resolver
 from atmosrelay.inbound.addresses import ReturnPath
+from atmosrelay.logs import fields
 from atmosrelay.message.dsn import build_dsn
 from atmosrelay.queue.records import PENDING, Delivery, Outcome
 from atmosrelay.queue.schedule import Schedule
@@ -302,6 +303,14 @@ class Dispatcher:
                 o.status,
                 mta or "-",
                 o.reply or "",
+                extra=fields(
+                    "delivery",
+                    queue_id=queue_id,
+                    recipient=o.recipient,
+                    outcome=str(o.outcome),
+                    status=o.status,
+                    mta=mta,
+                ),
             )
         if msg.dsn_owed():
             await self._queue_dsn(msg)
@@ -324,7 +333,14 @@ class Dispatcher:
         )
         record = dsn_record(msg, owed, len(dsn), now)
         await self.queue.accept(record, dsn)
-        log.info("%s: DSN %s queued to %s for %s", msg.id, record.id, msg.record.sender, owed)
+        log.info(
+            "%s: DSN %s queued to %s for %s",
+            msg.id,
+            record.id,
+            msg.record.sender,
+            owed,
+            extra=fields("dsn", queue_id=msg.id, dsn_id=record.id, did=msg.record.did),
+        )
         self._wake.set()
 
 

@@ -57,6 +57,7 @@ from atmosrelay.accounts.inbound_log import InboundEntry
 from atmosrelay.accounts.store import AsyncStore, NotFound
 from atmosrelay.inbound.addresses import ReturnPath, Srs, parse_unsubscribe_subject
 from atmosrelay.inbound.reports import Report, parse
+from atmosrelay.logs import fields
 from atmosrelay.message.headers import unsubscribe_token
 from atmosrelay.policy.member import SuppressionSource
 from atmosrelay.queue.events import Complained, Reported
@@ -187,7 +188,12 @@ class InboundProcessor:
             except Exception:
                 log.exception("inbound %s: could not log it; it stays queued", record.id)
             return
-        log.info("inbound %s: %s", record.id, kind)
+        log.info(
+            "inbound %s: %s",
+            record.id,
+            kind,
+            extra=fields("inbound", queue_id=record.id, kind=kind),
+        )
 
     async def process(self, pending: PendingInbound) -> str:
         record = pending.record

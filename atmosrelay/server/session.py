@@ -42,6 +42,7 @@ from atmosrelay._text import printable as _clean
 from atmosrelay.accounts.api_keys import PREFIX, KeyChecker, Verified
 from atmosrelay.accounts.store import AsyncStore
 from atmosrelay.config import ListenerMode
+from atmosrelay.logs import fields
 from atmosrelay.policy.member import MemberSnapshot, MemberStatus
 from atmosrelay.queue.records import Recipient
 from atmosrelay.queue.store import QueueStore
@@ -221,9 +222,16 @@ class Session:
             auth_unavailable=refusal,
         )
 
-    def _log(self, what: str, *details: str) -> None:
+    def _log(self, what: str, *details: str, **values: object) -> None:
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s %s", self.id, self.peer, what, " ".join(details))
+            log.info(
+                "%s %s %s %s",
+                self.id,
+                self.peer,
+                what,
+                " ".join(details),
+                extra=fields(what, session=self.id, peer=self.peer, did=self.did, **values),
+            )
 
     # -- the loop ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -373,7 +381,9 @@ class Session:
     async def _answer(self, event: Event) -> Reply:
         if isinstance(event, (CommandError, AuthChallenge, MessageRejected)):
             if isinstance(event, CommandError):
-                self._log("refused", str(event.reply.code), event.verb or "-")
+                self._log(
+                    "refused", str(event.reply.code), event.verb or "-", code=event.reply.code
+                )
             if isinstance(event, MessageRejected):
                 self._log("message-refused", str(event.reply.code))
                 self._end_transaction()
@@ -461,7 +471,14 @@ class Session:
         self.member = await self.ctx.pipeline.member(self.did)
 
     def _refused(self, what: str, refusal: Refusal) -> Reply:
-        self._log(what, self.did or "-", refusal.code.value, _clean(refusal.log))
+        self._log(
+            what,
+            self.did or "-",
+            refusal.code.value,
+            _clean(refusal.log),
+            refusal=refusal.code.value,
+            code=refusal.reply.code,
+        )
         return refusal.reply
 
     async def _mail(self, event: MailFrom) -> Reply:
@@ -560,6 +577,10 @@ class Session:
                 f"size={record.size}",
                 f"category={record.category}",
                 *([f"suppressed={len(result.suppressed)}"] if result.suppressed else []),
+                queue_id=record.id,
+                code=250,
+                recipients=len(record.recipients),
+                size=record.size,
             )
         return R.QUEUED.format(queue_id=record.id)
 

@@ -29,6 +29,7 @@ import trio
 
 from atmosrelay._text import printable
 from atmosrelay.accounts.store import AsyncStore, NotFound, Store
+from atmosrelay.logs import fields
 from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.member import SuppressionSource
 from atmosrelay.policy.rules import RuleHit
@@ -77,7 +78,12 @@ class PolicyActions:
                 continue  # on its way to the store: sessions have not reloaded the member yet
             self._labelled.add((did, hit.label))
             log.warning(
-                "rule %s fired for %s: %s; label %s added", hit.rule, did, hit.detail, hit.label
+                "rule %s fired for %s: %s; label %s added",
+                hit.rule,
+                did,
+                hit.detail,
+                hit.label,
+                extra=fields("label", did=did, rule=hit.rule, label=hit.label),
             )
             self._write(
                 f"label {hit.label} for {did}",
@@ -126,7 +132,13 @@ class PolicyActions:
         self.paused_now[domain] = reason
         self.hits["domain_pause"] += 1
         self.policy.fresh_since[domain] = at  # an unpause starts afresh
-        log.warning("domain %s of %s paused: %s", domain, did, reason)
+        log.warning(
+            "domain %s of %s paused: %s",
+            domain,
+            did,
+            reason,
+            extra=fields("domain-paused", did=did, domain=domain),
+        )
         self._write(
             f"pause {domain}",
             partial(_pause, self.store.sync, domain, reason),
