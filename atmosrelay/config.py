@@ -458,12 +458,32 @@ SCHEMA: Final[dict[str, dict[str, Check]]] = {
 }
 
 
+# What SIGHUP applies to a running relay (atmosrelay/reload.py); a change to any other
+# setting is reported as needing a restart. The TLS files are read again even when their
+# names did not change (a renewal writes new contents under the same names).
+RELOADABLE: Final = frozenset(
+    {"relay.log_level", "smtp.tls_cert", "smtp.tls_key"}
+    | {f"policy.{key}" for key in SCHEMA["policy"] if key != "counter_flush"}
+)
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """The dotted names of the settings whose values differ."""
+    return [
+        f"{section}.{key}"
+        for section, table in new.values.items()
+        for key, value in table.items()
+        if old.values[section][key] != value
+    ]
+
+
 @attrs.frozen
 class Config:
     """The validated settings, as ``config.section["key"]``, plus derived paths."""
 
     values: Mapping[str, Mapping[str, Any]]
     source: str  # where it came from, for messages
+    path: str | None = None  # the file it was read from (SIGHUP reads it again)
 
     def __getitem__(self, dotted: str) -> Any:
         section, key = dotted.split(".")
@@ -575,4 +595,4 @@ def load_config(path: str | None = None) -> Config:
         text = Path(chosen).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config error: cannot read {chosen}: {exc.strerror}") from exc
-    return parse_config(text, source=chosen)
+    return attrs.evolve(parse_config(text, source=chosen), path=chosen)

@@ -27,12 +27,13 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import logging
+import math
 import os
 import signal
 import sqlite3
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -40,6 +41,7 @@ from typing import IO
 import attrs
 import trio
 
+from atmosrelay import systemd
 from atmosrelay.accounts.api_keys import AuthSettings, KeyChecker
 from atmosrelay.accounts.dkim_keys import OperatorKey, ensure_operator_key
 from atmosrelay.accounts.identity import DnsSettings
@@ -60,6 +62,7 @@ from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.settings import PolicySettings
 from atmosrelay.queue.status import StatusIndex
 from atmosrelay.queue.store import QueueStore
+from atmosrelay.reload import Reloader
 from atmosrelay.server.listeners import ConnectionLimits, serve_listener
 from atmosrelay.server.session import Budget, SessionContext
 from atmosrelay.server.tls import server_context
@@ -99,6 +102,7 @@ class RelayHandle:
     limits: ConnectionLimits | None = None  # the sessions open now, in all and per address
     http: list[tuple[str, int, bool]] = attrs.field(factory=list)  # (host, port, tls) of HTTP
     inbound: InboundProcessor | None = None  # what the inbound listener's mail becomes
+    reloader: Reloader | None = None  # what SIGHUP calls (atmosrelay/reload.py)
     _stop: trio.Event = attrs.field(factory=trio.Event)
 
     def port(self, mode: str) -> int:
@@ -415,7 +419,10 @@ async def _serve(
     announce(
         f"policy: {rows} counter row(s) loaded, {replayed} message(s) recounted from the journal"
     )
+    signals = _Signals()
     async with trio.open_nursery() as services:
+        if handle_signals:  # installed before "ready", so no signal can slip past it
+            await services.start(_watch_signals, signals, announce)
         await services.start(keys.watch_revocations)
         await services.start(pipeline.actions.run)
         await services.start(
@@ -431,7 +438,7 @@ async def _serve(
             if dispatcher is not None:
                 await delivery.start(dispatcher.run)
                 queue.on_accept = dispatcher.notify
-            await _sessions(config, announce, ctx, handle_signals, task_status, dispatcher, extras)
+            await _sessions(config, announce, ctx, signals, task_status, dispatcher, extras)
             if dispatcher is not None:
                 grace = float(config["delivery.drain_grace"])
                 announce(
@@ -439,6 +446,7 @@ async def _serve(
                     f"{grace:g} s to finish; the rest stays queued"
                 )
                 dispatcher.drain(grace)
+                signals.hurry.append(partial(dispatcher.drain, 0))
         services.cancel_scope.cancel()
 
 
@@ -480,7 +488,6 @@ def api_context(
         relay=ctx,
         status=extras.status,
         metrics=extras.metrics,
-        policy_settings=ctx.pipeline.policy.settings,
         unsubscribe_secret=extras.unsubscribe_secret,
         problems=problems,
         max_body=config["http.max_body"],
@@ -507,7 +514,7 @@ async def _sessions(
     config: Config,
     announce: Callable[[str], None],
     ctx: SessionContext,
-    handle_signals: bool,
+    signals: _Signals,
     task_status: trio.TaskStatus[RelayHandle],
     dispatcher: Dispatcher | None,
     extras: _Extras,
@@ -529,12 +536,16 @@ async def _sessions(
             host, port = listener.socket.getsockname()[:2]
             addresses.append((host, port, mode))
             announce(f"listening on {host}:{port} ({mode})")
-        handle = RelayHandle(ctx, addresses, dispatcher, limits, inbound=extras.inbound)
+        handle = RelayHandle(
+            ctx, addresses, dispatcher, limits, inbound=extras.inbound, stop=signals.stop
+        )
+        reloader = handle.reloader = Reloader(config, ctx, announce)
         if config.http_listeners:
             api = api_context(config, ctx, extras, _problems(ctx, extras))
             api.stopping = handle._stop.is_set
             app = make_app(api)
             tls = await trio.to_thread.run_sync(_http_tls, config)
+            reloader.http_tls = tls
             try:
                 bound = await sessions.start(
                     partial(
@@ -557,12 +568,13 @@ async def _sessions(
                 acceptors.start_soon(
                     serve_listener, listener, mode, ctx, sessions, limits, networks
                 )
-            if handle_signals:  # installed before "ready", so no signal can slip past it
-                await acceptors.start(_watch_signals, handle, announce)
+            signals.reload = reloader.reload
             extras.listening = True
-            announce("ready; SIGTERM or Ctrl-C stops")
+            announce("ready; SIGTERM or Ctrl-C stops, SIGHUP reloads")
+            systemd.notify("READY=1", f"STATUS=accepting mail on {len(addresses)} listener(s)")
             task_status.started(handle)
             await handle._stop.wait()
+            systemd.notify("STOPPING=1", "STATUS=draining")
             extras.listening = False
             acceptors.cancel_scope.cancel()
         for listener, _ in listeners:
@@ -571,17 +583,39 @@ async def _sessions(
         announce(f"listeners closed; {limits.active} session(s) get {grace:g} s to finish")
         ctx.request_shutdown()
         sessions.cancel_scope.deadline = trio.current_time() + grace
+        signals.hurry.append(partial(setattr, sessions.cancel_scope, "deadline", -math.inf))
+
+
+@attrs.define(eq=False)
+class _Signals:
+    """What the signal watcher acts on; filled in as the relay comes up and goes down."""
+
+    stop: trio.Event = attrs.field(factory=trio.Event)  # the RelayHandle's stop
+    reload: Callable[[], Awaitable[bool]] | None = None  # set once the listeners exist
+    hurry: list[Callable[[], None]] = attrs.field(factory=list)  # cut each drain short
 
 
 async def _watch_signals(
-    handle: RelayHandle,
+    signals: _Signals,
     announce: Callable[[str], None],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+    """SIGHUP reloads (atmosrelay/reload.py); the first SIGTERM/SIGINT starts the graceful
+    drain, a second one cuts what is left of it short (what is unfinished stays queued)."""
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS, signal.SIGHUP) as received:
         task_status.started()
-        async for signum in signals:
-            announce(f"{signal.Signals(signum).name} received; shutting down")
-            handle.stop()
-            return
+        async for signum in received:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                if signals.stop.is_set() or signals.reload is None:
+                    announce("SIGHUP ignored: the relay is starting or stopping")
+                else:
+                    await signals.reload()
+            elif not signals.stop.is_set():
+                announce(f"{name} received; shutting down (again to stop without waiting)")
+                signals.stop.set()
+            else:
+                announce(f"{name} received again; ending the drain now, the rest stays queued")
+                for hurry in signals.hurry:
+                    hurry()

@@ -138,7 +138,7 @@ def _until_ready(proc: subprocess.Popen[str]) -> list[str]:
     lines = []
     for line in proc.stdout:
         lines.append(line.strip())
-        if "ready" in line:
+        if "atmosrelay: ready;" in line:
             return lines
     raise AssertionError(f"never ready: {lines} {proc.stderr.read() if proc.stderr else ''}")
 

@@ -19,7 +19,6 @@ from atmosrelay.accounts.identity import InvalidDID, validate_did
 from atmosrelay.api.metrics import RelayMetrics
 from atmosrelay.api.models import Error
 from atmosrelay.policy.member import MemberSnapshot, MemberStatus
-from atmosrelay.policy.settings import PolicySettings
 from atmosrelay.queue.status import StatusIndex
 from atmosrelay.refusals import TABLE, Code, Refusal, refuse
 from atmosrelay.server.session import SessionContext
@@ -36,7 +35,6 @@ class ApiContext:
     relay: SessionContext  # the pipeline, the key checker, the stores, the queue
     status: StatusIndex
     metrics: RelayMetrics
-    policy_settings: PolicySettings
     unsubscribe_secret: bytes
     problems: Callable[[], list[str]]  # why the relay is not ready ([] when it is)
     stopping: Callable[[], bool] = lambda: False  # the relay's stop has begun

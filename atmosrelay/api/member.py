@@ -169,7 +169,7 @@ async def member_status(request: Request) -> Response:
     member, domains = await _account(ctx, caller.did)
     now = time.time()
     snapshot = caller.member
-    limits = limits_for(snapshot, now, ctx.policy_settings)
+    limits = limits_for(snapshot, now, ctx.relay.pipeline.policy.settings)
     counters = ctx.relay.pipeline.policy.counters
     key = recipients_key(caller.did)
     return json_response(
@@ -234,7 +234,7 @@ async def deliverability(request: Request) -> Response:
         between(recipients_key(caller.did), today - i * DAY, today - (i - 1) * DAY)
         for i in range(DAYS - 1, -1, -1)
     ]
-    limits = limits_for(caller.member, now, ctx.policy_settings)
+    limits = limits_for(caller.member, now, ctx.relay.pipeline.policy.settings)
     finished = sent + bounced
     return json_response(
         Deliverability(

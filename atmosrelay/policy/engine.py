@@ -62,6 +62,13 @@ class Policy:
     # The hot path (a member far from its limits) then never sums a window.
     _room: dict[str, list[Any]] = attrs.field(factory=dict)
 
+    def reload(self, settings: PolicySettings) -> None:
+        """New limits and rules (SIGHUP): what was cached from the old ones is dropped; the
+        counters stay, so a member's hour so far counts against the new limits."""
+        self.settings = settings
+        self._limits.clear()
+        self._room.clear()
+
     def limits(self, member: MemberSnapshot, now: float) -> Limits:
         cached = self._limits.get(member.did)
         if cached is not None and cached[0] is member and now < cached[1]:

@@ -75,7 +75,19 @@ def server_context(
     cert: str, key: str, *, data_dir: Path, hostname: str
 ) -> tuple[ssl.SSLContext, str | None]:
     """(context, warning). With no certificate configured, a self-signed one is generated in
-    ``<data_dir>/tls`` on first start and reused after; the warning says so."""
+    ``<data_dir>/tls`` on first start and reused after; the warning says so. Raises OSError
+    or ssl.SSLError when a file is missing, unreadable or not a matching PEM pair."""
+    cert, key, warning = certificate_files(cert, key, data_dir=data_dir, hostname=hostname)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx, warning
+
+
+def certificate_files(
+    cert: str, key: str, *, data_dir: Path, hostname: str
+) -> tuple[str, str, str | None]:
+    """(certificate file, key file, warning): the configured pair, or the generated one."""
     warning = None
     if not cert or not key:
         directory = data_dir / "tls"
@@ -87,10 +99,7 @@ def server_context(
             f"no TLS certificate configured: using the self-signed {cert} for {hostname}; "
             "set [smtp] tls_cert and tls_key for production"
         )
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx, warning
+    return cert, key, warning
 
 
 def _names_all(cert_path: Path, hostname: str) -> bool:

@@ -36,6 +36,7 @@ class Server:
         self.err = tmp / f"serve-{round_}.err"
         self.lines: list[str] = []
         self.ready = threading.Event()
+        self.said = threading.Condition()
         with self.err.open("w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "atmosrelay", "serve", "--config", str(config_path)],
@@ -56,11 +57,30 @@ class Server:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.append(line)
-            if "ready" in line:
+            with self.said:
+                self.lines.append(line)
+                self.said.notify_all()
+            if "atmosrelay: ready;" in line:  # not "ready" alone: a path may contain it
                 self.ready.set()
         self.proc.stdout.close()
         self.ready.set()  # exited: let the waiter see why
+        with self.said:
+            self.said.notify_all()
+
+    def wait_for(self, text: str, after: int = 0, timeout: float = 30) -> str:
+        """The first line from the ``after``-th on that contains ``text`` (waiting for it,
+        woken by each new line, up to ``timeout`` seconds)."""
+        with self.said:
+            found = self.said.wait_for(
+                lambda: (
+                    next((x for x in self.lines[after:] if text in x), None)
+                    or self.proc.poll() is not None
+                ),
+                timeout,
+            )
+            line = next((x for x in self.lines[after:] if text in x), None)
+        assert found and line, f"never said {text!r}: {self.text()}{self.err.read_text()}"
+        return line
 
     def text(self) -> str:
         return "".join(self.lines)
