@@ -172,7 +172,7 @@ def queue_ids(config_path: Path) -> set[str]:
 
 
 def _queue_list(config_path: Path) -> list[dict[str, Any]]:
-    return list(cli_json(config_path, "queue", "list"))
+    return list(cli_json(config_path, "queue", "list", "--all"))
 
 
 def cli_json(config_path: Path, *args: str) -> Any:
