@@ -436,6 +436,8 @@ async def _serve(
         )
         async with trio.open_nursery() as delivery:
             if dispatcher is not None:
+                if isinstance(dispatcher.prepare, Preparer):
+                    dispatcher.prepare.generation = lambda: keys.generation
                 await delivery.start(dispatcher.run)
                 queue.on_accept = dispatcher.notify
             await _sessions(config, announce, ctx, signals, task_status, dispatcher, extras)

@@ -48,6 +48,8 @@ from atmosrelay.policy.counters import Counters
 from atmosrelay.policy.limits import DAY, HOUR, limits_for, recipients_key
 from atmosrelay.policy.member import SHADOW_PREFIX
 from atmosrelay.policy.settings import PolicySettings
+from atmosrelay.queue.cli import read_queue
+from atmosrelay.queue.state import domain_of
 from atmosrelay.submission.members import load_snapshot
 
 _LABEL = re.compile(r"(shadow:)?[A-Za-z0-9_-]{1,64}")
@@ -320,6 +322,14 @@ def domain_records(args: argparse.Namespace, config: Config, store: Store) -> No
         )
     d = store.domain(name)
     data, lines = _records(args, config, d)
+    rotating = domains.next_dkim_records(d)
+    if rotating:
+        data += [{**attrs.asdict(r), "note": "rotation: not signing yet"} for r in rotating]
+        lines += "\n" + "\n".join(
+            f"  {r.zone_line()}    ; the rotation's new key: publish, then "
+            f"'atmosrelay domain rotate-dkim {d.name} --activate'"
+            for r in rotating
+        )
     _out(args, data, lines)
 
 
@@ -332,6 +342,87 @@ def operator_records(args: argparse.Namespace, config: Config, store: Store) -> 
         args,
         [attrs.asdict(r) for r in recs],
         f"publish these records for {operator.domain}:\n" + "\n".join("  " + x for x in lines),
+    )
+
+
+def domain_rotate_dkim(args: argparse.Namespace, config: Config, store: Store) -> None:
+    """Two phases: make and print the next pair; after publishing, ``--activate`` it."""
+    name = domains.normalize_domain(args.domain)
+    if not args.activate:
+        d = domains.start_rotation(store, name)
+        assert d.dkim_next_stem is not None
+        records = domains.next_dkim_records(d)
+        lines = "\n".join("  " + r.zone_line() for r in records)
+        _out(
+            args,
+            {
+                "domain": d.name,
+                "signing": d.dkim_selector_stem,
+                "next": d.dkim_next_stem,
+                "records": [attrs.asdict(r) for r in records],
+            },
+            f"new DKIM keys for {d.name} (selectors {d.dkim_next_stem}r, {d.dkim_next_stem}e); "
+            f"the relay keeps signing with {d.dkim_selector_stem}r/e until they are activated.\n"
+            f"publish these records, then run 'atmosrelay domain rotate-dkim {d.name} --activate':"
+            f"\n{lines}",
+        )
+        return
+    d = store.domain(name)
+    records = domains.next_dkim_records(d)
+    if not records:
+        raise _Refused(
+            f"no DKIM rotation of {name} to activate; start one with "
+            f"'atmosrelay domain rotate-dkim {name}'"
+        )
+    if args.without_dns:
+        print(
+            f"warning: activating {name}'s new DKIM keys WITHOUT checking that DNS serves "
+            "them (--without-dns); receivers will fail every signature until it does",
+            file=sys.stderr,
+        )
+    else:
+        resolver = make_resolver(_dns(config))
+        try:
+            trio.run(domains.check_published, resolver, records)
+        except domains.DomainError as exc:
+            raise _Refused(f"not activated, {name} still signs with the old keys: {exc}") from None
+    old = d.dkim_selector_stem
+    d = store.activate_next_dkim(name)
+    _out(
+        args,
+        {"domain": d.name, "signing": d.dkim_selector_stem, "retired": old},
+        f"{d.name} now signs with {d.dkim_selector_stem}r/e (a running relay within seconds); "
+        f"the keys of {old}r/e are deleted. Keep their records published for a week (mail in "
+        f"transit and forwarded mail is checked against them), then remove them.",
+    )
+
+
+def domain_remove(args: argparse.Namespace, config: Config, store: Store) -> None:
+    """Remove a domain and its DKIM keys; refused while mail from it is queued."""
+    name = domains.normalize_domain(args.domain)
+    d = store.domain(name)
+    messages = read_queue(config)
+    if isinstance(messages, int):
+        raise _Refused("cannot read the queue to check for mail from it", messages)
+    queued = [
+        m.id for m in messages.values() if not m.terminal and domain_of(m.record.sender) == name
+    ]
+    if queued and not args.force:
+        raise _Refused(
+            f"{len(queued)} queued message(s) from {name} (e.g. {queued[0]}); wait for them, "
+            f"delete them ('atmosrelay queue delete --domain {name}'), or add --force "
+            "(they go out signed by the operator's domain only)"
+        )
+    store.remove_domain(name)
+    _out(
+        args,
+        {"domain": name, "did": d.did, "removed": True, "queued": len(queued)},
+        f"{name} removed from {d.did}; its DKIM keys are deleted"
+        + (
+            f"; {len(queued)} queued message(s) from it go out with the operator's signature only"
+            if queued
+            else ""
+        ),
     )
 
 
@@ -549,6 +640,19 @@ def register(sub: Any) -> None:
     p.add_argument("address", nargs="?")
     p.add_argument("--clear", action="store_true", help="stop forwarding")
     p.set_defaults(func=with_store(domain_forward_to))
+    p = common_options(
+        ds.add_parser("rotate-dkim", help="new DKIM keys in two phases: make, then --activate")
+    )
+    p.add_argument("domain")
+    p.add_argument("--activate", action="store_true", help="sign with the published new keys")
+    p.add_argument(
+        "--without-dns", action="store_true", help="activate without checking DNS (testing)"
+    )
+    p.set_defaults(func=with_store(domain_rotate_dkim))
+    p = common_options(ds.add_parser("remove", help="remove DOMAIN and its DKIM keys"))
+    p.add_argument("domain")
+    p.add_argument("--force", action="store_true", help="even while mail from it is queued")
+    p.set_defaults(func=with_store(domain_remove))
     p = common_options(ds.add_parser("list", help="enrolled domains (of DID, if given)"))
     p.add_argument("did", nargs="?")
     p.set_defaults(func=with_store(domain_list))

@@ -4,6 +4,12 @@ A domain belongs to one member; a subdomain is a separate domain. Enrollment cre
 challenge token (bound to that member and domain by its row) and the domain's DKIM keys.
 Proof: a TXT record ``_atmos-challenge.<domain>`` holding ``atmos-verify=<token>``. A failed
 verification says exactly what DNS returned, so the operator can fix the record.
+
+DKIM rotation is two-phase, so no message is ever signed with a key receivers cannot find:
+``start_rotation`` makes the next pair (a new selector stem) and prints its records while the
+relay keeps signing with the current pair; ``activate_rotation`` (after the operator has
+published, checked in DNS unless told otherwise) makes the next pair the signing pair and
+deletes the old one, whose records should stay published a while for mail in transit.
 """
 
 from __future__ import annotations
@@ -131,23 +137,86 @@ def operator_records(operator: dkim_keys.OperatorKey, hostname: str) -> list[Dns
     ]
 
 
-def records_to_publish(domain: Domain, *, spf_include: str | None) -> list[DnsRecord]:
-    """The DKIM, SPF and DMARC records this domain needs, exactly as to publish them."""
-    stem = domain.dkim_selector_stem
-    rsa_pub = dkim_keys.public_from_private("rsa", domain.dkim_rsa_private)
-    ed_pub = dkim_keys.public_from_private("ed25519", domain.dkim_ed25519_private)
-    out = [
+def dkim_records(name: str, stem: str, rsa_private: str, ed_private: str) -> list[DnsRecord]:
+    """The two DKIM records of one key pair (selectors ``<stem>r`` and ``<stem>e``)."""
+    rsa_pub = dkim_keys.public_from_private("rsa", rsa_private)
+    ed_pub = dkim_keys.public_from_private("ed25519", ed_private)
+    return [
         DnsRecord(
-            f"{stem}r._domainkey.{domain.name}",
+            f"{stem}r._domainkey.{name}",
             "TXT",
             dkim_keys.split_txt(dkim_keys.dkim_record_value("rsa", rsa_pub)),
         ),
         DnsRecord(
-            f"{stem}e._domainkey.{domain.name}",
+            f"{stem}e._domainkey.{name}",
             "TXT",
             dkim_keys.split_txt(dkim_keys.dkim_record_value("ed25519", ed_pub)),
         ),
     ]
+
+
+def next_dkim_records(domain: Domain) -> list[DnsRecord]:
+    """The records of a rotation in progress ([] when there is none)."""
+    if not (domain.dkim_next_stem and domain.dkim_next_rsa_private):
+        return []
+    assert domain.dkim_next_ed25519_private is not None
+    return dkim_records(
+        domain.name,
+        domain.dkim_next_stem,
+        domain.dkim_next_rsa_private,
+        domain.dkim_next_ed25519_private,
+    )
+
+
+def next_stem(current: str, today: str | None = None) -> str:
+    """A selector stem for the next pair: today's (``atmos<YYYYMMDD>``), with a letter added
+    when the current stem is already today's, so the two pairs never share a selector."""
+    base = today or dkim_keys.selector_stem()
+    if not current.startswith(base):
+        return base
+    suffix = current[len(base) :] or "a"
+    return base + chr(ord(suffix[-1]) + 1) if suffix[-1] < "z" else current + "a"
+
+
+def start_rotation(store: Store, name: str) -> Domain:
+    """Make the next key pair (or keep the one a rotation in progress already has)."""
+    domain = store.domain(name)
+    if domain.dkim_next_stem:
+        return domain
+    rsa_key, ed_key = dkim_keys.generate_rsa(), dkim_keys.generate_ed25519()
+    stem = next_stem(domain.dkim_selector_stem)
+    return store.set_next_dkim(name, stem, rsa_key.private, ed_key.private)
+
+
+async def check_published(resolver: dns.asyncresolver.Resolver, records: list[DnsRecord]) -> None:
+    """Raise DomainError naming the first record DNS does not serve as given."""
+    for record in records:
+        try:
+            found = await txt_records(resolver, record.name)
+        except ResolutionError as exc:
+            raise DomainError(f"{exc}; publish {record.zone_line()}") from None
+        if _public_key(record.value) not in {_public_key(f) for f in found}:
+            shown = ", ".join(repr(f[:60]) for f in found) or "nothing"
+            raise DomainError(f"TXT {record.name} holds {shown}; publish {record.zone_line()}")
+
+
+def _public_key(value: str) -> str:
+    """The p= tag of a DKIM record, without the spaces RFC 6376 allows in it."""
+    for tag in value.split(";"):
+        key, _, content = tag.strip().partition("=")
+        if key.strip() == "p":
+            return "".join(content.split())
+    return ""
+
+
+def records_to_publish(domain: Domain, *, spf_include: str | None) -> list[DnsRecord]:
+    """The DKIM, SPF and DMARC records this domain needs, exactly as to publish them."""
+    out = dkim_records(
+        domain.name,
+        domain.dkim_selector_stem,
+        domain.dkim_rsa_private,
+        domain.dkim_ed25519_private,
+    )
     if spf_include:
         out.append(
             DnsRecord(

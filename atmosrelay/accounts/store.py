@@ -125,6 +125,13 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX inbound_kind ON inbound (kind, received_at);
     CREATE INDEX inbound_did ON inbound (did, kind, received_at);
     """,
+    # 4 -> 5: a DKIM rotation in progress (atmosrelay/accounts/domains.py): the next key
+    # pair, generated and printed for publishing, signing nothing until it is activated.
+    """
+    ALTER TABLE domains ADD COLUMN dkim_next_stem TEXT;
+    ALTER TABLE domains ADD COLUMN dkim_next_rsa_private TEXT;
+    ALTER TABLE domains ADD COLUMN dkim_next_ed25519_private TEXT;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -171,6 +178,10 @@ class Domain:
     created_at: float
     paused_at: float | None = None
     paused_reason: str | None = None
+    # a rotation in progress: the next stem and key pair (None when there is none)
+    dkim_next_stem: str | None = None
+    dkim_next_rsa_private: str | None = attrs.field(default=None, repr=False)
+    dkim_next_ed25519_private: str | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
@@ -398,6 +409,40 @@ class Store(InboundLog):
             _domain(r) for r in self._rows("SELECT * FROM domains WHERE did = ? ORDER BY name", did)
         ]
 
+    def remove_domain(self, name: str) -> None:
+        """Delete the domain and, with its row, its DKIM keys (current and next)."""
+        with self._tx() as db:
+            if db.execute("DELETE FROM domains WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no enrolled domain {name}; 'atmosrelay domain list' shows them")
+
+    def set_next_dkim(self, name: str, stem: str, rsa_private: str, ed_private: str) -> Domain:
+        """Store a rotation's next key pair (nothing signs with it yet)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE domains SET dkim_next_stem = ?, dkim_next_rsa_private = ?,"
+                " dkim_next_ed25519_private = ? WHERE name = ?",
+                (stem, rsa_private, ed_private, name),
+            )
+        return self.domain(name)
+
+    def activate_next_dkim(self, name: str) -> Domain:
+        """The next pair becomes the signing pair; the old pair is deleted."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE domains SET dkim_selector_stem = dkim_next_stem,"
+                " dkim_rsa_private = dkim_next_rsa_private,"
+                " dkim_ed25519_private = dkim_next_ed25519_private, dkim_next_stem = NULL,"
+                " dkim_next_rsa_private = NULL, dkim_next_ed25519_private = NULL"
+                " WHERE name = ? AND dkim_next_stem IS NOT NULL",
+                (name,),
+            )
+            if cur.rowcount == 0:
+                raise StoreError(
+                    f"no DKIM rotation of {name} to activate; start one with "
+                    f"'atmosrelay domain rotate-dkim {name}'"
+                )
+        return self.domain(name)
+
     def mark_verified(self, name: str, *, without_dns: bool) -> Domain:
         self.domain(name)
         with self._tx() as db:
@@ -563,6 +608,9 @@ def _domain(row: sqlite3.Row) -> Domain:
         created_at=row["created_at"],
         paused_at=row["paused_at"],
         paused_reason=row["paused_reason"],
+        dkim_next_stem=row["dkim_next_stem"],
+        dkim_next_rsa_private=row["dkim_next_rsa_private"],
+        dkim_next_ed25519_private=row["dkim_next_ed25519_private"],
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -45,7 +46,10 @@ class Preparer:
         self.operator_only = Signer([self.operator])
         self.unsubscribe_secret = unsubscribe_secret
         self.unsubscribe_url = unsubscribe_url
-        self._signers: dict[str, tuple[float, Signer]] = {}
+        self._signers: dict[str, tuple[float, int, Signer]] = {}
+        # moves when the account store changes (the relay's KeyChecker.generation): a DKIM
+        # rotation activated, a domain removed, reach the next message within its poll
+        self.generation: Callable[[], int] = lambda: 0
         self._lock = threading.Lock()
 
     def __call__(self, msg: QueuedMessage, recipients: tuple[str, ...], body: bytes) -> bytes:
@@ -67,11 +71,11 @@ class Preparer:
     def signer(self, domain: str) -> Signer:
         """The member domain's two keys and the operator's; the operator's alone when the
         domain is not enrolled (any more)."""
-        now = time.monotonic()
+        now, generation = time.monotonic(), self.generation()
         with self._lock:
             cached = self._signers.get(domain)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if cached is not None and cached[0] > now and cached[1] == generation:
+            return cached[2]
         try:
             enrolled = self.store.domain(domain)
         except NotFound:
@@ -86,7 +90,7 @@ class Preparer:
                 ]
             )
         with self._lock:
-            self._signers[domain] = (now + SIGNER_TTL, signer)
+            self._signers[domain] = (now + SIGNER_TTL, generation, signer)
         return signer
 
 

@@ -25,7 +25,7 @@ import attrs
 from tqdm import tqdm
 
 from atmosrelay._text import print_error
-from atmosrelay.config import ConfigError, load_config
+from atmosrelay.config import Config, ConfigError, load_config
 from atmosrelay.control import ControlError, call, socket_path
 from atmosrelay.queue.records import RecipientState
 from atmosrelay.queue.state import QueuedMessage, domain_of, fold
@@ -53,6 +53,11 @@ def _load(args: argparse.Namespace) -> dict[str, QueuedMessage] | int:
     except ConfigError as exc:
         print_error(str(exc))
         return 64
+    return read_queue(config)
+
+
+def read_queue(config: Config) -> dict[str, QueuedMessage] | int:
+    """The queue as the journal holds it (read-only), or an exit status after saying why."""
     directory = str(config.journal_dir)
     try:
         records = read_records(directory, max_record_size=config["journal.max_record_size"])
