@@ -7,7 +7,8 @@ What is applied (``config.RELOADABLE``):
   new pair; sessions already encrypted keep theirs;
 - ``relay.log_level``;
 - the ``[policy]`` limits and rules (the counters stay: a member's hour so far counts
-  against the new limits).
+  against the new limits);
+- the operator's DKIM key, after ``atmosrelay operator rotate-dkim --activate``.
 
 Everything is read and checked before anything is applied, so a reload that fails (the
 config file does not parse, a setting is invalid, the certificate is missing or does not
@@ -42,6 +43,9 @@ class Reloader:
     announce: Callable[[str], None]
     http_tls: ssl.SSLContext | None = None  # the HTTPS listeners' context, reloaded in place
     reloads: int = 0  # applied (for tests and /metrics)
+    # more to apply after the settings, each returning what it did (or None): the
+    # operator's DKIM key after 'operator rotate-dkim --activate'
+    also: list[Callable[[], str | None]] = attrs.field(factory=list)
 
     async def reload(self) -> bool:
         """Read, check, apply; returns whether anything was applied."""
@@ -89,12 +93,24 @@ class Reloader:
         self.ctx.tls_context = tls
         logs.set_level(new["relay.log_level"])
         self.ctx.pipeline.policy.reload(policy)
+        done = [
+            f"TLS certificate {cert}",
+            f"log level {new['relay.log_level']}",
+            "policy limits",
+        ]
+        for more in self.also:
+            try:
+                what = await trio.to_thread.run_sync(more)
+            except OSError as exc:
+                self.announce(f"reload: {exc.strerror or exc}; the rest was applied")
+                continue
+            if what:
+                done.append(what)
         restart = [k for k in changed_settings(self.config, new) if k not in RELOADABLE]
         self.config = _in_force(self.config, new)
         self.reloads += 1
         self.announce(
-            f"reloaded {self.config.path or 'the embedded defaults'}: TLS certificate {cert}, "
-            f"log level {new['relay.log_level']}, policy limits"
+            f"reloaded {self.config.path or 'the embedded defaults'}: {', '.join(done)}"
             + (f"; needs restart to apply: {', '.join(restart)}" if restart else "")
         )
         return True

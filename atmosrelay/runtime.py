@@ -542,6 +542,8 @@ async def _sessions(
             ctx, addresses, dispatcher, limits, inbound=extras.inbound, stop=signals.stop
         )
         reloader = handle.reloader = Reloader(config, ctx, announce)
+        if dispatcher is not None and isinstance(dispatcher.prepare, Preparer):
+            reloader.also.append(partial(_operator_key, config, dispatcher.prepare))
         if config.http_listeners:
             api = api_context(config, ctx, extras, _problems(ctx, extras))
             api.stopping = handle._stop.is_set
@@ -586,6 +588,15 @@ async def _sessions(
         ctx.request_shutdown()
         sessions.cancel_scope.deadline = trio.current_time() + grace
         signals.hurry.append(partial(setattr, sessions.cancel_scope, "deadline", -math.inf))
+
+
+def _operator_key(config: Config, prepare: Preparer) -> str | None:
+    """SIGHUP: the operator's signing key again (a rotation may have been activated)."""
+    operator, _ = ensure_operator_key(config.dkim_dir, config["operator.domain"])
+    if operator.selector == prepare.operator.selector:
+        return None
+    prepare.set_operator(operator)
+    return f"operator DKIM selector {operator.selector}"
 
 
 @attrs.define(eq=False)

@@ -426,6 +426,59 @@ def domain_remove(args: argparse.Namespace, config: Config, store: Store) -> Non
     )
 
 
+def operator_rotate_dkim(args: argparse.Namespace, config: Config, store: Store) -> None:
+    """The operator domain's key, in the same two phases as a member domain's."""
+    directory, domain = config.dkim_dir, config["operator.domain"]
+    current, _ = dkim_keys.ensure_operator_key(directory, domain)
+    if not args.activate:
+        stem = domains.next_stem(current.selector.removesuffix("r"))
+        started = dkim_keys.start_operator_rotation(directory, domain, stem)
+        record = domains.operator_records(started, config["smtp.hostname"])[0]
+        _out(
+            args,
+            {
+                "domain": domain,
+                "signing": current.selector,
+                "next": started.selector,
+                "records": [attrs.asdict(record)],
+            },
+            f"a new operator DKIM key for {domain} (selector {started.selector}); the relay "
+            f"keeps signing with {current.selector} until it is activated.\npublish this "
+            f"record, then run 'atmosrelay operator rotate-dkim --activate':\n"
+            f"  {record.zone_line()}",
+        )
+        return
+    pending = dkim_keys.operator_rotation(directory, domain)
+    if pending is None:
+        raise _Refused(
+            "no operator DKIM rotation to activate; start one with "
+            "'atmosrelay operator rotate-dkim'"
+        )
+    record = domains.operator_records(pending, config["smtp.hostname"])[0]
+    if args.without_dns:
+        print(
+            f"warning: activating the operator's new DKIM key WITHOUT checking that DNS "
+            f"serves {record.name} (--without-dns)",
+            file=sys.stderr,
+        )
+    else:
+        resolver = make_resolver(_dns(config))
+        try:
+            trio.run(domains.check_published, resolver, [record])
+        except domains.DomainError as exc:
+            raise _Refused(
+                f"not activated, {domain} still signs with {current.selector}: {exc}"
+            ) from None
+    new, old = dkim_keys.activate_operator_rotation(directory, domain)
+    _out(
+        args,
+        {"domain": domain, "signing": new.selector, "retired": old},
+        f"{domain} signs with {new.selector} once the relay reloads ('systemctl reload "
+        f"atmosrelay' or SIGHUP; a start does too); the key of {old} is deleted. Keep its "
+        "record published for a week (mail in transit is checked against it), then remove it.",
+    )
+
+
 def domain_list(args: argparse.Namespace, config: Config, store: Store) -> None:
     ds = store.domains(_did(args.did) if args.did else None)
     lines = [
@@ -661,6 +714,14 @@ def register(sub: Any) -> None:
     ops = operator.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = common_options(ops.add_parser("records", help="its DKIM, MX, SPF and DMARC records"))
     p.set_defaults(func=with_store(operator_records))
+    p = common_options(
+        ops.add_parser("rotate-dkim", help="a new DKIM key in two phases: make, then --activate")
+    )
+    p.add_argument("--activate", action="store_true", help="sign with the published new key")
+    p.add_argument(
+        "--without-dns", action="store_true", help="activate without checking DNS (testing)"
+    )
+    p.set_defaults(func=with_store(operator_rotate_dkim))
 
     key = sub.add_parser("key", help="API keys")
     ks = key.add_subparsers(dest="action", required=True, metavar="ACTION")

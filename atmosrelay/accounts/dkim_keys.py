@@ -100,20 +100,75 @@ class OperatorKey:
 
 def ensure_operator_key(directory: Path, domain: str) -> tuple[OperatorKey, bool]:
     """Load the operator's RSA key for ``d=<domain>`` from ``directory``, generating it on
-    first start. Returns (key, created). The private file is mode 0600."""
+    first start. Returns (key, created). The private file is mode 0600.
+
+    Files: ``operator-selector`` names the signing selector; its key is ``operator-<selector>
+    .pem``, or ``operator-rsa.pem`` for the first one. A rotation in progress adds
+    ``operator-selector.next`` and the next key's file; activating it is one atomic rename
+    of ``operator-selector.next`` over ``operator-selector`` (a crash leaves the old pair or
+    the new pair in force, never a selector without its key)."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     private_path = directory / "operator-rsa.pem"
     selector_path = directory / "operator-selector"
     created = False
-    if not private_path.exists():
+    if not private_path.exists() and not selector_path.exists():
         pair = generate_rsa()
         write_private(private_path, pair.private.encode("ascii"))
-        selector_path.write_text(selector_stem() + "r\n")
+        write_private(selector_path, (selector_stem() + "r\n").encode())
         created = True
-    os.chmod(private_path, 0o600)
-    private = private_path.read_text()
     selector = (
         selector_path.read_text().strip() if selector_path.exists() else selector_stem() + "r"
     )
-    key = KeyPair("rsa", private, public_from_private("rsa", private))
-    return OperatorKey(domain, selector, key), created
+    return _operator_key(directory, domain, selector), created
+
+
+def _key_path(directory: Path, selector: str) -> Path:
+    rotated = directory / f"operator-{selector}.pem"
+    return rotated if rotated.exists() else directory / "operator-rsa.pem"
+
+
+def _operator_key(directory: Path, domain: str, selector: str) -> OperatorKey:
+    path = _key_path(directory, selector)
+    os.chmod(path, 0o600)
+    private = path.read_text()
+    return OperatorKey(
+        domain, selector, KeyPair("rsa", private, public_from_private("rsa", private))
+    )
+
+
+def operator_rotation(directory: Path, domain: str) -> OperatorKey | None:
+    """The next operator key of a rotation in progress, or None."""
+    path = directory / "operator-selector.next"
+    if not path.exists():
+        return None
+    return _operator_key(directory, domain, path.read_text().strip())
+
+
+def start_operator_rotation(directory: Path, domain: str, next_stem: str) -> OperatorKey:
+    """Make the next operator key (selector ``<next_stem>r``), or return the pending one."""
+    pending = operator_rotation(directory, domain)
+    if pending is not None:
+        return pending
+    selector = next_stem + "r"
+    pair = generate_rsa()
+    write_private(directory / f"operator-{selector}.pem", pair.private.encode("ascii"))
+    write_private(directory / "operator-selector.next", (selector + "\n").encode())
+    return OperatorKey(domain, selector, pair)
+
+
+def activate_operator_rotation(directory: Path, domain: str) -> tuple[OperatorKey, str]:
+    """Make the pending key the signing key; returns (the new key, the retired selector).
+    Raises FileNotFoundError when no rotation is in progress."""
+    current, _ = ensure_operator_key(directory, domain)
+    pending = operator_rotation(directory, domain)
+    if pending is None:
+        raise FileNotFoundError("no operator DKIM rotation in progress")
+    old_path = _key_path(directory, current.selector)
+    os.replace(directory / "operator-selector.next", directory / "operator-selector")
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    old_path.unlink()  # after the switch: a crash before this leaves only a stale file
+    return pending, current.selector

@@ -42,15 +42,21 @@ class Preparer:
         unsubscribe_url: str,
     ) -> None:
         self.store = store
-        self.operator = SigningKey(operator.domain, operator.selector, "rsa", operator.key.private)
-        self.operator_only = Signer([self.operator])
+        self._lock = threading.Lock()
+        self._signers: dict[str, tuple[float, int, Signer]] = {}
+        self.set_operator(operator)
         self.unsubscribe_secret = unsubscribe_secret
         self.unsubscribe_url = unsubscribe_url
-        self._signers: dict[str, tuple[float, int, Signer]] = {}
         # moves when the account store changes (the relay's KeyChecker.generation): a DKIM
         # rotation activated, a domain removed, reach the next message within its poll
         self.generation: Callable[[], int] = lambda: 0
-        self._lock = threading.Lock()
+
+    def set_operator(self, operator: OperatorKey) -> None:
+        """Sign with this operator key from the next message on (a rotation activated)."""
+        self.operator = SigningKey(operator.domain, operator.selector, "rsa", operator.key.private)
+        self.operator_only = Signer([self.operator])
+        with self._lock:
+            self._signers = {}
 
     def __call__(self, msg: QueuedMessage, recipients: tuple[str, ...], body: bytes) -> bytes:
         record = msg.record

@@ -17,6 +17,7 @@ import dkim
 import pytest
 import trio
 
+from atmosrelay.accounts.dkim_keys import ensure_operator_key
 from atmosrelay.accounts.store import Domain, NotFound, Store
 from tests.accounts.dns_server import DnsServer
 from tests.delivery.test_end_to_end import (
@@ -60,7 +61,7 @@ def enrolled(relay: Relay, name: str) -> Domain:
 def cli_config(tmp_path: Path, relay: Relay, server: DnsServer) -> list[str]:
     path = tmp_path / "cli.toml"
     path.write_text(
-        f'[relay]\ndata_dir = "{relay.config.data_dir}"\n'
+        f'[relay]\ndata_dir = "{relay.config.data_dir}"\n[operator]\ndomain = "relay.test"\n'
         f'[dns]\nnameservers = ["{server.spec}"]\ntimeout = 2.0\n'
     )
     return ["--config", str(path)]
@@ -156,3 +157,45 @@ async def test_a_domain_with_queued_mail_is_removed_only_with_force(tmp_path: Pa
         assert gone.returncode == 0, gone.stderr
         missing = await run("domain", "remove", "nowhere.example", *cfg)
         assert missing.returncode == 1 and "no enrolled domain nowhere.example" in missing.stderr
+
+
+async def test_the_operator_key_rotates_in_two_phases_and_a_reload_applies_it(
+    tmp_path: Path, dns_server: DnsServer
+) -> None:
+    async with delivering(tmp_path, dns_server) as (relay, sink):
+        cfg = cli_config(tmp_path, relay, dns_server)
+        old = ensure_operator_key(relay.config.dkim_dir, "relay.test")[0].selector
+        started = await run("operator", "rotate-dkim", "--json", *cfg)
+        assert started.returncode == 0, started.stderr
+        rotation = json.loads(started.stdout)
+        new = rotation["next"]
+        assert rotation["signing"] == old and new != old
+        (record,) = rotation["records"]
+        assert record["name"] == f"{new}._domainkey.relay.test"
+
+        await trio.to_thread.run_sync(submit, relay, TRANSACTIONAL, "bob@example.net")
+        (first,) = await wait_for(sink, 1)
+        assert f"{old}._domainkey.relay.test" in signed_by(first.content, dns_server)
+
+        early = await run("operator", "rotate-dkim", "--activate", *cfg)
+        assert early.returncode == 1 and f"still signs with {old}" in early.stderr
+        dns_server.txt(record["name"], tuple(record["strings"]))
+        done = await run("operator", "rotate-dkim", "--activate", *cfg)
+        assert done.returncode == 0, done.stderr
+        assert "once the relay reloads" in done.stdout
+
+        # activated on disk, not yet reloaded: the old key (still published) signs
+        await trio.to_thread.run_sync(submit, relay, TRANSACTIONAL, "carol@example.net")
+        second = (await wait_for(sink, 2))[1]
+        assert f"{old}._domainkey.relay.test" in signed_by(second.content, dns_server)
+
+        assert relay.handle.reloader is not None
+        assert await relay.handle.reloader.reload()  # what SIGHUP runs
+        assert any(f"operator DKIM selector {new}" in line for line in relay.lines)
+        await trio.to_thread.run_sync(submit, relay, TRANSACTIONAL, "dave@example.net")
+        third = (await wait_for(sink, 3))[2]
+        used = signed_by(third.content, dns_server)
+        assert f"{new}._domainkey.relay.test" in used
+        assert f"{old}._domainkey.relay.test" not in used
+        records = await run("operator", "records", *cfg)
+        assert f"{new}._domainkey.relay.test" in records.stdout
