@@ -129,6 +129,10 @@ ca_file = ""
 retry_initial = 60.0           # seconds to the first retry, doubling each time ...
 retry_cap = 3600.0             # ... up to this
 max_age = 432000.0             # a recipient still deferred after 5 days bounces
+# A recipient still deferred this long after acceptance gets one "delayed" DSN (RFC 3464),
+# when its sender asked with NOTIFY=DELAY or gave no NOTIFY (as Postfix's delay_warning_time);
+# NOTIFY=NEVER or NOTIFY=FAILURE alone never get one. 0 sends none.
+delay_warning = 14400.0        # 4 hours
 drain_grace = 30.0             # seconds deliveries in hand get to finish on SIGTERM
 restart_spread = 60.0          # retries overdue at start are spread over this many seconds
 # Where List-Unsubscribe points ("" means https://<operator.domain>); the token in it is an
@@ -417,6 +421,7 @@ SCHEMA: Final[dict[str, dict[str, Check]]] = {
         "retry_initial": _number(1),
         "retry_cap": _number(1),
         "max_age": _number(0),
+        "delay_warning": _number(0),
         "drain_grace": _number(0),
         "restart_spread": _number(0),
         "unsubscribe_url": _string(empty=True),

@@ -291,6 +291,7 @@ def make_dispatcher(
             initial=config["delivery.retry_initial"],
             cap=config["delivery.retry_cap"],
             max_age=config["delivery.max_age"],
+            delay_warning=config["delivery.delay_warning"] or None,
         ),
         concurrency=config["delivery.concurrency"],
         require_tls=frozenset(d.lower() for d in config["delivery.require_tls"]),

@@ -45,7 +45,9 @@ class RetryPolicy:
         return at
 
     def warn_delayed(self, *, accepted_at: float, now: float, warned: bool) -> bool:
-        """Whether a delay DSN is due now (once per message)."""
+        """Whether a delay DSN is due now: once per recipient (the dispatcher passes
+        ``warned=False`` and leaves the once to the journal: a delay DSN's record covers
+        the recipients it reported, ``QueuedMessage.delay_covered``)."""
         return (
             self.delay_warning is not None
             and not warned

@@ -155,8 +155,8 @@ class Dispatcher:
             self._lanes.nursery = nursery
             task_status.started()
             for msg in list(state.messages.values()):
-                if msg.dsn_owed():  # the relay stopped between a bounce and its DSN
-                    await self._queue_dsn(msg)
+                # the relay stopped between an outcome and its DSN
+                await self._owed_dsns(msg, self.clock())
             while not self.draining:
                 self._wake = trio.Event()
                 await self._dispatch()
@@ -312,13 +312,24 @@ class Dispatcher:
                     mta=mta,
                 ),
             )
-        if msg.dsn_owed():
-            await self._queue_dsn(msg)
+        await self._owed_dsns(msg, now)
 
-    async def _queue_dsn(self, msg: QueuedMessage) -> None:
-        """Queue the DSN for ``msg``'s bounced recipients (to its envelope sender, from the
-        null sender); its record covers them, so it is never sent twice."""
+    async def _owed_dsns(self, msg: QueuedMessage, now: float) -> None:
+        """Queue the DSNs ``msg`` owes now: for bounced recipients, and once for recipients
+        deferred past the policy's ``delay_warning`` (when their sender asked for it)."""
         owed = msg.dsn_owed()
+        if owed:
+            await self._queue_dsn(msg, owed, "failed")
+        if self.settings.policy.warn_delayed(
+            accepted_at=msg.record.accepted_at, now=now, warned=False
+        ):
+            delayed = msg.delay_owed()
+            if delayed:
+                await self._queue_dsn(msg, delayed, "delayed")
+
+    async def _queue_dsn(self, msg: QueuedMessage, owed: list[str], action: str) -> None:
+        """Queue a DSN of ``action`` for ``owed`` (to the envelope sender, from the null
+        sender); its record covers them, so it is never sent twice."""
         original = await self.queue.journal.read(msg.position)
         now = self.clock()
         dsn = build_dsn(
@@ -326,20 +337,23 @@ class Dispatcher:
             operator_domain=self.settings.operator_domain,
             sender=msg.record.sender,
             original=original.payload[msg.body_offset :],
-            statuses=dsn_statuses(msg, owed),
+            statuses=dsn_statuses(msg, owed, action),
             envid=msg.record.envid,
             arrival=msg.record.accepted_at,
-            ret_full=msg.record.ret == "FULL",
+            ret_full=msg.record.ret == "FULL" and action == "failed",  # a delay: headers
         )
-        record = dsn_record(msg, owed, len(dsn), now)
+        record = dsn_record(msg, owed, len(dsn), now, action)
         await self.queue.accept(record, dsn)
         log.info(
-            "%s: DSN %s queued to %s for %s",
+            "%s: DSN (%s) %s queued to %s for %s",
             msg.id,
+            action,
             record.id,
             msg.record.sender,
             owed,
-            extra=fields("dsn", queue_id=msg.id, dsn_id=record.id, did=msg.record.did),
+            extra=fields(
+                "dsn", queue_id=msg.id, dsn_id=record.id, did=msg.record.did, action=action
+            ),
         )
         self._wake.set()
 

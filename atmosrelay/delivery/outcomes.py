@@ -28,7 +28,7 @@ from atmosrelay.queue.records import (
     RecipientState,
     new_queue_id,
 )
-from atmosrelay.queue.state import DSN_FOR, DSN_RECIPIENTS, QueuedMessage
+from atmosrelay.queue.state import DSN_ACTION, DSN_FOR, DSN_RECIPIENTS, QueuedMessage
 
 EXPIRED = "5.4.7"  # RFC 3463: delivery time expired
 
@@ -71,13 +71,15 @@ def last_outcomes(msg: QueuedMessage) -> dict[str, tuple[Delivery, Outcome]]:
     return out
 
 
-def dsn_statuses(msg: QueuedMessage, owed: Sequence[str]) -> list[RecipientStatus]:
+def dsn_statuses(
+    msg: QueuedMessage, owed: Sequence[str], action: str = "failed"
+) -> list[RecipientStatus]:
     last = last_outcomes(msg)
     orcpt = {r.addr: r.orcpt for r in msg.record.recipients}
     return [
         RecipientStatus(
             recipient=r,
-            action="failed",
+            action=action,
             status=last[r][1].status,
             diagnostic=last[r][1].reply,
             remote_mta=last[r][0].mta,
@@ -88,7 +90,9 @@ def dsn_statuses(msg: QueuedMessage, owed: Sequence[str]) -> list[RecipientStatu
     ]
 
 
-def dsn_record(msg: QueuedMessage, owed: Sequence[str], size: int, now: float) -> Accepted:
+def dsn_record(
+    msg: QueuedMessage, owed: Sequence[str], size: int, now: float, action: str = "failed"
+) -> Accepted:
     return Accepted(
         id=new_queue_id(now),
         accepted_at=now,
@@ -100,7 +104,11 @@ def dsn_record(msg: QueuedMessage, owed: Sequence[str], size: int, now: float) -
         category="transactional",
         bulk=False,
         tags=(),
-        metadata={DSN_FOR: msg.id, DSN_RECIPIENTS: "\n".join(owed)},
+        metadata={
+            DSN_FOR: msg.id,
+            DSN_RECIPIENTS: "\n".join(owed),
+            **({DSN_ACTION: action} if action != "failed" else {}),
+        },
         client={},
         size=size,
     )

@@ -51,6 +51,7 @@ class QueuedMessage:
     next_at: dict[str, float] = attrs.field(factory=dict)  # deferred recipients: when to retry
     history: list[Delivery] = attrs.field(factory=list)
     dsn_covered: set[str] = attrs.field(factory=set)  # bounced recipients a DSN reported
+    delay_covered: set[str] = attrs.field(factory=set)  # deferred ones a delay DSN reported
 
     @property
     def id(self) -> str:
@@ -78,6 +79,18 @@ class QueuedMessage:
             and wants_dsn(self.record.sender, notify.get(r), "failed")
         ]
 
+    def delay_owed(self) -> list[str]:
+        """Deferred recipients whose sender wants a delay DSN (RFC 3464 ``Action: delayed``)
+        and has not had one; whether one is due yet is the retry policy's call."""
+        notify = {r.addr: r.notify for r in self.record.recipients}
+        return [
+            r
+            for r, state in self.recipient_states.items()
+            if state == RecipientState.DEFERRED
+            and r not in self.delay_covered
+            and wants_dsn(self.record.sender, notify.get(r), "delayed")
+        ]
+
     @property
     def dead(self) -> bool:
         """Nothing left to do for it: its records may be compacted away."""
@@ -95,6 +108,7 @@ class PendingInbound:
 
 DSN_FOR = "atmos-dsn-for"  # metadata of a DSN's ACCEPTED record: the queue id it reports on
 DSN_RECIPIENTS = "atmos-dsn-rcpts"  # ... and the recipients, one per line
+DSN_ACTION = "atmos-dsn-action"  # ... and "delayed" for a delay DSN (absent: "failed")
 
 
 def domain_of(address: str) -> str:
@@ -113,7 +127,9 @@ class QueueState:
     def dead_positions(self) -> set[Position]:
         dead = set(self.graveyard)
         for msg in self.messages.values():
-            if msg.dead:
+            # a DSN's record is what says its message's recipients were reported: it lives
+            # as long as that message does, or a restart would report them again
+            if msg.dead and msg.record.metadata.get(DSN_FOR) not in self.messages:
                 dead.update(msg.positions)
         return dead
 
@@ -201,7 +217,11 @@ class QueueState:
         )
         reported = self.messages.get(accepted.metadata.get(DSN_FOR, ""))
         if not accepted.sender and reported is not None:
-            reported.dsn_covered.update(accepted.metadata.get(DSN_RECIPIENTS, "").split("\n"))
+            covered = accepted.metadata.get(DSN_RECIPIENTS, "").split("\n")
+            if accepted.metadata.get(DSN_ACTION) == "delayed":
+                reported.delay_covered.update(covered)
+            else:
+                reported.dsn_covered.update(covered)
 
     def add_deleted(self, queue_id: str, position: Position) -> None:
         msg = self.messages.pop(queue_id, None)
