@@ -57,7 +57,10 @@ spf_include = ""
 # Listeners: "host:port mode", mode starttls (AUTH only after STARTTLS), implicit (TLS from
 # the first byte), trusted (no TLS, no AUTH: clients from trusted_networks submit as
 # trusted_did; for a co-located app or a load generator) or inbound (the relay's MX:
-# bounces, feedback reports, replies; no AUTH, STARTTLS offered; docs/inbound.md).
+# bounces, feedback reports, replies; no AUTH, STARTTLS offered; docs/inbound.md) or auto
+# (opt-in: a client whose first bytes within auto_tls_window are a TLS handshake gets
+# implicit TLS, any other gets the starttls greeting after the window; for clients that
+# use smtps:// on port 587, as an atproto PDS's URL form does; docs/security.md).
 # Port 0 picks a free port.
 # Production: ["0.0.0.0:587 starttls", "0.0.0.0:465 implicit", "0.0.0.0:2525 starttls",
 #              "0.0.0.0:2587 starttls", "0.0.0.0:25 inbound"]
@@ -80,6 +83,7 @@ max_connections = 1000
 max_connections_per_ip = 50
 inflight_budget = 268435456     # bytes all messages being received may hold (256 MiB)
 shutdown_grace = 30.0           # seconds sessions get to finish on SIGTERM
+auto_tls_window = 0.2           # seconds an auto listener waits for a TLS handshake
 trusted_did = ""                # the member trusted listeners submit as
 trusted_networks = ["127.0.0.0/8", "::1/128"]
 
@@ -202,6 +206,7 @@ class ListenerMode(enum.StrEnum):
     IMPLICIT = "implicit"  # TLS from the first byte
     TRUSTED = "trusted"  # no TLS, no AUTH: clients in trusted_networks submit as trusted_did
     INBOUND = "inbound"  # the relay's MX: no AUTH, STARTTLS offered, local recipients only
+    AUTO = "auto"  # implicit TLS if the client starts a handshake at once, else as starttls
 
 
 class ConfigError(Exception):
@@ -278,7 +283,9 @@ def _domains(v: Any) -> str | None:
 
 
 def _listeners(v: Any) -> str | None:
-    expected = 'a list of "host:port mode" strings, mode starttls, implicit, trusted or inbound'
+    expected = (
+        'a list of "host:port mode" strings, mode starttls, implicit, trusted, inbound or auto'
+    )
     if not isinstance(v, list):
         return expected
     for x in v:
@@ -391,6 +398,7 @@ SCHEMA: Final[dict[str, dict[str, Check]]] = {
         "max_connections_per_ip": _int(1),
         "inflight_budget": _int(1024),
         "shutdown_grace": _number(0),
+        "auto_tls_window": _number(0.01),
         "trusted_did": _string(empty=True),
         "trusted_networks": _networks,
     },

@@ -377,6 +377,7 @@ def make_context(
         data_timeout=config["smtp.data_timeout"],
         min_data_rate=config["smtp.min_data_rate"],
         max_session_time=config["smtp.max_session_time"],
+        auto_tls_window=config["smtp.auto_tls_window"],
         max_recipients=config["smtp.max_recipients"],
         trusted_did=config["smtp.trusted_did"],
     )

@@ -3,6 +3,12 @@
 Every session task is started in the caller's sessions nursery (so shutdown can give them a
 grace deadline after the listeners are closed). Implicit-TLS listeners do the handshake before
 the session starts; a client over the limits gets 421 4.7.0 and is closed.
+
+An ``auto`` listener looks at a new connection's first byte without consuming it (MSG_PEEK)
+for up to ``smtp.auto_tls_window``: 0x16 is a TLS handshake record (RFC 8446 5.1; every TLS
+version's ClientHello starts so), and the connection is served as implicit TLS; anything else,
+or nothing within the window (an SMTP client waits for the greeting), and it is served as a
+STARTTLS listener's connection. A plain client's greeting comes ``auto_tls_window`` later.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import socket
 from collections.abc import Sequence
 
 import attrs
@@ -71,9 +78,24 @@ async def _wrap_tls(stream: trio.abc.Stream, ctx: SessionContext) -> trio.abc.St
     return None
 
 
+TLS_HANDSHAKE_RECORD = b"\x16"
+
+
+async def _sniff(stream: trio.SocketStream, window: float) -> ListenerMode:
+    """IMPLICIT if the client's first byte, within ``window``, starts a TLS handshake."""
+    with trio.move_on_after(window):
+        with contextlib.suppress(OSError):
+            first = await stream.socket.recv(1, socket.MSG_PEEK)
+            if first == TLS_HANDSHAKE_RECORD:
+                return ListenerMode.IMPLICIT
+    return ListenerMode.STARTTLS
+
+
 async def _refuse(
     stream: trio.SocketStream, mode: ListenerMode, ctx: SessionContext, reply: R.Reply
 ) -> None:
+    if mode is ListenerMode.AUTO:
+        mode = await _sniff(stream, ctx.auto_tls_window)
     target: trio.abc.Stream | None = stream
     if mode is ListenerMode.IMPLICIT:
         target = await _wrap_tls(stream, ctx)
@@ -93,6 +115,8 @@ async def _connection(
     limits: ConnectionLimits,
 ) -> None:
     try:
+        if mode is ListenerMode.AUTO:
+            mode = await _sniff(stream, ctx.auto_tls_window)
         session_stream: trio.abc.Stream | None = stream
         if mode is ListenerMode.IMPLICIT:
             session_stream = await _wrap_tls(stream, ctx)

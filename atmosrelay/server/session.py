@@ -129,6 +129,7 @@ class SessionContext:
     data_timeout: float = 600.0
     min_data_rate: int = 4096  # bytes per second, extending the data phase's deadline
     max_session_time: float = 3600.0
+    auto_tls_window: float = 0.2  # an auto listener's wait for a TLS ClientHello
     max_recipients: int = 100
     trusted_did: str = ""
     inbound: InboundSettings | None = None  # what the inbound listener's sessions share
