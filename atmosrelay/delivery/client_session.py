@@ -39,10 +39,10 @@ from atmosrelay.smtp import (
     Hello,
     MailFrom,
     MailParams,
-    ProtocolError,
     Quit,
     RcptParams,
     RcptTo,
+    RemoteProtocolError,
     Rset,
     ServerReply,
     StartTLS,
@@ -119,7 +119,7 @@ class _Wire:
         while True:
             try:
                 event = self.conn.next_event()
-            except ProtocolError as exc:
+            except RemoteProtocolError as exc:
                 raw = printable(self.tail, MAX_RECORDED_REPLY)
                 raise _Failed("4.5.0", f"protocol error: {exc}; received: {raw}") from None
             if event is NEED_DATA:
@@ -139,14 +139,17 @@ class _Wire:
         return event
 
 
-# What a remote server (or the network) can do to a session: outcomes, never crashes.
+# What a remote server (or the network) can do to a session: outcomes, never crashes. A
+# LocalProtocolError is not among them: it means this relay tried to send what SMTP does not
+# allow (a bug, or a message that should never have been accepted), and it must surface as
+# a crash the lane's supervisor logs, not hide as a 4.5.0 deferral retried for five days.
 _EXPECTED = (
     _Failed,
     trio.BrokenResourceError,
     trio.ClosedResourceError,
     OSError,
     trio.TooSlowError,
-    ProtocolError,
+    RemoteProtocolError,
 )
 
 
@@ -156,7 +159,7 @@ def _failure(exc: BaseException, host: str) -> _Failed:
         return exc
     if isinstance(exc, trio.TooSlowError):
         return _Failed("4.4.2", f"timeout talking to {host}")
-    if isinstance(exc, ProtocolError):  # ours (a bug) or one _Wire did not see
+    if isinstance(exc, RemoteProtocolError):  # one _Wire did not see
         return _Failed("4.5.0", f"protocol error with {host}: {exc}")
     return _Failed("4.4.2", f"connection to {host} lost")
 
@@ -186,6 +189,9 @@ class Remote:
             return await _send(self._wire, self.caps, envelope, message)
         except _EXPECTED as exc:
             reason = _failure(exc, self.host)
+        except BaseException:  # a bug or a cancellation: the connection is mid-transaction
+            self.usable = False
+            raise
         self.usable = False
         return tuple(
             Outcome(r, "deferred", reason.status, reason.reply) for r in envelope.recipients

@@ -59,10 +59,6 @@ from atmosrelay.smtp._replies import Reply
 
 MAX_REPLY_LINE: Final = 2048  # RFC 5321 4.5.3.1.5 says 512; be lenient with real servers
 MAX_REPLY_LINES: Final = 200  # an EHLO reply is about 20 lines; bound what we hold
-# Servers repeat their replies ("250 2.1.0 Ok"): parse each distinct line once. Bounded,
-# since some carry per-message values (queue ids) and never repeat.
-_REPLY_CACHE_SIZE: Final = 2048
-_REPLY_CACHE: dict[bytes, Reply] = {}
 # Commands after which more may be sent without waiting (RFC 2920 section 3.1, RFC 3030).
 _PIPELINABLE: Final = (MailFrom, RcptTo, Rset, Bdat)
 
@@ -200,18 +196,11 @@ class ClientConnection:
         end = buf.find(b"\r\n", 0, MAX_REPLY_LINE)
         if end >= 4 and buf[3] == 0x20:
             raw = bytes(buf[:end])
-            cached = _REPLY_CACHE.get(raw)
-            if cached is not None:
-                del buf[: end + 2]
-                return cached
             well_formed = raw[:3].isdigit() and 200 <= int(raw[:3]) <= 599
             if well_formed and b"\r" not in raw and b"\n" not in raw:
                 del buf[: end + 2]
                 enhanced, text = parse_enhanced(raw[4:].decode("utf-8", "replace"))
-                reply = Reply(int(raw[:3]), enhanced, (text,))
-                if len(_REPLY_CACHE) < _REPLY_CACHE_SIZE:
-                    _REPLY_CACHE[raw] = reply
-                return reply
+                return Reply(int(raw[:3]), enhanced, (text,))
         lines: list[str] = []
         pos = 0
         code = None

@@ -21,6 +21,7 @@ from atmosrelay.smtp import (
     Capabilities,
     ConnectionClosed,
     EndOfMessage,
+    LocalProtocolError,
     MailFrom,
     MessageData,
     RcptTo,
@@ -261,3 +262,12 @@ async def test_a_server_that_injects_after_its_starttls_220_is_refused() -> None
     assert {(o.outcome, o.status) for o in outcomes.values()} == {("deferred", "4.5.0")}
     assert "injection" in (outcomes["bob@example.net"].reply or "")
     assert not mx.hosts["evil"].received
+
+
+async def test_our_own_protocol_errors_surface_instead_of_becoming_deferrals() -> None:
+    """A bare LF in what the relay hands the client is a defect on this side: it raises (for
+    the lane's supervisor to log and count) instead of turning into a 4.5.0 retried for days."""
+    async with fake_mx(mx1=Host()) as mx:
+        with pytest.raises(LocalProtocolError, match="bare CR or LF"):
+            await go(mx, dest("mx1"), message=b"Subject: x\r\n\r\na bare\nline feed\r\n")
+        assert mx.hosts["mx1"].received == []
