@@ -199,7 +199,7 @@ class Remote:
 
     async def aclose(self) -> None:
         """A polite QUIT (its reply changes nothing), then close."""
-        if self.usable:
+        if self.usable and self._wire.conn.can_send(Quit()):
             with (
                 trio.move_on_after(5),
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),

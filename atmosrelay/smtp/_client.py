@@ -13,6 +13,14 @@ Replies are matched to commands in order (RFC 2920). Commands may be sent before
 replies arrive only where RFC 2920 allows it (after MAIL, RCPT, RSET, BDAT) and only if the
 server advertised PIPELINING. Reply bytes that arrive when no reply is due are an attack or a
 broken server: RemoteProtocolError (the STARTTLS case is the plaintext injection of 2011).
+
+The client's states are the server's (``_states.TABLE``, the one transition table): each
+reply moves ``state`` by the table, exactly as the server moves when it sends it, so a
+client and a server that agree on the protocol always agree on the state (the pair tests
+check it). A command is refused (LocalProtocolError) unless the table allows it in the state
+the connection will be in once every command already sent has succeeded, which is what
+RFC 2920 lets a pipelining client assume. A positive reply the table has no transition for
+(354 to DATA when no recipient was accepted) is the server's breach: RemoteProtocolError.
 """
 
 from __future__ import annotations
@@ -56,15 +64,27 @@ from atmosrelay.smtp._extensions import (
     parse_enhanced,
 )
 from atmosrelay.smtp._replies import Reply
+from atmosrelay.smtp._states import CLOSE_CODE, TABLE, Input, State
 
 MAX_REPLY_LINE: Final = 2048  # RFC 5321 4.5.3.1.5 says 512; be lenient with real servers
 MAX_REPLY_LINES: Final = 200  # an EHLO reply is about 20 lines; bound what we hold
-# Commands after which more may be sent without waiting (RFC 2920 section 3.1, RFC 3030).
-_PIPELINABLE: Final = (MailFrom, RcptTo, Rset, Bdat)
+# Inputs after which more may be sent without waiting (RFC 2920 section 3.1, RFC 3030).
+_PIPELINABLE: Final = frozenset({Input.MAIL, Input.RCPT, Input.RSET, Input.BDAT, Input.BDAT_LAST})
+# Inputs a 3xx answers (354 to DATA, 334 to AUTH LOGIN with its username).
+_INTERMEDIATE: Final = frozenset({Input.DATA, Input.AUTH_LOGIN_IR})
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def _input(command: Event) -> Input:
+    """The table's input for a command the client sends."""
+    if isinstance(command, Hello):
+        return Input.EHLO if command.extended else Input.HELO
+    if isinstance(command, Bdat):
+        return Input.BDAT_LAST if command.last else Input.BDAT
+    return _INPUTS[type(command)]
 
 
 class ClientConnection:
@@ -73,37 +93,64 @@ class ClientConnection:
         and EHLO must be sent again (RFC 3207 section 4.2)."""
         self._buf = bytearray()
         self._eof = False
-        self._pending: deque[Event] = deque() if after_starttls else deque([Greet()])
+        # the commands awaiting replies, each with its input to the table
+        self._pending: deque[tuple[Event, Input]] = (
+            deque() if after_starttls else deque([(Greet(), Input.GREET)])
+        )
+        self.state = State.CONNECTED if after_starttls else State.GREETING
         self.capabilities: ServerCapabilities | None = None
-        self.closed = False
-        self._tls = False
-        self._in_data = False  # 354 received: content may be sent
         self._stuffer: DotStuffer | None = None
         self._login_password: str | None = None
         # Pending commands that end a pipeline group (RFC 2920 3.1); the greeting is one.
         self._barriers = len(self._pending)
 
+    @property
+    def closed(self) -> bool:
+        return self.state in (State.CLOSED, State.ERROR)
+
+    def _projected(self) -> State:
+        """The state once every command sent so far has succeeded."""
+        state = self.state
+        for _, inp in self._pending:
+            transition = TABLE.get((state, inp))
+            if transition is None:
+                return State.ERROR
+            state = transition.accept
+        return state
+
+    def can_send(self, command: Event) -> bool:
+        """Whether ``send(command)`` is in sequence now (a driver that follows the replies
+        asks before it sends; pipelining limits aside)."""
+        if self.closed or self.state in (State.TLS, State.DATA) or type(command) not in _FORMAT:
+            return False
+        return (self._projected(), _input(command)) in TABLE
+
     # -- commands out -----------------------------------------------------------------
     def send(self, command: Event) -> bytes:
         """The bytes for ``command``. Raises LocalProtocolError if it may not be sent now."""
-        if self.closed or self._tls:
+        if self.closed or self.state is State.TLS:
             raise LocalProtocolError("connection is closed or switching to TLS")
-        if self._in_data:
+        if self.state is State.DATA:
             raise LocalProtocolError("in message content: use send_data() and end_data()")
+        if type(command) not in _FORMAT:
+            raise LocalProtocolError(f"not a client command: {command!r}")
+        inp = _input(command)
         if self._pending and (
             self._barriers or self.capabilities is None or not self.capabilities.has("PIPELINING")
         ):
             raise LocalProtocolError(
                 f"must wait for the reply to {type(self._pending[-1]).__name__}"
             )
-        formatter = _FORMAT.get(type(command))
-        if formatter is None:
-            raise LocalProtocolError(f"not a client command: {command!r}")
-        line = formatter(self, command)
+        projected = self._projected()
+        if (projected, inp) not in TABLE:
+            raise LocalProtocolError(
+                f"{type(command).__name__} is out of sequence in state {projected.value}"
+            )
+        line = _FORMAT[type(command)](self, command)
         if "\r" in line or "\n" in line or "\0" in line:
             raise LocalProtocolError("CR, LF or NUL in a command")
-        self._pending.append(command)
-        if not isinstance(command, _PIPELINABLE):
+        self._pending.append((command, inp))
+        if inp not in _PIPELINABLE:
             self._barriers += 1
         wire = line.encode("utf-8") + b"\r\n"
         return wire + command.data if isinstance(command, Bdat) else wire
@@ -119,28 +166,26 @@ class ClientConnection:
 
     def continue_auth(self) -> bytes:
         """After a 334 to AUTH LOGIN: the password line."""
-        if (
-            self._login_password is None
-            or not self._pending
-            or not isinstance(self._pending[0], AuthLogin)
-        ):
+        if self._login_password is None or self.state is not State.AUTH_LOGIN_PASSWORD:
             raise LocalProtocolError("no AUTH LOGIN awaits the password")
         password, self._login_password = self._login_password, None
+        self._pending.append((AuthLogin("", ""), Input.AUTH_CREDENTIALS))
+        self._barriers += 1
         return _b64(password.encode()).encode("ascii") + b"\r\n"
 
     def send_data(self, data: bytes) -> bytes:
         """Message content after the 354, dot-stuffed. Raises LocalProtocolError on a bare
         CR or LF (refusing to send what another server could split)."""
-        if not self._in_data or self._stuffer is None:
+        if self.state is not State.DATA or self._stuffer is None:
             raise LocalProtocolError("no 354 received: DATA first")
         return self._stuffer.stuff(data)
 
     def end_data(self) -> bytes:
-        if not self._in_data or self._stuffer is None:
+        if self.state is not State.DATA or self._stuffer is None or self._pending:
             raise LocalProtocolError("no 354 received: DATA first")
         out = self._stuffer.end()
-        self._in_data, self._stuffer = False, None
-        self._pending.append(EndOfMessage())
+        self._stuffer = None
+        self._pending.append((EndOfMessage(), Input.END_OF_DATA))
         self._barriers += 1
         return out
 
@@ -153,9 +198,9 @@ class ClientConnection:
 
     def next_event(self) -> Event | _Sentinel:
         """ServerReply, TLSReady, ConnectionClosed or NEED_DATA. Raises RemoteProtocolError."""
-        if self._tls:
+        if self.state is State.TLS:
             if self._buf:  # the server spoke after its 220: the plaintext injection of 2011
-                self.closed = True
+                self.state = State.ERROR
                 raise RemoteProtocolError("bytes after the STARTTLS 220: injection attempt")
             return TLSReady()
         if self.closed:
@@ -163,32 +208,46 @@ class ClientConnection:
         reply = self._parse_reply()
         if reply is None:
             if self._eof:
-                self.closed = True
+                self.state = State.CLOSED
                 return ConnectionClosed()
             return NEED_DATA
         if not self._pending:
-            if reply.code == 421:
-                self.closed = True
+            if reply.code == CLOSE_CODE:
+                self.state = State.CLOSED
                 return ServerReply(None, reply)
             raise RemoteProtocolError(f"reply {reply.code} when none was due")
-        command = self._pending[0]
-        if isinstance(command, AuthLogin) and reply.code == 334:
-            return ServerReply(command, reply)  # the caller answers with continue_auth()
-        if not isinstance(self._pending.popleft(), _PIPELINABLE):
+        command, inp = self._pending.popleft()
+        if inp not in _PIPELINABLE:
             self._barriers -= 1
+        self.state = self._after(inp, reply)
         capabilities = None
-        kind = type(command)
-        if kind is Hello and reply.code < 400 and command.extended:  # type: ignore[attr-defined]
+        if inp is Input.EHLO and reply.code < 400:
             capabilities = self.capabilities = ServerCapabilities.parse(reply)
-        elif kind is Data and reply.code == 354:
+        elif self.state is State.DATA:
             if self._pending:
                 raise RemoteProtocolError("354 while other replies are still due")
-            self._in_data, self._stuffer = True, DotStuffer()
-        elif kind is StartTLS and reply.code == 220:
-            self._tls = True  # next_event() reports TLSReady, or the injection
-        elif kind is Quit or reply.code == 421:
-            self.closed = True
+            self._stuffer = DotStuffer()
         return ServerReply(command, reply, capabilities)
+
+    def _after(self, inp: Input, reply: Reply) -> State:
+        """The state a reply to ``inp`` leads to, by the table."""
+        if reply.code == CLOSE_CODE:
+            return State.CLOSED
+        transition = TABLE.get((self.state, inp))
+        positive = reply.code < 400
+        if transition is None:  # sent on the assumption that an earlier command succeeded
+            if positive:
+                self.state = State.ERROR
+                raise RemoteProtocolError(
+                    f"{reply.code} to a command the server should have refused "
+                    f"in state {self.state.value}"
+                )
+            return self.state
+        if positive and (reply.code >= 300) != (inp in _INTERMEDIATE):
+            self.state = State.ERROR
+            expected = "an intermediate 3xx" if inp in _INTERMEDIATE else "no 3xx"
+            raise RemoteProtocolError(f"{reply.code} to {inp.value}, where {expected} is due")
+        return transition.accept if positive else transition.refuse
 
     def _parse_reply(self) -> Reply | None:
         buf = self._buf
@@ -253,4 +312,18 @@ _FORMAT: Final[dict[type, _Formatter]] = {
     Noop: lambda _, c: "NOOP",
     Quit: lambda _, c: "QUIT",
     StartTLS: lambda _, c: "STARTTLS",
+}
+_INPUTS: Final[dict[type, Input]] = {
+    StartTLS: Input.STARTTLS,
+    AuthPlain: Input.AUTH_CREDENTIALS,  # with its initial response
+    AuthLogin: Input.AUTH_LOGIN_IR,  # with the username; 334, then the password
+    MailFrom: Input.MAIL,
+    RcptTo: Input.RCPT,
+    Data: Input.DATA,
+    Rset: Input.RSET,
+    Noop: Input.NOOP,
+    Help: Input.HELP,
+    Vrfy: Input.VRFY,
+    Expn: Input.EXPN,
+    Quit: Input.QUIT,
 }
