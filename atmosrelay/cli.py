@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 import trio
+from tqdm import tqdm
 
 from atmosrelay import __version__, logs
 from atmosrelay._text import print_error
@@ -91,9 +92,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_journal_check(args: argparse.Namespace) -> int:
-    try:
-        report = check_journal(args.dir)
-    except FileNotFoundError:
+    # a bar on a terminal for a journal of many segments (tqdm is silent when not a TTY)
+    with tqdm(unit="segment", disable=None, file=sys.stderr, leave=False) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            report = check_journal(args.dir, progress=progress)
+        except FileNotFoundError:
+            report = None
+    if report is None:
         _err(f"no journal directory at {args.dir}")
         return EXIT_USAGE
     if args.json:

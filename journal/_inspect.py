@@ -6,7 +6,7 @@ Neither modifies anything, so an operator can run them on a journal the relay re
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 
@@ -84,10 +84,16 @@ def _scans(fs: FS, directory: str, max_record_size: int) -> Iterator[tuple[Segme
 
 
 def check_journal(
-    directory: str, *, fs: FS | None = None, max_record_size: int = DEFAULT_MAX_RECORD_SIZE
+    directory: str,
+    *,
+    fs: FS | None = None,
+    max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CheckReport:
-    """Verify every frame of every segment. Raises FileNotFoundError for a missing directory."""
+    """Verify every frame of every segment. Raises FileNotFoundError for a missing directory.
+    ``progress(done, total)`` is called with segments checked so far after each one."""
     fs = fs if fs is not None else OsFS()
+    total = len(_numbers(fs, directory)) if progress is not None else 0
     summaries: list[SegmentSummary] = []
     torn: TornTail | None = None
     corruption: CorruptJournalError | None = None
@@ -104,6 +110,8 @@ def check_journal(
                 )
             )
             torn = scan.torn or torn
+            if progress is not None:
+                progress(len(summaries), total)
     except CorruptJournalError as exc:
         corruption = exc
     broken = tuple(sorted(x for x in fs.listdir(directory) if ".broken" in x))

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
+import threading
 from pathlib import Path
 
 import pytest
@@ -250,3 +255,42 @@ def test_a_closed_standard_output_ends_quietly(tmp_path: Path, command: str) -> 
     finally:
         os.close(write_end)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_journal_check_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    make_journal(tmp_path / "j", n=300)  # 150 KiB in 64 KiB segments: three of them
+    quiet = run("journal", "check", str(tmp_path / "j"))
+    assert quiet.returncode == 0 and quiet.stderr == ""  # a pipe: no bar
+    primary, secondary = pty.openpty()  # standard error on a terminal, as an operator's
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80 wide
+    shown = bytearray()
+
+    def drain() -> None:  # read while it runs: a pty keeps little once its writer is gone
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: the terminal's other side is closed
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "atmosrelay", "journal", "check", str(tmp_path / "j")],
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    finally:
+        os.close(secondary)
+        reader.join(10)
+        os.close(primary)
+    assert proc.returncode == 0 and "healthy" in proc.stdout
+    assert b"segment" in shown, (
+        shown
+    )  # the bar (redrawn at most every 0.1 s: a fast check shows its start)
