@@ -24,7 +24,8 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -281,6 +282,26 @@ def domain_add(args: argparse.Namespace, config: Config, store: Store) -> None:
     )
 
 
+def _check_dns(
+    args: argparse.Namespace,
+    config: Config,
+    check: Callable[[Any], Awaitable[None]],
+    *,
+    skipped: str,
+    refused: str,
+) -> None:
+    """Run a DNS check (``check(resolver)``) unless ``--without-dns`` (then warn with
+    ``skipped``); a failed check is refused as ``refused: what DNS said``."""
+    if args.without_dns:
+        print(f"warning: {skipped}", file=sys.stderr)
+        return
+    resolver = make_resolver(_dns(config))
+    try:
+        trio.run(check, resolver)
+    except domains.DomainError as exc:
+        raise _Refused(f"{refused}: {exc}") from None
+
+
 def _records(args: argparse.Namespace, config: Config, d: Domain) -> tuple[list[Any], str]:
     recs = domains.records_to_publish(d, spf_include=config["operator.spf_include"] or None)
     lines = [r.zone_line() + (f"    ; {r.note}" if r.note else "") for r in recs]
@@ -292,18 +313,14 @@ def domain_verify(args: argparse.Namespace, config: Config, store: Store) -> Non
         d = store.domain(domains.normalize_domain(args.domain))
     except domains.DomainError as exc:
         raise _Refused(str(exc), EXIT_INVALID) from None
-    if args.without_dns:
-        print(
-            f"warning: {d.name} is marked verified WITHOUT a DNS check (--without-dns); "
-            "use this only for local testing",
-            file=sys.stderr,
-        )
-    else:
-        resolver = make_resolver(_dns(config))
-        try:
-            trio.run(domains.check_challenge, resolver, d)
-        except domains.DomainError as exc:
-            raise _Refused(f"{d.name} not verified: {exc}") from None
+    _check_dns(
+        args,
+        config,
+        partial(domains.check_challenge, domain=d),
+        skipped=f"{d.name} is marked verified WITHOUT a DNS check (--without-dns); "
+        "use this only for local testing",
+        refused=f"{d.name} not verified",
+    )
     d = store.mark_verified(d.name, without_dns=args.without_dns)
     data, lines = _records(args, config, d)
     how = " (without DNS)" if d.verified_without_dns else ""
@@ -374,18 +391,14 @@ def domain_rotate_dkim(args: argparse.Namespace, config: Config, store: Store) -
             f"no DKIM rotation of {name} to activate; start one with "
             f"'atmosrelay domain rotate-dkim {name}'"
         )
-    if args.without_dns:
-        print(
-            f"warning: activating {name}'s new DKIM keys WITHOUT checking that DNS serves "
-            "them (--without-dns); receivers will fail every signature until it does",
-            file=sys.stderr,
-        )
-    else:
-        resolver = make_resolver(_dns(config))
-        try:
-            trio.run(domains.check_published, resolver, records)
-        except domains.DomainError as exc:
-            raise _Refused(f"not activated, {name} still signs with the old keys: {exc}") from None
+    _check_dns(
+        args,
+        config,
+        partial(domains.check_published, records=records),
+        skipped=f"activating {name}'s new DKIM keys WITHOUT checking that DNS serves them "
+        "(--without-dns); receivers will fail every signature until it does",
+        refused=f"not activated, {name} still signs with the old keys",
+    )
     old = d.dkim_selector_stem
     d = store.activate_next_dkim(name)
     _out(

@@ -36,6 +36,17 @@ def _implicit(relay: Relay, port: int) -> dict[str, tuple[int, bytes]]:
         return c.sendmail("alice@example.org", ["bob@example.net"], MESSAGE)
 
 
+def nodemailer(node: str, url: str, ca: Path) -> subprocess.CompletedProcess[str]:
+    """One message from alice to bob through Nodemailer with this transport URL."""
+    return subprocess.run(
+        [node, str(NODE_DIR / "send.js"), url, str(ca), "alice@example.org", "bob@example.net"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=NODE_DIR,
+    )
+
+
 def _node() -> str:
     node = shutil.which("node")
     if node is None or not (NODE_DIR / "node_modules" / "nodemailer").is_dir():
@@ -57,22 +68,7 @@ async def test_starttls_implicit_tls_and_nodemailer_smtps_on_one_auto_port(
         ca = tmp_path / "ca.pem"
         relay.ca.cert_pem.write_to_path(str(ca))
         url = f"smtps://alice.test:{relay.key}@localhost:{port}"  # the PDS's URL form
-        result = await trio.to_thread.run_sync(
-            lambda: subprocess.run(
-                [
-                    node,
-                    str(NODE_DIR / "send.js"),
-                    url,
-                    str(ca),
-                    "alice@example.org",
-                    "bob@example.net",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                cwd=NODE_DIR,
-            )
-        )
+        result = await trio.to_thread.run_sync(nodemailer, node, url, ca)
         assert result.returncode == 0, result.stdout + result.stderr
         reply = json.loads(result.stdout)
         assert reply["ok"] and reply["response"].startswith("250 2.0.0 Ok: queued as "), reply
@@ -81,22 +77,7 @@ async def test_starttls_implicit_tls_and_nodemailer_smtps_on_one_auto_port(
         # the same smtps:// URL on a plain starttls port fails as it does elsewhere: the
         # auto mode is what makes it work
         plain = f"smtps://alice.test:{relay.key}@localhost:{relay.starttls_port}"
-        failed = await trio.to_thread.run_sync(
-            lambda: subprocess.run(
-                [
-                    node,
-                    str(NODE_DIR / "send.js"),
-                    plain,
-                    str(ca),
-                    "alice@example.org",
-                    "bob@example.net",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                cwd=NODE_DIR,
-            )
-        )
+        failed = await trio.to_thread.run_sync(nodemailer, node, plain, ca)
         assert failed.returncode == 1 and not json.loads(failed.stdout)["ok"]
         assert relay.key[10:] not in failed.stdout + failed.stderr + result.stdout
 
