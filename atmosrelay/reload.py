@@ -28,7 +28,9 @@ import attrs
 import trio
 
 from atmosrelay import logs, systemd
+from atmosrelay.accounts.dkim_keys import ensure_operator_key
 from atmosrelay.config import RELOADABLE, Config, ConfigError, changed_settings, load_config
+from atmosrelay.delivery.prepare import Preparer
 from atmosrelay.policy.settings import PolicySettings
 from atmosrelay.server.session import SessionContext
 from atmosrelay.server.tls import certificate_files, server_context
@@ -134,3 +136,12 @@ def _reason(exc: OSError | ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLError):
         return exc.reason or "not a PEM certificate and matching key"
     return exc.strerror or str(exc)
+
+
+def operator_key(config: Config, prepare: Preparer) -> str | None:
+    """SIGHUP: the operator's signing key again (a rotation may have been activated)."""
+    operator, _ = ensure_operator_key(config.dkim_dir, config["operator.domain"])
+    if operator.selector == prepare.operator.selector:
+        return None
+    prepare.set_operator(operator)
+    return f"operator DKIM selector {operator.selector}"

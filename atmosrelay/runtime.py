@@ -29,11 +29,10 @@ import ipaddress
 import logging
 import math
 import os
-import signal
 import sqlite3
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -62,10 +61,11 @@ from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.settings import PolicySettings
 from atmosrelay.queue.status import StatusIndex
 from atmosrelay.queue.store import QueueStore
-from atmosrelay.reload import Reloader
+from atmosrelay.reload import Reloader, operator_key
 from atmosrelay.server.listeners import ConnectionLimits, serve_listener
 from atmosrelay.server.session import Budget, SessionContext
 from atmosrelay.server.tls import server_context
+from atmosrelay.signals import Signals, watch_signals
 from atmosrelay.smtp import Capabilities
 from atmosrelay.submission import Pipeline
 from atmosrelay.submission.actions import PolicyActions
@@ -74,8 +74,6 @@ from atmosrelay.submission.members import MemberDirectory
 from journal import FS, RecoveryReport, open_journal
 
 log = logging.getLogger("atmosrelay")
-
-SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def describe_recovery(directory: str, report: RecoveryReport) -> str:
@@ -421,10 +419,10 @@ async def _serve(
     announce(
         f"policy: {rows} counter row(s) loaded, {replayed} message(s) recounted from the journal"
     )
-    signals = _Signals()
+    signals = Signals()
     async with trio.open_nursery() as services:
         if handle_signals:  # installed before "ready", so no signal can slip past it
-            await services.start(_watch_signals, signals, announce)
+            await services.start(watch_signals, signals, announce)
         await services.start(keys.watch_revocations)
         await services.start(pipeline.actions.run)
         await services.start(
@@ -518,7 +516,7 @@ async def _sessions(
     config: Config,
     announce: Callable[[str], None],
     ctx: SessionContext,
-    signals: _Signals,
+    signals: Signals,
     task_status: trio.TaskStatus[RelayHandle],
     dispatcher: Dispatcher | None,
     extras: _Extras,
@@ -545,7 +543,7 @@ async def _sessions(
         )
         reloader = handle.reloader = Reloader(config, ctx, announce)
         if dispatcher is not None and isinstance(dispatcher.prepare, Preparer):
-            reloader.also.append(partial(_operator_key, config, dispatcher.prepare))
+            reloader.also.append(partial(operator_key, config, dispatcher.prepare))
         if config.http_listeners:
             api = api_context(config, ctx, extras, _problems(ctx, extras))
             api.stopping = handle._stop.is_set
@@ -590,47 +588,3 @@ async def _sessions(
         ctx.request_shutdown()
         sessions.cancel_scope.deadline = trio.current_time() + grace
         signals.hurry.append(partial(setattr, sessions.cancel_scope, "deadline", -math.inf))
-
-
-def _operator_key(config: Config, prepare: Preparer) -> str | None:
-    """SIGHUP: the operator's signing key again (a rotation may have been activated)."""
-    operator, _ = ensure_operator_key(config.dkim_dir, config["operator.domain"])
-    if operator.selector == prepare.operator.selector:
-        return None
-    prepare.set_operator(operator)
-    return f"operator DKIM selector {operator.selector}"
-
-
-@attrs.define(eq=False)
-class _Signals:
-    """What the signal watcher acts on; filled in as the relay comes up and goes down."""
-
-    stop: trio.Event = attrs.field(factory=trio.Event)  # the RelayHandle's stop
-    reload: Callable[[], Awaitable[bool]] | None = None  # set once the listeners exist
-    hurry: list[Callable[[], None]] = attrs.field(factory=list)  # cut each drain short
-
-
-async def _watch_signals(
-    signals: _Signals,
-    announce: Callable[[str], None],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """SIGHUP reloads (atmosrelay/reload.py); the first SIGTERM/SIGINT starts the graceful
-    drain, a second one cuts what is left of it short (what is unfinished stays queued)."""
-    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS, signal.SIGHUP) as received:
-        task_status.started()
-        async for signum in received:
-            name = signal.Signals(signum).name
-            if signum == signal.SIGHUP:
-                if signals.stop.is_set() or signals.reload is None:
-                    announce("SIGHUP ignored: the relay is starting or stopping")
-                else:
-                    await signals.reload()
-            elif not signals.stop.is_set():
-                announce(f"{name} received; shutting down (again to stop without waiting)")
-                signals.stop.set()
-            else:
-                announce(f"{name} received again; ending the drain now, the rest stays queued")
-                for hurry in signals.hurry:
-                    hurry()

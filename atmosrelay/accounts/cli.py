@@ -20,97 +20,77 @@ revoked key), 64 for a bad config.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import attrs
 import trio
 
-from atmosrelay._text import print_error
-from atmosrelay.accounts import api_keys, dkim_keys, domains
+from atmosrelay.accounts import api_keys, domains
+from atmosrelay.accounts._cli_common import (
+    EXIT_INVALID,
+    Refused,
+    check_dns,
+    common_options,
+    did_of,
+    dns_settings,
+    out,
+    with_store,
+)
+from atmosrelay.accounts.dkim_cli import register as register_dkim
 from atmosrelay.accounts.identity import (
-    DnsSettings,
     HandleResolver,
-    InvalidDID,
     InvalidHandle,
     ResolutionError,
-    make_resolver,
     normalize_handle,
-    validate_did,
 )
-from atmosrelay.accounts.store import Domain, Store, StoreError
-from atmosrelay.config import Config, ConfigError, load_config
+from atmosrelay.accounts.store import Domain, Store
+from atmosrelay.config import Config
 from atmosrelay.policy.counters import Counters
 from atmosrelay.policy.limits import DAY, HOUR, limits_for, recipients_key
 from atmosrelay.policy.member import SHADOW_PREFIX
 from atmosrelay.policy.settings import PolicySettings
-from atmosrelay.queue.cli import read_queue
-from atmosrelay.queue.state import domain_of
 from atmosrelay.submission.members import load_snapshot
 
 _LABEL = re.compile(r"(shadow:)?[A-Za-z0-9_-]{1,64}")
-
-EXIT_REFUSED = 1
-EXIT_USAGE = 64
-EXIT_INVALID = 65
-
-
-class _Refused(Exception):
-    def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _dns(config: Config) -> DnsSettings:
-    return DnsSettings(nameservers=config.nameservers, timeout=float(config["dns.timeout"]))
-
-
-def _did(text: str) -> str:
-    try:
-        return validate_did(text)
-    except InvalidDID as exc:
-        raise _Refused(f"invalid DID {exc}", EXIT_INVALID) from None
-
-
-def _out(args: argparse.Namespace, data: object, human: str) -> None:
-    print(json.dumps(data, indent=2, default=str) if args.json else human)
 
 
 def _member_json(m: Any) -> dict[str, Any]:
     return attrs.asdict(m)
 
 
-def _domain_json(d: Domain) -> dict[str, Any]:
+def domain_json(d: Domain) -> dict[str, Any]:
     return {k: v for k, v in attrs.asdict(d).items() if "private" not in k}
 
 
 # -- members ------------------------------------------------------------------------------
 def member_add(args: argparse.Namespace, config: Config, store: Store) -> None:
-    did = _did(args.did)
+    did = did_of(args.did)
     try:
         handle = normalize_handle(args.handle)
     except InvalidHandle as exc:
-        raise _Refused(str(exc), EXIT_INVALID) from None
+        raise Refused(str(exc), EXIT_INVALID) from None
     if args.without_dns:
         print(f"warning: {handle} was not checked against DNS (--without-dns)", file=sys.stderr)
     else:
-        resolver = HandleResolver(_dns(config), https=bool(config["dns.https_handle_resolution"]))
+        resolver = HandleResolver(
+            dns_settings(config), https=bool(config["dns.https_handle_resolution"])
+        )
         try:
             claimed = trio.run(resolver.resolve, handle)
         except ResolutionError as exc:
-            raise _Refused(
+            raise Refused(
                 f"cannot confirm {handle} belongs to {did}: {exc} "
                 '(publish _atproto TXT "did=..." or use --without-dns for local testing)'
             ) from None
         if claimed != did:
-            raise _Refused(f"{handle} resolves to {claimed}, not {did}")
+            raise Refused(f"{handle} resolves to {claimed}, not {did}")
     member = store.add_member(did, handle)
-    _out(args, _member_json(member), f"member {did} added with handle {handle}")
+    out(args, _member_json(member), f"member {did} added with handle {handle}")
 
 
 def member_list(args: argparse.Namespace, config: Config, store: Store) -> None:
@@ -118,7 +98,7 @@ def member_list(args: argparse.Namespace, config: Config, store: Store) -> None:
     lines = [f"{m.did}  {m.status:<9}  {', '.join(m.handles) or '-'}" for m in members] or [
         "no members yet"
     ]
-    _out(args, [_member_json(m) for m in members], "\n".join(lines))
+    out(args, [_member_json(m) for m in members], "\n".join(lines))
 
 
 def _standing(config: Config, store: Store, did: str) -> dict[str, Any]:
@@ -154,7 +134,7 @@ def _domain_state(d: Domain) -> str:
 
 
 def member_show(args: argparse.Namespace, config: Config, store: Store) -> None:
-    m = store.member(_did(args.did))
+    m = store.member(did_of(args.did))
     doms = store.domains(m.did)
     keys = store.keys(m.did)
     standing = _standing(config, store, m.did)
@@ -179,32 +159,32 @@ def member_show(args: argparse.Namespace, config: Config, store: Store) -> None:
             f"{sum(k.revoked_at is not None for k in keys)} revoked",
         ]
     )
-    data = {**_member_json(m), "standing": standing, "domains": [_domain_json(d) for d in doms]}
-    _out(args, data, human)
+    data = {**_member_json(m), "standing": standing, "domains": [domain_json(d) for d in doms]}
+    out(args, data, human)
 
 
 def member_limits(args: argparse.Namespace, config: Config, store: Store) -> None:
-    did = _did(args.did)
+    did = did_of(args.did)
     if args.reset:
         if args.hourly is not None or args.daily is not None:
-            raise _Refused(
+            raise Refused(
                 "--reset goes alone: it returns the member to its tier's limits", EXIT_INVALID
             )
         hourly, daily = None, None
     else:
         if args.hourly is None and args.daily is None:
-            raise _Refused("give --hourly N and/or --daily N (or --reset)", EXIT_INVALID)
+            raise Refused("give --hourly N and/or --daily N (or --reset)", EXIT_INVALID)
         current = store.member(did)
         hourly = args.hourly if args.hourly is not None else current.hourly_limit
         daily = args.daily if args.daily is not None else current.daily_limit
     for name, value in (("--hourly", hourly), ("--daily", daily)):
         if value is not None and value < 1:
-            raise _Refused(
+            raise Refused(
                 f"{name} must be at least 1 (suspend the member to stop it)", EXIT_INVALID
             )
     m = store.set_limits(did, hourly, daily)
     standing = _standing(config, store, did)
-    _out(
+    out(
         args,
         {**_member_json(m), "standing": standing},
         f"member {did}: {standing['hourly_limit']}/hour, {standing['daily_limit']}/day "
@@ -214,10 +194,10 @@ def member_limits(args: argparse.Namespace, config: Config, store: Store) -> Non
 
 
 def member_label(args: argparse.Namespace, config: Config, store: Store) -> None:
-    did = _did(args.did)
+    did = did_of(args.did)
     label = args.label.strip()
     if not _LABEL.fullmatch(label):
-        raise _Refused(
+        raise Refused(
             f"{label!r} is not a label: letters, digits, '_', '-', optionally 'shadow:' first",
             EXIT_INVALID,
         )
@@ -230,7 +210,7 @@ def member_label(args: argparse.Namespace, config: Config, store: Store) -> None
         if changed
         else f"{did} already {'has' if present else 'lacks'} {label}"
     )
-    _out(args, {**_member_json(m), "changed": changed, "effect": effect}, f"{human}; {effect}")
+    out(args, {**_member_json(m), "changed": changed, "effect": effect}, f"{human}; {effect}")
 
 
 def _label_effect(label: str) -> str:
@@ -247,20 +227,20 @@ def _status(status: str, needs_reason: bool) -> Callable[[argparse.Namespace, Co
     def run(args: argparse.Namespace, config: Config, store: Store) -> None:
         reason = (getattr(args, "reason", None) or "").strip() or None
         if needs_reason and not reason:
-            raise _Refused(
+            raise Refused(
                 f"give a --reason, e.g. 'atmosrelay member {args.action} {args.did} --reason "
                 '"spam complaints"\': it is recorded and shown to the operator',
                 EXIT_INVALID,
             )
-        m = store.set_status(_did(args.did), status, reason)
-        _out(args, _member_json(m), f"member {m.did} is now {m.status}")
+        m = store.set_status(did_of(args.did), status, reason)
+        out(args, _member_json(m), f"member {m.did} is now {m.status}")
 
     return run
 
 
 # -- domains -------------------------------------------------------------------------------
 def domain_add(args: argparse.Namespace, config: Config, store: Store) -> None:
-    did = _did(args.did)
+    did = did_of(args.did)
     try:
         d = domains.enroll(
             store,
@@ -270,36 +250,16 @@ def domain_add(args: argparse.Namespace, config: Config, store: Store) -> None:
             clock_now=store.clock(),
         )
     except domains.DomainError as exc:
-        raise _Refused(str(exc), EXIT_INVALID) from None
+        raise Refused(str(exc), EXIT_INVALID) from None
     name = domains.challenge_name(d.name)
     value = domains.VERIFY_PREFIX + d.challenge_token
-    _out(
+    out(
         args,
-        {**_domain_json(d), "challenge": {"name": name, "type": "TXT", "value": value}},
+        {**domain_json(d), "challenge": {"name": name, "type": "TXT", "value": value}},
         f"domain {d.name} enrolled for {did} (pending)\n"
         f"publish this record, then run 'atmosrelay domain verify {d.name}':\n"
         f'  {name}. IN TXT "{value}"',
     )
-
-
-def _check_dns(
-    args: argparse.Namespace,
-    config: Config,
-    check: Callable[[Any], Awaitable[None]],
-    *,
-    skipped: str,
-    refused: str,
-) -> None:
-    """Run a DNS check (``check(resolver)``) unless ``--without-dns`` (then warn with
-    ``skipped``); a failed check is refused as ``refused: what DNS said``."""
-    if args.without_dns:
-        print(f"warning: {skipped}", file=sys.stderr)
-        return
-    resolver = make_resolver(_dns(config))
-    try:
-        trio.run(check, resolver)
-    except domains.DomainError as exc:
-        raise _Refused(f"{refused}: {exc}") from None
 
 
 def _records(args: argparse.Namespace, config: Config, d: Domain) -> tuple[list[Any], str]:
@@ -312,8 +272,8 @@ def domain_verify(args: argparse.Namespace, config: Config, store: Store) -> Non
     try:
         d = store.domain(domains.normalize_domain(args.domain))
     except domains.DomainError as exc:
-        raise _Refused(str(exc), EXIT_INVALID) from None
-    _check_dns(
+        raise Refused(str(exc), EXIT_INVALID) from None
+    check_dns(
         args,
         config,
         partial(domains.check_challenge, domain=d),
@@ -324,9 +284,9 @@ def domain_verify(args: argparse.Namespace, config: Config, store: Store) -> Non
     d = store.mark_verified(d.name, without_dns=args.without_dns)
     data, lines = _records(args, config, d)
     how = " (without DNS)" if d.verified_without_dns else ""
-    _out(
+    out(
         args,
-        {**_domain_json(d), "records": data},
+        {**domain_json(d), "records": data},
         f"domain {d.name} verified{how} for {d.did}\npublish these records:\n{lines}",
     )
 
@@ -334,7 +294,7 @@ def domain_verify(args: argparse.Namespace, config: Config, store: Store) -> Non
 def domain_records(args: argparse.Namespace, config: Config, store: Store) -> None:
     name = args.domain.strip().lower()
     if name == config["operator.domain"].lower():
-        raise _Refused(
+        raise Refused(
             f"{name} is the operator's own domain: 'atmosrelay operator records' prints its records"
         )
     d = store.domain(name)
@@ -347,164 +307,22 @@ def domain_records(args: argparse.Namespace, config: Config, store: Store) -> No
             f"'atmosrelay domain rotate-dkim {d.name} --activate'"
             for r in rotating
         )
-    _out(args, data, lines)
-
-
-def operator_records(args: argparse.Namespace, config: Config, store: Store) -> None:
-    """The operator domain's records, at any time (its key made now if the relay never ran)."""
-    operator, _ = dkim_keys.ensure_operator_key(config.dkim_dir, config["operator.domain"])
-    recs = domains.operator_records(operator, config["smtp.hostname"])
-    lines = [r.zone_line() + (f"    ; {r.note}" if r.note else "") for r in recs]
-    _out(
-        args,
-        [attrs.asdict(r) for r in recs],
-        f"publish these records for {operator.domain}:\n" + "\n".join("  " + x for x in lines),
-    )
-
-
-def domain_rotate_dkim(args: argparse.Namespace, config: Config, store: Store) -> None:
-    """Two phases: make and print the next pair; after publishing, ``--activate`` it."""
-    name = domains.normalize_domain(args.domain)
-    if not args.activate:
-        d = domains.start_rotation(store, name)
-        assert d.dkim_next_stem is not None
-        records = domains.next_dkim_records(d)
-        lines = "\n".join("  " + r.zone_line() for r in records)
-        _out(
-            args,
-            {
-                "domain": d.name,
-                "signing": d.dkim_selector_stem,
-                "next": d.dkim_next_stem,
-                "records": [attrs.asdict(r) for r in records],
-            },
-            f"new DKIM keys for {d.name} (selectors {d.dkim_next_stem}r, {d.dkim_next_stem}e); "
-            f"the relay keeps signing with {d.dkim_selector_stem}r/e until they are activated.\n"
-            f"publish these records, then run 'atmosrelay domain rotate-dkim {d.name} --activate':"
-            f"\n{lines}",
-        )
-        return
-    d = store.domain(name)
-    records = domains.next_dkim_records(d)
-    if not records:
-        raise _Refused(
-            f"no DKIM rotation of {name} to activate; start one with "
-            f"'atmosrelay domain rotate-dkim {name}'"
-        )
-    _check_dns(
-        args,
-        config,
-        partial(domains.check_published, records=records),
-        skipped=f"activating {name}'s new DKIM keys WITHOUT checking that DNS serves them "
-        "(--without-dns); receivers will fail every signature until it does",
-        refused=f"not activated, {name} still signs with the old keys",
-    )
-    old = d.dkim_selector_stem
-    d = store.activate_next_dkim(name)
-    _out(
-        args,
-        {"domain": d.name, "signing": d.dkim_selector_stem, "retired": old},
-        f"{d.name} now signs with {d.dkim_selector_stem}r/e (a running relay within seconds); "
-        f"the keys of {old}r/e are deleted. Keep their records published for a week (mail in "
-        f"transit and forwarded mail is checked against them), then remove them.",
-    )
-
-
-def domain_remove(args: argparse.Namespace, config: Config, store: Store) -> None:
-    """Remove a domain and its DKIM keys; refused while mail from it is queued."""
-    name = domains.normalize_domain(args.domain)
-    d = store.domain(name)
-    messages = read_queue(config)
-    if isinstance(messages, int):
-        raise _Refused("cannot read the queue to check for mail from it", messages)
-    queued = [
-        m.id for m in messages.values() if not m.terminal and domain_of(m.record.sender) == name
-    ]
-    if queued and not args.force:
-        raise _Refused(
-            f"{len(queued)} queued message(s) from {name} (e.g. {queued[0]}); wait for them, "
-            f"delete them ('atmosrelay queue delete --domain {name}'), or add --force "
-            "(they go out signed by the operator's domain only)"
-        )
-    store.remove_domain(name)
-    _out(
-        args,
-        {"domain": name, "did": d.did, "removed": True, "queued": len(queued)},
-        f"{name} removed from {d.did}; its DKIM keys are deleted"
-        + (
-            f"; {len(queued)} queued message(s) from it go out with the operator's signature only"
-            if queued
-            else ""
-        ),
-    )
-
-
-def operator_rotate_dkim(args: argparse.Namespace, config: Config, store: Store) -> None:
-    """The operator domain's key, in the same two phases as a member domain's."""
-    directory, domain = config.dkim_dir, config["operator.domain"]
-    current, _ = dkim_keys.ensure_operator_key(directory, domain)
-    if not args.activate:
-        stem = domains.next_stem(current.selector.removesuffix("r"))
-        started = dkim_keys.start_operator_rotation(directory, domain, stem)
-        record = domains.operator_records(started, config["smtp.hostname"])[0]
-        _out(
-            args,
-            {
-                "domain": domain,
-                "signing": current.selector,
-                "next": started.selector,
-                "records": [attrs.asdict(record)],
-            },
-            f"a new operator DKIM key for {domain} (selector {started.selector}); the relay "
-            f"keeps signing with {current.selector} until it is activated.\npublish this "
-            f"record, then run 'atmosrelay operator rotate-dkim --activate':\n"
-            f"  {record.zone_line()}",
-        )
-        return
-    pending = dkim_keys.operator_rotation(directory, domain)
-    if pending is None:
-        raise _Refused(
-            "no operator DKIM rotation to activate; start one with "
-            "'atmosrelay operator rotate-dkim'"
-        )
-    record = domains.operator_records(pending, config["smtp.hostname"])[0]
-    if args.without_dns:
-        print(
-            f"warning: activating the operator's new DKIM key WITHOUT checking that DNS "
-            f"serves {record.name} (--without-dns)",
-            file=sys.stderr,
-        )
-    else:
-        resolver = make_resolver(_dns(config))
-        try:
-            trio.run(domains.check_published, resolver, [record])
-        except domains.DomainError as exc:
-            raise _Refused(
-                f"not activated, {domain} still signs with {current.selector}: {exc}"
-            ) from None
-    new, old = dkim_keys.activate_operator_rotation(directory, domain)
-    _out(
-        args,
-        {"domain": domain, "signing": new.selector, "retired": old},
-        f"{domain} signs with {new.selector} once the relay reloads ('systemctl reload "
-        f"atmosrelay' or SIGHUP; a start does too); the key of {old} is deleted. Keep its "
-        "record published for a week (mail in transit is checked against it), then remove it.",
-    )
+    out(args, data, lines)
 
 
 def domain_list(args: argparse.Namespace, config: Config, store: Store) -> None:
-    ds = store.domains(_did(args.did) if args.did else None)
+    ds = store.domains(did_of(args.did) if args.did else None)
     lines = [
         f"{d.name}  {_domain_state(d)}{' (without DNS)' if d.verified_without_dns else ''}  {d.did}"
         for d in ds
     ] or ["no domains yet"]
-    _out(args, [_domain_json(d) for d in ds], "\n".join(lines))
+    out(args, [domain_json(d) for d in ds], "\n".join(lines))
 
 
 # -- keys --------------------------------------------------------------------------------------
 def key_issue(args: argparse.Namespace, config: Config, store: Store) -> None:
-    issued = api_keys.issue(store, _did(args.did), cost=int(config["auth.bcrypt_cost"]))
-    _out(
+    issued = api_keys.issue(store, did_of(args.did), cost=int(config["auth.bcrypt_cost"]))
+    out(
         args,
         {"key_id": issued.key_id, "did": issued.did, "key": issued.secret},
         f"key {issued.key_id} for {issued.did}:\n  {issued.secret}\n"
@@ -513,7 +331,7 @@ def key_issue(args: argparse.Namespace, config: Config, store: Store) -> None:
 
 
 def key_list(args: argparse.Namespace, config: Config, store: Store) -> None:
-    did = _did(args.did)
+    did = did_of(args.did)
     store.member(did)
     keys = store.keys(did)
     data = [{k: v for k, v in attrs.asdict(key).items() if k != "bcrypt_hash"} for key in keys]
@@ -522,7 +340,7 @@ def key_list(args: argparse.Namespace, config: Config, store: Store) -> None:
         f"  last used {k.last_used_at or '-'}"
         for k in keys
     ] or [f"no keys for {did}"]
-    _out(args, data, "\n".join(lines))
+    out(args, data, "\n".join(lines))
 
 
 def key_revoke(args: argparse.Namespace, config: Config, store: Store) -> None:
@@ -530,27 +348,27 @@ def key_revoke(args: argparse.Namespace, config: Config, store: Store) -> None:
     # Anything else that is not an id is refused without being echoed (it may be a secret).
     key_id = api_keys.key_id_of(args.key_id) or args.key_id
     if len(key_id) != api_keys.KEY_ID_LENGTH:
-        raise _Refused(
+        raise Refused(
             "that is not a key id (8 characters, as 'atmosrelay key list DID' shows them); "
             "the argument is not repeated here in case it was a key",
             EXIT_INVALID,
         )
     key = store.revoke_key(key_id)
-    _out(args, {"key_id": key.key_id, "revoked_at": key.revoked_at}, f"key {key.key_id} revoked")
+    out(args, {"key_id": key.key_id, "revoked_at": key.revoked_at}, f"key {key.key_id} revoked")
 
 
 def domain_forward_to(args: argparse.Namespace, config: Config, store: Store) -> None:
     name = args.domain.strip().lower()
     if args.clear == bool(args.address):
-        raise _Refused("give an ADDRESS, or --clear (not both)", EXIT_INVALID)
+        raise Refused("give an ADDRESS, or --clear (not both)", EXIT_INVALID)
     try:
         address = None if args.clear else domains.forward_address(args.address, name)
     except domains.DomainError as exc:
-        raise _Refused(str(exc), EXIT_INVALID) from None
+        raise Refused(str(exc), EXIT_INVALID) from None
     d = store.set_forward_to(name, address)
-    _out(
+    out(
         args,
-        _domain_json(d),
+        domain_json(d),
         f"replies to {name} are forwarded to {address} (point {name}'s MX at the relay's "
         "inbound listener; docs/inbound.md)"
         if address
@@ -563,11 +381,11 @@ def domain_unpause(args: argparse.Namespace, config: Config, store: Store) -> No
     name = args.domain.strip().lower()
     was = store.domain(name).paused_reason
     if was is None:
-        raise _Refused(f"domain {name} is not paused")
+        raise Refused(f"domain {name} is not paused")
     d = store.set_paused(name, None)
-    _out(
+    out(
         args,
-        _domain_json(d),
+        domain_json(d),
         f"domain {name} unpaused (it was paused: {was}); its bounce rate counts afresh from "
         "the pause; a running relay applies it within a second",
     )
@@ -576,21 +394,21 @@ def domain_unpause(args: argparse.Namespace, config: Config, store: Store) -> No
 def _address(text: str) -> str:
     local, at, domain = text.strip().rpartition("@")
     if not at or not local or not domain:
-        raise _Refused(f"{text!r} is not an email address", EXIT_INVALID)
+        raise Refused(f"{text!r} is not an email address", EXIT_INVALID)
     try:
         return f"{local}@{domains.normalize_domain(domain)}"
     except domains.DomainError as exc:
-        raise _Refused(str(exc), EXIT_INVALID) from None
+        raise Refused(str(exc), EXIT_INVALID) from None
 
 
 def suppression_list(args: argparse.Namespace, config: Config, store: Store) -> None:
-    rows = store.suppressions(_did(args.did))
+    rows = store.suppressions(did_of(args.did))
     lines = [
         f"{r.address}  {r.source}  since {_when(r.created_at)}"
         + (f"  {r.detail}" if r.detail else "")
         for r in rows
     ] or ["no suppressed addresses"]
-    _out(args, [attrs.asdict(r) for r in rows], "\n".join(lines))
+    out(args, [attrs.asdict(r) for r in rows], "\n".join(lines))
 
 
 def _when(t: float) -> str:
@@ -598,48 +416,17 @@ def _when(t: float) -> str:
 
 
 def suppression_add(args: argparse.Namespace, config: Config, store: Store) -> None:
-    row = store.suppress(_did(args.did), _address(args.address), "operator")
-    _out(args, attrs.asdict(row), f"{row.address} suppressed for {row.did}")
+    row = store.suppress(did_of(args.did), _address(args.address), "operator")
+    out(args, attrs.asdict(row), f"{row.address} suppressed for {row.did}")
 
 
 def suppression_remove(args: argparse.Namespace, config: Config, store: Store) -> None:
     address = _address(args.address)
-    store.unsuppress(_did(args.did), address)
-    _out(args, {"did": args.did, "address": address}, f"{address} no longer suppressed")
+    store.unsuppress(did_of(args.did), address)
+    out(args, {"did": args.did, "address": address}, f"{address} no longer suppressed")
 
 
 # -- wiring -----------------------------------------------------------------------------------
-def with_store(
-    handler: Callable[[argparse.Namespace, Config, Store], None],
-) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            print_error(str(exc))
-            return EXIT_USAGE
-        store = Store(config.accounts_db)
-        try:
-            handler(args, config, store)
-        except _Refused as exc:
-            print_error(str(exc))
-            return exc.code
-        except StoreError as exc:
-            print_error(str(exc))
-            return EXIT_REFUSED
-        finally:
-            store.close()
-        return 0
-
-    return run
-
-
-def common_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--config", help="TOML config file (default: $ATMOSRELAY_CONFIG)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    return p
-
-
 def register(sub: Any) -> None:
     """Add the member, domain, key and suppression commands to the CLI."""
     member = sub.add_parser("member", help="members (atproto DIDs) and their status")
@@ -706,35 +493,13 @@ def register(sub: Any) -> None:
     p.add_argument("address", nargs="?")
     p.add_argument("--clear", action="store_true", help="stop forwarding")
     p.set_defaults(func=with_store(domain_forward_to))
-    p = common_options(
-        ds.add_parser("rotate-dkim", help="new DKIM keys in two phases: make, then --activate")
-    )
-    p.add_argument("domain")
-    p.add_argument("--activate", action="store_true", help="sign with the published new keys")
-    p.add_argument(
-        "--without-dns", action="store_true", help="activate without checking DNS (testing)"
-    )
-    p.set_defaults(func=with_store(domain_rotate_dkim))
-    p = common_options(ds.add_parser("remove", help="remove DOMAIN and its DKIM keys"))
-    p.add_argument("domain")
-    p.add_argument("--force", action="store_true", help="even while mail from it is queued")
-    p.set_defaults(func=with_store(domain_remove))
     p = common_options(ds.add_parser("list", help="enrolled domains (of DID, if given)"))
     p.add_argument("did", nargs="?")
     p.set_defaults(func=with_store(domain_list))
 
     operator = sub.add_parser("operator", help="the operator's own domain")
     ops = operator.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = common_options(ops.add_parser("records", help="its DKIM, MX, SPF and DMARC records"))
-    p.set_defaults(func=with_store(operator_records))
-    p = common_options(
-        ops.add_parser("rotate-dkim", help="a new DKIM key in two phases: make, then --activate")
-    )
-    p.add_argument("--activate", action="store_true", help="sign with the published new key")
-    p.add_argument(
-        "--without-dns", action="store_true", help="activate without checking DNS (testing)"
-    )
-    p.set_defaults(func=with_store(operator_rotate_dkim))
+    register_dkim(ds, ops)
 
     key = sub.add_parser("key", help="API keys")
     ks = key.add_subparsers(dest="action", required=True, metavar="ACTION")

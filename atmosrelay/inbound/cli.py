@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from atmosrelay._text import printable
-from atmosrelay.accounts.cli import common_options, with_store
+from atmosrelay.accounts._cli_common import common_options, with_store
 from atmosrelay.accounts.store import Store
 from atmosrelay.config import Config
 from atmosrelay.inbound.processor import KINDS

@@ -64,7 +64,7 @@ from atmosrelay.smtp._extensions import (
     parse_enhanced,
 )
 from atmosrelay.smtp._replies import Reply
-from atmosrelay.smtp._states import CLOSE_CODE, TABLE, Input, State
+from atmosrelay.smtp._states import CLOSE_CODE, TABLE, Input, State, next_state
 
 MAX_REPLY_LINE: Final = 2048  # RFC 5321 4.5.3.1.5 says 512; be lenient with real servers
 MAX_REPLY_LINES: Final = 200  # an EHLO reply is about 20 lines; bound what we hold
@@ -219,7 +219,8 @@ class ClientConnection:
         command, inp = self._pending.popleft()
         if inp not in _PIPELINABLE:
             self._barriers -= 1
-        self.state = self._after(inp, reply)
+        known = self._settles(inp, reply)
+        self.state = next_state(self.state, inp if known else None, reply.code)
         capabilities = None
         if inp is Input.EHLO and reply.code < 400:
             capabilities = self.capabilities = ServerCapabilities.parse(reply)
@@ -229,25 +230,25 @@ class ClientConnection:
             self._stuffer = DotStuffer()
         return ServerReply(command, reply, capabilities)
 
-    def _after(self, inp: Input, reply: Reply) -> State:
-        """The state a reply to ``inp`` leads to, by the table."""
+    def _settles(self, inp: Input, reply: Reply) -> bool:
+        """Whether the table has a transition for this reply to ``inp`` (else the state stays:
+        a command sent on the assumption that an earlier one succeeded, rightly refused).
+        Raises RemoteProtocolError for a reply no server may give."""
         if reply.code == CLOSE_CODE:
-            return State.CLOSED
-        transition = TABLE.get((self.state, inp))
+            return True
         positive = reply.code < 400
-        if transition is None:  # sent on the assumption that an earlier command succeeded
+        if (self.state, inp) not in TABLE:
             if positive:
                 self.state = State.ERROR
                 raise RemoteProtocolError(
-                    f"{reply.code} to a command the server should have refused "
-                    f"in state {self.state.value}"
+                    f"{reply.code} to {inp.value}, which the server should have refused"
                 )
-            return self.state
+            return False
         if positive and (reply.code >= 300) != (inp in _INTERMEDIATE):
             self.state = State.ERROR
             expected = "an intermediate 3xx" if inp in _INTERMEDIATE else "no 3xx"
             raise RemoteProtocolError(f"{reply.code} to {inp.value}, where {expected} is due")
-        return transition.accept if positive else transition.refuse
+        return True
 
     def _parse_reply(self) -> Reply | None:
         buf = self._buf
