@@ -78,6 +78,9 @@ def with_store(
         except Refused as exc:
             print_error(str(exc))
             return exc.code
+        except domains.DomainError as exc:  # a malformed domain or address in the arguments
+            print_error(str(exc))
+            return EXIT_INVALID
         except StoreError as exc:
             print_error(str(exc))
             return EXIT_REFUSED

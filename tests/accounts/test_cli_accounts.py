@@ -270,3 +270,13 @@ def test_operator_records_print_the_key_the_relay_signs_with(cli: Cli, tmp_path:
     assert ("atmosrelay.localhost", "TXT", "v=spf1 a") in by_type
     assert ("_dmarc.atmosrelay.localhost", "TXT", "v=DMARC1") in by_type
     refused(cli("domain", "records", "atmosrelay.localhost"), 1, "'atmosrelay operator records'")
+
+
+def test_a_malformed_domain_is_malformed_input_for_every_domain_command(cli: Cli) -> None:
+    for args in (
+        ("domain", "remove", "bad domain!"),
+        ("domain", "rotate-dkim", "bad domain!"),
+        ("domain", "rotate-dkim", "bad domain!", "--activate"),
+        ("domain", "verify", "bad domain!"),
+    ):
+        refused(cli(*args), 65, "is not a valid domain name")  # no traceback either
