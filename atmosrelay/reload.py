@@ -33,7 +33,7 @@ from atmosrelay.config import RELOADABLE, Config, ConfigError, changed_settings,
 from atmosrelay.delivery.prepare import Preparer
 from atmosrelay.policy.settings import PolicySettings
 from atmosrelay.server.session import SessionContext
-from atmosrelay.server.tls import certificate_files, server_context
+from atmosrelay.server.tls import certificate_files, context_for
 
 log = logging.getLogger("atmosrelay.reload")
 
@@ -44,7 +44,6 @@ class Reloader:
     ctx: SessionContext
     announce: Callable[[str], None]
     http_tls: ssl.SSLContext | None = None  # the HTTPS listeners' context, reloaded in place
-    reloads: int = 0  # applied (for tests and /metrics)
     # more to apply after the settings, each returning what it did (or None): the
     # operator's DKIM key after 'operator rotate-dkim --activate'
     also: list[Callable[[], str | None]] = attrs.field(factory=list)
@@ -75,15 +74,7 @@ class Reloader:
                     hostname=self.config["smtp.hostname"],
                 )
             )
-            tls, _ = await trio.to_thread.run_sync(
-                partial(
-                    server_context,
-                    cert,
-                    key,
-                    data_dir=self.config.data_dir,
-                    hostname=self.config["smtp.hostname"],
-                )
-            )
+            tls = await trio.to_thread.run_sync(context_for, cert, key)
         except (OSError, ssl.SSLError) as exc:
             self.announce(
                 f"reload refused, nothing changed: the TLS certificate {named} cannot be "
@@ -110,7 +101,6 @@ class Reloader:
                 done.append(what)
         restart = [k for k in changed_settings(self.config, new) if k not in RELOADABLE]
         self.config = _in_force(self.config, new)
-        self.reloads += 1
         self.announce(
             f"reloaded {self.config.path or 'the embedded defaults'}: {', '.join(done)}"
             + (f"; needs restart to apply: {', '.join(restart)}" if restart else "")

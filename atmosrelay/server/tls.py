@@ -78,10 +78,15 @@ def server_context(
     ``<data_dir>/tls`` on first start and reused after; the warning says so. Raises OSError
     or ssl.SSLError when a file is missing, unreadable or not a matching PEM pair."""
     cert, key, warning = certificate_files(cert, key, data_dir=data_dir, hostname=hostname)
+    return context_for(cert, key), warning
+
+
+def context_for(cert: str, key: str) -> ssl.SSLContext:
+    """A server context for this PEM pair (TLS 1.2 at least)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
-    return ctx, warning
+    return ctx
 
 
 def certificate_files(
