@@ -6,9 +6,10 @@ Unix socket (mode 0600: whoever may read the data directory may steer the relay)
 sends one JSON line and reads one back:
 
     {"cmd": "retry", "id": "01J..."}            -> {"ok": true, "recipients": 2}
-    {"cmd": "retry", "all": true}                -> {"ok": true, "recipients": 57}
     {"cmd": "delete", "id": "01J...", "reason": "..."}  -> {"ok": true}
     anything wrong                               -> {"ok": false, "error": "what, in words"}
+
+The CLI turns filters (queue retry --domain ...) into one request per id.
 
 A delete is a DELETED record through the journal's group commit, answered after its fsync.
 """
@@ -127,12 +128,9 @@ def control_handler(queue: QueueStore, dispatcher: Dispatcher | None) -> Handler
         cmd, queue_id = request.get("cmd"), request.get("id")
         messages = queue.state.messages
         if cmd == "retry":
-            if request.get("all"):
-                ids = list(messages)
-            elif queue_id in messages:
-                ids = [queue_id]
-            else:
+            if queue_id not in messages:
                 return {"ok": False, "error": f"no message {queue_id} in the queue"}
+            ids = [queue_id]
             now = time.time()
             if dispatcher is not None:
                 count = sum(dispatcher.schedule.retry_now(q, now) for q in ids)

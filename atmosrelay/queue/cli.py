@@ -19,6 +19,7 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any, Final
 
 import attrs
@@ -204,15 +205,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _control(
-    args: argparse.Namespace, request: dict[str, Any], *, missing_ok: bool = False
-) -> dict[str, Any] | int:
+def _control(path: Path, request: dict[str, Any], *, missing_ok: bool) -> dict[str, Any] | int:
     try:
-        config = load_config(args.config)
-        return call(socket_path(config.data_dir), request)
-    except ConfigError as exc:
-        print_error(str(exc))
-        return 64
+        return call(path, request)
     except ControlError as exc:
         if missing_ok and str(exc).startswith("no message "):
             return {"ok": False, "error": str(exc)}
@@ -256,10 +251,15 @@ def _targets(args: argparse.Namespace, verb: str) -> list[str] | int:
 def _each(args: argparse.Namespace, ids: list[str], request: dict[str, Any]) -> list[Any] | int:
     """One control call per id, with progress on a terminal; stops at the first error that
     is not "no such message" (which a message finishing meanwhile may give)."""
+    try:
+        path = socket_path(load_config(args.config).data_dir)
+    except ConfigError as exc:
+        print_error(str(exc))
+        return 64
     replies: list[Any] = []
     with tqdm(ids, unit="msg", disable=None if len(ids) > 1 else True, file=sys.stderr) as bar:
         for queue_id in bar:
-            reply = _control(args, {**request, "id": queue_id}, missing_ok=len(ids) > 1)
+            reply = _control(path, {**request, "id": queue_id}, missing_ok=len(ids) > 1)
             if isinstance(reply, int):
                 return reply
             replies.append(reply)

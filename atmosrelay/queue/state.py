@@ -68,27 +68,23 @@ class QueuedMessage:
 
     def dsn_owed(self) -> list[str]:
         """Bounced recipients whose sender wants a DSN that is not queued yet."""
-        if RecipientState.BOUNCED not in self.recipient_states.values():
-            return []
-        notify = {r.addr: r.notify for r in self.record.recipients}
-        return [
-            r
-            for r, state in self.recipient_states.items()
-            if state == RecipientState.BOUNCED
-            and r not in self.dsn_covered
-            and wants_dsn(self.record.sender, notify.get(r), "failed")
-        ]
+        return self._owed(RecipientState.BOUNCED, self.dsn_covered, "failed")
 
     def delay_owed(self) -> list[str]:
         """Deferred recipients whose sender wants a delay DSN (RFC 3464 ``Action: delayed``)
         and has not had one; whether one is due yet is the retry policy's call."""
+        return self._owed(RecipientState.DEFERRED, self.delay_covered, "delayed")
+
+    def _owed(self, state: RecipientState, covered: set[str], action: str) -> list[str]:
+        if state not in self.recipient_states.values():  # the common case: nothing owed
+            return []
         notify = {r.addr: r.notify for r in self.record.recipients}
         return [
             r
-            for r, state in self.recipient_states.items()
-            if state == RecipientState.DEFERRED
-            and r not in self.delay_covered
-            and wants_dsn(self.record.sender, notify.get(r), "delayed")
+            for r, s in self.recipient_states.items()
+            if s == state
+            and r not in covered
+            and wants_dsn(self.record.sender, notify.get(r), action)
         ]
 
     @property
