@@ -64,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    logs.configure(config["relay.log_level"], config["relay.log_format"])
+    logs.configure(config.relay.log_level, config.relay.log_format)
     logs.announce(f"config: {config.source}; data directory {config.data_dir}")
     try:
         _run_unwrapped(config)

@@ -31,7 +31,6 @@ from atmosrelay import logs, systemd
 from atmosrelay.accounts.dkim_keys import ensure_operator_key
 from atmosrelay.config import RELOADABLE, Config, ConfigError, changed_settings, load_config
 from atmosrelay.delivery.prepare import Preparer
-from atmosrelay.policy.settings import PolicySettings
 from atmosrelay.server.session import SessionContext
 from atmosrelay.server.tls import certificate_files, context_for
 
@@ -59,19 +58,18 @@ class Reloader:
     async def _reload(self) -> bool:
         try:
             new = await trio.to_thread.run_sync(self._read)
-            policy = PolicySettings.from_config(dict(new.values["policy"]))
         except ConfigError as exc:
             self.announce(f"reload refused, nothing changed: {exc}")
             return False
-        named = new["smtp.tls_cert"] or "(generated)"
+        named = new.smtp.tls_cert or "(generated)"
         try:
             cert, key, _ = await trio.to_thread.run_sync(
                 partial(
                     certificate_files,
-                    new["smtp.tls_cert"],
-                    new["smtp.tls_key"],
+                    new.smtp.tls_cert,
+                    new.smtp.tls_key,
                     data_dir=self.config.data_dir,
-                    hostname=self.config["smtp.hostname"],
+                    hostname=self.config.smtp.hostname,
                 )
             )
             tls = await trio.to_thread.run_sync(context_for, cert, key)
@@ -84,11 +82,11 @@ class Reloader:
         if self.http_tls is not None:  # the same files, just checked: loaded in place
             self.http_tls.load_cert_chain(cert, key)
         self.ctx.tls_context = tls
-        logs.set_level(new["relay.log_level"])
-        self.ctx.pipeline.policy.reload(policy)
+        logs.set_level(new.relay.log_level)
+        self.ctx.pipeline.policy.reload(new.policy)
         done = [
             f"TLS certificate {cert}",
-            f"log level {new['relay.log_level']}",
+            f"log level {new.relay.log_level}",
             "policy limits",
         ]
         for more in self.also:
@@ -115,11 +113,7 @@ class Reloader:
 
 def _in_force(old: Config, new: Config) -> Config:
     """``old`` with the reloadable settings taken from ``new``."""
-    values = {section: dict(table) for section, table in old.values.items()}
-    for dotted in RELOADABLE:
-        section, key = dotted.split(".")
-        values[section][key] = new.values[section][key]
-    return attrs.evolve(old, values=values)
+    return old.evolve(**{dotted: new.value(dotted) for dotted in RELOADABLE})
 
 
 def _reason(exc: OSError | ssl.SSLError) -> str:
@@ -130,7 +124,7 @@ def _reason(exc: OSError | ssl.SSLError) -> str:
 
 def operator_key(config: Config, prepare: Preparer) -> str | None:
     """SIGHUP: the operator's signing key again (a rotation may have been activated)."""
-    operator, _ = ensure_operator_key(config.dkim_dir, config["operator.domain"])
+    operator, _ = ensure_operator_key(config.dkim_dir, config.operator.domain)
     if operator.selector == prepare.operator.selector:
         return None
     prepare.set_operator(operator)

@@ -25,7 +25,6 @@ accepted is on disk, and the next start folds it back into the queue and resumes
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ import attrs
 import trio
 
 from atmosrelay import systemd
-from atmosrelay.accounts.api_keys import AuthSettings, KeyChecker
+from atmosrelay.accounts.api_keys import KeyChecker
 from atmosrelay.accounts.dkim_keys import OperatorKey, ensure_operator_key
 from atmosrelay.accounts.identity import DnsSettings
 from atmosrelay.accounts.store import AsyncStore, Store
@@ -49,7 +48,7 @@ from atmosrelay.api.app import make_app
 from atmosrelay.api.common import ApiContext
 from atmosrelay.api.metrics import RelayMetrics
 from atmosrelay.api.server import BindError, serve_http
-from atmosrelay.config import Config, ListenerMode
+from atmosrelay.config import Config
 from atmosrelay.control import control_handler, serve_control, socket_path
 from atmosrelay.delivery.backoff import RetryPolicy
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
@@ -58,10 +57,11 @@ from atmosrelay.delivery.resolver import DnsResolver
 from atmosrelay.inbound import make_inbound, return_path
 from atmosrelay.inbound.processor import InboundProcessor
 from atmosrelay.policy.engine import Policy
-from atmosrelay.policy.settings import PolicySettings
 from atmosrelay.queue.status import StatusIndex
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.reload import Reloader, operator_key
+from atmosrelay.replay import describe, progress_bar
+from atmosrelay.sections import ListenerMode
 from atmosrelay.server.listeners import ConnectionLimits, serve_listener
 from atmosrelay.server.session import Budget, SessionContext
 from atmosrelay.server.tls import server_context
@@ -71,23 +71,9 @@ from atmosrelay.submission import Pipeline
 from atmosrelay.submission.actions import PolicyActions
 from atmosrelay.submission.counting import flush_counters, flush_loop, load_counters
 from atmosrelay.submission.members import MemberDirectory
-from journal import FS, RecoveryReport, open_journal
+from journal import FS, open_journal
 
 log = logging.getLogger("atmosrelay")
-
-
-def describe_recovery(directory: str, report: RecoveryReport) -> str:
-    text = (
-        f"journal at {directory}: {report.segments} segment(s), {report.records} record(s), "
-        f"{report.bytes} bytes"
-    )
-    if report.torn is not None:
-        text += (
-            f"; repaired a torn tail in segment {report.torn.segment} at offset "
-            f"{report.torn.offset} ({report.torn.length} bytes never acknowledged, "
-            f"saved to {report.broken_path})"
-        )
-    return text
 
 
 @attrs.define(eq=False)
@@ -113,11 +99,6 @@ class RelayHandle:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def auth_settings(config: Config) -> AuthSettings:
-    fields = {a.name for a in attrs.fields(AuthSettings)}
-    return AuthSettings(**{k: v for k, v in config.values["auth"].items() if k in fields})
 
 
 async def run_relay(
@@ -184,7 +165,7 @@ async def _run(
 ) -> None:
     directory = str(config.journal_dir)
     operator, created = await trio.to_thread.run_sync(
-        ensure_operator_key, config.dkim_dir, config["operator.domain"]
+        ensure_operator_key, config.dkim_dir, config.operator.domain
     )
     if created:
         announce(
@@ -195,10 +176,10 @@ async def _run(
     tls_context, warning = await trio.to_thread.run_sync(
         partial(
             server_context,
-            config["smtp.tls_cert"],
-            config["smtp.tls_key"],
+            config.smtp.tls_cert,
+            config.smtp.tls_key,
             data_dir=config.data_dir,
-            hostname=config["smtp.hostname"],
+            hostname=config.smtp.hostname,
         )
     )
     if warning:
@@ -211,19 +192,19 @@ async def _run(
         partial(
             StatusIndex,
             config.status_db,
-            retention=config["http.status_retention"],
-            idempotency_ttl=config["http.idempotency_ttl"],
+            retention=config.http.status_retention,
+            idempotency_ttl=config.http.idempotency_ttl,
         )
     )
     try:
         async with open_journal(
             directory,
             fs=fs,
-            segment_size=config["journal.segment_size"],
-            max_record_size=config["journal.max_record_size"],
+            segment_size=config.journal.segment_size,
+            max_record_size=config.journal.max_record_size,
         ) as journal:
-            announce(describe_recovery(directory, journal.recovery))
-            queue = await QueueStore.recover(journal)
+            announce(describe(directory, journal.recovery))
+            queue = await QueueStore.recover(journal, progress_bar(journal.recovery.records))
             announce(f"queue: {len(queue.state.messages)} message(s) recovered")
             rebuilt = await trio.to_thread.run_sync(status.rebuild, queue.state)
             if rebuilt:
@@ -234,7 +215,7 @@ async def _run(
             queue.events.subscribe(metrics.on_event)
             dispatcher = (
                 make_dispatcher(config, store, queue, operator, unsubscribe_secret)
-                if config["delivery.enabled"]
+                if config.delivery.enabled
                 else None
             )
             if dispatcher is None:
@@ -264,9 +245,9 @@ async def _run(
 def client_tls(config: Config) -> ssl.SSLContext:
     """The TLS context for STARTTLS to remote servers: opportunistic (RFC 7435, not verified)
     unless ``delivery.tls_verify``."""
-    cafile = config["delivery.ca_file"] or None
+    cafile = config.delivery.ca_file or None
     ctx = ssl.create_default_context(cafile=cafile)
-    if not config["delivery.tls_verify"]:
+    if not config.delivery.tls_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
@@ -279,34 +260,34 @@ def make_dispatcher(
     operator: OperatorKey,
     unsubscribe_secret: bytes,
 ) -> Dispatcher:
-    hostname = config["smtp.hostname"]
-    operator_domain = config["operator.domain"]
+    hostname = config.smtp.hostname
+    operator_domain = config.operator.domain
     settings = DeliverySettings(
-        helo=config["delivery.helo"] or hostname,
+        helo=config.delivery.helo or hostname,
         tls=client_tls(config),
         operator_domain=operator_domain,
         policy=RetryPolicy(
-            initial=config["delivery.retry_initial"],
-            cap=config["delivery.retry_cap"],
-            max_age=config["delivery.max_age"],
-            delay_warning=config["delivery.delay_warning"] or None,
+            initial=config.delivery.retry_initial,
+            cap=config.delivery.retry_cap,
+            max_age=config.delivery.max_age,
+            delay_warning=config.delivery.delay_warning or None,
         ),
-        concurrency=config["delivery.concurrency"],
-        require_tls=frozenset(d.lower() for d in config["delivery.require_tls"]),
-        idle=config["delivery.idle"],
-        restart_spread=config["delivery.restart_spread"],
-        return_path=return_path(config, unsubscribe_secret) if config["inbound.verp"] else None,
+        concurrency=config.delivery.concurrency,
+        require_tls=config.delivery.require_tls,
+        idle=config.delivery.idle,
+        restart_spread=config.delivery.restart_spread,
+        return_path=return_path(config, unsubscribe_secret) if config.inbound.verp else None,
     )
     resolver = DnsResolver(
-        DnsSettings(nameservers=config.nameservers, timeout=config["dns.timeout"]),
-        smarthost=config.smarthost,
-        port=config["delivery.port"],
+        DnsSettings(nameservers=config.dns.nameservers, timeout=config.dns.timeout),
+        smarthost=config.delivery.smarthost,
+        port=config.delivery.port,
     )
     prepare = Preparer(
         store,
         operator,
         unsubscribe_secret=unsubscribe_secret,
-        unsubscribe_url=config["delivery.unsubscribe_url"] or f"https://{operator_domain}",
+        unsubscribe_url=config.delivery.unsubscribe_url or f"https://{operator_domain}",
     )
     return Dispatcher(queue, resolver, settings, prepare=prepare)
 
@@ -344,40 +325,40 @@ def make_context(
     over memory streams). ``enforce_limits=False`` only for the bench row that measures
     what the limits cost; there is no config switch for it."""
     async_store = AsyncStore(store)
-    keys = KeyChecker(async_store, auth_settings(config))
-    policy = Policy(PolicySettings.from_config(dict(config.values["policy"])))
+    keys = KeyChecker(async_store, config.auth)
+    policy = Policy(config.policy)
     members = MemberDirectory(async_store, lambda: keys.generation)
     actions = PolicyActions(async_store, policy, members, keys.changed)
-    actions.own_domain = config["operator.domain"].lower()
+    actions.own_domain = config.operator.domain.lower()
     queue.events.subscribe(actions.on_event)
     pipeline = Pipeline(
         queue,
         members,
         policy,
         actions,
-        operator_domain=config["operator.domain"],
-        hostname=config["smtp.hostname"],
-        max_recipients=config["smtp.max_recipients"],
-        max_message_size=config["smtp.max_message_size"],
+        operator_domain=config.operator.domain,
+        hostname=config.smtp.hostname,
+        max_recipients=config.smtp.max_recipients,
+        max_message_size=config.smtp.max_message_size,
         enforce_limits=enforce_limits,
     )
     return SessionContext(
-        hostname=config["smtp.hostname"],
-        operator_domain=config["operator.domain"],
-        capabilities=Capabilities(size=config["smtp.max_message_size"]),
+        hostname=config.smtp.hostname,
+        operator_domain=config.operator.domain,
+        capabilities=Capabilities(size=config.smtp.max_message_size),
         tls_context=tls_context,
         keys=keys,
         store=async_store,
         queue=queue,
         pipeline=pipeline,
-        budget=Budget(config["smtp.inflight_budget"]),
-        idle_timeout=config["smtp.idle_timeout"],
-        data_timeout=config["smtp.data_timeout"],
-        min_data_rate=config["smtp.min_data_rate"],
-        max_session_time=config["smtp.max_session_time"],
-        auto_tls_window=config["smtp.auto_tls_window"],
-        max_recipients=config["smtp.max_recipients"],
-        trusted_did=config["smtp.trusted_did"],
+        budget=Budget(config.smtp.inflight_budget),
+        idle_timeout=config.smtp.idle_timeout,
+        data_timeout=config.smtp.data_timeout,
+        min_data_rate=config.smtp.min_data_rate,
+        max_session_time=config.smtp.max_session_time,
+        auto_tls_window=config.smtp.auto_tls_window,
+        max_recipients=config.smtp.max_recipients,
+        trusted_did=config.smtp.trusted_did,
     )
 
 
@@ -403,7 +384,7 @@ async def _serve(
         extras.unsubscribe_secret,
         partial(_commit_policy, ctx, journal_name),
     )
-    for host, port, mode in config.listeners:
+    for host, port, mode in config.smtp.listeners:
         if mode is ListenerMode.TRUSTED and not ctx.trusted_did:
             raise ValueError(f"listener {host}:{port} is trusted but smtp.trusted_did is not set")
     pipeline = ctx.pipeline
@@ -414,7 +395,7 @@ async def _serve(
         queue.state,
         journal_name,
         time.time(),
-        config["operator.domain"].lower(),
+        config.operator.domain.lower(),
     )
     announce(
         f"policy: {rows} counter row(s) loaded, {replayed} message(s) recounted from the journal"
@@ -430,7 +411,7 @@ async def _serve(
         )
         await services.start(extras.status.run)
         await services.start(extras.inbound.run)  # before the listeners: replays first
-        services.start_soon(_compactor, queue, extras.status, config["journal.compact_interval"])
+        services.start_soon(_compactor, queue, extras.status, config.journal.compact_interval)
         await services.start(
             serve_control, socket_path(config.data_dir), control_handler(queue, dispatcher)
         )
@@ -442,7 +423,7 @@ async def _serve(
                 queue.on_accept = dispatcher.notify
             await _sessions(config, announce, ctx, signals, task_status, dispatcher, extras)
             if dispatcher is not None:
-                grace = float(config["delivery.drain_grace"])
+                grace = config.delivery.drain_grace
                 announce(
                     f"deliveries: {len(dispatcher.in_flight)} recipient(s) in hand get "
                     f"{grace:g} s to finish; the rest stays queued"
@@ -492,21 +473,21 @@ def api_context(
         metrics=extras.metrics,
         unsubscribe_secret=extras.unsubscribe_secret,
         problems=problems,
-        max_body=config["http.max_body"],
-        request_timeout=config["http.request_timeout"],
-        idempotency_ttl=config["http.idempotency_ttl"],
-        trusted_proxies=tuple(ipaddress.ip_network(n) for n in config["http.trusted_proxies"]),
+        max_body=config.http.max_body,
+        request_timeout=config.http.request_timeout,
+        idempotency_ttl=config.http.idempotency_ttl,
+        trusted_proxies=config.http.trusted_proxies,
     )
 
 
 def _http_tls(config: Config) -> ssl.SSLContext | None:
-    if not any(tls for _, _, tls in config.http_listeners):
+    if not any(tls for _, _, tls in config.http.listeners):
         return None
     context, _ = server_context(
-        config["smtp.tls_cert"],
-        config["smtp.tls_key"],
+        config.smtp.tls_cert,
+        config.smtp.tls_key,
         data_dir=config.data_dir,
-        hostname=config["smtp.hostname"],
+        hostname=config.smtp.hostname,
     )
     context.set_alpn_protocols(["h2", "http/1.1"])
     return context
@@ -522,12 +503,12 @@ async def _sessions(
     extras: _Extras,
 ) -> None:
     """Listen and serve sessions (and HTTP) until stopped; returns when they are done."""
-    limits = ConnectionLimits(config["smtp.max_connections"], config["smtp.max_connections_per_ip"])
+    limits = ConnectionLimits(config.smtp.max_connections, config.smtp.max_connections_per_ip)
     extras.metrics.watch(ctx, ctx.pipeline.actions, lambda: limits, dispatcher, extras.inbound)
-    networks = [ipaddress.ip_network(n) for n in config["smtp.trusted_networks"]]
+    networks = config.smtp.trusted_networks
     async with trio.open_nursery() as sessions:
         listeners: list[tuple[trio.SocketListener, ListenerMode]] = []
-        for host, port, mode in config.listeners:
+        for host, port, mode in config.smtp.listeners:
             try:
                 opened = await trio.open_tcp_listeners(port, host=host)
             except OSError as exc:
@@ -544,7 +525,7 @@ async def _sessions(
         reloader = handle.reloader = Reloader(config, ctx, announce)
         if dispatcher is not None and isinstance(dispatcher.prepare, Preparer):
             reloader.also.append(partial(operator_key, config, dispatcher.prepare))
-        if config.http_listeners:
+        if config.http.listeners:
             api = api_context(config, ctx, extras, _problems(ctx, extras))
             api.stopping = handle._stop.is_set
             app = make_app(api)
@@ -555,10 +536,10 @@ async def _sessions(
                     partial(
                         serve_http,
                         app,
-                        config.http_listeners,
+                        config.http.listeners,
                         tls,
-                        grace=float(config["smtp.shutdown_grace"]),
-                        read_timeout=float(config["http.request_timeout"]),
+                        grace=config.smtp.shutdown_grace,
+                        read_timeout=config.http.request_timeout,
                         shutdown=handle._stop.wait,
                     )
                 )
@@ -583,7 +564,7 @@ async def _sessions(
             acceptors.cancel_scope.cancel()
         for listener, _ in listeners:
             await listener.aclose()
-        grace = float(config["smtp.shutdown_grace"])
+        grace = config.smtp.shutdown_grace
         announce(f"listeners closed; {limits.active} session(s) get {grace:g} s to finish")
         ctx.request_shutdown()
         sessions.cancel_scope.deadline = trio.current_time() + grace

@@ -24,7 +24,7 @@ from atmosrelay.runtime import run_relay
 def main() -> None:
     config = load_config(sys.argv[1])
     enforce = sys.argv[2] == "on"
-    logs.configure(config["relay.log_level"], config["relay.log_format"])
+    logs.configure(config.relay.log_level, config.relay.log_format)
     trio.run(lambda: run_relay(config, announce=logs.announce, enforce_limits=enforce))
 
 

@@ -13,12 +13,16 @@ import subprocess
 import sys
 import termios
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from atmosrelay.queue.records import RecordType, encode_accepted
+from atmosrelay.replay import REPLAY_BAR_RECORDS
 from journal import Log, OsFS
 from journal._format import FRAME_HEADER_SIZE, segment_name
+from tests.queue.factories import accepted_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -257,12 +261,14 @@ def test_a_closed_standard_output_ends_quietly(tmp_path: Path, command: str) -> 
     assert (result.returncode, result.stderr) == (0, "")
 
 
-def test_journal_check_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
-    make_journal(tmp_path / "j", n=300)  # 150 KiB in 64 KiB segments: three of them
-    quiet = run("journal", "check", str(tmp_path / "j"))
-    assert quiet.returncode == 0 and quiet.stderr == ""  # a pipe: no bar
-    primary, secondary = pty.openpty()  # standard error on a terminal, as an operator's
-    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80 wide
+def on_terminal(
+    argv: list[str], then: Callable[[subprocess.Popen[str]], None] = lambda _: None
+) -> tuple[int, str, bytes]:
+    """Run the CLI with its standard error on a terminal (a pty 80 columns wide, as an
+    operator's); ``then`` acts on the running process. Returns its exit code, its standard
+    output and what the terminal was shown."""
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     shown = bytearray()
 
     def drain() -> None:  # read while it runs: a pty keeps little once its writer is gone
@@ -278,19 +284,88 @@ def test_journal_check_shows_progress_on_a_terminal_only(tmp_path: Path) -> None
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "atmosrelay", "journal", "check", str(tmp_path / "j")],
+        with subprocess.Popen(
+            [sys.executable, "-m", "atmosrelay", *argv],
             stdout=subprocess.PIPE,
             stderr=secondary,
             text=True,
-            timeout=60,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        ) as proc:
+            try:
+                then(proc)
+                out, _ = proc.communicate(timeout=60)
+            finally:
+                proc.kill()
     finally:
         os.close(secondary)
         reader.join(10)
         os.close(primary)
-    assert proc.returncode == 0 and "healthy" in proc.stdout
+    return proc.returncode, out, bytes(shown)
+
+
+def test_journal_check_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    make_journal(tmp_path / "j", n=300)  # 150 KiB in 64 KiB segments: three of them
+    quiet = run("journal", "check", str(tmp_path / "j"))
+    assert quiet.returncode == 0 and quiet.stderr == ""  # a pipe: no bar
+    code, out, shown = on_terminal(["journal", "check", str(tmp_path / "j")])
+    assert code == 0 and "healthy" in out
     assert b"segment" in shown, (
         shown
     )  # the bar (redrawn at most every 0.1 s: a fast check shows its start)
+
+
+def test_a_long_replay_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    """A journal of REPLAY_BAR_RECORDS queued messages: the serve command draws a bar on a
+    terminal while it folds them, and nothing on a pipe."""
+    log, _ = Log.open(OsFS(), str(tmp_path / "var" / "journal"))
+    for start in range(0, REPLAY_BAR_RECORDS, 5000):
+        log.write_batch(
+            [
+                (
+                    int(RecordType.ACCEPTED),
+                    encode_accepted(accepted_record(f"r{i}@example.net"), b"x"),
+                )
+                for i in range(start, start + 5000)
+            ]
+        )
+    log.close()
+    (tmp_path / "relay.toml").write_text(
+        f'[relay]\ndata_dir = "{tmp_path / "var"}"\n'
+        '[smtp]\nlisteners = ["127.0.0.1:0 starttls"]\n'
+        "[http]\nlisteners = []\n[delivery]\nenabled = false\n"
+    )
+    argv = ["serve", "--config", str(tmp_path / "relay.toml")]
+    seen: list[str] = []
+
+    def stop_when_ready(proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        deadline = threading.Timer(60, proc.kill)  # never wait forever for the line
+        deadline.start()
+        try:
+            for line in proc.stdout:
+                seen.append(line)
+                if "atmosrelay: ready;" in line:
+                    proc.send_signal(signal.SIGTERM)
+                    return
+        finally:
+            deadline.cancel()
+        raise AssertionError("the relay never said it was ready")
+
+    code, out, shown = on_terminal(argv, stop_when_ready)
+    assert code == 0, out
+    assert any(f"queue: {REPLAY_BAR_RECORDS} message(s) recovered" in x for x in seen), seen
+    assert b"replaying the journal" in shown, shown
+    with subprocess.Popen(
+        [sys.executable, "-m", "atmosrelay", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ) as proc:
+        try:
+            stop_when_ready(proc)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0
+    assert "replaying" not in err  # a pipe (a service's journal): no bar

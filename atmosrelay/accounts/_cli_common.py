@@ -29,7 +29,7 @@ class Refused(Exception):
 
 
 def dns_settings(config: Config) -> DnsSettings:
-    return DnsSettings(nameservers=config.nameservers, timeout=float(config["dns.timeout"]))
+    return DnsSettings(nameservers=config.dns.nameservers, timeout=config.dns.timeout)
 
 
 def did_of(text: str) -> str:

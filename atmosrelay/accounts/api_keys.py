@@ -45,6 +45,7 @@ import trio
 
 from atmosrelay.accounts.identity import username_candidates
 from atmosrelay.accounts.store import AsyncStore, Store
+from atmosrelay.settings import integer, number
 
 PREFIX: Final = "atmos_"
 KEY_ID_LENGTH: Final = 8
@@ -53,16 +54,29 @@ SECRET_LENGTH: Final = 43  # base64url of 32 bytes, unpadded
 
 @attrs.frozen
 class AuthSettings:
-    bcrypt_cost: int = 12
-    bcrypt_concurrency: int = 2  # the machine's cores; more only queues in the kernel
-    cache_ttl: float = 300.0
-    cache_size: int = 10_000
-    free_failures: float = 3.0
-    base_delay: float = 0.5
-    max_delay: float = 8.0
-    lockout_score: float = 10.0
-    lockout_seconds: float = 900.0
-    half_life: float = 600.0
+    """API keys: the hash's cost, the cache of verified keys, and how failed AUTH is slowed
+    and then locked out (docs/security.md)."""
+
+    bcrypt_cost: int = integer(
+        12, 4, 31, note="work factor of API key hashes (2^12 rounds, ~0.25 s here)"
+    )
+    cache_ttl: float = number(300.0, 0, note="seconds a verified key is remembered")
+    cache_size: int = integer(10_000, 1)
+    free_failures: float = number(
+        3.0, 0, note="failures per address or account before answers are delayed"
+    )
+    base_delay: float = number(0.5, 0, note="first delay, doubling per further failure ...")
+    max_delay: float = number(8.0, 0, note="... up to this")
+    lockout_score: float = number(
+        10.0, 1, note="failures (decayed) that lock a client address (IPv6: its /64) out"
+    )
+    lockout_seconds: float = number(900.0, 0)
+    half_life: float = number(
+        600.0, 1, note="failures are forgotten by half every this many seconds"
+    )
+    # not settings: the machine's cores (more only queues in the kernel), and how often a
+    # revoked key is looked for
+    bcrypt_concurrency: int = 2
     revocation_poll: float = 1.0
 
 

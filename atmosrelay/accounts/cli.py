@@ -53,7 +53,6 @@ from atmosrelay.config import Config
 from atmosrelay.policy.counters import Counters
 from atmosrelay.policy.limits import DAY, HOUR, limits_for, recipients_key
 from atmosrelay.policy.member import SHADOW_PREFIX
-from atmosrelay.policy.settings import PolicySettings
 from atmosrelay.submission.members import load_snapshot
 
 _LABEL = re.compile(r"(shadow:)?[A-Za-z0-9_-]{1,64}")
@@ -78,7 +77,7 @@ def member_add(args: argparse.Namespace, config: Config, store: Store) -> None:
         print(f"warning: {handle} was not checked against DNS (--without-dns)", file=sys.stderr)
     else:
         resolver = HandleResolver(
-            dns_settings(config), https=bool(config["dns.https_handle_resolution"])
+            dns_settings(config), https=config.dns.https_handle_resolution
         )
         try:
             claimed = trio.run(resolver.resolve, handle)
@@ -107,7 +106,7 @@ def _standing(config: Config, store: Store, did: str) -> dict[str, Any]:
     ``policy.counter_flush`` seconds ago)."""
     snapshot = load_snapshot(store, did)
     assert snapshot is not None
-    settings = PolicySettings.from_config(dict(config.values["policy"]))
+    settings = config.policy
     now = time.time()
     limits = limits_for(snapshot, now, settings)
     counters = Counters()
@@ -246,7 +245,7 @@ def domain_add(args: argparse.Namespace, config: Config, store: Store) -> None:
             store,
             did,
             args.domain,
-            limit=int(config["accounts.max_domains_per_member"]),
+            limit=config.accounts.max_domains_per_member,
             clock_now=store.clock(),
         )
     except domains.DomainError as exc:
@@ -263,7 +262,7 @@ def domain_add(args: argparse.Namespace, config: Config, store: Store) -> None:
 
 
 def _records(args: argparse.Namespace, config: Config, d: Domain) -> tuple[list[Any], str]:
-    recs = domains.records_to_publish(d, spf_include=config["operator.spf_include"] or None)
+    recs = domains.records_to_publish(d, spf_include=config.operator.spf_include or None)
     lines = [r.zone_line() + (f"    ; {r.note}" if r.note else "") for r in recs]
     return [attrs.asdict(r) for r in recs], "\n".join("  " + x for x in lines)
 
@@ -293,7 +292,7 @@ def domain_verify(args: argparse.Namespace, config: Config, store: Store) -> Non
 
 def domain_records(args: argparse.Namespace, config: Config, store: Store) -> None:
     name = args.domain.strip().lower()
-    if name == config["operator.domain"].lower():
+    if name == config.operator.domain.lower():
         raise Refused(
             f"{name} is the operator's own domain: 'atmosrelay operator records' prints its records"
         )
@@ -321,7 +320,7 @@ def domain_list(args: argparse.Namespace, config: Config, store: Store) -> None:
 
 # -- keys --------------------------------------------------------------------------------------
 def key_issue(args: argparse.Namespace, config: Config, store: Store) -> None:
-    issued = api_keys.issue(store, did_of(args.did), cost=int(config["auth.bcrypt_cost"]))
+    issued = api_keys.issue(store, did_of(args.did), cost=config.auth.bcrypt_cost)
     out(
         args,
         {"key_id": issued.key_id, "did": issued.did, "key": issued.secret},

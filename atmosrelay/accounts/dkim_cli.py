@@ -20,8 +20,8 @@ from atmosrelay.queue.state import domain_of
 
 def operator_records(args: argparse.Namespace, config: Config, store: Store) -> None:
     """The operator domain's records, at any time (its key made now if the relay never ran)."""
-    operator, _ = dkim_keys.ensure_operator_key(config.dkim_dir, config["operator.domain"])
-    recs = domains.operator_records(operator, config["smtp.hostname"])
+    operator, _ = dkim_keys.ensure_operator_key(config.dkim_dir, config.operator.domain)
+    recs = domains.operator_records(operator, config.smtp.hostname)
     lines = [r.zone_line() + (f"    ; {r.note}" if r.note else "") for r in recs]
     out(
         args,
@@ -109,12 +109,12 @@ def domain_remove(args: argparse.Namespace, config: Config, store: Store) -> Non
 
 def operator_rotate_dkim(args: argparse.Namespace, config: Config, store: Store) -> None:
     """The operator domain's key, in the same two phases as a member domain's."""
-    directory, domain = config.dkim_dir, config["operator.domain"]
+    directory, domain = config.dkim_dir, config.operator.domain
     current, _ = dkim_keys.ensure_operator_key(directory, domain)
     if not args.activate:
         stem = domains.next_stem(current.selector.removesuffix("r"))
         started = dkim_keys.start_operator_rotation(directory, domain, stem)
-        record = domains.operator_records(started, config["smtp.hostname"])[0]
+        record = domains.operator_records(started, config.smtp.hostname)[0]
         out(
             args,
             {
@@ -135,7 +135,7 @@ def operator_rotate_dkim(args: argparse.Namespace, config: Config, store: Store)
             "no operator DKIM rotation to activate; start one with "
             "'atmosrelay operator rotate-dkim'"
         )
-    record = domains.operator_records(pending, config["smtp.hostname"])[0]
+    record = domains.operator_records(pending, config.smtp.hostname)[0]
     check_dns(
         args,
         config,

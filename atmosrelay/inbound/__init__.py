@@ -20,7 +20,7 @@ from atmosrelay.server.session import SessionContext
 
 
 def return_path(config: Config, secret: bytes) -> ReturnPath:
-    return ReturnPath(derive_key(secret, "verp"), config["operator.domain"].lower())
+    return ReturnPath(derive_key(secret, "verp"), config.operator.domain.lower())
 
 
 def make_inbound(
@@ -31,15 +31,15 @@ def make_inbound(
     commit_policy: Callable[[], Awaitable[None]],
 ) -> tuple[InboundSettings, InboundProcessor]:
     """The inbound sessions' settings and the processor, from the config."""
-    domain = config["operator.domain"].lower()
+    domain = config.operator.domain.lower()
     settings = InboundSettings(
         operator_domain=domain,
         return_path=return_path(config, secret),
         srs=Srs(derive_key(secret, "srs"), domain),
         store=ctx.store,
-        role_addresses=frozenset(x.lower() for x in config["inbound.role_addresses"]),
-        role_forward=config["inbound.role_forward"],
-        hourly_per_ip=config["inbound.hourly_per_ip"],
+        role_addresses=config.inbound.role_addresses,
+        role_forward=config.inbound.role_forward,
+        hourly_per_ip=config.inbound.hourly_per_ip,
     )
     processor = InboundProcessor(
         ctx.queue,
@@ -48,9 +48,9 @@ def make_inbound(
         return_path=settings.return_path,
         srs=settings.srs,
         unsubscribe_secret=secret,
-        hostname=config["smtp.hostname"],
+        hostname=config.smtp.hostname,
         commit_policy=commit_policy,
         members_changed=ctx.keys.changed,
-        retention=config["inbound.retention"],
+        retention=config.inbound.retention,
     )
     return settings, processor

@@ -31,7 +31,6 @@ import trio
 
 from atmosrelay._text import printable as _clean
 from atmosrelay.accounts.store import AsyncStore, NotFound
-from atmosrelay.config import ListenerMode
 from atmosrelay.inbound.addresses import (
     UNSUBSCRIBE_LOCAL,
     ReturnPath,
@@ -42,6 +41,7 @@ from atmosrelay.inbound.addresses import (
 from atmosrelay.policy.counters import Counters
 from atmosrelay.policy.limits import HOUR
 from atmosrelay.queue.records import Inbound, InboundRecipient, new_queue_id
+from atmosrelay.sections import ListenerMode
 from atmosrelay.server.session import Session, SessionContext, _Transaction
 from atmosrelay.smtp import Event, MailFrom, RcptTo, Reply, ServerConnection
 from atmosrelay.smtp import replies as R

@@ -61,7 +61,7 @@ def read_queue(config: Config) -> dict[str, QueuedMessage] | int:
     """The queue as the journal holds it (read-only), or an exit status after saying why."""
     directory = str(config.journal_dir)
     try:
-        records = read_records(directory, max_record_size=config["journal.max_record_size"])
+        records = read_records(directory, max_record_size=config.journal.max_record_size)
     except FileNotFoundError:
         return {}
     except CorruptJournalError as exc:

@@ -7,7 +7,7 @@ then answer 250. It never holds message bodies; the state keeps positions.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 import attrs
@@ -35,7 +35,7 @@ from atmosrelay.queue.records import (
     encode_inbound_done,
 )
 from atmosrelay.queue.state import PendingInbound, QueueState, fold
-from journal import Compaction, Journal, Position
+from journal import Compaction, Journal, Position, Record
 
 # Compact when at least this share of the records in sealed segments is dead: copying the
 # live rest forward then costs less than the disk it frees.
@@ -51,8 +51,13 @@ class QueueStore:
     on_inbound: Callable[[str], None] | None = None  # the inbound processor's notify
 
     @classmethod
-    async def recover(cls, journal: Journal) -> QueueStore:
-        """Fold every record of the journal (in a worker thread: it reads the disk).
+    async def recover(
+        cls,
+        journal: Journal,
+        progress: Callable[[Iterator[Record]], Iterable[Record]] = iter,
+    ) -> QueueStore:
+        """Fold every record of the journal (in a worker thread: it reads the disk), each
+        passing through ``progress`` (the serve command's bar on a terminal).
 
         The cyclic garbage collector is paused while the fold allocates (a deep queue is
         millions of small objects, none of them garbage: each collection would scan them
@@ -60,7 +65,7 @@ class QueueStore:
         then frozen out of later collections."""
         gc.disable()
         try:
-            state = await trio.to_thread.run_sync(lambda: fold(journal.records()))
+            state = await trio.to_thread.run_sync(lambda: fold(progress(journal.records())))
         finally:
             gc.enable()
         gc.freeze()

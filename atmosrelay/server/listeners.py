@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from atmosrelay.config import ListenerMode
 from atmosrelay.inbound.session import InboundSession
+from atmosrelay.sections import ListenerMode
 from atmosrelay.server.session import TLS_HANDSHAKE_TIMEOUT, Session, SessionContext
 from atmosrelay.smtp import replies as R
 

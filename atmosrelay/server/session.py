@@ -41,12 +41,12 @@ import trio
 from atmosrelay._text import printable as _clean
 from atmosrelay.accounts.api_keys import PREFIX, KeyChecker, Verified
 from atmosrelay.accounts.store import AsyncStore
-from atmosrelay.config import ListenerMode
 from atmosrelay.logs import fields
 from atmosrelay.policy.member import MemberSnapshot, MemberStatus
 from atmosrelay.queue.records import Recipient
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.refusals import Code, Refusal
+from atmosrelay.sections import ListenerMode
 from atmosrelay.smtp import (
     NEED_DATA,
     AuthChallenge,

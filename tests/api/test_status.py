@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import attrs
 import httpx
 import trio
 import trustme
@@ -237,8 +236,7 @@ async def test_a_compacted_message_is_still_answered_from_the_index(tmp_path: Pa
     ca = trustme.CA()
     with aiosmtpd_sink() as sink:
         config = make_config(tmp_path, ca, f'[delivery]\nsmarthost = "127.0.0.1:{sink.port}"\n')
-        journal = {**config.values["journal"], "compact_interval": 0.1}
-        config = attrs.evolve(config, values={**config.values, "journal": journal})
+        config = config.evolve(**{"journal.compact_interval": 0.1})
         async with api_relay(tmp_path, config=config, ca=ca) as api:
             queue_id = (await api.send()).json()["id"]
             queue = api.relay.handle.ctx.queue

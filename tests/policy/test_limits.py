@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from atmosrelay.config import parse_config
 from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.limits import DAY, HOUR, limits_for
 from atmosrelay.policy.member import MemberSnapshot, MemberStatus
@@ -69,22 +70,7 @@ def test_operator_limits_replace_the_tier_and_throttled_still_halves() -> None:
 
 
 def test_configured_tiers() -> None:
-    s = PolicySettings.from_config(
-        {
-            "tiers": [[3, 2, 10]],
-            "hourly": 7,
-            "daily": 70,
-            "bounce_pause_rate": 0.05,
-            "complaint_pause_rate": 0.0008,
-            "rate_min_messages": 10,
-            "spray_domains": 50,
-            "spray_mode": "shadow",
-            "velocity_factor": 4.0,
-            "velocity_min": 100,
-            "velocity_mode": "enforce",
-            "counter_flush": 1.0,
-        }
-    )
+    s = parse_config("[policy]\ntiers = [[3, 2, 10]]\nhourly = 7\ndaily = 70\n").policy
     assert limits_for(member(), T0 + 2 * DAY, s).hourly == 2
     assert limits_for(member(), T0 + 3 * DAY, s).hourly == 7
 

@@ -49,7 +49,7 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     # stop waits longer than the two graces of the drain (30 s + 30 s by default)
     stop = int(re.search(r"\nTimeoutStopSec=(\d+)\n", text).group(1))  # type: ignore[union-attr]
     defaults = parse_config("")
-    assert stop > defaults["smtp.shutdown_grace"] + defaults["delivery.drain_grace"]
+    assert stop > defaults.smtp.shutdown_grace + defaults.delivery.drain_grace
 
 
 def test_ready_reloading_and_stopping_reach_the_service_manager(tmp_path: Path) -> None:
