@@ -81,6 +81,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CORRUPT
     except JournalError as exc:
         _err(f"journal failure: {exc}")
+        _err(
+            "nothing acknowledged is lost; mend the cause (disk space, permissions on "
+            f"{config.journal_dir}) and start again"
+        )
         return 1
     except DataDirLocked as exc:
         _err(f"refusing to start: {exc}")
@@ -104,7 +108,7 @@ def cmd_journal_check(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             report = None
     if report is None:
-        _err(f"no journal directory at {args.dir}")
+        _err(f"no journal directory at {args.dir} (a relay's is <data_dir>/journal)")
         return EXIT_USAGE
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
@@ -150,10 +154,10 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
             else:
                 print(f"{line.seq}\ttype={line.type}\t{line.position}\t{line.size}")
     except FileNotFoundError:
-        _err(f"no journal directory at {args.dir}")
+        _err(f"no journal directory at {args.dir} (a relay's is <data_dir>/journal)")
         return EXIT_USAGE
     except CorruptJournalError as exc:
-        _err(str(exc))
+        _err(f"{exc}; 'atmosrelay journal check {args.dir}' says what is damaged")
         return EXIT_CORRUPT
     return 0
 

@@ -115,7 +115,10 @@ def call(path: Path, request: dict[str, Any]) -> dict[str, Any]:
     try:
         reply: dict[str, Any] = json.loads(data)
     except ValueError:
-        raise ControlError(f"the relay at {path} closed without an answer") from None
+        raise ControlError(
+            f"the relay at {path} closed without an answer (is it stopping?); run this "
+            "again once it runs"
+        ) from None
     if not reply.get("ok"):
         raise ControlError(str(reply.get("error", "refused")))
     return reply

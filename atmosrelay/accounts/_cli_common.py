@@ -50,9 +50,10 @@ def check_dns(
     *,
     skipped: str,
     refused: str,
+    then: str,
 ) -> None:
     """Run a DNS check (``check(resolver)``) unless ``--without-dns`` (then warn with
-    ``skipped``); a failed check is refused as ``refused: what DNS said``."""
+    ``skipped``); a failed check is refused as ``refused: what DNS said; then``."""
     if args.without_dns:
         print(f"warning: {skipped}", file=sys.stderr)
         return
@@ -60,7 +61,7 @@ def check_dns(
     try:
         trio.run(check, resolver)
     except domains.DomainError as exc:
-        raise Refused(f"{refused}: {exc}") from None
+        raise Refused(f"{refused}: {exc}; {then}") from None
 
 
 def with_store(

@@ -76,9 +76,7 @@ def member_add(args: argparse.Namespace, config: Config, store: Store) -> None:
     if args.without_dns:
         print(f"warning: {handle} was not checked against DNS (--without-dns)", file=sys.stderr)
     else:
-        resolver = HandleResolver(
-            dns_settings(config), https=config.dns.https_handle_resolution
-        )
+        resolver = HandleResolver(dns_settings(config), https=config.dns.https_handle_resolution)
         try:
             claimed = trio.run(resolver.resolve, handle)
         except ResolutionError as exc:
@@ -87,7 +85,10 @@ def member_add(args: argparse.Namespace, config: Config, store: Store) -> None:
                 '(publish _atproto TXT "did=..." or use --without-dns for local testing)'
             ) from None
         if claimed != did:
-            raise Refused(f"{handle} resolves to {claimed}, not {did}")
+            raise Refused(
+                f"{handle} resolves to {claimed}, not {did}: check the handle, or add the "
+                f"member {claimed} it names"
+            )
     member = store.add_member(did, handle)
     out(args, _member_json(member), f"member {did} added with handle {handle}")
 
@@ -279,6 +280,9 @@ def domain_verify(args: argparse.Namespace, config: Config, store: Store) -> Non
         skipped=f"{d.name} is marked verified WITHOUT a DNS check (--without-dns); "
         "use this only for local testing",
         refused=f"{d.name} not verified",
+        then=f"publish {domains.challenge_name(d.name)} TXT "
+        f'"{domains.VERIFY_PREFIX}{d.challenge_token}" and run this again (a resolver may '
+        "keep the old answer for its TTL)",
     )
     d = store.mark_verified(d.name, without_dns=args.without_dns)
     data, lines = _records(args, config, d)
@@ -380,7 +384,9 @@ def domain_unpause(args: argparse.Namespace, config: Config, store: Store) -> No
     name = args.domain.strip().lower()
     was = store.domain(name).paused_reason
     if was is None:
-        raise Refused(f"domain {name} is not paused")
+        raise Refused(
+            f"domain {name} is not paused; nothing to do ('atmosrelay domain list' shows which are)"
+        )
     d = store.set_paused(name, None)
     out(
         args,

@@ -66,6 +66,8 @@ def domain_rotate_dkim(args: argparse.Namespace, config: Config, store: Store) -
         skipped=f"activating {name}'s new DKIM keys WITHOUT checking that DNS serves them "
         "(--without-dns); receivers will fail every signature until it does",
         refused=f"not activated, {name} still signs with the old keys",
+        then=f"publish the records 'atmosrelay domain records {name}' marks as the "
+        "rotation's, then activate again",
     )
     old = d.dkim_selector_stem
     d = store.activate_next_dkim(name)
@@ -84,7 +86,11 @@ def domain_remove(args: argparse.Namespace, config: Config, store: Store) -> Non
     d = store.domain(name)
     messages = read_queue(config)
     if isinstance(messages, int):
-        raise Refused("cannot read the queue to check for mail from it", messages)
+        raise Refused(
+            "cannot read the queue to check for mail from it (said above); repair the "
+            "journal first, or add --force",
+            messages,
+        )
     queued = [
         m.id for m in messages.values() if not m.terminal and domain_of(m.record.sender) == name
     ]
@@ -143,6 +149,8 @@ def operator_rotate_dkim(args: argparse.Namespace, config: Config, store: Store)
         skipped=f"activating the operator's new DKIM key WITHOUT checking that DNS serves "
         f"{record.name} (--without-dns)",
         refused=f"not activated, {domain} still signs with {current.selector}",
+        then=f"publish {record.name} as 'atmosrelay operator records' shows it, then "
+        "activate again",
     )
     new, old = dkim_keys.activate_operator_rotation(directory, domain)
     out(

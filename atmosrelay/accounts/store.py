@@ -180,8 +180,13 @@ class Store(InboundLog):
         except sqlite3.IntegrityError as exc:
             if "handles" in str(exc):
                 owner = self.did_for_handle(handle or "")
-                raise Conflict(f"handle {handle} already belongs to {owner}") from None
-            raise Conflict(f"member {did} already exists") from None
+                raise Conflict(
+                    f"handle {handle} already belongs to {owner}; a handle names one member "
+                    f"('atmosrelay member show {owner}')"
+                ) from None
+            raise Conflict(
+                f"member {did} already exists; 'atmosrelay member show {did}' shows it"
+            ) from None
         return self.member(did)
 
     def member(self, did: str) -> Member:
@@ -247,7 +252,9 @@ class Store(InboundLog):
         with self._tx() as db:
             row = db.execute("SELECT labels FROM members WHERE did = ?", (did,)).fetchone()
             if row is None:
-                raise NotFound(f"no member {did}")
+                raise NotFound(
+                    f"no member {did}; add it with 'atmosrelay member add {did} --handle HANDLE'"
+                )
             labels = list(json.loads(row[0]))
             changed = (label in labels) != present
             if changed:
@@ -261,7 +268,10 @@ class Store(InboundLog):
             owner = db.execute("SELECT did FROM domains WHERE name = ?", (domain.name,)).fetchone()
             if owner is not None:
                 who = "this member" if owner[0] == domain.did else "another member"
-                raise Conflict(f"domain {domain.name} is already enrolled by {who}")
+                raise Conflict(
+                    f"domain {domain.name} is already enrolled by {who}; "
+                    f"'atmosrelay domain remove {domain.name}' frees it"
+                )
             (count,) = db.execute(
                 "SELECT count(*) FROM domains WHERE did = ?", (domain.did,)
             ).fetchone()
@@ -376,7 +386,7 @@ class Store(InboundLog):
                     (key_id, did, bcrypt_hash, self.clock()),
                 )
         except sqlite3.IntegrityError:
-            raise Conflict(f"key id {key_id} exists") from None
+            raise Conflict(f"key id {key_id} exists by chance; issue the key again") from None
         return self.key(key_id)
 
     def key(self, key_id: str) -> ApiKey:
@@ -394,7 +404,9 @@ class Store(InboundLog):
     def revoke_key(self, key_id: str) -> ApiKey:
         key = self.key(key_id)
         if key.revoked_at is not None:
-            raise Conflict(f"key {key_id} was already revoked")
+            raise Conflict(
+                f"key {key_id} was already revoked; 'atmosrelay key issue DID' makes a new one"
+            )
         with self._tx() as db:
             db.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE key_id = ?", (self.clock(), key_id)

@@ -149,7 +149,11 @@ def _show_from_index(args: argparse.Namespace) -> int:
         finally:
             index.close()
     if found is None:
-        print(f"atmosrelay: no message {args.id} in the queue or the status index", file=sys.stderr)
+        print(
+            f"atmosrelay: no message {args.id} in the queue or the status index "
+            "('atmosrelay queue list --all' lists what there is)",
+            file=sys.stderr,
+        )
         return 1
     data = attrs.asdict(found)
     if args.json:

@@ -102,7 +102,11 @@ def test_domain_enrollment_and_dns_proof(cli: Cli) -> None:
     human = cli("domain", "add", ALICE, "news.example.org")
     assert '_atmos-challenge.news.example.org. IN TXT "atmos-verify=' in human.stdout
     refused(cli("domain", "add", ALICE, "third.example.org"), 1, "limit is 2")
-    refused(cli("domain", "add", BOB, "mail.example.org"), 1, "already enrolled by another member")
+    refused(
+        cli("domain", "add", BOB, "mail.example.org"),
+        1,
+        "already enrolled by another member; 'atmosrelay domain remove mail.example.org' frees it",
+    )
     refused(cli("domain", "add", BOB, "bad_domain"), 65, "not a valid domain name")
     refused(
         cli("domain", "add", "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "x.example.org"), 1, "no member"
@@ -110,6 +114,11 @@ def test_domain_enrollment_and_dns_proof(cli: Cli) -> None:
 
     # Not published yet: the failure says what DNS returned and what to publish.
     refused(cli("domain", "verify", "mail.example.org"), 1, "does not exist (NXDOMAIN)")
+    refused(
+        cli("domain", "verify", "mail.example.org"),
+        1,
+        f'publish {challenge["name"]} TXT "{challenge["value"]}" and run this again',
+    )
     cli.dns.txt(challenge["name"], "atmos-verify=stale-token")
     refused(
         cli("domain", "verify", "mail.example.org"), 1, "holds 'atmos-verify=stale-token'; expected"
