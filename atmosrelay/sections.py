@@ -18,6 +18,7 @@ from atmosrelay.settings import (
     check_domains,
     check_networks,
     custom,
+    each,
     host_port,
     integer,
     lowered,
@@ -66,16 +67,10 @@ def _check_listeners(v: Any) -> str | None:
     return None
 
 
-def _listeners(v: Any) -> tuple[Listener, ...]:
-    out = []
-    for x in v:
-        if isinstance(x, tuple):
-            out.append(x)
-            continue
-        address, mode = x.split()
-        host, port = _split_address(address)
-        out.append((host.strip("[]"), int(port), ListenerMode(mode)))
-    return tuple(out)
+def _listener(text: str) -> Listener:
+    address, mode = text.split()
+    host, port = _split_address(address)
+    return host.strip("[]"), int(port), ListenerMode(mode)
 
 
 def _check_http_listeners(v: Any) -> str | None:
@@ -92,16 +87,10 @@ def _check_http_listeners(v: Any) -> str | None:
     return None
 
 
-def _http_listeners(v: Any) -> tuple[HttpListener, ...]:
-    out = []
-    for x in v:
-        if isinstance(x, tuple):
-            out.append(x)
-            continue
-        address, *tls = x.split()
-        host, port = _split_address(address)
-        out.append((host.strip("[]"), int(port), bool(tls)))
-    return tuple(out)
+def _http_listener(text: str) -> HttpListener:
+    address, *tls = text.split()
+    host, port = _split_address(address)
+    return host.strip("[]"), int(port), bool(tls)
 
 
 def _check_nameservers(v: Any) -> str | None:
@@ -113,9 +102,9 @@ def _check_nameservers(v: Any) -> str | None:
     return None
 
 
-def _nameservers(v: Any) -> tuple[tuple[str, int], ...]:
-    pairs = (x if isinstance(x, tuple) else host_port(x, 53) for x in v)
-    return tuple((host, port or 53) for host, port in pairs)
+def _nameserver(text: str) -> tuple[str, int]:
+    host, port = host_port(text, 53)
+    return host, port or 53
 
 
 def _check_smarthost(v: Any) -> str | None:
@@ -219,7 +208,7 @@ class Smtp:
     listeners: tuple[Listener, ...] = custom(
         ["127.0.0.1:2587 starttls", "127.0.0.1:2465 implicit", "127.0.0.1:2025 inbound"],
         _check_listeners,
-        convert=_listeners,
+        convert=each(_listener),
         doc='Listeners: "host:port mode", mode starttls (AUTH only after STARTTLS), implicit '
         "(TLS from the first byte), trusted (no TLS, no AUTH: clients from trusted_networks "
         "submit as trusted_did; for a co-located app or a load generator) or inbound (the "
@@ -324,7 +313,7 @@ class Dns:
     nameservers: tuple[tuple[str, int], ...] = custom(
         [],
         _check_nameservers,
-        convert=_nameservers,
+        convert=each(_nameserver),
         doc='Nameservers as "host" or "host:port" ([] means the system\'s resolver).',
     )
     timeout: float = number(5.0, 0.1, note="seconds per lookup")
@@ -394,7 +383,7 @@ class Http:
     listeners: tuple[HttpListener, ...] = custom(
         ["127.0.0.1:8080"],
         _check_http_listeners,
-        convert=_http_listeners,
+        convert=each(_http_listener),
         doc='The HTTP API (docs/api.md): "host:port" (plain HTTP, as behind a reverse proxy) '
         'or "host:port tls" (the [smtp] certificate). [] turns the API off. Port 0 picks a '
         "free port.",

@@ -226,6 +226,15 @@ def host_port(text: str, default: int) -> tuple[str, int | None]:
     return host, int(port) if port.isdigit() and 0 < int(port) < 65536 else None
 
 
+def each(parse: Callable[[str], tuple[Any, ...]]) -> Callable[[Any], tuple[Any, ...]]:
+    """A converter for a list of strings that each parse to a tuple (kept when already one)."""
+
+    def convert(v: Any) -> tuple[Any, ...]:
+        return tuple(x if isinstance(x, tuple) else parse(x) for x in v)
+
+    return convert
+
+
 def check_networks(v: Any) -> str | None:
     if not isinstance(v, list):
         return "a list of networks such as 127.0.0.0/8"

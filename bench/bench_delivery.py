@@ -162,6 +162,37 @@ def _run(sessions: int, size: int, seconds: float, ca: trustme.CA, deliver: bool
     return result
 
 
+def queue_in_journal(directory: Path, n: int, body: bytes) -> None:
+    """``n`` ACCEPTED records of ``body`` (one recipient each) written straight to a journal,
+    as a relay stopped with that many messages queued would leave it."""
+    log, _ = Log.open(OsFS(), str(directory))
+    now = time.time()
+    batch = []
+    for i in range(n):
+        record = Accepted(
+            id=new_queue_id(now),
+            accepted_at=now,
+            did=DID,
+            sender="bench@example.org",
+            recipients=(Recipient(f"r{i}@example.net"),),
+            ret=None,
+            envid=None,
+            category="receipt",
+            bulk=False,
+            tags=(),
+            metadata={},
+            client={},
+            size=len(body),
+        )
+        batch.append((int(RecordType.ACCEPTED), encode_accepted(record, body)))
+        if len(batch) == 1000:
+            log.write_batch(batch)
+            batch = []
+    if batch:
+        log.write_batch(batch)
+    log.close()
+
+
 def restart(n: int, ca: trustme.CA) -> dict[str, Any]:
     """N queued messages of 1 KiB in the journal; start the relay; time to the first
     delivery, and resident memory then."""
@@ -169,33 +200,7 @@ def restart(n: int, ca: trustme.CA) -> dict[str, Any]:
         tmp = Path(d)
         cert = tmp / "tls.pem"
         ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
-        log, _ = Log.open(OsFS(), str(tmp / "var" / "journal"))
-        body = _body(1024, "queued")
-        now = time.time()
-        batch = []
-        for i in range(n):
-            record = Accepted(
-                id=new_queue_id(now),
-                accepted_at=now,
-                did=DID,
-                sender="bench@example.org",
-                recipients=(Recipient(f"r{i}@example.net"),),
-                ret=None,
-                envid=None,
-                category="receipt",
-                bulk=False,
-                tags=(),
-                metadata={},
-                client={},
-                size=len(body),
-            )
-            batch.append((int(RecordType.ACCEPTED), encode_accepted(record, body)))
-            if len(batch) == 1000:
-                log.write_batch(batch)
-                batch = []
-        if batch:
-            log.write_batch(batch)
-        log.close()
+        queue_in_journal(tmp / "var" / "journal", n, _body(1024, "queued"))
         # a restart, not a first start: the operator key exists already
         dkim_keys.ensure_operator_key(tmp / "var" / "dkim", "atmosrelay.localhost")
         sink = Sink(tmp)

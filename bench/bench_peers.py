@@ -1,0 +1,550 @@
+"""The relay side by side with Postfix, interleaved in one run, with Postfix's own tools.
+
+    python bench/bench_peers.py [--quick] [--json] [--rounds N] [--restart N] [--only W,...]
+
+Both servers get the same client, Postfix's ``smtp-source``, on loopback, and deliver to the
+same sink, Postfix's ``smtp-sink``. Postfix is a throwaway instance this script configures
+under a temporary directory (its own config_directory, queue_directory, data_directory and
+loopback ports; the system's Postfix, running or not, is never touched), started and stopped
+with ``postfix -c DIR``; it needs root, as Postfix's master does. The relay runs as its own
+process (``atmosrelay serve``) on a trusted listener, as a co-located application would use
+it (no TLS, no AUTH: smtp-source speaks neither).
+
+Rows (``work`` in ``--json``):
+
+* ``accept``: sessions kept open (smtp-source -d), 1 KiB and 100 KiB, 10/50/100 sessions;
+  the relay with delivery off, Postfix holding every message (the hold queue: accepted,
+  fsynced, not delivered);
+* ``perconn``: one message per connection (smtp-source's default), 1 KiB, 10/50 sessions;
+* ``e2e``: accepted and delivered to smtp-sink, 1 KiB and 100 KiB, 10/50 sessions: the
+  relay signs three DKIM signatures, Postfix none; msgs/s from the first connection to the
+  sink's count reaching the total;
+* ``e2e-postfix-dkim``: the same relay runs against Postfix with OpenDKIM as its milter (one
+  RSA signature), where opendkim is installed;
+* ``restart``: N messages queued, then each server started: seconds to the first delivery
+  and to the last, and the relay's peak resident memory. The relay's queue is written to its
+  journal directly; Postfix's is submitted into its hold queue, then released with
+  ``postsuper -H ALL`` right after ``postfix start``.
+
+Each row runs ``--rounds`` times (default 3), the servers alternating which goes first, and
+the table gives medians, the ratio relay/peer and the 1-minute load average at the end of the
+row's last round. Destination concurrency is 20 for both (Postfix's default).
+
+Install the tools on Debian: ``apt-get install postfix opendkim opendkim-tools`` (choose "No
+configuration" for Postfix: this script never uses the system's instance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from atmosrelay.accounts import dkim_keys, domains
+from atmosrelay.accounts.store import Store
+from bench.bench_accept import Server
+from bench.bench_delivery import queue_in_journal
+
+ROOT = Path(__file__).resolve().parents[1]
+DID = "did:plc:abcdefghijklmnopqrstuvwx"
+SENDER, RCPT = "bench@example.org", "sink@example.net"
+CONCURRENCY = 20  # connections per destination, both servers (Postfix's default)
+KIB = 1024
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _load() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# -- the sink and the client -------------------------------------------------------------------
+
+
+class Sink:
+    """smtp-sink on a free port, counting what arrives (its -c counter, read live)."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.count = 0
+        self.first: float | None = None
+        self.changed = threading.Condition()
+        self.proc = subprocess.Popen(
+            ["smtp-sink", "-u", "postfix", "-c", f"127.0.0.1:{self.port}", "1024"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        _wait_port(self.port)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(65536):  # type: ignore[attr-defined]
+            found = re.findall(rb"mesg=(\d+)", chunk)
+            if found:
+                with self.changed:
+                    if self.first is None:
+                        self.first = time.time()
+                    self.count = int(found[-1])
+                    self.changed.notify_all()
+
+    def wait_for(self, n: int, timeout: float) -> float | None:
+        """The time the count reached ``n``, or None after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while self.count < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.changed.wait(left)
+        return time.time()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _wait_port(port: int, timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def smtp_source(port: int, messages: int, sessions: int, size: int, keep_open: bool) -> float:
+    """Send ``messages`` with smtp-source; the seconds it took. Any error fails the row."""
+    cmd = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size)]
+    cmd += ["-d"] if keep_open else []
+    cmd += ["-f", SENDER, "-t", RCPT, f"127.0.0.1:{port}"]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    took = time.perf_counter() - t
+    if done.returncode != 0 or done.stderr.strip():
+        raise RuntimeError(f"smtp-source: {done.returncode} {done.stderr.strip()[:500]}")
+    return took
+
+
+# -- the peer: a throwaway Postfix --------------------------------------------------------------
+
+MASTER_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup unix n - n 60 1 pickup
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+flush unix n - n 1000? 0 flush
+proxymap unix - - n - - proxymap
+proxywrite unix - - n - 1 proxymap
+smtp unix - - n - - smtp
+relay unix - - n - - smtp
+showq unix n - n - - showq
+error unix - - n - - error
+retry unix - - n - - error
+discard unix - - n - - discard
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+postlog unix-dgram n - n - 1 postlogd
+"""
+
+
+class Postfix:
+    """A Postfix instance under ``directory``: smtpd on a free loopback port, relaying all
+    mail to ``sink_port``; ``hold`` keeps every accepted message in the hold queue."""
+
+    def __init__(
+        self, directory: Path, sink_port: int, *, hold: bool, milter: int | None = None
+    ) -> None:
+        self.dir = directory
+        self.conf = directory / "conf"
+        self.port = _free_port()
+        for sub in ("conf", "queue", "data"):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+        shutil.chown(directory / "data", "postfix")
+        for p in (directory, *directory.parents):  # the postfix user must reach it
+            if p == Path("/"):
+                break
+            p.chmod(p.stat().st_mode | 0o055)
+        settings = {
+            "compatibility_level": "3.6",
+            "queue_directory": directory / "queue",
+            "data_directory": directory / "data",
+            "mail_owner": "postfix",
+            "setgid_group": "postdrop",
+            "myhostname": "peer.localhost",
+            "mydestination": "",
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject",
+            "alias_maps": "",
+            "alias_database": "",
+            "local_recipient_maps": "",
+            "relayhost": f"[127.0.0.1]:{sink_port}",
+            "disable_dns_lookups": "yes",
+            "smtp_host_lookup": "native",
+            "maillog_file": directory / "maillog",
+            "maillog_file_prefixes": directory,
+            "syslog_name": "benchpeer",
+            "default_process_limit": "300",
+            "smtpd_client_connection_count_limit": "0",
+            "default_destination_concurrency_limit": str(CONCURRENCY),
+            "biff": "no",
+        }
+        if hold:
+            settings["smtpd_end_of_data_restrictions"] = "check_client_access static:HOLD"
+        if milter is not None:
+            settings["smtpd_milters"] = f"inet:127.0.0.1:{milter}"
+            settings["milter_default_action"] = "tempfail"
+        (self.conf / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+        (self.conf / "master.cf").write_text(MASTER_CF.format(port=self.port))
+        self._postfix("start")
+        _wait_port(self.port)
+        self.pid = int((directory / "queue" / "pid" / "master.pid").read_text().split()[0])
+
+    def _postfix(self, *action: str) -> None:
+        done = subprocess.run(
+            ["postfix", "-c", str(self.conf), *action], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            log = (self.dir / "maillog").read_text() if (self.dir / "maillog").exists() else ""
+            raise RuntimeError(f"postfix {' '.join(action)} failed: {log[-800:]}")
+
+    def release_held(self) -> None:
+        subprocess.run(["postsuper", "-c", str(self.conf), "-H", "ALL"], check=True)
+
+    def queued(self) -> int:
+        q = self.dir / "queue"
+        return sum(
+            len(files)
+            for sub in ("incoming", "active", "deferred", "hold", "maildrop")
+            for _, _, files in os.walk(q / sub)
+        )
+
+    def stop(self) -> None:
+        self._postfix("stop")
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{self.pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class OpenDkim:
+    """opendkim signing example.org (one RSA-2048 signature) as a milter on a free port."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                "opendkim-genkey",
+                "-b",
+                "2048",
+                "-D",
+                str(directory),
+                "-d",
+                "example.org",
+                "-s",
+                "bench",
+            ],
+            check=True,
+        )
+        shutil.chown(directory / "bench.private", "opendkim")
+        self.port = _free_port()
+        conf = directory / "opendkim.conf"
+        conf.write_text(
+            "Mode s\nDomain example.org\nSelector bench\n"
+            f"KeyFile {directory / 'bench.private'}\nSocket inet:{self.port}@127.0.0.1\n"
+            "Canonicalization relaxed/simple\nSyslog no\nUserID opendkim\n"
+            "RequireSafeKeys false\n"  # the key is under /tmp, which others may write
+            f"PidFile {directory / 'opendkim.pid'}\n"
+        )
+        self.proc = subprocess.Popen(
+            ["opendkim", "-f", "-x", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        _wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+# -- our relay -----------------------------------------------------------------------------------
+
+
+def relay(tmp: Path, delivery: str) -> Server:
+    """The relay as a process with a trusted listener; ``delivery`` is its [delivery]."""
+    config = tmp / "relay.toml"
+    config.write_text(
+        f'[relay]\ndata_dir = "{tmp / "var"}"\nlog_level = "warning"\n'
+        '[smtp]\nlisteners = ["127.0.0.1:0 trusted"]\nhostname = "bench.test"\n'
+        f'trusted_did = "{DID}"\nmax_connections_per_ip = 1000\n'
+        f"[http]\nlisteners = []\n[delivery]\n{delivery}"
+    )
+    if not (tmp / "var" / "accounts.sqlite3").exists():
+        _member(tmp / "var")
+    return Server(
+        [sys.executable, "-m", "atmosrelay", "serve", "--config", str(config)],
+        tmp / "relay.out",
+        "ready",
+        r"listening on 127\.0\.0\.1:(\d+) \(trusted\)",
+    )
+
+
+def _member(var: Path) -> None:
+    var.mkdir(parents=True, exist_ok=True)
+    store = Store(var / "accounts.sqlite3")
+    store.add_member(DID, "bench.test")
+    domains.enroll(store, DID, "example.org", limit=2, clock_now=0)
+    store.mark_verified("example.org", without_dns=True)
+    store.set_limits(DID, hourly=100_000_000, daily=100_000_000)  # far from its limits
+    store.close()
+
+
+def _delivering(sink: Sink) -> str:
+    return f'smarthost = "127.0.0.1:{sink.port}"\nconcurrency = {CONCURRENCY}\n'
+
+
+# -- the rows ------------------------------------------------------------------------------------
+
+
+def run_accept(side: str, tmp: Path, n: int, sessions: int, size: int, keep: bool) -> float:
+    if side == "relay":
+        server = relay(tmp, "enabled = false\n")
+        try:
+            took = smtp_source(server.port, n, sessions, size, keep)
+        finally:
+            server.stop()
+        return n / took
+    sink = Sink()
+    peer = Postfix(tmp, sink.port, hold=True)
+    try:
+        took = smtp_source(peer.port, n, sessions, size, keep)
+    finally:
+        peer.stop()
+        sink.stop()
+    return n / took
+
+
+def run_e2e(side: str, tmp: Path, n: int, sessions: int, size: int) -> float:
+    sink = Sink()
+    milter = OpenDkim(tmp / "dkim") if side == "postfix-dkim" else None
+    try:
+        if side == "relay":
+            server: Server | Postfix = relay(tmp, _delivering(sink))
+        else:
+            server = Postfix(tmp, sink.port, hold=False, milter=milter and milter.port)
+        try:
+            t0 = time.time()
+            smtp_source(server.port, n, sessions, size, keep_open=True)
+            t1 = sink.wait_for(n, 300)
+        finally:
+            server.stop()
+    finally:
+        sink.stop()
+        if milter is not None:
+            milter.stop()
+    if t1 is None:
+        raise RuntimeError(f"{side}: only {sink.count} of {n} arrived at the sink")
+    return n / (t1 - t0)
+
+
+def run_restart(side: str, tmp: Path, n: int) -> dict[str, float]:
+    """Seconds from the start to the first and to the last delivery of ``n`` queued."""
+    sink = Sink()
+    try:
+        if side == "relay":
+            _member(tmp / "var")
+            head = f"From: {SENDER}\r\nTo: {RCPT}\r\nSubject: queued\r\n\r\n".encode()
+            body = head + (b"y" * 76 + b"\r\n") * ((KIB - len(head)) // 78)
+            queue_in_journal(tmp / "var" / "journal", n, body)
+            # a restart, not a first start: the operator key exists already
+            dkim_keys.ensure_operator_key(tmp / "var" / "dkim", "atmosrelay.localhost")
+            t0 = time.time()
+            server = relay(tmp, _delivering(sink))
+            try:
+                t_all = sink.wait_for(n, 900)
+                rss = _peak_rss_mb(server.proc.pid)
+            finally:
+                server.stop()
+        else:
+            held = Postfix(tmp, sink.port, hold=True)
+            smtp_source(held.port, n, 50, KIB, keep_open=True)
+            held.stop()
+            t0 = time.time()
+            peer = Postfix(tmp, sink.port, hold=False)
+            peer.release_held()
+            try:
+                t_all = sink.wait_for(n, 900)
+            finally:
+                peer.stop()
+            rss = float("nan")
+    finally:
+        sink.stop()
+    if t_all is None or sink.first is None:
+        raise RuntimeError(f"{side}: only {sink.count} of {n} arrived at the sink")
+    return {"first_s": sink.first - t0, "all_s": t_all - t0, "peak_rss_mb": rss}
+
+
+# -- the table -----------------------------------------------------------------------------------
+
+
+def _rows(quick: bool, only: set[str] | None, has_dkim: bool) -> list[dict[str, Any]]:
+    scale = 5 if quick else 1
+    rows: list[dict[str, Any]] = []
+
+    def add(work: str, size: int, sessions: int, n: int) -> None:
+        if only is None or work in only:
+            rows.append({"work": work, "size": size, "sessions": sessions, "n": n // scale})
+
+    for size, n in ((KIB, 10_000), (100 * KIB, 3_000)):
+        for sessions in (10, 50, 100):
+            add("accept", size, sessions, n)
+    for sessions in (10, 50):
+        add("perconn", KIB, sessions, 5_000)
+    for size, n in ((KIB, 5_000), (100 * KIB, 2_000)):
+        for sessions in (10, 50):
+            add("e2e", size, sessions, n)
+            if has_dkim:
+                add("e2e-postfix-dkim", size, sessions, n)
+    return rows
+
+
+def measure(row: dict[str, Any], side: str) -> float:
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as d:
+        tmp = Path(d)
+        work, n, s, size = row["work"], row["n"], row["sessions"], row["size"]
+        if work in ("accept", "perconn"):
+            return run_accept(side, tmp, n, s, size, keep=work == "accept")
+        if side == "relay":
+            return run_e2e("relay", tmp, n, s, size)
+        return run_e2e("postfix-dkim" if work == "e2e-postfix-dkim" else "postfix", tmp, n, s, size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one round, a fifth of the mail")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--restart", type=int, help="messages queued for the restart row")
+    parser.add_argument("--only", help="works to run, e.g. accept,e2e,restart")
+    args = parser.parse_args()
+    rounds = args.rounds or (1 if args.quick else 3)
+    only = set(args.only.split(",")) if args.only else None
+    missing = [t for t in ("postfix", "smtp-source", "smtp-sink") if shutil.which(t) is None]
+    if missing or os.geteuid() != 0:
+        why = f"{', '.join(missing)} not installed" if missing else "Postfix's master needs root"
+        print(f"bench_peers: no Postfix rows: {why} (see this script's docstring)")
+        return
+    has_dkim = shutil.which("opendkim") is not None and shutil.which("opendkim-genkey") is not None
+    if not has_dkim and not args.json:
+        print("bench_peers: opendkim not installed: no e2e-postfix-dkim rows")
+    rows = _rows(args.quick, only, has_dkim)
+    results: dict[int, dict[str, list[float]]] = {
+        i: {"relay": [], "peer": []} for i in range(len(rows))
+    }
+    relay_e2e: dict[tuple[int, int, int], float] = {}  # (round, size, sessions) -> relay e2e
+    for r in range(rounds):
+        for i, row in enumerate(rows):
+            sides = ["relay", "peer"] if r % 2 == 0 else ["peer", "relay"]
+            for side in sides:
+                key = (r, row["size"], row["sessions"])
+                if row["work"] == "e2e-postfix-dkim" and side == "relay" and key in relay_e2e:
+                    value = relay_e2e[key]  # the same relay run as the e2e row's
+                else:
+                    value = measure(row, side)
+                if row["work"] == "e2e" and side == "relay":
+                    relay_e2e[key] = value
+                results[i][side].append(value)
+            row["load"] = _load()
+            if not args.json:
+                print(
+                    f"  round {r + 1}: {row['work']:<17} {row['size'] // KIB:>4} KiB "
+                    f"{row['sessions']:>3} sessions: relay {results[i]['relay'][-1]:8.0f} "
+                    f"peer {results[i]['peer'][-1]:8.0f} msgs/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    table = []
+    for i, row in enumerate(rows):
+        ours = statistics.median(results[i]["relay"])
+        peer = statistics.median(results[i]["peer"])
+        table.append(
+            {
+                "work": row["work"],
+                "size": row["size"],
+                "sessions": row["sessions"],
+                "relay": round(ours, 1),
+                "peer": round(peer, 1),
+                "ratio": round(ours / peer, 2),
+                "load": row["load"],
+            }
+        )
+    restart = None
+    if only is None or "restart" in only:
+        n = args.restart or (10_000 if args.quick else 100_000)
+        restart = {"queued": n}
+        for side in ("relay", "postfix"):
+            with tempfile.TemporaryDirectory(prefix="bench-peers-") as d:
+                restart[side] = run_restart(side, Path(d), n)
+        restart["load"] = _load()
+    if args.json:
+        print(json.dumps({"rows": table, "restart": restart, "machine": platform.platform()}))
+        return
+    print(
+        f"{'work':<17} {'size':>7} {'sessions':>8} {'relay':>9} {'Postfix':>9} {'ratio':>6} "
+        f"{'load':>5}"
+    )
+    for t in table:
+        print(
+            f"{t['work']:<17} {t['size'] // KIB:>4} KiB {t['sessions']:>8} {t['relay']:>9.0f} "
+            f"{t['peer']:>9.0f} {t['ratio']:>5.2f}x {t['load']:>5.2f}"
+        )
+    if restart:
+        ours, peer = restart["relay"], restart["postfix"]
+        print(
+            f"restart, {restart['queued']} queued: first delivery relay {ours['first_s']:.2f} s, "
+            f"Postfix {peer['first_s']:.2f} s; all delivered relay {ours['all_s']:.1f} s, "
+            f"Postfix {peer['all_s']:.1f} s ({peer['all_s'] / ours['all_s']:.2f}x); relay peak "
+            f"RSS {ours['peak_rss_mb']:.0f} MB; load {restart['load']:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
