@@ -49,6 +49,7 @@ from atmosrelay.smtp import (
     TLSReady,
 )
 from atmosrelay.smtp._extensions import ServerCapabilities
+from atmosrelay.smtp._states import CLOSE_CODE
 
 CONNECT_TIMEOUT: Final = 30.0
 GREETING_TIMEOUT: Final = 300.0  # RFC 5321 4.5.3.2.1: initial 220, 5 minutes
@@ -180,13 +181,15 @@ class Remote:
         """One transaction. Never raises for what the server does: a connection lost or a
         timeout defers every recipient still open, and the connection is not reused."""
         try:
-            if self.transactions:
+            reset = self.transactions > 0
+            if reset and not self.caps.has("PIPELINING"):
                 with trio.fail_after(COMMAND_TIMEOUT):
-                    reset = await self._wire.command(Rset())
-                if reset.reply.code != 250:
-                    raise _Failed("4.4.2", _reply_text(reset))
+                    _check_reset(await self._wire.command(Rset()))
+                reset = False
             self.transactions += 1
-            return await _send(self._wire, self.caps, envelope, message)
+            outcomes = await _send(self._wire, self.caps, envelope, message, reset=reset)
+            self.usable = not self._wire.conn.closed  # a 421 closes it (RFC 5321 3.8)
+            return outcomes
         except _EXPECTED as exc:
             reason = _failure(exc, self.host)
         except BaseException:  # a bug or a cancellation: the connection is mid-transaction
@@ -299,9 +302,39 @@ async def _open(
     return Remote(wire, host, caps, secure)
 
 
+def _check_reset(reply: ServerReply) -> None:
+    if reply.reply.code != 250:
+        raise _Failed("4.4.2", _reply_text(reply))
+
+
+async def _timed_reply(wire: _Wire, seconds: float) -> ServerReply:
+    with trio.fail_after(seconds):
+        event = await wire.reply()
+    if not isinstance(event, ServerReply):
+        raise _Failed("4.5.0", "unexpected TLS switch")
+    return event
+
+
+async def _group_replies(wire: _Wire, n: int) -> list[ServerReply]:
+    """The replies to a pipelined group of ``n`` commands whose last is DATA. A 421 closes
+    the connection (RFC 5321 3.8): it stands for every reply still due, so the remote's own
+    words reach the outcomes rather than "connection closed"."""
+    replies: list[ServerReply] = []
+    while len(replies) < n:
+        timeout = DATA_INIT_TIMEOUT if len(replies) == n - 1 else COMMAND_TIMEOUT
+        reply = await _timed_reply(wire, timeout)
+        replies.append(reply)
+        if reply.reply.code == CLOSE_CODE:
+            replies += [reply] * (n - len(replies))
+    return replies
+
+
 async def _send(
-    wire: _Wire, caps: ServerCapabilities, envelope: Envelope, message: bytes
+    wire: _Wire, caps: ServerCapabilities, envelope: Envelope, message: bytes, *, reset: bool
 ) -> tuple[Outcome, ...]:
+    """One transaction. Where the server offers PIPELINING (RFC 2920) the whole envelope
+    goes in one write, RSET (``reset``) MAIL RCPT... DATA, and the replies are read in turn:
+    two round trips a message (the envelope, then the content) instead of five."""
     recipients = envelope.recipients
     eight_bit = not message.isascii()
     utf8 = not (envelope.sender.isascii() and all(r.isascii() for r in recipients))
@@ -327,13 +360,7 @@ async def _send(
         ret=envelope.ret if dsn else None,
         envid=envelope.envid if dsn else None,
     )
-    with trio.fail_after(COMMAND_TIMEOUT):
-        mail = await wire.command(MailFrom(_address(envelope.sender), params))
-    if mail.reply.code >= 400:
-        outcome = "bounced" if mail.reply.code >= 500 else "deferred"
-        return all_(
-            outcome, _enhanced(mail.reply.code, mail.reply.enhanced, "4.0.0"), _reply_text(mail)
-        )
+    mail_from = MailFrom(_address(envelope.sender), params)
     rcpts = [
         RcptTo(
             _address(r),
@@ -343,18 +370,29 @@ async def _send(
         )
         for r in recipients
     ]
-    replies: list[ServerReply] = []
+    data: ServerReply | None = None  # the reply to DATA, once it was sent
     if caps.has("PIPELINING"):
-        await wire.stream.send_all(b"".join(wire.conn.send(c) for c in rcpts))
-        for _ in rcpts:
-            with trio.fail_after(COMMAND_TIMEOUT):
-                event = await wire.reply()
-            assert isinstance(event, ServerReply)
-            replies.append(event)
+        group: list[Event] = [*([Rset()] if reset else []), mail_from, *rcpts, Data()]
+        await wire.stream.send_all(b"".join(wire.conn.send(c) for c in group))
+        answers = await _group_replies(wire, len(group))
+        if reset:
+            _check_reset(answers.pop(0))
+        mail, replies, data = answers[0], answers[1:-1], answers[-1]
     else:
-        for c in rcpts:
-            with trio.fail_after(COMMAND_TIMEOUT):
-                replies.append(await wire.command(c))
+        with trio.fail_after(COMMAND_TIMEOUT):
+            mail = await wire.command(mail_from)
+        replies = []
+        if mail.reply.code < 400:
+            for c in rcpts:
+                with trio.fail_after(COMMAND_TIMEOUT):
+                    replies.append(await wire.command(c))
+    if mail.reply.code >= 400:
+        if data is not None and data.reply.code == 354:  # a server that took DATA anyway
+            await _abandon_data(wire)
+        outcome = "bounced" if mail.reply.code >= 500 else "deferred"
+        return all_(
+            outcome, _enhanced(mail.reply.code, mail.reply.enhanced, "4.0.0"), _reply_text(mail)
+        )
     outcomes: dict[str, Outcome] = {}
     accepted = []
     for r, reply in zip(recipients, replies, strict=True):
@@ -366,9 +404,12 @@ async def _send(
             outcomes[r] = Outcome(
                 r, outcome, _enhanced(code, reply.reply.enhanced, "4.0.0"), _reply_text(reply)
             )
+    if not accepted and data is not None and data.reply.code == 354:
+        await _abandon_data(wire)  # every recipient refused, and DATA taken anyway
     if accepted:
-        with trio.fail_after(DATA_INIT_TIMEOUT):
-            data = await wire.command(Data())
+        if data is None:
+            with trio.fail_after(DATA_INIT_TIMEOUT):
+                data = await wire.command(Data())
         if data.reply.code != 354:
             outcome = "bounced" if data.reply.code >= 500 else "deferred"
             for r in accepted:
@@ -380,12 +421,14 @@ async def _send(
                 )
         else:
             for i in range(0, len(message), BLOCK):
+                block = wire.conn.send_data(message[i : i + BLOCK])
+                if i + BLOCK >= len(message):
+                    block += wire.conn.end_data()  # the last block and the end in one write
                 with trio.fail_after(DATA_BLOCK_TIMEOUT):
-                    await wire.stream.send_all(wire.conn.send_data(message[i : i + BLOCK]))
-            await wire.stream.send_all(wire.conn.end_data())
-            with trio.fail_after(DATA_END_TIMEOUT):
-                final = await wire.reply()
-            assert isinstance(final, ServerReply)
+                    await wire.stream.send_all(block)
+            if not message:
+                await wire.stream.send_all(wire.conn.end_data())
+            final = await _timed_reply(wire, DATA_END_TIMEOUT)
             code = final.reply.code
             outcome = "sent" if code < 300 else ("bounced" if code >= 500 else "deferred")
             for r in accepted:
@@ -393,3 +436,10 @@ async def _send(
                     r, outcome, _enhanced(code, final.reply.enhanced, "2.0.0"), _reply_text(final)
                 )
     return tuple(outcomes[r] for r in recipients)
+
+
+async def _abandon_data(wire: _Wire) -> None:
+    """End a message at once (an empty one) where the server said 354 though no recipient
+    was accepted (RFC 2920 section 3.1); its reply changes nothing."""
+    await wire.stream.send_all(wire.conn.end_data())
+    await _timed_reply(wire, DATA_END_TIMEOUT)

@@ -9,8 +9,11 @@
 
 The headers are added before signing, so the signatures cover them. Runs in a worker thread
 (``Dispatcher`` calls it through ``trio.to_thread``): the store is thread-safe, and the
-signers, parsed once, are cached per domain for ``SIGNER_TTL`` seconds so a rotated or
-removed domain key takes effect without a restart.
+signers are cached per domain. A cached signer is looked at again after ``SIGNER_TTL``
+seconds or when the account store changed (so a rotated or removed domain key takes effect
+without a restart), and rebuilt only when the domain's keys did change: parsing a private key
+is the costliest step of signing (OpenSSL checks an RSA key on load, holding the GIL) and the
+store changes every second while counters are flushed.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class Preparer:
     ) -> None:
         self.store = store
         self._lock = threading.Lock()
-        self._signers: dict[str, tuple[float, int, Signer]] = {}
+        # domain -> (look again after, store generation, the keys it was built from, signer)
+        self._signers: dict[str, tuple[float, int, tuple[SigningKey, ...], Signer]] = {}
         self.set_operator(operator)
         self.unsubscribe_secret = unsubscribe_secret
         self.unsubscribe_url = unsubscribe_url
@@ -81,22 +85,24 @@ class Preparer:
         with self._lock:
             cached = self._signers.get(domain)
         if cached is not None and cached[0] > now and cached[1] == generation:
-            return cached[2]
+            return cached[3]
         try:
             enrolled = self.store.domain(domain)
         except NotFound:
-            signer = self.operator_only
+            keys: tuple[SigningKey, ...] = (self.operator,)
         else:
             stem = enrolled.dkim_selector_stem
-            signer = Signer(
-                [
-                    SigningKey(domain, stem + "r", "rsa", enrolled.dkim_rsa_private),
-                    SigningKey(domain, stem + "e", "ed25519", enrolled.dkim_ed25519_private),
-                    self.operator,
-                ]
+            keys = (
+                SigningKey(domain, stem + "r", "rsa", enrolled.dkim_rsa_private),
+                SigningKey(domain, stem + "e", "ed25519", enrolled.dkim_ed25519_private),
+                self.operator,
             )
+        if cached is not None and cached[2] == keys:
+            signer = cached[3]  # the same keys: nothing to parse again
+        else:
+            signer = self.operator_only if keys == (self.operator,) else Signer(list(keys))
         with self._lock:
-            self._signers[domain] = (now + SIGNER_TTL, generation, signer)
+            self._signers[domain] = (now + SIGNER_TTL, generation, keys, signer)
         return signer
 
 
