@@ -50,6 +50,7 @@ from atmosrelay.smtp import (
 )
 from atmosrelay.smtp._extensions import ServerCapabilities
 from atmosrelay.smtp._states import CLOSE_CODE
+from atmosrelay.stream_io import StreamIO
 
 CONNECT_TIMEOUT: Final = 30.0
 GREETING_TIMEOUT: Final = 300.0  # RFC 5321 4.5.3.2.1: initial 220, 5 minutes
@@ -112,6 +113,7 @@ def _reply_text(reply: ServerReply) -> str:
 class _Wire:
     def __init__(self, stream: trio.abc.Stream, conn: ClientConnection) -> None:
         self.stream = stream
+        self.io = StreamIO(stream)  # plain TCP skips trio's per-call wrapping
         self.conn = conn
         self.tail = b""  # the last bytes received: what a malformed reply looked like
 
@@ -124,7 +126,7 @@ class _Wire:
                 raw = printable(self.tail, MAX_RECORDED_REPLY)
                 raise _Failed("4.5.0", f"protocol error: {exc}; received: {raw}") from None
             if event is NEED_DATA:
-                data = bytes(await self.stream.receive_some(BLOCK))
+                data = await self.io.read(BLOCK)
                 self.tail = (self.tail + data)[-MAX_RECORDED_REPLY:]
                 self.conn.receive_data(data)
                 continue
@@ -133,7 +135,7 @@ class _Wire:
             raise _Failed("4.4.2", "connection closed by the server")
 
     async def command(self, command: Event) -> ServerReply:
-        await self.stream.send_all(self.conn.send(command))
+        await self.io.write(self.conn.send(command))
         event = await self.reply()
         if not isinstance(event, ServerReply):
             raise _Failed("4.5.0", "unexpected TLS switch")
@@ -373,7 +375,7 @@ async def _send(
     data: ServerReply | None = None  # the reply to DATA, once it was sent
     if caps.has("PIPELINING"):
         group: list[Event] = [*([Rset()] if reset else []), mail_from, *rcpts, Data()]
-        await wire.stream.send_all(b"".join(wire.conn.send(c) for c in group))
+        await wire.io.write(b"".join(wire.conn.send(c) for c in group))
         answers = await _group_replies(wire, len(group))
         if reset:
             _check_reset(answers.pop(0))
@@ -425,9 +427,9 @@ async def _send(
                 if i + BLOCK >= len(message):
                     block += wire.conn.end_data()  # the last block and the end in one write
                 with trio.fail_after(DATA_BLOCK_TIMEOUT):
-                    await wire.stream.send_all(block)
+                    await wire.io.write(block)
             if not message:
-                await wire.stream.send_all(wire.conn.end_data())
+                await wire.io.write(wire.conn.end_data())
             final = await _timed_reply(wire, DATA_END_TIMEOUT)
             code = final.reply.code
             outcome = "sent" if code < 300 else ("bounced" if code >= 500 else "deferred")
@@ -441,5 +443,5 @@ async def _send(
 async def _abandon_data(wire: _Wire) -> None:
     """End a message at once (an empty one) where the server said 354 though no recipient
     was accepted (RFC 2920 section 3.1); its reply changes nothing."""
-    await wire.stream.send_all(wire.conn.end_data())
+    await wire.io.write(wire.conn.end_data())
     await _timed_reply(wire, DATA_END_TIMEOUT)

@@ -82,6 +82,7 @@ from atmosrelay.smtp import (
 )
 from atmosrelay.smtp import replies as R
 from atmosrelay.smtp._extensions import Address, AddressError
+from atmosrelay.stream_io import StreamIO
 from atmosrelay.submission import Envelope, Pipeline, Submission
 
 if TYPE_CHECKING:
@@ -182,6 +183,7 @@ class Session:
         self, stream: trio.abc.Stream, peer: str, mode: ListenerMode, ctx: SessionContext
     ) -> None:
         self.stream = stream
+        self.io = StreamIO(stream)  # plain TCP skips trio's per-call wrapping
         self.peer = peer
         self.mode = ListenerMode(mode)
         self.ctx = ctx
@@ -325,7 +327,7 @@ class Session:
             if not in_data:
                 self.ctx.waiting.add(scope)
             try:
-                data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
+                data = await self.io.read(RECEIVE_SIZE)
             finally:
                 self.ctx.waiting.discard(scope)
             self._data_bytes += len(data) if in_data else 0
@@ -357,8 +359,7 @@ class Session:
         them within ``idle_timeout`` (it pipelines and never reads: drop it)."""
         if self._out:
             data, self._out = bytes(self._out), bytearray()
-            with trio.fail_after(self.ctx.idle_timeout):
-                await self.stream.send_all(data)
+            await self.io.write(data, self.ctx.idle_timeout)
 
     async def _start_tls(self) -> bool:
         tls = trio.SSLStream(self.stream, self.ctx.tls_context, server_side=True)
@@ -369,7 +370,7 @@ class Session:
                 self.ctx.tls_failures += 1
                 self._log("tls-failed")
                 return False
-            self.stream, self.tls = tls, True
+            self.stream, self.tls, self.io = tls, True, StreamIO(tls)
             self.tls_version = f"{tls.version()} {tls.cipher()[0] if tls.cipher() else ''}".strip()
             self.conn = self._new_connection(after_starttls=True)
             self._log("starttls", self.tls_version)

@@ -1,0 +1,91 @@
+"""A session's plain-TCP fast path (atmosrelay/server/stream_io.py) over real loopback
+sockets: every byte arrives in order whether the kernel takes a write at once or not, a peer
+that never reads is given up on, and the errors are trio's."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from atmosrelay.stream_io import StreamIO
+
+
+async def pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listener:
+        client = await trio.testing.open_stream_to_socket_listener(listener)
+        server = await listener.accept()
+    return server, client
+
+
+async def test_small_writes_go_at_once_and_large_ones_arrive_whole() -> None:
+    server, client = await pair()
+    io = StreamIO(server)
+    assert io.socket is not None  # plain TCP: the fast path
+    big = bytes(range(256)) * 40_000  # 10 MB: more than the kernel takes at once
+    received = bytearray()
+
+    async def drain() -> None:
+        while len(received) < 3 + len(big):
+            received.extend(await client.receive_some(1 << 20))
+
+    async with trio.open_nursery() as nursery:
+        await io.write(b"220", 5)
+        nursery.start_soon(drain)
+        await io.write(big, 30)
+    assert bytes(received) == b"220" + big
+    await client.send_all(b"EHLO x\r\n")
+    assert await io.read(100) == b"EHLO x\r\n"
+    await client.aclose()
+    assert await io.read(100) == b""  # the peer closed: EOF, as receive_some gives it
+    await server.aclose()
+
+
+async def test_a_peer_that_never_reads_is_given_up_on() -> None:
+    server, client = await pair()
+    io = StreamIO(server)
+    with trio.fail_after(10), pytest.raises(trio.TooSlowError):
+        await io.write(b"x" * (32 << 20), 0.2)  # 32 MB into buffers nobody empties
+    await server.aclose()
+    await client.aclose()
+
+
+async def test_errors_are_trios() -> None:
+    server, client = await pair()
+    io = StreamIO(server)
+    # the peer resets the connection (a close with SO_LINGER 0 sends RST)
+    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await client.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        await io.read(100)
+    await server.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await io.write(b"250 ok\r\n", 1)
+    with pytest.raises(trio.ClosedResourceError):
+        await io.read(100)
+
+
+async def test_a_closed_stream_wakes_its_reader() -> None:
+    server, client = await pair()
+    io = StreamIO(server)
+    async with trio.open_nursery() as nursery:
+
+        async def reader() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await io.read(100)
+
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        await server.aclose()  # as a session's shutdown does, from another task
+    await client.aclose()
+
+
+async def test_tls_goes_through_the_stream() -> None:
+    server, client = await pair()
+    assert StreamIO(trio.StapledStream(server, server)).socket is None
+    await server.aclose()
+    await client.aclose()
