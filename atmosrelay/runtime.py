@@ -206,9 +206,6 @@ async def _run(
             announce(describe(directory, journal.recovery))
             queue = await QueueStore.recover(journal, progress_bar(journal.recovery.records))
             announce(f"queue: {len(queue.state.messages)} message(s) recovered")
-            rebuilt = await trio.to_thread.run_sync(status.rebuild, queue.state)
-            if rebuilt:
-                announce(f"status index: {rebuilt} message(s) written from the journal")
             queue.events.subscribe(status.on_event)
             metrics = RelayMetrics()
             journal.on_batch = metrics.on_batch
@@ -409,7 +406,8 @@ async def _serve(
         await services.start(
             partial(flush_loop, ctx.store, pipeline.policy, journal_name, time.time)
         )
-        await services.start(extras.status.run)
+        # its rebuild from the journal runs on while the relay starts (queue/status.py)
+        await services.start(partial(extras.status.run, rebuild=queue.state, announce=announce))
         await services.start(extras.inbound.run)  # before the listeners: replays first
         services.start_soon(_compactor, queue, extras.status, config.journal.compact_interval)
         await services.start(

@@ -107,7 +107,7 @@ class Sink:
         assert self.proc.stdout is not None
         while chunk := self.proc.stdout.read1(65536):  # type: ignore[attr-defined]
             found = re.findall(rb"mesg=(\d+)", chunk)
-            if found:
+            if found and int(found[-1]) > 0:  # (a probe's connection prints mesg=0)
                 with self.changed:
                     if self.first is None:
                         self.first = time.time()

@@ -3,9 +3,11 @@ adds (and only that), retention, and Idempotency-Keys within their time to live.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import attrs
+import trio
 
 from atmosrelay.queue.events import AttemptOutcome, MessageAccepted, MessageDeleted
 from atmosrelay.queue.records import Idempotency, Outcome
@@ -33,8 +35,8 @@ async def test_events_then_a_rebuild_that_adds_only_what_is_missing(tmp_path: Pa
     clock = Clock(1_800_000_500.0)
     state = fold([accepted(), delivery(2, DEFER), delivery(3, SENT_BOB, BOUNCE_CAROL)])
     index = _index(tmp_path, clock)
-    assert index.rebuild(state) == 1  # a missing file: everything the journal holds
-    assert index.rebuild(state) == 0  # up to date: nothing
+    assert index.rebuild(state.messages.values()) == 1  # a missing file: all the journal holds
+    assert index.rebuild(state.messages.values()) == 0  # up to date: nothing
     found = await index.get(QID)
     assert found is not None
     assert found.recipients == {"bob@example.net": "sent", "carol@example.org": "bounced"}
@@ -45,6 +47,34 @@ async def test_events_then_a_rebuild_that_adds_only_what_is_missing(tmp_path: Pa
     ]
     assert found.status == "bounced" and found.finished_at == clock.now
     assert await index.get(QID, "did:plc:someoneelse") is None  # scoped to its member
+    index.close()
+
+
+async def test_the_start_rebuild_runs_on_while_events_arrive(tmp_path: Path) -> None:
+    """The relay does not wait for the rebuild: events come meanwhile. Whichever reaches the
+    file first, a reader (which waits for the rebuild) sees every attempt once."""
+    clock = Clock(1_800_000_500.0)
+    state = fold([accepted(), delivery(2, DEFER)])  # what the journal held at the start
+    index = _index(tmp_path, clock)
+    msg = state.messages[QID]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(index.run, rebuild=state))
+        early = await index.get(QID)  # a reader at once: it waits for the rebuild
+        assert early is not None and early.recipients["bob@example.net"] == "deferred"
+        # delivered after the start: an event (the rebuild may or may not see it too)
+        later = Outcome("bob@example.net", "sent", "2.0.0", "250 ok", 2)
+        index.on_event(
+            AttemptOutcome(QID, msg.record.did, msg.record.sender, later, "mx", clock.now)
+        )
+        found = await index.get(QID)  # flushes: after the rebuild, then the event
+        nursery.cancel_scope.cancel()
+    assert found is not None
+    assert [(a.recipient, a.status) for a in found.attempts] == [
+        ("bob@example.net", "deferred"),
+        ("bob@example.net", "sent"),
+    ]
+    assert found.recipients == {"bob@example.net": "sent", "carol@example.org": "accepted"}
+    assert index.rebuild(state.messages.values()) == 0  # nothing left behind
     index.close()
 
 
