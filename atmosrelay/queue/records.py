@@ -45,6 +45,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
+import sys
 import time
 from typing import Any, Final
 
@@ -170,8 +171,10 @@ def decode_accepted(payload: bytes) -> tuple[Accepted, int]:
     record = Accepted(
         id=head["id"],
         accepted_at=head["t"],
-        did=head["did"],
-        sender=head["from"],
+        # the same few members, senders and categories recur in every record: one string
+        # each (a restart holds every queued message's record)
+        did=sys.intern(head["did"]),
+        sender=sys.intern(head["from"]),
         recipients=tuple(
             Recipient(
                 r["addr"],
@@ -183,7 +186,7 @@ def decode_accepted(payload: bytes) -> tuple[Accepted, int]:
         ),
         ret=head.get("ret"),
         envid=head.get("envid"),
-        category=head["category"],
+        category=sys.intern(head["category"]),
         bulk=head["bulk"],
         tags=tuple(head.get("tags", ())),
         metadata=dict(head.get("metadata", {})),

@@ -50,8 +50,11 @@ class QueuedMessage:
     attempts: dict[str, int] = attrs.field(factory=dict)
     next_at: dict[str, float] = attrs.field(factory=dict)  # deferred recipients: when to retry
     history: list[Delivery] = attrs.field(factory=list)
-    dsn_covered: set[str] = attrs.field(factory=set)  # bounced recipients a DSN reported
-    delay_covered: set[str] = attrs.field(factory=set)  # deferred ones a delay DSN reported
+    # bounced recipients a DSN reported, deferred ones a delay DSN reported: nearly always
+    # none, so one shared empty frozenset until then (two empty sets were 432 of the
+    # 1,900 bytes a queued message held; a restart holds every message)
+    dsn_covered: frozenset[str] = frozenset()
+    delay_covered: frozenset[str] = frozenset()
 
     @property
     def id(self) -> str:
@@ -75,7 +78,7 @@ class QueuedMessage:
         and has not had one; whether one is due yet is the retry policy's call."""
         return self._owed(RecipientState.DEFERRED, self.delay_covered, "delayed")
 
-    def _owed(self, state: RecipientState, covered: set[str], action: str) -> list[str]:
+    def _owed(self, state: RecipientState, covered: frozenset[str], action: str) -> list[str]:
         if state not in self.recipient_states.values():  # the common case: nothing owed
             return []
         notify = {r.addr: r.notify for r in self.record.recipients}
@@ -215,9 +218,9 @@ class QueueState:
         if not accepted.sender and reported is not None:
             covered = accepted.metadata.get(DSN_RECIPIENTS, "").split("\n")
             if accepted.metadata.get(DSN_ACTION) == "delayed":
-                reported.delay_covered.update(covered)
+                reported.delay_covered |= frozenset(covered)
             else:
-                reported.dsn_covered.update(covered)
+                reported.dsn_covered |= frozenset(covered)
 
     def add_deleted(self, queue_id: str, position: Position) -> None:
         msg = self.messages.pop(queue_id, None)

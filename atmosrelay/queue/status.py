@@ -19,9 +19,10 @@ and a ``kill -9`` between an event and its commit loses nothing: the journal sti
 the record. The relay does not wait for it (100,000 messages take over a second): it
 accepts and delivers meanwhile, their events pile up in memory and are committed after the
 rebuild (they share its one worker thread), and ``flush`` waits for the rebuild, so the
-compactor never drops a record the index has not committed yet. A message may come both ways (its row written by the rebuild, its new
-attempt by an event): attempts are keyed, so it counts once. What the journal no longer
-holds must already be in the index: the compactor calls ``flush`` before it compacts.
+compactor never drops a record the index has not committed yet. A message may come both
+ways (its row written by the rebuild, its new attempt by an event): attempts are keyed, so
+it counts once. What the journal no longer holds must already be in the index: the
+compactor calls ``flush`` before it compacts.
 
 **Retention.** Finished messages (no recipient left to deliver) are dropped
 ``retention`` seconds after they finished (30 days by default); messages still queued
