@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
 
-import attrs
 import orjson
 import trio
 
@@ -56,127 +55,22 @@ from atmosrelay.queue.events import (
 )
 from atmosrelay.queue.records import TERMINAL, Accepted, RecipientState
 from atmosrelay.queue.state import QueuedMessage, QueueState
+from atmosrelay.queue.status_rows import (
+    SCHEMA,
+    SUMMARY_UPDATE,
+    UNSUBSCRIBED,
+    Attempt,
+    MessageStatus,
+    Remembered,
+    remembered,
+)
+
+__all__ = ["UNSUBSCRIBED", "Attempt", "MessageStatus", "Remembered", "StatusIndex"]
 
 log = logging.getLogger("atmosrelay.status")
 
 FLUSH_EVERY: Final = 1.0  # seconds between the writer's commits when events arrive
 PRUNE_EVERY: Final = 3600.0
-STATUSES: Final = tuple(s.value for s in RecipientState)
-UNSUBSCRIBED: Final = "Recipient unsubscribed from this sender's bulk mail"
-
-SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS messages (
-    id TEXT PRIMARY KEY,
-    did TEXT NOT NULL,
-    accepted_at REAL NOT NULL,
-    sender TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    category TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    finished_at REAL,
-    deleted TEXT,
-    version INTEGER NOT NULL DEFAULT 0,
-    idem_key TEXT,
-    idem_digest TEXT,
-    idem_rejected TEXT
-);
-CREATE INDEX IF NOT EXISTS messages_by_did ON messages (did, accepted_at DESC, id DESC);
-CREATE INDEX IF NOT EXISTS messages_by_key ON messages (did, idem_key) WHERE idem_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS messages_finished ON messages (finished_at)
-    WHERE finished_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS recipients (
-    id TEXT NOT NULL,
-    addr TEXT NOT NULL,
-    status TEXT NOT NULL,
-    pos INTEGER NOT NULL,
-    PRIMARY KEY (id, addr)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS attempts (
-    id TEXT NOT NULL,
-    addr TEXT NOT NULL,
-    at REAL NOT NULL,
-    status TEXT NOT NULL,
-    code TEXT NOT NULL,
-    mta TEXT,
-    reply TEXT,
-    UNIQUE (id, addr, at, status)
-);
-"""
-
-# A message's own status: the first of these any recipient has (still moving first).
-_SUMMARY: Final = """
-UPDATE messages SET
-    status = (SELECT CASE
-        WHEN SUM(status = 'deferred') > 0 THEN 'deferred'
-        WHEN SUM(status = 'accepted') > 0 THEN 'accepted'
-        WHEN SUM(status = 'bounced') > 0 THEN 'bounced'
-        WHEN SUM(status = 'sent') > 0 THEN 'sent'
-        ELSE 'suppressed' END FROM recipients WHERE recipients.id = messages.id),
-    finished_at = CASE
-        WHEN deleted IS NOT NULL THEN COALESCE(finished_at, :now)
-        WHEN EXISTS (SELECT 1 FROM recipients r WHERE r.id = messages.id
-                     AND r.status IN ('accepted', 'deferred')) THEN NULL
-        ELSE COALESCE(finished_at, :now) END
-WHERE id = :id
-"""
-
-
-@attrs.frozen
-class Attempt:
-    at: float
-    recipient: str
-    status: str
-    code: str  # the enhanced status code (e.g. 4.4.1)
-    mta: str | None
-    reply: str | None
-
-
-@attrs.frozen
-class MessageStatus:
-    id: str
-    did: str
-    accepted_at: float
-    sender: str
-    message_id: str
-    category: str
-    tags: tuple[str, ...]
-    metadata: dict[str, str]
-    size: int
-    status: str
-    finished_at: float | None
-    deleted: str | None
-    recipients: dict[str, str]  # address -> status
-    attempts: tuple[Attempt, ...] = ()
-
-
-@attrs.frozen
-class Remembered:
-    """What an Idempotency-Key answered the first time."""
-
-    queue_id: str
-    digest: str
-    message_id: str
-    accepted: tuple[str, ...]
-    rejected: tuple[tuple[str, str, str], ...]  # (recipient, code, reason)
-
-
-def remembered(record: Accepted) -> Remembered | None:
-    if record.idem is None:
-        return None
-    accepted = tuple(r.addr for r in record.recipients if not r.suppressed)
-    rejected = tuple(
-        (r.addr, "RECIPIENT_SUPPRESSED", UNSUBSCRIBED) for r in record.recipients if r.suppressed
-    )
-    return Remembered(
-        record.id,
-        record.idem.digest,
-        record.message_id,
-        accepted,
-        record.idem.rejected + rejected,
-    )
 
 
 class StatusIndex:
@@ -320,7 +214,7 @@ class StatusIndex:
                     )
                     touched.add(event.queue_id)
             for queue_id in touched:  # a new message's summary is "accepted" already
-                self._db.execute(_SUMMARY, {"id": queue_id, "now": now})
+                self._db.execute(SUMMARY_UPDATE, {"id": queue_id, "now": now})
 
     def _transaction(self) -> sqlite3.Connection:
         self._db.execute("BEGIN")
@@ -456,7 +350,7 @@ class StatusIndex:
                     delivery.mta,
                     o.reply,
                 )
-        self._db.execute(_SUMMARY, {"id": msg.id, "now": now})
+        self._db.execute(SUMMARY_UPDATE, {"id": msg.id, "now": now})
 
     def _prune(self, now: float) -> int:
         with self._lock, self._transaction():
