@@ -143,12 +143,18 @@ def _serve(tmp_path: Path) -> subprocess.Popen[str]:
 
 
 def _until_ready(proc: subprocess.Popen[str]) -> list[str]:
+    """The lines the relay printed up to "ready" (killed after 60 s: never wait forever)."""
     assert proc.stdout is not None
     lines = []
-    for line in proc.stdout:
-        lines.append(line.strip())
-        if "atmosrelay: ready;" in line:
-            return lines
+    deadline = threading.Timer(60, proc.kill)
+    deadline.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if "atmosrelay: ready;" in line:
+                return lines
+    finally:
+        deadline.cancel()
     raise AssertionError(f"never ready: {lines} {proc.stderr.read() if proc.stderr else ''}")
 
 
@@ -284,23 +290,32 @@ def on_terminal(
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        with subprocess.Popen(
-            [sys.executable, "-m", "atmosrelay", *argv],
-            stdout=subprocess.PIPE,
-            stderr=secondary,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        ) as proc:
-            try:
-                then(proc)
-                out, _ = proc.communicate(timeout=60)
-            finally:
-                proc.kill()
+        code, out, _ = drive(argv, secondary, then)
     finally:
         os.close(secondary)
         reader.join(10)
         os.close(primary)
-    return proc.returncode, out, bytes(shown)
+    return code, out, bytes(shown)
+
+
+def drive(
+    argv: list[str], stderr: int, then: Callable[[subprocess.Popen[str]], None]
+) -> tuple[int, str, str | None]:
+    """Run the CLI, let ``then`` act on the running process, and wait for it to exit:
+    (exit code, standard output, standard error when piped)."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "atmosrelay", *argv],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ) as proc:
+        try:
+            then(proc)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    return proc.returncode, out, err
 
 
 def test_journal_check_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
@@ -338,34 +353,13 @@ def test_a_long_replay_shows_progress_on_a_terminal_only(tmp_path: Path) -> None
     seen: list[str] = []
 
     def stop_when_ready(proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        deadline = threading.Timer(60, proc.kill)  # never wait forever for the line
-        deadline.start()
-        try:
-            for line in proc.stdout:
-                seen.append(line)
-                if "atmosrelay: ready;" in line:
-                    proc.send_signal(signal.SIGTERM)
-                    return
-        finally:
-            deadline.cancel()
-        raise AssertionError("the relay never said it was ready")
+        seen.extend(_until_ready(proc))
+        proc.send_signal(signal.SIGTERM)
 
     code, out, shown = on_terminal(argv, stop_when_ready)
     assert code == 0, out
     assert any(f"queue: {REPLAY_BAR_RECORDS} message(s) recovered" in x for x in seen), seen
     assert b"replaying the journal" in shown, shown
-    with subprocess.Popen(
-        [sys.executable, "-m", "atmosrelay", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    ) as proc:
-        try:
-            stop_when_ready(proc)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-    assert proc.returncode == 0
-    assert "replaying" not in err  # a pipe (a service's journal): no bar
+    code, _, err = drive(argv, subprocess.PIPE, stop_when_ready)
+    assert code == 0
+    assert err is not None and "replaying" not in err  # a pipe (a service's journal): no bar
