@@ -19,6 +19,7 @@ for a ``trio.SocketStream``; a TLS stream goes through ``SSLStream`` as before.
 from __future__ import annotations
 
 import errno
+import math
 import os
 
 import trio
@@ -58,13 +59,9 @@ class StreamIO:
                 pass
             except OSError as exc:
                 raise _translated(exc) from exc
-        if not data:
-            return
-        if give_up_after is None:
-            await self.stream.send_all(data)
-            return
-        with trio.fail_after(give_up_after):
-            await self.stream.send_all(data)
+        if data:
+            with trio.fail_after(math.inf if give_up_after is None else give_up_after):
+                await self.stream.send_all(data)
 
     @staticmethod
     def _fd(socket: trio.socket.SocketType) -> int:

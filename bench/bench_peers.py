@@ -42,6 +42,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -66,8 +67,6 @@ KIB = 1024
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -140,8 +139,6 @@ def _reachable(directory: Path) -> None:
 
 
 def _wait_port(port: int, timeout: float = 30) -> None:
-    import socket
-
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -112,8 +112,7 @@ def _reply_text(reply: ServerReply) -> str:
 
 class _Wire:
     def __init__(self, stream: trio.abc.Stream, conn: ClientConnection) -> None:
-        self.stream = stream
-        self.io = StreamIO(stream)  # plain TCP skips trio's per-call wrapping
+        self.io = StreamIO(stream)  # its stream; plain TCP skips trio's per-call wrapping
         self.conn = conn
         self.tail = b""  # the last bytes received: what a malformed reply looked like
 
@@ -209,9 +208,9 @@ class Remote:
                 trio.move_on_after(5),
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
             ):
-                await self._wire.stream.send_all(self._wire.conn.send(Quit()))
+                await self._wire.io.write(self._wire.conn.send(Quit()))
         self.usable = False
-        await trio.aclose_forcefully(self._wire.stream)
+        await trio.aclose_forcefully(self._wire.io.stream)
 
 
 class ConnectFailed(Exception):
@@ -291,7 +290,7 @@ async def _open(
                 switched = await wire.reply()
             if not isinstance(switched, TLSReady):
                 raise _Failed("4.5.0", "no TLS switch after 220")
-            tls_stream = trio.SSLStream(wire.stream, tls, server_hostname=host)
+            tls_stream = trio.SSLStream(wire.io.stream, tls, server_hostname=host)
             with trio.fail_after(TLS_TIMEOUT):
                 await tls_stream.do_handshake()
             wire = _Wire(tls_stream, ClientConnection(after_starttls=True))

@@ -182,8 +182,7 @@ class Session:
     def __init__(
         self, stream: trio.abc.Stream, peer: str, mode: ListenerMode, ctx: SessionContext
     ) -> None:
-        self.stream = stream
-        self.io = StreamIO(stream)  # plain TCP skips trio's per-call wrapping
+        self.io = StreamIO(stream)  # its stream; plain TCP skips trio's per-call wrapping
         self.peer = peer
         self.mode = ListenerMode(mode)
         self.ctx = ctx
@@ -252,7 +251,7 @@ class Session:
             log.exception("%s %s session failed", self.id, self.peer)
         finally:
             self._end_transaction()
-            await trio.aclose_forcefully(self.stream)
+            await trio.aclose_forcefully(self.io.stream)
             self._log("close")
 
     async def _loop(self) -> None:
@@ -362,7 +361,7 @@ class Session:
             await self.io.write(data, self.ctx.idle_timeout)
 
     async def _start_tls(self) -> bool:
-        tls = trio.SSLStream(self.stream, self.ctx.tls_context, server_side=True)
+        tls = trio.SSLStream(self.io.stream, self.ctx.tls_context, server_side=True)
         with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
             try:
                 await tls.do_handshake()
@@ -370,7 +369,7 @@ class Session:
                 self.ctx.tls_failures += 1
                 self._log("tls-failed")
                 return False
-            self.stream, self.tls, self.io = tls, True, StreamIO(tls)
+            self.tls, self.io = True, StreamIO(tls)
             self.tls_version = f"{tls.version()} {tls.cipher()[0] if tls.cipher() else ''}".strip()
             self.conn = self._new_connection(after_starttls=True)
             self._log("starttls", self.tls_version)
