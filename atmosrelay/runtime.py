@@ -51,6 +51,8 @@ from atmosrelay.api.server import BindError, serve_http
 from atmosrelay.config import Config
 from atmosrelay.control import control_handler, serve_control, socket_path
 from atmosrelay.delivery.backoff import RetryPolicy
+from atmosrelay.delivery.courier import CourierSettings, client_context
+from atmosrelay.delivery.courier_link import CourierLink
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
 from atmosrelay.delivery.prepare import Preparer, load_or_create_secret
 from atmosrelay.delivery.resolver import DnsResolver
@@ -211,7 +213,7 @@ async def _run(
             journal.on_batch = metrics.on_batch
             queue.events.subscribe(metrics.on_event)
             dispatcher = (
-                make_dispatcher(config, store, queue, operator, unsubscribe_secret)
+                make_dispatcher(config, store, queue, operator, unsubscribe_secret, fs)
                 if config.delivery.enabled
                 else None
             )
@@ -239,29 +241,23 @@ async def _run(
     announce("journal closed; stopped")
 
 
-def client_tls(config: Config) -> ssl.SSLContext:
-    """The TLS context for STARTTLS to remote servers: opportunistic (RFC 7435, not verified)
-    unless ``delivery.tls_verify``."""
-    cafile = config.delivery.ca_file or None
-    ctx = ssl.create_default_context(cafile=cafile)
-    if not config.delivery.tls_verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 def make_dispatcher(
     config: Config,
     store: Store,
     queue: QueueStore,
     operator: OperatorKey,
     unsubscribe_secret: bytes,
+    fs: FS | None = None,
 ) -> Dispatcher:
+    """The dispatcher, carrying attempts in the delivery process when ``delivery.process``
+    (not when the journal is on a file system of the caller's: only tests give one, and the
+    delivery process reads the journal from disk)."""
     hostname = config.smtp.hostname
     operator_domain = config.operator.domain
+    unsubscribe_url = config.delivery.unsubscribe_url or f"https://{operator_domain}"
     settings = DeliverySettings(
         helo=config.delivery.helo or hostname,
-        tls=client_tls(config),
+        tls=client_context(config.delivery.tls_verify, config.delivery.ca_file),
         operator_domain=operator_domain,
         policy=RetryPolicy(
             initial=config.delivery.retry_initial,
@@ -284,9 +280,28 @@ def make_dispatcher(
         store,
         operator,
         unsubscribe_secret=unsubscribe_secret,
-        unsubscribe_url=config.delivery.unsubscribe_url or f"https://{operator_domain}",
+        unsubscribe_url=unsubscribe_url,
     )
-    return Dispatcher(queue, resolver, settings, prepare=prepare)
+    courier = None
+    if config.delivery.process and fs is None:
+        courier = CourierLink(
+            CourierSettings(
+                journal_dir=str(config.journal_dir.resolve()),
+                max_record_size=config.journal.max_record_size,
+                accounts_db=str(config.accounts_db.resolve()),
+                dkim_dir=str(config.dkim_dir.resolve()),
+                operator_domain=operator_domain,
+                unsubscribe_key=str((config.data_dir / "unsubscribe.key").resolve()),
+                unsubscribe_url=unsubscribe_url,
+                helo=settings.helo,
+                tls_verify=config.delivery.tls_verify,
+                ca_file=config.delivery.ca_file,
+                log_level=config.relay.log_level,
+                log_format=config.relay.log_format,
+            ),
+            queue.journal,
+        )
+    return Dispatcher(queue, resolver, settings, prepare=prepare, carrier=courier)
 
 
 async def _compactor(queue: QueueStore, status: StatusIndex, interval: float) -> None:
@@ -415,9 +430,13 @@ async def _serve(
         )
         async with trio.open_nursery() as delivery:
             if dispatcher is not None:
-                if isinstance(dispatcher.prepare, Preparer):
-                    dispatcher.prepare.generation = lambda: keys.generation
+                prepare = dispatcher.prepare
+                if isinstance(prepare, Preparer):
+                    prepare.generation = lambda: keys.generation
+                    dispatcher.keys = lambda: (keys.generation, prepare.operator.selector)
                 await delivery.start(dispatcher.run)
+                if isinstance(dispatcher.carrier, CourierLink):
+                    announce(f"delivery process started (pid {dispatcher.carrier.pid})")
                 queue.on_accept = dispatcher.notify
             await _sessions(config, announce, ctx, signals, task_status, dispatcher, extras)
             if dispatcher is not None:

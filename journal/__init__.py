@@ -6,7 +6,7 @@ Knows nothing of mail. The format is drawn in ``journal._format``; recovery's ru
 """
 
 from journal._fs import FS, File, OsFS
-from journal._inspect import CheckReport, check_journal, dump_journal, read_records
+from journal._inspect import CheckReport, check_journal, dump_journal, read_at, read_records
 from journal._journal import Journal, open_journal
 from journal._log import Compaction, Log, Position, Record, RecoveryReport
 from journal._segment import TornTail
@@ -42,5 +42,6 @@ __all__ = [
     "check_journal",
     "dump_journal",
     "open_journal",
+    "read_at",
     "read_records",
 ]

@@ -5,12 +5,19 @@ Neither modifies anything, so an operator can run them on a journal the relay re
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Callable, Iterator
 
 import attrs
 
-from journal._format import FRAME_HEADER_SIZE, parse_segment_name, segment_name
+from journal._format import (
+    FRAME_HEADER_SIZE,
+    MARK_TYPE,
+    decode_frame,
+    parse_segment_name,
+    segment_name,
+)
 from journal._fs import FS, OsFS
 from journal._log import DEFAULT_MAX_RECORD_SIZE, Position, Record
 from journal._segment import SegmentScan, TornTail, scan_segment
@@ -159,3 +166,37 @@ def read_records(
                     seq, rtype, data[start : start + length], Position(scan.number, off)
                 )
     return [out[k] for k in sorted(out)]
+
+
+def read_at(
+    directory: str,
+    position: Position,
+    rtype: int,
+    *,
+    max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+) -> Record | None:
+    """The record of type ``rtype`` at ``position``, read (opened read-only) by a process
+    that does not own the journal (the delivery process); None when it is not there any more.
+
+    A segment is never written again where it has been written, so the frame at a position
+    is the one the owner wrote there, until compaction copies it forward and removes the
+    segment: then the file is gone (None), and the owner, which knows where the copy went,
+    must be asked. The type and the checksum are checked, so a torn frame or a mark cannot
+    pass for the record."""
+    path = posixpath.join(directory, segment_name(position.segment))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    try:
+        head = os.pread(fd, FRAME_HEADER_SIZE, position.offset)
+        if len(head) < FRAME_HEADER_SIZE:
+            return None
+        size = FRAME_HEADER_SIZE + min(int.from_bytes(head[:4], "little"), max_record_size)
+        data = os.pread(fd, size, position.offset)
+    finally:
+        os.close(fd)
+    frame = decode_frame(data, 0, max_record_size)
+    if frame is None or frame.type != rtype or rtype == MARK_TYPE:
+        return None
+    return Record(frame.seq, frame.type, data[frame.payload_offset : frame.end], position)

@@ -30,22 +30,24 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from typing import Final
 
 import attrs
 import trio
 
 from atmosrelay.delivery.backoff import RetryPolicy
-from atmosrelay.delivery.client_session import (
-    Connect,
-    ConnectFailed,
-    Envelope,
-    Remote,
-    open_remote,
+from atmosrelay.delivery.carry import (
+    Carrier,
+    CarrierLost,
+    Connection,
+    Job,
+    LocalCarrier,
+    Prepare,
 )
+from atmosrelay.delivery.client_session import Connect, Envelope, Remote, open_remote
 from atmosrelay.delivery.lane import Lane, Lanes, Work
 from atmosrelay.delivery.outcomes import dsn_record, dsn_statuses, finalize, unresolvable
+from atmosrelay.delivery.prepare import Signing
 from atmosrelay.delivery.resolver import Destination, ResolutionFailed, Resolver
 from atmosrelay.inbound.addresses import ReturnPath
 from atmosrelay.logs import fields
@@ -54,7 +56,6 @@ from atmosrelay.queue.records import PENDING, Delivery, Outcome
 from atmosrelay.queue.schedule import Schedule
 from atmosrelay.queue.state import QueuedMessage, domain_of
 from atmosrelay.queue.store import QueueStore
-from journal import Record
 
 log = logging.getLogger("atmosrelay.delivery")
 
@@ -65,9 +66,9 @@ IDLE_POLL: Final = 60.0  # with nothing due, look again at least this often
 MAX_BACKLOG: Final = 2000
 CRASH_RETRY: Final = 60.0  # recipients of a crashed attempt are tried again after this
 
+LOST_RETRY: Final = 2.0  # recipients in hand when the delivery process went away
+
 OpenRemote = Callable[..., Awaitable[Remote]]
-# (message, its recipients in this transaction, body) -> the bytes to send (signed)
-Prepare = Callable[[QueuedMessage, tuple[str, ...], bytes], bytes]
 
 
 @attrs.define
@@ -96,17 +97,23 @@ class Dispatcher:
         prepare: Prepare | None = None,
         open_fn: OpenRemote = open_remote,
         connect: Connect | None = None,
+        carrier: Carrier | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         self.queue = queue
         self.resolver = resolver
         self.settings = settings
-        self.prepare = prepare
+        self.prepare = prepare  # what the relay reloads the operator key into (runtime.py)
         self.open_fn = open_fn
         self.connect = connect
         self.clock = clock
         self.rng = rng or random.Random()
+        # where attempts are carried: here, or in the delivery process (delivery/carry.py)
+        self.carrier: Carrier = carrier or LocalCarrier(queue.journal, prepare, self._open)
+        # (the account store's generation, the operator's DKIM selector), given to the
+        # carrier with each attempt; the relay sets it (runtime.py)
+        self.keys: Callable[[], tuple[int, str]] = lambda: (0, "")
         self.schedule = Schedule.from_state(queue.state)
         queue.events.subscribe(self.schedule.on_event)
         self.in_flight: set[tuple[str, str]] = set()
@@ -151,20 +158,23 @@ class Dispatcher:
         spread = self.schedule.spread_overdue(self.clock(), self.settings.restart_spread, self.rng)
         if spread:
             log.info("%d overdue retries spread over %gs", spread, self.settings.restart_spread)
-        async with trio.open_nursery() as nursery:
-            self._lanes.nursery = nursery
-            task_status.started()
-            for msg in list(state.messages.values()):
-                # the relay stopped between an outcome and its DSN
-                await self._owed_dsns(msg, self.clock())
-            while not self.draining:
-                self._wake = trio.Event()
-                await self._dispatch()
-                backlog = self._lanes.backlog()
-                wait = IDLE_POLL if backlog >= MAX_BACKLOG else self._until_next_due()
-                with trio.move_on_after(wait):  # an attempt ending wakes it early
-                    await self._wake.wait()
-            self._lanes.close()
+        async with trio.open_nursery() as carrying:  # outside the lanes' drain deadline
+            await carrying.start(self.carrier.run)
+            async with trio.open_nursery() as nursery:
+                self._lanes.nursery = nursery
+                task_status.started()
+                for msg in list(state.messages.values()):
+                    # the relay stopped between an outcome and its DSN
+                    await self._owed_dsns(msg, self.clock())
+                while not self.draining:
+                    self._wake = trio.Event()
+                    await self._dispatch()
+                    backlog = self._lanes.backlog()
+                    wait = IDLE_POLL if backlog >= MAX_BACKLOG else self._until_next_due()
+                    with trio.move_on_after(wait):  # an attempt ending wakes it early
+                        await self._wake.wait()
+                self._lanes.close()
+            await self.carrier.aclose()  # the lanes closed their connections first
 
     def _until_next_due(self) -> float:
         at = self.schedule.next_due()
@@ -206,7 +216,7 @@ class Dispatcher:
             self.in_flight.discard((work.queue_id, rcpt))
             self.schedule.put(work.queue_id, rcpt, at)
 
-    async def _attempt(self, work: Work, remote: Remote | None) -> Remote | None:
+    async def _attempt(self, work: Work, remote: Connection | None) -> Connection | None:
         """Deliver ``work``, on ``remote`` if it still fits; returns the connection to keep."""
         recorded = False
         try:
@@ -214,31 +224,28 @@ class Dispatcher:
             if msg is None:  # deleted meanwhile
                 recorded = True
                 return remote
-            body = await self.queue.journal.read_then(
-                msg.position, partial(self._prepared, msg, work.recipients)
+            job = Job(
+                work.queue_id,
+                work.recipients,
+                work.destination,
+                _envelope(msg, work.recipients, self.settings.return_path),
+                any(domain_of(r) in self.settings.require_tls for r in work.recipients),
+                msg.position,
+                msg.body_offset,
+                Signing.of(msg),
+                self.keys(),
             )
-            require = any(domain_of(r) in self.settings.require_tls for r in work.recipients)
-            if remote is not None and require and not remote.tls:
-                await remote.aclose()
-                remote = None
             try:
-                remote, outcomes = await self._transaction(
-                    work,
-                    _envelope(msg, work.recipients, self.settings.return_path),
-                    body,
-                    remote,
-                    require,
-                )
-            except ConnectFailed as failed:
-                await self._record(work.queue_id, None, failed.outcomes(work.recipients))
+                carried = await self.carrier.carry(job, remote)
+            except CarrierLost:
+                # the delivery process went away (it is started again): try soon, uncounted
                 recorded = True
+                self._postpone(work, self.clock() + LOST_RETRY)
                 return None
-            await self._record(work.queue_id, remote.host, outcomes)
+            self.connections += carried.opened
+            await self._record(work.queue_id, carried.mta, carried.outcomes)
             recorded = True
-            if remote.usable:
-                return remote
-            await remote.aclose()
-            return None
+            return carried.remote
         finally:
             for rcpt in work.recipients:
                 self.in_flight.discard((work.queue_id, rcpt))
@@ -248,42 +255,15 @@ class Dispatcher:
                         self.schedule.put(work.queue_id, rcpt, self.clock() + CRASH_RETRY)
             self._wake.set()
 
-    def _prepared(self, msg: QueuedMessage, recipients: tuple[str, ...], record: Record) -> bytes:
-        """The bytes to send (in the worker thread that read the record)."""
-        body = record.payload[msg.body_offset :]
-        return body if self.prepare is None else self.prepare(msg, recipients, body)
-
-    async def _transaction(
-        self,
-        work: Work,
-        envelope: Envelope,
-        body: bytes,
-        remote: Remote | None,
-        require_tls: bool,
-    ) -> tuple[Remote, tuple[Outcome, ...]]:
-        """One transaction, on ``remote`` when it is still open. A reused connection that
-        turns out dead (the server dropped it while idle) is replaced once, without
-        counting an attempt. Raises ConnectFailed when no host will take a new one."""
-        if remote is not None and remote.usable:
-            outcomes = await remote.send(envelope, body)
-            if remote.usable:
-                return remote, outcomes
-        if remote is not None:
-            await remote.aclose()
-        remote = await self._open(work.destination, require_tls)
-        return remote, await remote.send(envelope, body)
-
     async def _open(self, destination: Destination, require_tls: bool) -> Remote:
         kwargs = {"connect": self.connect} if self.connect is not None else {}
-        remote = await self.open_fn(
+        return await self.open_fn(
             destination,
             helo=self.settings.helo,
             tls=self.settings.tls,
             require_tls=require_tls,
             **kwargs,
         )
-        self.connections += 1
-        return remote
 
     async def _record(self, queue_id: str, mta: str | None, outcomes: Sequence[Outcome]) -> None:
         """Decide retry times and expiry (delivery/outcomes.py), make the attempt durable

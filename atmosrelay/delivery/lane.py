@@ -28,7 +28,7 @@ from typing import Final
 import attrs
 import trio
 
-from atmosrelay.delivery.client_session import Remote
+from atmosrelay.delivery.carry import Connection
 from atmosrelay.delivery.resolver import Destination
 from atmosrelay.supervise import GaveUp, supervise
 
@@ -57,7 +57,7 @@ class Lane:
 
 
 # (work, the connection a worker holds or None) -> the connection to keep, or None
-Attempt = Callable[[Work, Remote | None], Awaitable[Remote | None]]
+Attempt = Callable[[Work, Connection | None], Awaitable[Connection | None]]
 
 
 class Lanes:
@@ -162,7 +162,7 @@ class Lanes:
                 del self.lanes[lane.key]
 
     async def _worker(self, lane: Lane) -> None:
-        remote: Remote | None = None
+        remote: Connection | None = None
         try:
             while not self.draining:
                 try:

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+import attrs
+
 from atmosrelay._files import write_private
 from atmosrelay.accounts.dkim_keys import OperatorKey
 from atmosrelay.accounts.store import NotFound, Store
@@ -33,6 +35,21 @@ from atmosrelay.message.headers import unsubscribe_headers
 from atmosrelay.queue.state import QueuedMessage, domain_of
 
 SIGNER_TTL: Final = 60.0
+
+
+@attrs.frozen
+class Signing:
+    """What preparing a message needs to know of it (small: the delivery process gets it
+    with every attempt)."""
+
+    sender: str  # "" for a DSN
+    did: str
+    bulk: bool
+
+    @classmethod
+    def of(cls, msg: QueuedMessage) -> Signing:
+        record = msg.record
+        return cls(record.sender, record.did, record.bulk)
 
 
 class Preparer:
@@ -62,20 +79,19 @@ class Preparer:
         with self._lock:
             self._signers = {}
 
-    def __call__(self, msg: QueuedMessage, recipients: tuple[str, ...], body: bytes) -> bytes:
-        record = msg.record
-        if record.bulk and record.sender and len(recipients) == 1:
+    def __call__(self, sign: Signing, recipients: tuple[str, ...], body: bytes) -> bytes:
+        if sign.bulk and sign.sender and len(recipients) == 1:
             body = (
                 unsubscribe_headers(
                     secret=self.unsubscribe_secret,
-                    did=record.did,
+                    did=sign.did,
                     recipient=recipients[0],
                     base_url=self.unsubscribe_url,
                     mailto_domain=self.operator.domain,
                 )
                 + body
             )
-        signer = self.signer(domain_of(record.sender)) if record.sender else self.operator_only
+        signer = self.signer(domain_of(sign.sender)) if sign.sender else self.operator_only
         return signer.sign(body) + body
 
     def signer(self, domain: str) -> Signer:

@@ -1,0 +1,257 @@
+"""The owner's side of the delivery process: start it, carry attempts through it, restart it.
+
+``CourierLink`` is a carrier (delivery/carry.py): ``carry(job, connection)`` sends the job to
+the delivery process (delivery/courier.py) and waits for its outcomes; the connection a lane
+worker holds is a ``CourierConnection``, a handle naming one the delivery process keeps open.
+
+    run()     start the delivery process (a failure to start it fails the relay's start), then
+              watch it: when it exits unasked (killed, crashed), every attempt in hand raises
+              ``CarrierLost`` (the dispatcher puts those recipients back on the schedule,
+              uncounted: nothing was recorded for them), handles to its connections go stale,
+              and another is started after ``RESTART_DELAY``
+    aclose()  after the lanes have stopped: end of file to the delivery process, which closes
+              its connections and exits; killed if it has not within ``STOP_GRACE``
+
+A message it delivered but whose outcome the owner had not recorded when either process died
+is delivered again after the restart: the same at-least-once as one process that dies
+between a remote's 250 and the journal write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import socket
+import subprocess
+import sys
+from typing import Any, Final
+
+import attrs
+import trio
+
+from atmosrelay.delivery.carry import Carried, CarrierLost, Connection, Job
+from atmosrelay.delivery.courier import CourierSettings, Outbox, frame, frames
+from atmosrelay.stream_io import StreamIO
+from journal import Journal
+
+log = logging.getLogger("atmosrelay.delivery")
+
+START_TIMEOUT: Final = 30.0  # the delivery process says "ready" within this
+RESTART_DELAY: Final = 1.0
+STOP_GRACE: Final = 10.0  # after end of file, it exits within this or is killed
+
+
+class CourierFailed(Exception):
+    """The delivery process could not be started."""
+
+
+class CourierCrashed(Exception):
+    """An attempt crashed in the delivery process (a bug); the text is its traceback."""
+
+
+@attrs.define(eq=False)
+class CourierConnection:
+    """A connection the delivery process holds open for a lane worker."""
+
+    link: CourierLink
+    incarnation: int
+    token: int
+    host: str
+    tls: bool
+    usable: bool = True
+
+    async def aclose(self) -> None:
+        if self.usable:
+            self.usable = False
+            self.link.release(self)
+
+
+@attrs.define(eq=False)
+class _Call:
+    done: trio.Event = attrs.field(factory=trio.Event)
+    reply: tuple[Any, ...] | None = None  # None: the delivery process went away
+
+
+class CourierLink:
+    def __init__(self, settings: CourierSettings, journal: Journal) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.incarnation = 0  # which delivery process; handles of an earlier one are stale
+        self.pid: int | None = None
+        self.restarts = 0
+        self._ids = itertools.count(1)
+        self._calls: dict[int, _Call] = {}
+        self._outbox: Outbox | None = None  # None while no delivery process is up
+        self._stream: trio.SocketStream | None = None
+        self._closing = False
+        self._stopped = trio.Event()
+
+    # -- the carrier ----------------------------------------------------------------------
+    async def carry(self, job: Job, remote: Connection | None) -> Carried:
+        while True:
+            outbox = self._outbox
+            if outbox is None:
+                raise CarrierLost("the delivery process is not running")
+            token = None
+            if (
+                isinstance(remote, CourierConnection)
+                and remote.usable
+                and remote.incarnation == self.incarnation
+            ):
+                token = remote.token
+                remote.usable = False  # the delivery process has it now
+            request = next(self._ids)
+            call = self._calls[request] = _Call()
+            outbox.put(("attempt", request, token, job))
+            try:
+                await call.done.wait()
+            except BaseException:
+                # cancelled (the drain's deadline): what it sends back is closed unread
+                self._calls.pop(request, None)
+                raise
+            reply = call.reply
+            if reply is None:
+                raise CarrierLost("the delivery process exited during the attempt")
+            if reply[0] == "done":
+                _, _, new, host, tls, mta, outcomes, opened = reply
+                kept = None
+                if new is not None:
+                    kept = CourierConnection(self, self.incarnation, new, host, tls)
+                return Carried(kept, mta, outcomes, opened)
+            if reply[0] == "moved":  # compacted since it was queued: the owner reads it
+                record = await self.journal.read(job.position)
+                job = attrs.evolve(job, body=job.body_of(record))
+                if token is not None:
+                    remote = CourierConnection(self, self.incarnation, token, "", True)
+                continue
+            raise CourierCrashed(str(reply[2]))
+
+    def release(self, connection: CourierConnection) -> None:
+        """A lane worker let ``connection`` go: the delivery process closes it."""
+        if self._outbox is not None and connection.incarnation == self.incarnation:
+            self._outbox.put(("close", connection.token))
+
+    # -- the process ------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        try:
+            while not self._closing:
+                try:
+                    process, stream, pid = await self._start()
+                except CourierFailed as exc:
+                    if not started:
+                        raise
+                    log.error("%s; trying again in %gs", exc, RESTART_DELAY)
+                    await trio.sleep(RESTART_DELAY)
+                    continue
+                self.incarnation += 1
+                self.pid, self._stream = pid, stream
+                outbox = self._outbox = Outbox()
+                if not started:
+                    task_status.started()
+                    started = True
+                try:
+                    await self._serve(stream, outbox)
+                finally:
+                    self._outbox = None
+                    self._lose_calls()
+                    with trio.CancelScope(shield=True):
+                        await _reap(process, stream, 0.0 if not self._closing else STOP_GRACE)
+                if self._closing:
+                    return
+                self.restarts += 1
+                log.error(
+                    "the delivery process (pid %d) exited (%s); the attempts it had in hand "
+                    "are tried again; starting another in %gs",
+                    pid,
+                    _exit_text(process.returncode),
+                    RESTART_DELAY,
+                )
+                await trio.sleep(RESTART_DELAY)
+        finally:
+            self._stopped.set()
+
+    async def aclose(self) -> None:
+        """End the delivery process once the lanes have stopped (their connections are
+        closed); returns when it has exited."""
+        self._closing = True
+        stream = self._stream
+        if stream is not None and self._outbox is not None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_eof()
+        with trio.move_on_after(STOP_GRACE + 5):
+            await self._stopped.wait()
+
+    async def _start(self) -> tuple[trio.Process, trio.SocketStream, int]:
+        ours, theirs = socket.socketpair()
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "atmosrelay.delivery.courier", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            ours.close()
+            raise CourierFailed(f"cannot start the delivery process: {exc}") from None
+        finally:
+            theirs.close()
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        io = StreamIO(stream)
+        await io.write(frame(("hello", self.settings)))
+        with trio.move_on_after(START_TIMEOUT):
+            async for message in frames(io):
+                if message[0] == "ready":
+                    return process, stream, int(message[1])
+        with trio.CancelScope(shield=True):
+            await _reap(process, stream, 0.0)
+        raise CourierFailed(
+            f"the delivery process did not start ({_exit_text(process.returncode)}); "
+            "its error is logged above"
+        )
+
+    async def _serve(self, stream: trio.SocketStream, outbox: Outbox) -> None:
+        io = StreamIO(stream)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_write_until_broken, outbox, io)
+            try:
+                async for message in frames(io):
+                    self._answered(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            nursery.cancel_scope.cancel()
+
+    def _answered(self, message: tuple[Any, ...]) -> None:
+        request = message[1]
+        call = self._calls.pop(request, None)
+        if call is not None:
+            call.reply = message
+            call.done.set()
+        elif message[0] == "done" and message[2] is not None and self._outbox is not None:
+            self._outbox.put(("close", message[2]))  # its worker was cancelled
+
+    def _lose_calls(self) -> None:
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call.done.set()  # reply None: CarrierLost
+
+
+async def _write_until_broken(outbox: Outbox, io: StreamIO) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await outbox.run(io)  # broken: the reader sees the end too
+
+
+async def _reap(process: trio.Process, stream: trio.SocketStream, grace: float) -> None:
+    """Wait ``grace`` seconds for the process to exit, then kill it; close our end."""
+    with trio.move_on_after(grace):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+    await stream.aclose()
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
