@@ -249,8 +249,8 @@ def make_dispatcher(
     unsubscribe_secret: bytes,
     fs: FS | None = None,
 ) -> Dispatcher:
-    """The dispatcher, carrying attempts in the delivery process when ``delivery.process``
-    (not when the journal is on a file system of the caller's: only tests give one, and the
+    """The dispatcher, carrying attempts in delivery processes when ``delivery.processes``
+    (not when the journal is on a file system of the caller's: only tests give one, and a
     delivery process reads the journal from disk)."""
     hostname = config.smtp.hostname
     operator_domain = config.operator.domain
@@ -283,7 +283,7 @@ def make_dispatcher(
         unsubscribe_url=unsubscribe_url,
     )
     courier = None
-    if config.delivery.process and fs is None:
+    if config.delivery.processes and fs is None:
         courier = CourierLink(
             CourierSettings(
                 journal_dir=str(config.journal_dir.resolve()),
@@ -300,6 +300,7 @@ def make_dispatcher(
                 log_format=config.relay.log_format,
             ),
             queue.journal,
+            config.delivery.processes,
         )
     return Dispatcher(queue, resolver, settings, prepare=prepare, carrier=courier)
 
@@ -436,7 +437,8 @@ async def _serve(
                     dispatcher.keys = lambda: (keys.generation, prepare.operator.selector)
                 await delivery.start(dispatcher.run)
                 if isinstance(dispatcher.carrier, CourierLink):
-                    announce(f"delivery process started (pid {dispatcher.carrier.pid})")
+                    pids = ", ".join(map(str, dispatcher.carrier.pids))
+                    announce(f"delivery processes started (pid {pids})")
                 queue.on_accept = dispatcher.notify
             await _sessions(config, announce, ctx, signals, task_status, dispatcher, extras)
             if dispatcher is not None:

@@ -338,11 +338,13 @@ class Delivery:
     )
     port: int = integer(25, 1, 65535, note="the port of MX hosts")
     helo: str = string("", empty=True, note='the name in our EHLO ("" means smtp.hostname)')
-    process: bool = boolean(
-        False,
-        doc="true: read, sign and send in a second process (the delivery process), so "
-        "acceptance and delivery each have a core; this process keeps the journal, the queue "
-        "and every outcome (docs/delivery.md). false: all in this process.",
+    processes: int = integer(
+        2,
+        0,
+        16,
+        doc="Delivery processes: each reads, signs and sends beside this process, which keeps "
+        "the journal, the queue and every outcome (docs/delivery.md), so acceptance and "
+        "delivery use more than one core. 0: all in this process.",
     )
     concurrency: int = integer(4, 1, note="connections per destination (MX host set)")
     idle: float = number(5.0, 0, note="seconds a connection is kept open for more work")

@@ -351,8 +351,14 @@ def _member(var: Path) -> None:
     store.close()
 
 
+# delivery.processes for the relay's rows; None: the relay's default
+DELIVERY_PROCESSES: list[int | None] = [None]
+
+
 def _delivering(sink: Sink) -> str:
-    return f'smarthost = "127.0.0.1:{sink.port}"\nconcurrency = {CONCURRENCY}\n'
+    count = DELIVERY_PROCESSES[0]
+    chosen = "" if count is None else f"processes = {count}\n"
+    return f'smarthost = "127.0.0.1:{sink.port}"\nconcurrency = {CONCURRENCY}\n{chosen}'
 
 
 # -- the rows ------------------------------------------------------------------------------------
@@ -478,7 +484,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--restart", type=int, help="messages queued for the restart row")
     parser.add_argument("--only", help="works to run, e.g. accept,e2e,restart")
+    parser.add_argument(
+        "--delivery-processes",
+        type=int,
+        help="the relay's delivery.processes (default: its own default)",
+    )
     args = parser.parse_args()
+    DELIVERY_PROCESSES[0] = args.delivery_processes
     rounds = args.rounds or (1 if args.quick else 3)
     only = set(args.only.split(",")) if args.only else None
     missing = [t for t in ("postfix", "smtp-source", "smtp-sink") if shutil.which(t) is None]

@@ -20,6 +20,7 @@ Timeouts are the minimums of RFC 5321 section 4.5.3.2, as named constants.
 from __future__ import annotations
 
 import contextlib
+import math
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -116,8 +117,11 @@ class _Wire:
         self.conn = conn
         self.tail = b""  # the last bytes received: what a malformed reply looked like
 
-    async def reply(self) -> ServerReply | TLSReady:
-        """The next reply (callers bound it with a timeout scope)."""
+    async def reply(self, within: float = math.inf) -> ServerReply | TLSReady:
+        """The next reply, whole within ``within`` seconds (trio.TooSlowError) or the
+        caller's own scope. A reply already received (pipelined replies often come in one
+        segment) costs no timer at all."""
+        deadline = math.inf
         while True:
             try:
                 event = self.conn.next_event()
@@ -125,7 +129,13 @@ class _Wire:
                 raw = printable(self.tail, MAX_RECORDED_REPLY)
                 raise _Failed("4.5.0", f"protocol error: {exc}; received: {raw}") from None
             if event is NEED_DATA:
-                data = await self.io.read(BLOCK)
+                if within == math.inf:
+                    data = await self.io.read(BLOCK)
+                else:
+                    if deadline == math.inf:
+                        deadline = trio.current_time() + within
+                    with trio.fail_at(deadline):
+                        data = await self.io.read(BLOCK)
                 self.tail = (self.tail + data)[-MAX_RECORDED_REPLY:]
                 self.conn.receive_data(data)
                 continue
@@ -309,8 +319,7 @@ def _check_reset(reply: ServerReply) -> None:
 
 
 async def _timed_reply(wire: _Wire, seconds: float) -> ServerReply:
-    with trio.fail_after(seconds):
-        event = await wire.reply()
+    event = await wire.reply(seconds)
     if not isinstance(event, ServerReply):
         raise _Failed("4.5.0", "unexpected TLS switch")
     return event

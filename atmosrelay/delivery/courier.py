@@ -31,6 +31,7 @@ connections get a QUIT within ``QUIT_GRACE`` seconds.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -39,7 +40,7 @@ import socket
 import ssl
 import sys
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -99,24 +100,31 @@ def frame(message: object) -> bytes:
     return len(data).to_bytes(4, "little") + data
 
 
-async def frames(io: StreamIO) -> AsyncIterator[tuple[Any, ...]]:
-    """The messages the other end sends, until it closes."""
-    buffer = bytearray()
-    while True:
-        data = await io.read(READ_SIZE)
-        if not data:
-            return
-        buffer += data
-        start = 0
-        while len(buffer) - start >= 4:
-            end = start + 4 + int.from_bytes(buffer[start : start + 4], "little")
-            if end > len(buffer):
-                break
-            message = pickle.loads(buffer[start + 4 : end])
-            assert isinstance(message, tuple)
-            yield message
-            start = end
-        del buffer[:start]
+class Frames:
+    """The messages the other end sends, one at a time, in order."""
+
+    def __init__(self, io: StreamIO) -> None:
+        self.io = io
+        self._buffer = bytearray()
+        self._ready: collections.deque[tuple[Any, ...]] = collections.deque()
+
+    async def next(self) -> tuple[Any, ...] | None:
+        """The next message; None once the other end has closed."""
+        while not self._ready:
+            data = await self.io.read(READ_SIZE)
+            if not data:
+                return None
+            buffer = self._buffer
+            buffer += data
+            start = 0
+            while len(buffer) - start >= 4:
+                end = start + 4 + int.from_bytes(buffer[start : start + 4], "little")
+                if end > len(buffer):
+                    break
+                self._ready.append(pickle.loads(buffer[start + 4 : end]))
+                start = end
+            del buffer[:start]
+        return self._ready.popleft()
 
 
 class Outbox:
@@ -227,8 +235,10 @@ async def _quit(remote: Remote) -> None:
 async def serve(sock: socket.socket) -> None:
     io = StreamIO(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
     outbox = Outbox()
-    messages = frames(io)
-    hello = await messages.__anext__()
+    messages = Frames(io)
+    hello = await messages.next()
+    if hello is None:
+        return  # the owner went away before saying hello
     assert hello[0] == "hello"
     assert isinstance(hello[1], CourierSettings)
     settings = hello[1]
@@ -238,7 +248,7 @@ async def serve(sock: socket.socket) -> None:
     async with trio.open_nursery() as closing:
         async with trio.open_nursery() as work:
             work.start_soon(outbox.run, io)
-            async for message in messages:
+            while (message := await messages.next()) is not None:
                 if message[0] == "attempt":
                     _, request, token, job = message
                     assert isinstance(job, Job)

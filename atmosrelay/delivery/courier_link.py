@@ -31,7 +31,7 @@ import attrs
 import trio
 
 from atmosrelay.delivery.carry import Carried, CarrierLost, Connection, Job
-from atmosrelay.delivery.courier import CourierSettings, Outbox, frame, frames
+from atmosrelay.delivery.courier import CourierSettings, Frames, Outbox, frame
 from atmosrelay.stream_io import StreamIO
 from journal import Journal
 
@@ -52,19 +52,25 @@ class CourierCrashed(Exception):
 
 @attrs.define(eq=False)
 class CourierConnection:
-    """A connection the delivery process holds open for a lane worker."""
+    """A connection a delivery process holds open for a lane worker."""
 
-    link: CourierLink
+    courier: _Courier
     incarnation: int
     token: int
     host: str
     tls: bool
     usable: bool = True
 
+    @property
+    def current(self) -> bool:
+        """Its delivery process is the one that opened it, and still up."""
+        return self.incarnation == self.courier.incarnation and self.courier.outbox is not None
+
     async def aclose(self) -> None:
         if self.usable:
             self.usable = False
-            self.link.release(self)
+            if self.current:
+                self.courier.put(("close", self.token))
 
 
 @attrs.define(eq=False)
@@ -74,41 +80,41 @@ class _Call:
 
 
 class CourierLink:
-    def __init__(self, settings: CourierSettings, journal: Journal) -> None:
-        self.settings = settings
-        self.journal = journal
-        self.incarnation = 0  # which delivery process; handles of an earlier one are stale
-        self.pid: int | None = None
-        self.restarts = 0
-        self._ids = itertools.count(1)
-        self._calls: dict[int, _Call] = {}
-        self._outbox: Outbox | None = None  # None while no delivery process is up
-        self._stream: trio.SocketStream | None = None
-        self._closing = False
-        self._stopped = trio.Event()
+    """``count`` delivery processes; an attempt goes to the one holding its connection, or
+    to the one with the fewest attempts in hand."""
 
-    # -- the carrier ----------------------------------------------------------------------
+    def __init__(self, settings: CourierSettings, journal: Journal, count: int = 1) -> None:
+        self.journal = journal
+        self.couriers = [_Courier(settings, i) for i in range(count)]
+        self._ids = itertools.count(1)
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.pid for c in self.couriers if c.pid is not None]
+
+    @property
+    def restarts(self) -> int:
+        return sum(c.restarts for c in self.couriers)
+
     async def carry(self, job: Job, remote: Connection | None) -> Carried:
         while True:
-            outbox = self._outbox
-            if outbox is None:
-                raise CarrierLost("the delivery process is not running")
             token = None
-            if (
-                isinstance(remote, CourierConnection)
-                and remote.usable
-                and remote.incarnation == self.incarnation
-            ):
-                token = remote.token
+            if isinstance(remote, CourierConnection) and remote.usable and remote.current:
+                courier, token = remote.courier, remote.token
                 remote.usable = False  # the delivery process has it now
+            else:
+                up = [c for c in self.couriers if c.outbox is not None]
+                if not up:
+                    raise CarrierLost("no delivery process is running")
+                courier = min(up, key=lambda c: len(c.calls))
             request = next(self._ids)
-            call = self._calls[request] = _Call()
-            outbox.put(("attempt", request, token, job))
+            call = courier.calls[request] = _Call()
+            courier.put(("attempt", request, token, job))
             try:
                 await call.done.wait()
             except BaseException:
                 # cancelled (the drain's deadline): what it sends back is closed unread
-                self._calls.pop(request, None)
+                courier.calls.pop(request, None)
                 raise
             reply = call.reply
             if reply is None:
@@ -117,28 +123,56 @@ class CourierLink:
                 _, _, new, host, tls, mta, outcomes, opened = reply
                 kept = None
                 if new is not None:
-                    kept = CourierConnection(self, self.incarnation, new, host, tls)
+                    kept = CourierConnection(courier, courier.incarnation, new, host, tls)
                 return Carried(kept, mta, outcomes, opened)
             if reply[0] == "moved":  # compacted since it was queued: the owner reads it
                 record = await self.journal.read(job.position)
                 job = attrs.evolve(job, body=job.body_of(record))
-                if token is not None:
-                    remote = CourierConnection(self, self.incarnation, token, "", True)
+                if token is not None:  # it kept the connection under the same token
+                    remote = CourierConnection(courier, courier.incarnation, token, "", True)
                 continue
             raise CourierCrashed(str(reply[2]))
 
-    def release(self, connection: CourierConnection) -> None:
-        """A lane worker let ``connection`` go: the delivery process closes it."""
-        if self._outbox is not None and connection.incarnation == self.incarnation:
-            self._outbox.put(("close", connection.token))
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the delivery processes (a failure fails the start), then keep them up."""
+        async with trio.open_nursery() as nursery:
+            for courier in self.couriers:
+                await nursery.start(courier.run)
+            task_status.started()
 
-    # -- the process ------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """End the delivery processes once the lanes have stopped (their connections are
+        closed); returns when they have exited."""
+        async with trio.open_nursery() as nursery:
+            for courier in self.couriers:
+                nursery.start_soon(courier.aclose)
+
+
+class _Courier:
+    """One delivery process, started again when it exits unasked."""
+
+    def __init__(self, settings: CourierSettings, index: int) -> None:
+        self.settings = settings
+        self.index = index
+        self.incarnation = 0  # which process; handles to an earlier one's connections are stale
+        self.pid: int | None = None
+        self.restarts = 0
+        self.calls: dict[int, _Call] = {}
+        self.outbox: Outbox | None = None  # None while no process is up
+        self._stream: trio.SocketStream | None = None
+        self._closing = False
+        self._stopped = trio.Event()
+
+    def put(self, message: object) -> None:
+        assert self.outbox is not None
+        self.outbox.put(message)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
         try:
             while not self._closing:
                 try:
-                    process, stream, pid = await self._start()
+                    process, stream, messages, pid = await self._start()
                 except CourierFailed as exc:
                     if not started:
                         raise
@@ -147,17 +181,17 @@ class CourierLink:
                     continue
                 self.incarnation += 1
                 self.pid, self._stream = pid, stream
-                outbox = self._outbox = Outbox()
+                outbox = self.outbox = Outbox()
                 if not started:
                     task_status.started()
                     started = True
                 try:
-                    await self._serve(stream, outbox)
+                    await self._serve(stream, messages, outbox)
                 finally:
-                    self._outbox = None
+                    self.outbox, self.pid = None, None
                     self._lose_calls()
                     with trio.CancelScope(shield=True):
-                        await _reap(process, stream, 0.0 if not self._closing else STOP_GRACE)
+                        await _reap(process, stream, STOP_GRACE if self._closing else 0.0)
                 if self._closing:
                     return
                 self.restarts += 1
@@ -173,17 +207,15 @@ class CourierLink:
             self._stopped.set()
 
     async def aclose(self) -> None:
-        """End the delivery process once the lanes have stopped (their connections are
-        closed); returns when it has exited."""
         self._closing = True
         stream = self._stream
-        if stream is not None and self._outbox is not None:
+        if stream is not None and self.outbox is not None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_eof()
         with trio.move_on_after(STOP_GRACE + 5):
             await self._stopped.wait()
 
-    async def _start(self) -> tuple[trio.Process, trio.SocketStream, int]:
+    async def _start(self) -> tuple[trio.Process, trio.SocketStream, Frames, int]:
         ours, theirs = socket.socketpair()
         try:
             process = await trio.lowlevel.open_process(
@@ -198,11 +230,13 @@ class CourierLink:
             theirs.close()
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         io = StreamIO(stream)
-        await io.write(frame(("hello", self.settings)))
+        messages = Frames(io)
         with trio.move_on_after(START_TIMEOUT):
-            async for message in frames(io):
-                if message[0] == "ready":
-                    return process, stream, int(message[1])
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await io.write(frame(("hello", self.settings)))
+                ready = await messages.next()
+                if ready is not None and ready[0] == "ready":
+                    return process, stream, messages, int(ready[1])
         with trio.CancelScope(shield=True):
             await _reap(process, stream, 0.0)
         raise CourierFailed(
@@ -210,28 +244,24 @@ class CourierLink:
             "its error is logged above"
         )
 
-    async def _serve(self, stream: trio.SocketStream, outbox: Outbox) -> None:
-        io = StreamIO(stream)
+    async def _serve(self, stream: trio.SocketStream, messages: Frames, outbox: Outbox) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_write_until_broken, outbox, io)
-            try:
-                async for message in frames(io):
+            nursery.start_soon(_write_until_broken, outbox, messages.io)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while (message := await messages.next()) is not None:
                     self._answered(message)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
             nursery.cancel_scope.cancel()
 
     def _answered(self, message: tuple[Any, ...]) -> None:
-        request = message[1]
-        call = self._calls.pop(request, None)
+        call = self.calls.pop(message[1], None)
         if call is not None:
             call.reply = message
             call.done.set()
-        elif message[0] == "done" and message[2] is not None and self._outbox is not None:
-            self._outbox.put(("close", message[2]))  # its worker was cancelled
+        elif message[0] == "done" and message[2] is not None and self.outbox is not None:
+            self.outbox.put(("close", message[2]))  # its worker was cancelled
 
     def _lose_calls(self) -> None:
-        calls, self._calls = self._calls, {}
+        calls, self.calls = self.calls, {}
         for call in calls.values():
             call.done.set()  # reply None: CarrierLost
 

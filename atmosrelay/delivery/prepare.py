@@ -63,6 +63,7 @@ class Preparer:
     ) -> None:
         self.store = store
         self._lock = threading.Lock()
+        self._building = threading.Lock()
         # domain -> (look again after, store generation, the keys it was built from, signer)
         self._signers: dict[str, tuple[float, int, tuple[SigningKey, ...], Signer]] = {}
         self.set_operator(operator)
@@ -102,6 +103,20 @@ class Preparer:
             cached = self._signers.get(domain)
         if cached is not None and cached[0] > now and cached[1] == generation:
             return cached[3]
+        with self._building:  # one thread parses; the others wanted the same keys
+            with self._lock:
+                cached = self._signers.get(domain)
+            if cached is not None and cached[0] > now and cached[1] == generation:
+                return cached[3]
+            return self._build(domain, now, generation, cached)
+
+    def _build(
+        self,
+        domain: str,
+        now: float,
+        generation: int,
+        cached: tuple[float, int, tuple[SigningKey, ...], Signer] | None,
+    ) -> Signer:
         try:
             enrolled = self.store.domain(domain)
         except NotFound:

@@ -31,26 +31,26 @@ def wait_delivered(sink: Sink, wanted: set[str], limit: float) -> set[str]:
     return wanted - set(sink.subject_counts())
 
 
-def delivery_settings(sink: Sink, process: bool = False) -> str:
+def delivery_settings(sink: Sink, processes: int = 0) -> str:
     return (
         f'smarthost = "127.0.0.1:{sink.port}"\nconcurrency = {CLIENTS}\nidle = 1.0\n'
-        f"process = {str(process).lower()}\n"
+        f"processes = {processes}\n"
     )
 
 
-# in this process, and through the delivery process (delivery/courier.py)
-PROCESS = pytest.mark.parametrize("process", [False, True], ids=["one", "courier"])
+# in this process, and through two delivery processes (delivery/courier.py)
+PROCESSES = pytest.mark.parametrize("processes", [0, 2], ids=["one", "couriers"])
 
 
 @pytest.mark.slow
-@PROCESS
-def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path, process: bool) -> None:
+@PROCESSES
+def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path, processes: int) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     acked: dict[str, str] = {}
     started = time.monotonic()
     with aiosmtpd_sink() as sink:
-        config_path, ctx, key = write_config(tmp_path, delivery_settings(sink, process))
+        config_path, ctx, key = write_config(tmp_path, delivery_settings(sink, processes))
         for round_ in range(ROUNDS):
             assert time.monotonic() - started < 240, "kill loop over its time budget"
             server = Server(tmp_path, config_path, round_)
@@ -88,11 +88,11 @@ def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path, process: bool
 
 
 @pytest.mark.slow
-@PROCESS
-def test_sigterm_drains_then_the_restart_delivers_the_rest(tmp_path: Path, process: bool) -> None:
+@PROCESSES
+def test_sigterm_drains_then_the_restart_delivers_the_rest(tmp_path: Path, processes: int) -> None:
     acked: dict[str, str] = {}
     with aiosmtpd_sink() as sink:
-        config_path, ctx, key = write_config(tmp_path, delivery_settings(sink, process))
+        config_path, ctx, key = write_config(tmp_path, delivery_settings(sink, processes))
         server = Server(tmp_path, config_path, 0)
         status = load_then_signal(server, ctx, key, acked, 1.0, "term", signal.SIGTERM)
         assert status == 0, server.err.read_text()
