@@ -216,7 +216,7 @@ async def test_a_record_compacted_away_is_sent_with_the_body_the_owner_reads(
     async with world(tmp_path, segment_size=4096) as w:
         queue_id = await accept(w.queue, "moved")
         old = w.queue.state.messages[queue_id].position
-        for i in range(40):  # seal its segment
+        for _ in range(40):  # seal its segment
             await w.queue.journal.append(250, b"x" * 200)  # no record of ours
         await w.queue.journal.compact(dead=set())  # copy every record forward
         assert read_at(str(tmp_path / "journal"), old, 1) is None  # its segment is gone
