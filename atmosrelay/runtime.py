@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import attrs
 import trio
@@ -44,10 +44,7 @@ from atmosrelay.accounts.api_keys import KeyChecker
 from atmosrelay.accounts.dkim_keys import OperatorKey, ensure_operator_key
 from atmosrelay.accounts.identity import DnsSettings
 from atmosrelay.accounts.store import AsyncStore, Store
-from atmosrelay.api.app import make_app
-from atmosrelay.api.common import ApiContext
 from atmosrelay.api.metrics import RelayMetrics
-from atmosrelay.api.server import BindError, serve_http
 from atmosrelay.config import Config
 from atmosrelay.control import control_handler, serve_control, socket_path
 from atmosrelay.delivery.backoff import RetryPolicy
@@ -74,6 +71,9 @@ from atmosrelay.submission.actions import PolicyActions
 from atmosrelay.submission.counting import flush_counters, flush_loop, load_counters
 from atmosrelay.submission.members import MemberDirectory
 from journal import FS, open_journal
+
+if TYPE_CHECKING:
+    from atmosrelay.api.common import ApiContext
 
 log = logging.getLogger("atmosrelay")
 
@@ -198,43 +198,51 @@ async def _run(
             idempotency_ttl=config.http.idempotency_ttl,
         )
     )
+    couriers = make_couriers(config, fs)
     try:
-        async with open_journal(
-            directory,
-            fs=fs,
-            segment_size=config.journal.segment_size,
-            max_record_size=config.journal.max_record_size,
-        ) as journal:
-            announce(describe(directory, journal.recovery))
-            queue = await QueueStore.recover(journal, progress_bar(journal.recovery.records))
-            announce(f"queue: {len(queue.state.messages)} message(s) recovered")
-            queue.events.subscribe(status.on_event)
-            metrics = RelayMetrics()
-            journal.on_batch = metrics.on_batch
-            queue.events.subscribe(metrics.on_event)
-            dispatcher = (
-                make_dispatcher(config, store, queue, operator, unsubscribe_secret, fs)
-                if config.delivery.enabled
-                else None
-            )
-            if dispatcher is None:
-                announce("delivery is disabled (delivery.enabled = false): mail is only queued")
-            await _serve(
-                config,
-                announce,
-                store,
-                queue,
-                tls_context,
-                dispatcher,
-                handle_signals,
-                enforce_limits,
-                task_status,
-                _Extras(status, metrics, unsubscribe_secret),
-            )
-            announce(
-                f"journal: {journal.appends} append(s) in {journal.batches} batch(es), "
-                f"{journal.syncs} fsync(s) since start"
-            )
+        async with trio.open_nursery() as early:
+            if couriers is not None:  # started now, they get ready while the journal replays
+                early.start_soon(couriers.run)
+            async with open_journal(
+                directory,
+                fs=fs,
+                segment_size=config.journal.segment_size,
+                max_record_size=config.journal.max_record_size,
+            ) as journal:
+                announce(describe(directory, journal.recovery))
+                queue = await QueueStore.recover(journal, progress_bar(journal.recovery.records))
+                announce(f"queue: {len(queue.state.messages)} message(s) recovered")
+                queue.events.subscribe(status.on_event)
+                metrics = RelayMetrics()
+                journal.on_batch = metrics.on_batch
+                queue.events.subscribe(metrics.on_event)
+                dispatcher = None
+                if config.delivery.enabled:
+                    if couriers is not None:
+                        couriers.journal = journal
+                    dispatcher = make_dispatcher(
+                        config, store, queue, operator, unsubscribe_secret, couriers
+                    )
+                else:
+                    announce("delivery is disabled (delivery.enabled = false): mail is only queued")
+                await _serve(
+                    config,
+                    announce,
+                    store,
+                    queue,
+                    tls_context,
+                    dispatcher,
+                    handle_signals,
+                    enforce_limits,
+                    task_status,
+                    _Extras(status, metrics, unsubscribe_secret),
+                )
+                if couriers is not None:
+                    await couriers.aclose()  # (the dispatcher closed them after its lanes)
+                announce(
+                    f"journal: {journal.appends} append(s) in {journal.batches} batch(es), "
+                    f"{journal.syncs} fsync(s) since start"
+                )
     finally:
         store.close()
         status.close()
@@ -247,11 +255,10 @@ def make_dispatcher(
     queue: QueueStore,
     operator: OperatorKey,
     unsubscribe_secret: bytes,
-    fs: FS | None = None,
+    couriers: CourierLink | None = None,
 ) -> Dispatcher:
-    """The dispatcher, carrying attempts in delivery processes when ``delivery.processes``
-    (not when the journal is on a file system of the caller's: only tests give one, and a
-    delivery process reads the journal from disk)."""
+    """The dispatcher; it carries attempts through ``couriers`` when given, else in this
+    process."""
     hostname = config.smtp.hostname
     operator_domain = config.operator.domain
     unsubscribe_url = config.delivery.unsubscribe_url or f"https://{operator_domain}"
@@ -282,27 +289,33 @@ def make_dispatcher(
         unsubscribe_secret=unsubscribe_secret,
         unsubscribe_url=unsubscribe_url,
     )
-    courier = None
-    if config.delivery.processes and fs is None:
-        courier = CourierLink(
-            CourierSettings(
-                journal_dir=str(config.journal_dir.resolve()),
-                max_record_size=config.journal.max_record_size,
-                accounts_db=str(config.accounts_db.resolve()),
-                dkim_dir=str(config.dkim_dir.resolve()),
-                operator_domain=operator_domain,
-                unsubscribe_key=str((config.data_dir / "unsubscribe.key").resolve()),
-                unsubscribe_url=unsubscribe_url,
-                helo=settings.helo,
-                tls_verify=config.delivery.tls_verify,
-                ca_file=config.delivery.ca_file,
-                log_level=config.relay.log_level,
-                log_format=config.relay.log_format,
-            ),
-            queue.journal,
-            config.delivery.processes,
-        )
-    return Dispatcher(queue, resolver, settings, prepare=prepare, carrier=courier)
+    return Dispatcher(queue, resolver, settings, prepare=prepare, carrier=couriers)
+
+
+def make_couriers(config: Config, fs: FS | None) -> CourierLink | None:
+    """The delivery processes ``delivery.processes`` asks for (none when the journal is on
+    a file system of the caller's: only tests give one, and a delivery process reads the
+    journal from disk)."""
+    if not (config.delivery.enabled and config.delivery.processes) or fs is not None:
+        return None
+    operator_domain = config.operator.domain
+    return CourierLink(
+        CourierSettings(
+            journal_dir=str(config.journal_dir.resolve()),
+            max_record_size=config.journal.max_record_size,
+            accounts_db=str(config.accounts_db.resolve()),
+            dkim_dir=str(config.dkim_dir.resolve()),
+            operator_domain=operator_domain,
+            unsubscribe_key=str((config.data_dir / "unsubscribe.key").resolve()),
+            unsubscribe_url=config.delivery.unsubscribe_url or f"https://{operator_domain}",
+            helo=config.delivery.helo or config.smtp.hostname,
+            tls_verify=config.delivery.tls_verify,
+            ca_file=config.delivery.ca_file,
+            log_level=config.relay.log_level,
+            log_format=config.relay.log_format,
+        ),
+        config.delivery.processes,
+    )
 
 
 async def _compactor(queue: QueueStore, status: StatusIndex, interval: float) -> None:
@@ -437,6 +450,7 @@ async def _serve(
                     dispatcher.keys = lambda: (keys.generation, prepare.operator.selector)
                 await delivery.start(dispatcher.run)
                 if isinstance(dispatcher.carrier, CourierLink):
+                    await dispatcher.carrier.wait_up()
                     pids = ", ".join(map(str, dispatcher.carrier.pids))
                     announce(f"delivery processes started (pid {pids})")
                 queue.on_accept = dispatcher.notify
@@ -486,6 +500,8 @@ def _problems(ctx: SessionContext, extras: _Extras) -> Callable[[], list[str]]:
 def api_context(
     config: Config, ctx: SessionContext, extras: _Extras, problems: Callable[[], list[str]]
 ) -> ApiContext:
+    from atmosrelay.api.common import ApiContext  # (see _sessions)
+
     return ApiContext(
         relay=ctx,
         status=extras.status,
@@ -545,6 +561,12 @@ async def _sessions(
         if dispatcher is not None and isinstance(dispatcher.prepare, Preparer):
             reloader.also.append(partial(operator_key, config, dispatcher.prepare))
         if config.http.listeners:
+            # imported here: the HTTP stack (FastAPI) is a third of the relay's import time,
+            # and a relay without HTTP listeners (or one restarting with a deep queue) need
+            # not wait for it
+            from atmosrelay.api.app import make_app
+            from atmosrelay.api.server import BindError, serve_http
+
             api = api_context(config, ctx, extras, _problems(ctx, extras))
             api.stopping = handle._stop.is_set
             app = make_app(api)

@@ -83,6 +83,12 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _children_peak_rss_mb(pid: int) -> float:
+    """The peak resident memory of ``pid``'s children (the delivery processes), summed."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sum(_peak_rss_mb(int(c)) for c in children)
+
+
 # -- the sink and the client -------------------------------------------------------------------
 
 
@@ -421,6 +427,7 @@ def run_restart(side: str, tmp: Path, n: int) -> dict[str, float]:
             try:
                 t_all = sink.wait_for(n, 900)
                 rss = _peak_rss_mb(server.proc.pid)
+                children_rss = _children_peak_rss_mb(server.proc.pid)
             finally:
                 server.stop()
         else:
@@ -434,12 +441,17 @@ def run_restart(side: str, tmp: Path, n: int) -> dict[str, float]:
                 t_all = sink.wait_for(n, 900)
             finally:
                 peer.stop()
-            rss = float("nan")
+            rss = children_rss = float("nan")
     finally:
         sink.stop()
     if t_all is None or sink.first is None:
         raise RuntimeError(f"{side}: only {sink.count} of {n} arrived at the sink")
-    return {"first_s": sink.first - t0, "all_s": t_all - t0, "peak_rss_mb": rss}
+    return {
+        "first_s": sink.first - t0,
+        "all_s": t_all - t0,
+        "peak_rss_mb": rss,
+        "delivery_processes_peak_rss_mb": children_rss,
+    }
 
 
 # -- the table -----------------------------------------------------------------------------------
@@ -568,7 +580,8 @@ def main() -> None:
             f"restart, {restart['queued']} queued: first delivery relay {ours['first_s']:.2f} s, "
             f"Postfix {peer['first_s']:.2f} s; all delivered relay {ours['all_s']:.1f} s, "
             f"Postfix {peer['all_s']:.1f} s ({peer['all_s'] / ours['all_s']:.2f}x); relay peak "
-            f"RSS {ours['peak_rss_mb']:.0f} MB; load {restart['load']:.2f}"
+            f"RSS {ours['peak_rss_mb']:.0f} MB (delivery processes "
+            f"{ours['delivery_processes_peak_rss_mb']:.0f} MB more); load {restart['load']:.2f}"
         )
 
 

@@ -83,10 +83,16 @@ class CourierLink:
     """``count`` delivery processes; an attempt goes to the one holding its connection, or
     to the one with the fewest attempts in hand."""
 
-    def __init__(self, settings: CourierSettings, journal: Journal, count: int = 1) -> None:
-        self.journal = journal
+    def __init__(self, settings: CourierSettings, count: int = 1) -> None:
+        # where a job whose record moved is read (set once the owner has opened it)
+        self.journal: Journal | None = None
         self.couriers = [_Courier(settings, i) for i in range(count)]
         self._ids = itertools.count(1)
+        self._up = trio.Event()
+
+    async def wait_up(self) -> None:
+        """Until every delivery process has said it is ready (once, at the start)."""
+        await self._up.wait()
 
     @property
     def pids(self) -> list[int]:
@@ -97,6 +103,8 @@ class CourierLink:
         return sum(c.restarts for c in self.couriers)
 
     async def carry(self, job: Job, remote: Connection | None) -> Carried:
+        if not self._up.is_set():  # started with the relay, they may still be getting ready
+            await self._up.wait()
         while True:
             token = None
             if isinstance(remote, CourierConnection) and remote.usable and remote.current:
@@ -126,6 +134,7 @@ class CourierLink:
                     kept = CourierConnection(courier, courier.incarnation, new, host, tls)
                 return Carried(kept, mta, outcomes, opened)
             if reply[0] == "moved":  # compacted since it was queued: the owner reads it
+                assert self.journal is not None
                 record = await self.journal.read(job.position)
                 job = attrs.evolve(job, body=job.body_of(record))
                 if token is not None:  # it kept the connection under the same token
@@ -136,8 +145,11 @@ class CourierLink:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the delivery processes (a failure fails the start), then keep them up."""
         async with trio.open_nursery() as nursery:
+            for courier in self.couriers:  # each gets ready while the next starts
+                nursery.start_soon(courier.run)
             for courier in self.couriers:
-                await nursery.start(courier.run)
+                await courier.up.wait()
+            self._up.set()
             task_status.started()
 
     async def aclose(self) -> None:
@@ -162,6 +174,7 @@ class _Courier:
         self._stream: trio.SocketStream | None = None
         self._closing = False
         self._stopped = trio.Event()
+        self.up = trio.Event()  # it has said "ready" once
 
     def put(self, message: object) -> None:
         assert self.outbox is not None
@@ -183,6 +196,7 @@ class _Courier:
                 self.pid, self._stream = pid, stream
                 outbox = self.outbox = Outbox()
                 if not started:
+                    self.up.set()
                     task_status.started()
                     started = True
                 try:

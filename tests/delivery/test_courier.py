@@ -119,7 +119,8 @@ async def world(tmp: Path, **journal: int) -> AsyncIterator[World]:
     enroll(tmp)
     async with held_sink() as sink, open_journal(str(tmp / "journal"), **journal) as j:
         queue = QueueStore(j)
-        link = CourierLink(courier_settings(tmp), j, 2)
+        link = CourierLink(courier_settings(tmp), 2)
+        link.journal = j
         dispatcher = Dispatcher(
             queue,
             FakeResolver({"example.net": Destination((("127.0.0.1", sink.port),))}),
@@ -127,6 +128,7 @@ async def world(tmp: Path, **journal: int) -> AsyncIterator[World]:
             carrier=link,
         )
         async with trio.open_nursery() as nursery:
+            await nursery.start(link.run)
             await nursery.start(dispatcher.run)
             yield World(queue, dispatcher, link, sink)
             dispatcher.drain(5)
