@@ -4,21 +4,24 @@
     └── journal (recovery and the queue fold finish before anything listens; closes last)
         └── services: the API-key revocation watcher, the policy's writer and counter
             │         flush, the status index's writer, the compactor, the control socket
-            └── delivery: the dispatcher and its lanes (delivery/dispatcher.py, lane.py)
+            └── delivery: the dispatcher and its lanes (delivery/dispatcher.py, lane.py),
+                │   and the delivery processes it carries attempts through (courier_link.py)
                 └── sessions (one task per connection; a grace deadline on shutdown)
                     ├── the HTTP API (api/server.py: hypercorn's trio worker, started
                     │   with task_status, stopped with the acceptors, same grace)
                     └── acceptors (one per listener; cancelled first on shutdown)
 
 Before the journal opens: the operator's DKIM key and the TLS certificate are generated if
-missing, and the account store and the status index are opened; after the queue's fold, the
-status index catches up with whatever the journal holds that it lacks.
+missing, the account store and the status index are opened, and the delivery processes are
+spawned (they get ready while the journal replays; the dispatcher takes them over); after
+the queue's fold, the status index catches up with whatever the journal holds that it lacks.
 
 Shutdown (SIGTERM, SIGINT, or ``RelayHandle.stop``): the listeners (SMTP and HTTP) close
 first, so nothing new is accepted; sessions waiting for a command get 421 4.3.2, sessions
 inside DATA finish their message (250 after fsync, or 421 at the deadline), HTTP requests in
 hand finish; then the lanes stop taking work and finish the transactions in hand (until
-``delivery.drain_grace``); then the journal writes its closing mark and closes. Whatever was
+``delivery.drain_grace``), and the delivery processes QUIT their connections and exit; then
+the journal writes its closing mark and closes. Whatever was
 accepted is on disk, and the next start folds it back into the queue and resumes delivering.
 """
 
@@ -41,19 +44,16 @@ import trio
 
 from atmosrelay import systemd
 from atmosrelay.accounts.api_keys import KeyChecker
-from atmosrelay.accounts.dkim_keys import OperatorKey, ensure_operator_key
-from atmosrelay.accounts.identity import DnsSettings
+from atmosrelay.accounts.dkim_keys import ensure_operator_key
 from atmosrelay.accounts.store import AsyncStore, Store
 from atmosrelay.api.metrics import RelayMetrics
 from atmosrelay.config import Config
 from atmosrelay.control import control_handler, serve_control, socket_path
-from atmosrelay.delivery.backoff import RetryPolicy
-from atmosrelay.delivery.courier import CourierSettings, client_context
+from atmosrelay.delivery.configured import make_couriers, make_dispatcher
 from atmosrelay.delivery.courier_link import CourierLink
-from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
+from atmosrelay.delivery.dispatcher import Dispatcher
 from atmosrelay.delivery.prepare import Preparer, load_or_create_secret
-from atmosrelay.delivery.resolver import DnsResolver
-from atmosrelay.inbound import make_inbound, return_path
+from atmosrelay.inbound import make_inbound
 from atmosrelay.inbound.processor import InboundProcessor
 from atmosrelay.policy.engine import Policy
 from atmosrelay.queue.status import StatusIndex
@@ -200,122 +200,52 @@ async def _run(
     )
     couriers = make_couriers(config, fs)
     try:
-        async with trio.open_nursery() as early:
-            if couriers is not None:  # started now, they get ready while the journal replays
-                early.start_soon(couriers.run)
-            async with open_journal(
-                directory,
-                fs=fs,
-                segment_size=config.journal.segment_size,
-                max_record_size=config.journal.max_record_size,
-            ) as journal:
-                announce(describe(directory, journal.recovery))
-                queue = await QueueStore.recover(journal, progress_bar(journal.recovery.records))
-                announce(f"queue: {len(queue.state.messages)} message(s) recovered")
-                queue.events.subscribe(status.on_event)
-                metrics = RelayMetrics()
-                journal.on_batch = metrics.on_batch
-                queue.events.subscribe(metrics.on_event)
-                dispatcher = None
-                if config.delivery.enabled:
-                    if couriers is not None:
-                        couriers.journal = journal
-                    dispatcher = make_dispatcher(
-                        config, store, queue, operator, unsubscribe_secret, couriers
-                    )
-                else:
-                    announce("delivery is disabled (delivery.enabled = false): mail is only queued")
-                await _serve(
-                    config,
-                    announce,
-                    store,
-                    queue,
-                    tls_context,
-                    dispatcher,
-                    handle_signals,
-                    enforce_limits,
-                    task_status,
-                    _Extras(status, metrics, unsubscribe_secret),
-                )
+        if couriers is not None:  # spawned now, they get ready while the journal replays
+            await couriers.spawn()
+        async with open_journal(
+            directory,
+            fs=fs,
+            segment_size=config.journal.segment_size,
+            max_record_size=config.journal.max_record_size,
+        ) as journal:
+            announce(describe(directory, journal.recovery))
+            queue = await QueueStore.recover(journal, progress_bar(journal.recovery.records))
+            announce(f"queue: {len(queue.state.messages)} message(s) recovered")
+            queue.events.subscribe(status.on_event)
+            metrics = RelayMetrics()
+            journal.on_batch = metrics.on_batch
+            queue.events.subscribe(metrics.on_event)
+            dispatcher = None
+            if config.delivery.enabled:
                 if couriers is not None:
-                    await couriers.aclose()  # (the dispatcher closed them after its lanes)
-                announce(
-                    f"journal: {journal.appends} append(s) in {journal.batches} batch(es), "
-                    f"{journal.syncs} fsync(s) since start"
+                    couriers.journal = journal
+                dispatcher = make_dispatcher(
+                    config, store, queue, operator, unsubscribe_secret, couriers
                 )
+            else:
+                announce("delivery is disabled (delivery.enabled = false): mail is only queued")
+            await _serve(
+                config,
+                announce,
+                store,
+                queue,
+                tls_context,
+                dispatcher,
+                handle_signals,
+                enforce_limits,
+                task_status,
+                _Extras(status, metrics, unsubscribe_secret),
+            )
+            announce(
+                f"journal: {journal.appends} append(s) in {journal.batches} batch(es), "
+                f"{journal.syncs} fsync(s) since start"
+            )
     finally:
+        if couriers is not None:
+            await couriers.discard()  # spawned, never run: the start failed before delivery
         store.close()
         status.close()
     announce("journal closed; stopped")
-
-
-def make_dispatcher(
-    config: Config,
-    store: Store,
-    queue: QueueStore,
-    operator: OperatorKey,
-    unsubscribe_secret: bytes,
-    couriers: CourierLink | None = None,
-) -> Dispatcher:
-    """The dispatcher; it carries attempts through ``couriers`` when given, else in this
-    process."""
-    hostname = config.smtp.hostname
-    operator_domain = config.operator.domain
-    unsubscribe_url = config.delivery.unsubscribe_url or f"https://{operator_domain}"
-    settings = DeliverySettings(
-        helo=config.delivery.helo or hostname,
-        tls=client_context(config.delivery.tls_verify, config.delivery.ca_file),
-        operator_domain=operator_domain,
-        policy=RetryPolicy(
-            initial=config.delivery.retry_initial,
-            cap=config.delivery.retry_cap,
-            max_age=config.delivery.max_age,
-            delay_warning=config.delivery.delay_warning or None,
-        ),
-        concurrency=config.delivery.concurrency,
-        require_tls=config.delivery.require_tls,
-        idle=config.delivery.idle,
-        restart_spread=config.delivery.restart_spread,
-        return_path=return_path(config, unsubscribe_secret) if config.inbound.verp else None,
-    )
-    resolver = DnsResolver(
-        DnsSettings(nameservers=config.dns.nameservers, timeout=config.dns.timeout),
-        smarthost=config.delivery.smarthost,
-        port=config.delivery.port,
-    )
-    prepare = Preparer(
-        store,
-        operator,
-        unsubscribe_secret=unsubscribe_secret,
-        unsubscribe_url=unsubscribe_url,
-    )
-    return Dispatcher(queue, resolver, settings, prepare=prepare, carrier=couriers)
-
-
-def make_couriers(config: Config, fs: FS | None) -> CourierLink | None:
-    """The delivery processes ``delivery.processes`` asks for (none when the journal is on
-    a file system of the caller's: only tests give one, and a delivery process reads the
-    journal from disk)."""
-    if not (config.delivery.enabled and config.delivery.processes) or fs is not None:
-        return None
-    operator_domain = config.operator.domain
-    return CourierLink(
-        CourierSettings(
-            journal_dir=str(config.journal_dir.resolve()),
-            max_record_size=config.journal.max_record_size,
-            accounts_db=str(config.accounts_db.resolve()),
-            dkim_dir=str(config.dkim_dir.resolve()),
-            operator_domain=operator_domain,
-            unsubscribe_key=str((config.data_dir / "unsubscribe.key").resolve()),
-            unsubscribe_url=config.delivery.unsubscribe_url or f"https://{operator_domain}",
-            helo=config.delivery.helo or config.smtp.hostname,
-            tls_verify=config.delivery.tls_verify,
-            ca_file=config.delivery.ca_file,
-            log_level=config.relay.log_level,
-            log_format=config.relay.log_format,
-        ),
-        config.delivery.processes,
-    )
 
 
 async def _compactor(queue: QueueStore, status: StatusIndex, interval: float) -> None:

@@ -21,6 +21,7 @@ from functools import partial
 from typing import Protocol
 
 import attrs
+import trio
 
 from atmosrelay.delivery.client_session import ConnectFailed, Envelope, Remote
 from atmosrelay.delivery.prepare import Signing
@@ -79,6 +80,8 @@ class CarrierLost(Exception):
 
 
 class Carrier(Protocol):
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
     async def carry(self, job: Job, remote: Connection | None) -> Carried: ...
 
     async def aclose(self) -> None: ...
@@ -116,6 +119,9 @@ class LocalCarrier:
         self.journal = journal
         self.prepare = prepare
         self.open = open_
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
 
     async def carry(self, job: Job, remote: Connection | None) -> Carried:
         assert remote is None or isinstance(remote, Remote)

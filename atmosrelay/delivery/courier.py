@@ -48,7 +48,7 @@ import attrs
 import trio
 
 from atmosrelay import logs
-from atmosrelay.accounts.dkim_keys import ensure_operator_key
+from atmosrelay.accounts.dkim_keys import OperatorKey, ensure_operator_key
 from atmosrelay.accounts.store import Store
 from atmosrelay.delivery.carry import Job, transact
 from atmosrelay.delivery.client_session import Remote, open_remote
@@ -155,11 +155,13 @@ class Courier:
         self.settings = settings
         self.reply = reply
         self.store = Store(settings.accounts_db)
-        operator, _ = ensure_operator_key(Path(settings.dkim_dir), settings.operator_domain)
+        secret = Path(settings.unsubscribe_key)
+        if not secret.exists():
+            raise FileNotFoundError(f"{secret}: no unsubscribe key (the relay makes it first)")
         self.prepare = Preparer(
             self.store,
-            operator,
-            unsubscribe_secret=load_or_create_secret(Path(settings.unsubscribe_key)),
+            self.operator_key(),
+            unsubscribe_secret=load_or_create_secret(secret),
             unsubscribe_url=settings.unsubscribe_url,
         )
         self.generation = 0
@@ -167,6 +169,15 @@ class Courier:
         self.tls = client_context(settings.tls_verify, settings.ca_file)
         self.remotes: dict[int, Remote] = {}
         self.tokens = itertools.count(1)
+
+    def operator_key(self) -> OperatorKey:
+        """The operator's signing key, as the relay made it (never made here: two processes
+        must not each make one)."""
+        directory = Path(self.settings.dkim_dir)
+        if not any((directory / f).exists() for f in ("operator-selector", "operator-rsa.pem")):
+            raise FileNotFoundError(f"{directory}: no operator DKIM key (the relay makes it first)")
+        operator, _ = ensure_operator_key(directory, self.settings.operator_domain)
+        return operator
 
     async def open(self, destination: Destination, require_tls: bool) -> Remote:
         return await open_remote(
@@ -178,10 +189,7 @@ class Courier:
         generation, selector = job.keys
         self.generation = generation
         if selector and selector != self.prepare.operator.selector:  # a rotation activated
-            operator, _ = ensure_operator_key(
-                Path(self.settings.dkim_dir), self.settings.operator_domain
-            )
-            self.prepare.set_operator(operator)
+            self.prepare.set_operator(self.operator_key())
         body = job.body
         if body is None:
             record = read_at(

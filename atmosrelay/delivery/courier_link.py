@@ -89,6 +89,7 @@ class CourierLink:
         self.couriers = [_Courier(settings, i) for i in range(count)]
         self._ids = itertools.count(1)
         self._up = trio.Event()
+        self._running = False
 
     async def wait_up(self) -> None:
         """Until every delivery process has said it is ready (once, at the start)."""
@@ -144,6 +145,9 @@ class CourierLink:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the delivery processes (a failure fails the start), then keep them up."""
+        if self._running:
+            raise RuntimeError("the delivery processes are run once (by the dispatcher)")
+        self._running = True
         async with trio.open_nursery() as nursery:
             for courier in self.couriers:  # each gets ready while the next starts
                 nursery.start_soon(courier.run)
@@ -151,6 +155,16 @@ class CourierLink:
                 await courier.up.wait()
             self._up.set()
             task_status.started()
+
+    async def spawn(self) -> None:
+        """Start the processes early; ``run`` takes them over (see _Courier.spawn)."""
+        for courier in self.couriers:
+            await courier.spawn()
+
+    async def discard(self) -> None:
+        """Kill what ``spawn`` started and ``run`` never took over."""
+        for courier in self.couriers:
+            await courier.discard()
 
     async def aclose(self) -> None:
         """End the delivery processes once the lanes have stopped (their connections are
@@ -175,6 +189,7 @@ class _Courier:
         self._closing = False
         self._stopped = trio.Event()
         self.up = trio.Event()  # it has said "ready" once
+        self._spawned: tuple[trio.Process, trio.SocketStream] | None = None
 
     def put(self, message: object) -> None:
         assert self.outbox is not None
@@ -229,7 +244,9 @@ class _Courier:
         with trio.move_on_after(STOP_GRACE + 5):
             await self._stopped.wait()
 
-    async def _start(self) -> tuple[trio.Process, trio.SocketStream, Frames, int]:
+    async def spawn(self) -> None:
+        """Start the process and say hello; ``run`` waits for its "ready" (so it gets
+        ready while the owner does something else: replays its journal)."""
         ours, theirs = socket.socketpair()
         try:
             process = await trio.lowlevel.open_process(
@@ -243,11 +260,27 @@ class _Courier:
         finally:
             theirs.close()
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-        io = StreamIO(stream)
-        messages = Frames(io)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await StreamIO(stream).write(frame(("hello", self.settings)))  # it reads it later
+        self._spawned = (process, stream)
+
+    async def discard(self) -> None:
+        """Kill a process spawned but never run (the owner failed to start)."""
+        if self._spawned is not None:
+            process, stream = self._spawned
+            self._spawned = None
+            with trio.CancelScope(shield=True):
+                await _reap(process, stream, 0.0)
+
+    async def _start(self) -> tuple[trio.Process, trio.SocketStream, Frames, int]:
+        if self._spawned is None:
+            await self.spawn()
+        assert self._spawned is not None
+        process, stream = self._spawned
+        self._spawned = None
+        messages = Frames(StreamIO(stream))
         with trio.move_on_after(START_TIMEOUT):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await io.write(frame(("hello", self.settings)))
                 ready = await messages.next()
                 if ready is not None and ready[0] == "ready":
                     return process, stream, messages, int(ready[1])

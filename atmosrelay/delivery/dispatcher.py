@@ -158,21 +158,23 @@ class Dispatcher:
         spread = self.schedule.spread_overdue(self.clock(), self.settings.restart_spread, self.rng)
         if spread:
             log.info("%d overdue retries spread over %gs", spread, self.settings.restart_spread)
-        async with trio.open_nursery() as nursery:
-            self._lanes.nursery = nursery
-            task_status.started()
-            for msg in list(state.messages.values()):
-                # the relay stopped between an outcome and its DSN
-                await self._owed_dsns(msg, self.clock())
-            while not self.draining:
-                self._wake = trio.Event()
-                await self._dispatch()
-                backlog = self._lanes.backlog()
-                wait = IDLE_POLL if backlog >= MAX_BACKLOG else self._until_next_due()
-                with trio.move_on_after(wait):  # an attempt ending wakes it early
-                    await self._wake.wait()
-            self._lanes.close()
-        await self.carrier.aclose()  # the lanes closed their connections first
+        async with trio.open_nursery() as carrying:  # outside the lanes' drain deadline
+            await carrying.start(self.carrier.run)
+            async with trio.open_nursery() as nursery:
+                self._lanes.nursery = nursery
+                task_status.started()
+                for msg in list(state.messages.values()):
+                    # the relay stopped between an outcome and its DSN
+                    await self._owed_dsns(msg, self.clock())
+                while not self.draining:
+                    self._wake = trio.Event()
+                    await self._dispatch()
+                    backlog = self._lanes.backlog()
+                    wait = IDLE_POLL if backlog >= MAX_BACKLOG else self._until_next_due()
+                    with trio.move_on_after(wait):  # an attempt ending wakes it early
+                        await self._wake.wait()
+                self._lanes.close()
+            await self.carrier.aclose()  # the lanes closed their connections first
 
     def _until_next_due(self) -> float:
         at = self.schedule.next_due()

@@ -62,6 +62,7 @@ def load_counters(
     for key, start, n in rows:
         counters.load(key, start, n)
     mark = store.flushed_until(journal)
+    counted: list[tuple[str, float, int]] = []
     replayed = 0
     for msg in state.messages.values():
         record = msg.record
@@ -69,16 +70,17 @@ def load_counters(
             continue  # DSNs and forwards (the relay's own mail) count against nobody
         if record.accepted_at > mark:
             n = sum(1 for r in record.recipients if not r.suppressed)
-            counters.add(recipients_key(record.did), record.accepted_at, n)
+            counted.append((recipients_key(record.did), record.accepted_at, n))
             replayed += 1
         for delivery in msg.history:
             if delivery.at <= mark:
                 continue
             for o in delivery.outcomes:
                 if o.outcome == RecipientState.SENT:
-                    counters.add(sent_key(domain_of(record.sender)), delivery.at)
+                    counted.append((sent_key(domain_of(record.sender)), delivery.at, 1))
                 elif o.outcome == RecipientState.BOUNCED:
-                    counters.add(bounced_key(domain_of(record.sender)), delivery.at)
+                    counted.append((bounced_key(domain_of(record.sender)), delivery.at, 1))
+    counters.add_many(counted)
     for domain in store.domains():
         if domain.paused_at is not None:
             policy.fresh_since[domain.name] = domain.paused_at

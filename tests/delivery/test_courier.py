@@ -99,6 +99,10 @@ def courier_settings(tmp: Path) -> CourierSettings:
 
 
 def enroll(tmp: Path) -> None:
+    """What the relay makes before it starts delivery processes: the account store, the
+    operator's key, the unsubscribe key."""
+    dkim_keys.ensure_operator_key(tmp / "dkim", "relay.test")
+    load_or_create_secret(tmp / "unsubscribe.key")
     store = Store(tmp / "accounts.sqlite3")
     store.add_member(ALICE_DID, "alice.test")
     domains.enroll(store, ALICE_DID, "example.org", limit=2, clock_now=0)
@@ -128,8 +132,7 @@ async def world(tmp: Path, **journal: int) -> AsyncIterator[World]:
             carrier=link,
         )
         async with trio.open_nursery() as nursery:
-            await nursery.start(link.run)
-            await nursery.start(dispatcher.run)
+            await nursery.start(dispatcher.run)  # which runs the link
             yield World(queue, dispatcher, link, sink)
             dispatcher.drain(5)
 

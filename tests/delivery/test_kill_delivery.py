@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.delivery.test_courier import alive
 from tests.relay.test_kill import (
     CLIENTS,
     ROUNDS,
@@ -23,6 +24,12 @@ from tests.relay.test_kill import (
     write_config,
 )
 from tests.sink import Sink, aiosmtpd_sink
+
+
+def delivery_pids(text: str) -> list[int]:
+    """The delivery processes a relay said it started (none when it delivers itself)."""
+    found = re.search(r"delivery processes started \(pid ([\d, ]+)\)", text)
+    return [int(p) for p in found.group(1).split(", ")] if found else []
 
 
 def wait_delivered(sink: Sink, wanted: set[str], limit: float) -> set[str]:
@@ -54,9 +61,18 @@ def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path, processes: in
         for round_ in range(ROUNDS):
             assert time.monotonic() - started < 240, "kill loop over its time budget"
             server = Server(tmp_path, config_path, round_)
+            couriers = delivery_pids(server.text())
+            assert len(couriers) == processes
             load_then_signal(
                 server, ctx, key, acked, rng.uniform(0.3, 1.2), f"r{round_}", signal.SIGKILL
             )
+            # the owner is gone: its delivery processes read end of file and exit
+            deadline = time.monotonic() + 15
+            while any(alive(p) for p in couriers):
+                assert time.monotonic() < deadline, (
+                    f"delivery processes outlived the relay: {couriers}"
+                )
+                time.sleep(0.05)
         delivered_before_last_start = sum(sink.subject_counts().values())
         final = Server(tmp_path, config_path, ROUNDS)  # no load: deliver what is left
         try:
@@ -98,6 +114,9 @@ def test_sigterm_drains_then_the_restart_delivers_the_rest(tmp_path: Path, proce
         assert status == 0, server.err.read_text()
         text = server.finished()
         assert "deliveries:" in text and "journal closed" in text, text
+        couriers = delivery_pids(text)
+        assert len(couriers) == processes
+        assert not any(alive(p) for p in couriers), "delivery processes outlived the relay"
         states = queue_states(config_path)
         marked_sent = {acked[q] for q in acked if states[q] == ["sent"]}
         at_sink = set(sink.subject_counts())

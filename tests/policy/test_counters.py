@@ -87,3 +87,27 @@ def test_total_matches_a_brute_force_count_of_touched_buckets(
             n for t, n in events if (t // bucket) * bucket + bucket > now - HOUR and t <= now
         ) + sum(n for t, n in events if t > now)  # the future is counted too (added already)
         assert c.total("k", now, HOUR) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(st.sampled_from(["a", "b"]), st.floats(0, 4 * HOUR), st.integers(-2, 5)),
+        max_size=80,
+    ),
+    probes=st.lists(st.floats(0, 5 * HOUR), max_size=10),
+)
+def test_adding_many_at_once_counts_as_adding_each(
+    events: list[tuple[str, float, int]], probes: list[float]
+) -> None:
+    """The start's recount sums per bucket first (``add_many``); in any order, the totals and
+    what is left to flush are those of ``add`` called for each."""
+    one_by_one, at_once = Counters(), Counters()
+    for key, t, n in events:
+        one_by_one.add(key, t, n)
+    at_once.add_many(events)
+    for now in sorted(probes):
+        for key in ("a", "b"):
+            assert at_once.total(key, now, HOUR) == one_by_one.total(key, now, HOUR)
+    flushed = {k: v for k, v in one_by_one.take_unflushed().items() if v}
+    assert {k: v for k, v in at_once.take_unflushed().items() if v} == flushed
