@@ -5,17 +5,20 @@
                 that destination (delivery/lane.py; keyed by its MX set, so domains at one
                 provider share a lane) -> a work item (message, recipients; one recipient
                 per item for bulk mail, whose List-Unsubscribe is made for each recipient)
-    attempt:    what a lane's worker does with a work item: read the body back from the
-                journal, prepare it (List-Unsubscribe, the DKIM signatures; in a worker
-                thread), one transaction, then the outcomes (delivery/outcomes.py decides
+    attempt:    what a lane's worker does with a work item: a Job handed to the carrier
+                (delivery/carry.py), which reads the body back from the journal, prepares
+                it (List-Unsubscribe, the DKIM signatures) and runs one transaction, here or
+                in a delivery process; then the outcomes (delivery/outcomes.py decides
                 retry times, expiry and the DSN): a DELIVERY record through the journal's
-                group commit, then the state, then the queue's events
+                group commit, then the state, then the queue's events. Only this process
+                writes records, whichever carries the attempt.
 
 A permanent resolution failure bounces at once; a temporary one defers. A bounce the sender
 asked to hear about queues an RFC 3464 DSN to them (null sender, through the same lanes);
 the DSN's ACCEPTED record names what it reports, so a restart between the bounce and the
 DSN still sends it, once. The recipients of an attempt that crashed go back on the schedule
-a minute later. ``drain(grace)`` stops taking work; workers finish the transaction in hand
+a minute later; those of an attempt lost with its delivery process, two seconds later,
+uncounted. ``drain(grace)`` stops taking work; workers finish the transaction in hand
 and leave; at the deadline the rest is cancelled (nothing is recorded for it, so it is tried
 again after the restart).
 
