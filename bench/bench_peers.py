@@ -85,8 +85,15 @@ def _peak_rss_mb(pid: int) -> float:
 
 def _children_peak_rss_mb(pid: int) -> float:
     """The peak resident memory of ``pid``'s children (the delivery processes), summed."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return sum(_peak_rss_mb(int(c)) for c in children)
+    total = 0.0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:  # it exited meanwhile
+            continue
+        if f"PPid:\t{pid}" in lines:
+            total += _peak_rss_mb(int(status.parent.name))
+    return total
 
 
 # -- the sink and the client -------------------------------------------------------------------
