@@ -344,7 +344,8 @@ class Delivery:
         16,
         doc="Delivery processes: each reads, signs and sends beside this process, which keeps "
         "the journal, the queue and every outcome (docs/delivery.md), so acceptance and "
-        "delivery use more than one core. 0: all in this process.",
+        "delivery use more than one core. 0: all in this process (the better choice on a "
+        "machine with one core).",
     )
     concurrency: int = integer(4, 1, note="connections per destination (MX host set)")
     idle: float = number(5.0, 0, note="seconds a connection is kept open for more work")

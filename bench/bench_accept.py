@@ -1,6 +1,7 @@
 """Submission throughput: our relay against aiosmtpd with an fsync handler, side by side.
 
     python bench/bench_accept.py [--quick] [--json] [--sessions 1,10,50,100] [--seconds S]
+                                 [--per-connection]
     python bench/bench_accept.py --policy-cost [--rounds 3]
 
 ``--policy-cost`` measures what the acceptance policy costs: our relay with its limits
@@ -120,16 +121,10 @@ async def _reply(stream: trio.abc.Stream, conn: ClientConnection) -> ServerReply
         return event
 
 
-async def _session(
-    port: int,
-    ctx: ssl.SSLContext,
-    password: str,
-    body: Callable[[int], bytes],
-    deadline: float,
-    done: Callable[[int, float], None],
-) -> None:
-    """One submission session sending ``body(n)`` for n = 1, 2, ... until ``deadline``;
-    ``done(n, seconds from the end of data to the 250)`` after each 250."""
+async def _connect(
+    port: int, ctx: ssl.SSLContext, password: str
+) -> tuple[trio.SSLStream[trio.SocketStream], ClientConnection, bool]:
+    """A session, greeted and authenticated: (stream, connection, PIPELINING offered)."""
     stream = await trio.open_ssl_over_tcp_stream(
         "127.0.0.1", port, ssl_context=ctx, https_compatible=False
     )
@@ -140,10 +135,29 @@ async def _session(
     pipelining = bool(ehlo.capabilities and ehlo.capabilities.has("PIPELINING"))
     await stream.send_all(conn.send(AuthPlain(DID, password)))
     assert (await _reply(stream, conn)).reply.code == 235
+    return stream, conn, pipelining
+
+
+async def _session(
+    port: int,
+    ctx: ssl.SSLContext,
+    password: str,
+    body: Callable[[int], bytes],
+    deadline: float,
+    done: Callable[[int, float], None],
+    per_connection: bool = False,
+) -> None:
+    """One submission session sending ``body(n)`` for n = 1, 2, ... until ``deadline``;
+    ``done(n, seconds from the end of data to the 250)`` after each 250. ``per_connection``:
+    a new connection (TLS handshake, EHLO, AUTH) for every message, closed after its 250."""
+    stream, conn, pipelining = await _connect(port, ctx, password)
     sender, rcpt = Address("bench", "example.org"), Address("sink", "example.net")
     n = 0
     while trio.current_time() < deadline:
         n += 1
+        if per_connection and n > 1:
+            await stream.aclose()
+            stream, conn, pipelining = await _connect(port, ctx, password)
         commands: list[Event] = [MailFrom(sender), RcptTo(rcpt), Data()]
         if pipelining:
             await stream.send_all(b"".join(conn.send(c) for c in commands))
@@ -164,7 +178,13 @@ async def _session(
 
 
 async def _drive(
-    port: int, ctx: ssl.SSLContext, password: str, sessions: int, size: int, seconds: float
+    port: int,
+    ctx: ssl.SSLContext,
+    password: str,
+    sessions: int,
+    size: int,
+    seconds: float,
+    per_connection: bool = False,
 ) -> tuple[list[float], float]:
     latencies: list[float] = []
     body = _message(size)
@@ -179,6 +199,7 @@ async def _drive(
                 lambda _: body,
                 start + seconds,
                 lambda _, latency: latencies.append(latency),
+                per_connection,
             )
     return latencies, trio.current_time() - start
 
@@ -240,7 +261,12 @@ def _baseline(tmp: Path, cert: Path) -> tuple[Server, str]:
 
 
 def measure(
-    name: str, sessions: int, size_label: str, seconds: float, ca: trustme.CA
+    name: str,
+    sessions: int,
+    size_label: str,
+    seconds: float,
+    ca: trustme.CA,
+    per_connection: bool = False,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=ROOT) as d:
         tmp = Path(d)
@@ -259,7 +285,14 @@ def measure(
         try:
             cpu0 = _cpu_seconds(server.proc.pid)
             latencies, elapsed = trio.run(
-                _drive, server.port, ctx, password, sessions, SIZES[size_label], seconds
+                _drive,
+                server.port,
+                ctx,
+                password,
+                sessions,
+                SIZES[size_label],
+                seconds,
+                per_connection,
             )
             cpu = _cpu_seconds(server.proc.pid) - cpu0
         finally:
@@ -291,6 +324,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="1KiB,100KiB")
     parser.add_argument("--policy-cost", action="store_true", help="limits on vs off")
     parser.add_argument("--rounds", type=int, default=3, help="--policy-cost rounds")
+    parser.add_argument(
+        "--per-connection",
+        action="store_true",
+        help="a new connection (TLS, EHLO, AUTH) for every message",
+    )
     args = parser.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     ca = trustme.CA()
@@ -301,7 +339,7 @@ def main() -> None:
     for size in args.sizes.split(","):
         for sessions in (int(x) for x in args.sessions.split(",")):
             for name in ("atmosrelay", "aiosmtpd-fsync"):
-                rows.append(measure(name, sessions, size, seconds, ca))
+                rows.append(measure(name, sessions, size, seconds, ca, args.per_connection))
     machine = {
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
@@ -315,7 +353,8 @@ def main() -> None:
         return
     print(
         f"accept bench: {machine['platform']}, {machine['cpus']} CPUs, Python {machine['python']}, "
-        f"{seconds:g} s per run, implicit TLS, AUTH once per session"
+        f"{seconds:g} s per run, implicit TLS, "
+        + ("a connection and AUTH per message" if args.per_connection else "AUTH once per session")
     )
     print(
         f"{'server':<15}{'size':>7}{'sess':>6}{'msgs/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
