@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.delivery.test_courier import alive
+from tests.delivery.test_courier import alive, exited
 from tests.relay.test_kill import (
     CLIENTS,
     ROUNDS,
@@ -67,12 +67,7 @@ def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path, processes: in
                 server, ctx, key, acked, rng.uniform(0.3, 1.2), f"r{round_}", signal.SIGKILL
             )
             # the owner is gone: its delivery processes read end of file and exit
-            deadline = time.monotonic() + 15
-            while any(alive(p) for p in couriers):
-                assert time.monotonic() < deadline, (
-                    f"delivery processes outlived the relay: {couriers}"
-                )
-                time.sleep(0.05)
+            assert exited(couriers, 15), f"delivery processes outlived the relay: {couriers}"
         delivered_before_last_start = sum(sink.subject_counts().values())
         final = Server(tmp_path, config_path, ROUNDS)  # no load: deliver what is left
         try:
