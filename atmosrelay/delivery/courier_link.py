@@ -1,16 +1,23 @@
-"""The owner's side of the delivery process: start it, carry attempts through it, restart it.
+"""The owner's side of the delivery processes: start them, carry attempts through them,
+restart them.
 
 ``CourierLink`` is a carrier (delivery/carry.py): ``carry(job, connection)`` sends the job to
-the delivery process (delivery/courier.py) and waits for its outcomes; the connection a lane
-worker holds is a ``CourierConnection``, a handle naming one the delivery process keeps open.
+a delivery process (delivery/courier.py: the one holding the connection, else the one with
+the fewest attempts in hand) and waits for its outcomes; the connection a lane worker holds
+is a ``CourierConnection``, a handle naming one that delivery process keeps open.
 
-    run()     start the delivery process (a failure to start it fails the relay's start), then
+    spawn()   start the processes early (the relay does, before it replays its journal)
+    run()     take them over (a failure to start one fails the relay's start), then
+              watch each: when one exits unasked (killed, crashed), every attempt in hand raises
+              ``CarrierLost`` (the dispatcher puts those recipients back on the schedule,
+              uncounted: nothing was recorded for them), handles to its connections go stale,
+              and another is started after ``RESTART_DELAY``
               watch it: when it exits unasked (killed, crashed), every attempt in hand raises
               ``CarrierLost`` (the dispatcher puts those recipients back on the schedule,
               uncounted: nothing was recorded for them), handles to its connections go stale,
               and another is started after ``RESTART_DELAY``
-    aclose()  after the lanes have stopped: end of file to the delivery process, which closes
-              its connections and exits; killed if it has not within ``STOP_GRACE``
+    aclose()  after the lanes have stopped: end of file to each, which closes its
+              connections and exits; killed if it has not within ``STOP_GRACE``
 
 A message it delivered but whose outcome the owner had not recorded when either process died
 is delivered again after the restart: the same at-least-once as one process that dies
@@ -86,7 +93,7 @@ class CourierLink:
     def __init__(self, settings: CourierSettings, count: int = 1) -> None:
         # where a job whose record moved is read (set once the owner has opened it)
         self.journal: Journal | None = None
-        self.couriers = [_Courier(settings, i) for i in range(count)]
+        self.couriers = [_Courier(settings) for _ in range(count)]
         self._ids = itertools.count(1)
         self._up = trio.Event()
         self._running = False
@@ -177,9 +184,8 @@ class CourierLink:
 class _Courier:
     """One delivery process, started again when it exits unasked."""
 
-    def __init__(self, settings: CourierSettings, index: int) -> None:
+    def __init__(self, settings: CourierSettings) -> None:
         self.settings = settings
-        self.index = index
         self.incarnation = 0  # which process; handles to an earlier one's connections are stale
         self.pid: int | None = None
         self.restarts = 0
@@ -195,7 +201,9 @@ class _Courier:
         assert self.outbox is not None
         self.outbox.put(message)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self) -> None:
+        """Take over the spawned process (or spawn one), then start another whenever it
+        exits unasked; ``up`` is set at the first "ready"."""
         started = False
         try:
             while not self._closing:
@@ -212,7 +220,6 @@ class _Courier:
                 outbox = self.outbox = Outbox()
                 if not started:
                     self.up.set()
-                    task_status.started()
                     started = True
                 try:
                     await self._serve(stream, messages, outbox)
