@@ -7,8 +7,10 @@ between, where the CPU goes (reading the body, the three DKIM signatures, the SM
                  body stands in the journal, what signing needs; small and picklable
     transact()   one transaction on the connection a lane's worker holds, or on a new one
     Carried      the connection to keep (or None), the host that answered, the outcomes
-    LocalCarrier all of it in this process (the default; every unit test of the dispatcher)
-    CourierLink  all of it in the delivery process (delivery/courier_link.py)
+    LocalCarrier all of it in this process (the dispatcher's own default: its unit tests on
+                 virtual time, and ``delivery.processes = 0``)
+    CourierLink  all of it in the delivery processes (delivery/courier_link.py; the relay's
+                 default)
 
 A connection is whatever the carrier hands back: a ``Remote`` here, a handle naming one in
 the delivery process there. The lane only keeps it, gives it back, and closes it.
