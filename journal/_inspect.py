@@ -14,8 +14,8 @@ import attrs
 from journal._format import (
     FRAME_HEADER_SIZE,
     MARK_TYPE,
-    decode_frame,
     parse_segment_name,
+    read_frame,
     segment_name,
 )
 from journal._fs import FS, OsFS
@@ -189,14 +189,12 @@ def read_at(
     except FileNotFoundError:
         return None
     try:
-        head = os.pread(fd, FRAME_HEADER_SIZE, position.offset)
-        if len(head) < FRAME_HEADER_SIZE:
-            return None
-        size = FRAME_HEADER_SIZE + min(int.from_bytes(head[:4], "little"), max_record_size)
-        data = os.pread(fd, size, position.offset)
+        found = read_frame(
+            lambda offset, size: os.pread(fd, size, offset), position.offset, None, max_record_size
+        )
     finally:
         os.close(fd)
-    frame = decode_frame(data, 0, max_record_size)
-    if frame is None or frame.type != rtype or rtype == MARK_TYPE:
+    if found is None or found[0].type != rtype or rtype == MARK_TYPE:
         return None
+    frame, data = found
     return Record(frame.seq, frame.type, data[frame.payload_offset : frame.end], position)

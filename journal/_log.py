@@ -35,11 +35,11 @@ from journal._format import (
     HEADER_SIZE,
     MARK_TYPE,
     SegmentHeader,
-    decode_frame,
     encode_frame,
     encode_header,
     encode_mark,
     parse_segment_name,
+    read_frame,
     segment_name,
 )
 from journal._fs import FS, File
@@ -422,13 +422,10 @@ class Log:
 
     # -- reading (any thread) --------------------------------------------------------
     def _read_frame(self, f: File, pos: Position, length: int | None) -> Record:
-        if length is None:
-            head = f.pread(pos.offset, FRAME_HEADER_SIZE)
-            length = int.from_bytes(head[:4], "little") if len(head) == FRAME_HEADER_SIZE else 0
-        data = f.pread(pos.offset, FRAME_HEADER_SIZE + min(length, self.max_record_size))
-        frame = decode_frame(data, 0, self.max_record_size)
-        if frame is None or frame.type == MARK_TYPE:
+        found = read_frame(f.pread, pos.offset, length, self.max_record_size)
+        if found is None or found[0].type == MARK_TYPE:
             raise CorruptJournalError(pos.segment, pos.offset, "no valid record at this position")
+        frame, data = found
         payload = data[frame.payload_offset : frame.end]
         return Record(seq=frame.seq, type=frame.type, payload=payload, position=pos)
 
