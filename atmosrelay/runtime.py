@@ -379,8 +379,7 @@ async def _serve(
                     prepare.generation = lambda: keys.generation
                     dispatcher.keys = lambda: (keys.generation, prepare.operator.selector)
                 await delivery.start(dispatcher.run)
-                if isinstance(dispatcher.carrier, CourierLink):
-                    await dispatcher.carrier.wait_up()
+                if isinstance(dispatcher.carrier, CourierLink):  # started: all ready
                     pids = ", ".join(map(str, dispatcher.carrier.pids))
                     announce(f"delivery processes started (pid {pids})")
                 queue.on_accept = dispatcher.notify

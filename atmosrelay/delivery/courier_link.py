@@ -95,12 +95,7 @@ class CourierLink:
         self.journal: Journal | None = None
         self.couriers = [_Courier(settings) for _ in range(count)]
         self._ids = itertools.count(1)
-        self._up = trio.Event()
         self._running = False
-
-    async def wait_up(self) -> None:
-        """Until every delivery process has said it is ready (once, at the start)."""
-        await self._up.wait()
 
     @property
     def pids(self) -> list[int]:
@@ -111,8 +106,6 @@ class CourierLink:
         return sum(c.restarts for c in self.couriers)
 
     async def carry(self, job: Job, remote: Connection | None) -> Carried:
-        if not self._up.is_set():  # started with the relay, they may still be getting ready
-            await self._up.wait()
         while True:
             token = None
             if isinstance(remote, CourierConnection) and remote.usable and remote.current:
@@ -145,8 +138,8 @@ class CourierLink:
                 assert self.journal is not None
                 record = await self.journal.read(job.position)
                 job = attrs.evolve(job, body=job.body_of(record))
-                if token is not None:  # it kept the connection under the same token
-                    remote = CourierConnection(courier, courier.incarnation, token, "", True)
+                if isinstance(remote, CourierConnection) and token is not None:
+                    remote.usable = True  # it kept the connection under the same token
                 continue
             raise CourierCrashed(str(reply[2]))
 
@@ -160,7 +153,6 @@ class CourierLink:
                 nursery.start_soon(courier.run)
             for courier in self.couriers:
                 await courier.up.wait()
-            self._up.set()
             task_status.started()
 
     async def spawn(self) -> None:
