@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import bcrypt
 import pytest
 import trio
 import trio.testing
@@ -85,6 +86,21 @@ async def test_refusals_cost_a_bcrypt_all_the_same(
     assert isinstance(result, Refused)
     assert result.reason == reason
     assert kc.bcrypt_calls == 1  # unknown users are not answered faster
+
+
+@pytest.mark.parametrize("cost", [4, 12])
+def test_the_unknown_users_hash_costs_what_a_real_key_costs(store: Store, cost: int) -> None:
+    """Made without hashing, it names the same algorithm and cost as an issued key's hash
+    (bcrypt spends what the string names), and nothing matches it."""
+    issued = api_keys.issue(store, ALICE, cost=4)
+    real = store.key(issued.key_id).bcrypt_hash
+    dummy = api_keys.dummy_hash(cost)
+    assert len(dummy) == len(real) == 60
+    assert dummy[:7] == real[:4] + b"%02d$" % cost
+    assert dummy != api_keys.dummy_hash(cost)  # a fresh salt each time
+    if cost == 4:  # checking against it runs bcrypt and refuses, never raises
+        assert not bcrypt.checkpw(issued.secret.encode(), dummy)
+        assert not bcrypt.checkpw(b"", dummy)
 
 
 async def test_revoke_drops_the_cache_at_once_and_rotation_keeps_working(store: Store) -> None:
