@@ -34,6 +34,7 @@ from journal._format import (
     decode_frame,
     decode_header,
     decode_mark,
+    frame_at,
 )
 from journal.errors import CorruptJournalError
 
@@ -107,31 +108,35 @@ def scan_segment(data: bytes, number: int, *, newest: bool, max_record_size: int
     scan.newest_seq = max(last_new, 0)
     offset = HEADER_SIZE
     reason = ""
-    while offset < len(data):
-        frame = decode_frame(data, offset, max_record_size)
-        if frame is None:
+    # one pass over every frame of every segment at each start: kept to plain locals
+    seqs, offsets, lengths, types = scan.seqs, scan.offsets, scan.lengths, scan.types
+    first_seq, size = header.first_seq, len(data)
+    while offset < size:
+        found = frame_at(data, offset, max_record_size)
+        if found is None:
             reason = "invalid frame (length or checksum)"
             break
-        if frame.type == MARK_TYPE:
-            if frame.length != 8 or decode_mark(data[frame.payload_offset : frame.end]) > offset:
+        seq, rtype, start, end = found
+        if rtype == MARK_TYPE:
+            if end - start != 8 or decode_mark(data[start:end]) > offset:
                 reason = "malformed sync mark"
                 break
             scan.marks += 1
-            scan.newest_seq = max(scan.newest_seq, frame.seq)
+            scan.newest_seq = max(scan.newest_seq, seq)
         else:
-            if frame.seq >= header.first_seq:
+            if seq >= first_seq:
                 # A new record: strictly after the previous new record of this segment.
-                if frame.seq <= last_new:
-                    reason = f"sequence number {frame.seq} after {last_new}: stale frame"
+                if seq <= last_new:
+                    reason = f"sequence number {seq} after {last_new}: stale frame"
                     break
-                last_new = frame.seq
-                scan.newest_seq = max(scan.newest_seq, frame.seq)
-            scan.seqs.append(frame.seq)
-            scan.offsets.append(frame.offset)
-            scan.lengths.append(frame.length)
-            scan.types.append(frame.type)
-        offset = frame.end
-        scan.valid_end = offset
+                last_new = seq
+                scan.newest_seq = max(scan.newest_seq, seq)
+            seqs.append(seq)
+            offsets.append(offset)
+            lengths.append(end - start)
+            types.append(rtype)
+        offset = end
+    scan.valid_end = offset
     if offset >= len(data):
         return scan
     if not newest:
