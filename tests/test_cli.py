@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from atmosrelay.queue.records import RecordType, encode_accepted
+from atmosrelay.queue.records import (
+    Delivery,
+    Outcome,
+    RecordType,
+    encode_accepted,
+    encode_delivery,
+)
 from atmosrelay.replay import REPLAY_BAR_RECORDS
 from journal import Log, OsFS
 from journal._format import FRAME_HEADER_SIZE, segment_name
@@ -265,6 +271,31 @@ def test_a_closed_standard_output_ends_quietly(tmp_path: Path, command: str) -> 
     finally:
         os.close(write_end)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_queue_show_json_of_a_message_never_tried_and_of_a_deferred_one(tmp_path: Path) -> None:
+    """Read offline from the journal: a message with no attempt yet shares an empty, read-only
+    retry map (queue/state.py); the JSON gives it as an empty object all the same."""
+    (tmp_path / "relay.toml").write_text(f'[relay]\ndata_dir = "{tmp_path / "var"}"\n')
+    fresh = accepted_record("bob@example.net", queue_id="01" + "A" * 24)
+    tried = accepted_record("carol@example.net", queue_id="01" + "B" * 24)
+    outcome = Outcome("carol@example.net", "deferred", "4.2.1", "451 busy", 1, 1_800_000_600.0)
+    log, _ = Log.open(OsFS(), str(tmp_path / "var" / "journal"))
+    log.write_batch(
+        [
+            (RecordType.ACCEPTED, encode_accepted(fresh, b"Subject: a\r\n\r\nbody\r\n")),
+            (RecordType.ACCEPTED, encode_accepted(tried, b"Subject: b\r\n\r\nbody\r\n")),
+            (RecordType.DELIVERY, encode_delivery(Delivery(tried.id, 1.8e9, None, (outcome,)))),
+        ]
+    )
+    log.close()
+    config = ["--config", str(tmp_path / "relay.toml")]
+    shown = [run("queue", "show", m.id, "--json", *config) for m in (fresh, tried)]
+    assert [(r.returncode, r.stderr) for r in shown] == [(0, ""), (0, "")]
+    first, second = (json.loads(r.stdout) for r in shown)
+    assert (first["next_attempt"], first["history"]) == ({}, [])
+    assert second["next_attempt"] == {"carol@example.net": 1_800_000_600.0}
+    assert [o["status"] for o in second["history"][0]["outcomes"]] == ["4.2.1"]
 
 
 def on_terminal(

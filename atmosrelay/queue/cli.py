@@ -181,7 +181,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         **_row(m),
         "record": attrs.asdict(m.record),
         "history": [attrs.asdict(d) for d in m.history],
-        "next_attempt": m.next_at,
+        "next_attempt": dict(m.next_at),
     }
     if args.json:
         print(json.dumps(data, indent=2))

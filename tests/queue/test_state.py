@@ -12,6 +12,7 @@ from atmosrelay.queue.records import (
     encode_deleted,
     encode_delivery,
     new_queue_id,
+    shared,
 )
 from atmosrelay.queue.state import DSN_FOR, DSN_RECIPIENTS, fold
 from journal import Log, Position, Record
@@ -116,3 +117,43 @@ def test_codec_round_trip_through_the_journal() -> None:
     assert decode_delivery(records[1].payload).outcomes == (DEFER,)
     state = fold(records)
     assert state.messages[QID].recipient_states["bob@example.net"] == "deferred"
+
+
+def test_messages_share_empty_and_equal_parts_and_never_each_others_writes() -> None:
+    """A deep queue after a restart holds every message: equal ``client`` dicts and empty
+    ``metadata`` are one dict each, and a message's first attempt gives it maps of its own
+    (the shared empty one is read-only, and stays empty)."""
+    other = new_queue_id(1_800_000_001.0)
+    state = fold(
+        [
+            accepted(),
+            Record(
+                2,
+                RecordType.ACCEPTED,
+                encode_accepted(
+                    accepted_record("dave@example.net", queue_id=other), b"Subject: y\r\n\r\n"
+                ),
+                Position(1, 64),
+            ),
+            delivery(3, Outcome("bob@example.net", "deferred", "4.2.1", "451", 1, 1.9e9)),
+        ]
+    )
+    first, second = state.messages[QID], state.messages[other]
+    assert first.record.client is second.record.client
+    assert first.record.metadata is second.record.metadata == {}
+    assert dict(first.attempts) == {"bob@example.net": 1}
+    assert dict(first.next_at) == {"bob@example.net": 1.9e9}
+    assert (dict(second.attempts), dict(second.next_at), second.history) == ({}, {}, ())
+    assert second.attempts is second.next_at  # still the one shared, empty map
+    state.apply(delivery(4, Outcome("dave@example.net", "sent", "2.0.0", "250"), qid=other))
+    assert dict(second.attempts) == {"dave@example.net": 1}
+    assert dict(first.attempts) == {"bob@example.net": 1}
+    assert (dict(second.next_at), len(second.history)) == ({}, 1)
+
+
+def test_an_unshareable_dict_is_decoded_as_its_own() -> None:
+    value = {"tags": ["a", "b"]}  # a list: not hashable, so not shared
+    copy = shared(value)
+    assert copy == value and copy is not value and shared(value) is not copy
+    small = shared({"ip": "192.0.2.1", "tls": None})
+    assert shared({"ip": "192.0.2.1", "tls": None}) is small
