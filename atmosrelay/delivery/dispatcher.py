@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
@@ -276,6 +277,7 @@ class Dispatcher:
             return
         now = self.clock()
         final = finalize(outcomes, msg, now, self.settings.policy, self.rng)
+        mta = None if mta is None else sys.intern(mta)  # a few hosts, kept per outcome
         await self.queue.record(Delivery(queue_id, now, mta, final))
         for o in final:
             log.info(

@@ -13,6 +13,7 @@ dsn_record       the ACCEPTED record of the DSN itself: null sender, to the enve
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterable, Sequence
 
 import attrs
@@ -42,6 +43,9 @@ def finalize(
 ) -> tuple[Outcome, ...]:
     final = []
     for o in outcomes:
+        # the state keeps every outcome of a message until compaction drops it: a status
+        # code is one of a few strings, one object each
+        o = attrs.evolve(o, status=sys.intern(o.status))
         attempt = msg.attempts.get(o.recipient, 0) + 1
         if o.outcome == RecipientState.DEFERRED:
             at = policy.next_attempt(
