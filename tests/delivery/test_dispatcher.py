@@ -17,7 +17,7 @@ from atmosrelay.delivery.backoff import RetryPolicy
 from atmosrelay.delivery.client_session import open_remote
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
 from atmosrelay.delivery.resolver import Destination, ResolutionFailed
-from atmosrelay.queue.records import RecordType, decode_delivery
+from atmosrelay.queue.records import Delivery, Outcome, RecordType, decode_delivery
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.smtp import Reply
 from journal import open_journal
@@ -57,8 +57,11 @@ async def world(
     hosts: dict[str, Host], table: dict[str, Destination | ResolutionFailed], **settings: object
 ) -> AsyncIterator[World]:
     open_fn = settings.pop("open_fn", open_remote)
+    before = settings.pop("before", None)  # fills the queue before the dispatcher starts
     async with open_journal("/q", fs=CrashableMemFS()) as journal, fake_mx(**hosts) as mx:
         queue = QueueStore(journal)
+        if before is not None:
+            await before(queue)  # type: ignore[operator]
         dispatcher = Dispatcher(
             queue,
             FakeResolver(table),
@@ -153,6 +156,35 @@ async def test_bounce_when_retries_run_past_max_age(autojump_clock: trio.testing
         assert status["Status"] == "5.4.7"
         assert status["Diagnostic-Code"] == "smtp; 451 4.3.0 later"
         assert w.queue.state.messages[qid].dead  # nothing owed any more: compactable
+
+
+async def test_a_dsn_owed_when_the_relay_stopped_is_sent_when_it_starts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A bounce recorded, then the relay stopped before its DSN was queued: the dispatcher's
+    start queues it (once), beside a message never tried, which is simply delivered."""
+    ids: list[str] = []
+
+    async def bounced_then_stopped(queue: QueueStore) -> None:
+        ids.append(await accept(queue, "bob@example.net", "carol@example.org"))
+        ids.append(await accept(queue, "dave@example.net"))
+        gone = Outcome("carol@example.org", "bounced", "5.1.1", "550 5.1.1 no such user")
+        sent = Outcome("bob@example.net", "sent", "2.0.0", "250 ok")
+        await queue.record(Delivery(ids[0], trio.current_time(), "mx1", (sent, gone)))
+        assert queue.state.messages[ids[0]].dsn_owed() == ["carol@example.org"]
+
+    mx = Host()
+    table = {"example.net": MX1, "example.org": MX1}
+    async with world({"mx1": mx}, table, before=bounced_then_stopped) as w:
+        await until(lambda: len(mx.received) == 2)  # dave's message, and the DSN to alice
+        await trio.sleep(600)
+        assert len(mx.received) == 2
+        reports = [email.message_from_bytes(m) for m in mx.received]
+        dsn = next(r for r in reports if r.get_content_type() == "multipart/report")
+        status = dsn.get_payload()[1].get_payload()[1]  # type: ignore[index,union-attr]
+        assert status["Final-Recipient"] == "rfc822; carol@example.org"
+        assert not w.queue.state.messages[ids[0]].dsn_owed()
+        assert w.queue.state.messages[ids[1]].terminal
 
 
 async def test_per_destination_concurrency_is_held(autojump_clock: trio.testing.MockClock) -> None:

@@ -89,3 +89,51 @@ def test_a_deleted_message_is_never_handed_out() -> None:
     state.add_deleted(QID, Position(1, 500))
     assert schedule.take_due(1_800_000_000.0) == []
     assert schedule.next_due() is None
+
+
+def test_a_deep_queue_is_handed_out_in_time_order() -> None:
+    """from_state builds the heap in one go: 500 messages, never tried or deferred to
+    scattered times, come out earliest first, each recipient once."""
+    rng = random.Random(7)
+    records, expected = [], []
+    for n in range(500):
+        qid = new_queue_id(1_800_000_000.0 + rng.random() * 1000)
+        records.append(attrs.evolve(accepted(qid), seq=2 * n + 1))
+        if n % 2:
+            at = 1_800_001_000.0 + rng.random() * 1000
+            later = attrs.evolve(DEFER, next_at=at)
+            records.append(attrs.evolve(delivery(2 * n + 2, later, qid=qid), seq=2 * n + 2))
+            expected.append((at, qid, "bob@example.net"))
+        else:
+            expected.append((1_800_000_000.0, qid, "bob@example.net"))
+        expected.append((1_800_000_000.0, qid, "carol@example.org"))
+    schedule = Schedule.from_state(fold(records))
+    got = []
+    while (at := schedule.next_due()) is not None:
+        got += [(at, q, r) for q, r in schedule.take_due(at)]
+    assert sorted(got) == sorted(expected)
+    assert [t for t, _, _ in got] == sorted(t for t, _, _ in expected)
+
+
+def test_a_restart_spreads_only_the_overdue_retries() -> None:
+    """Never tried: due at once. Deferred and overdue: spread. Deferred to later: kept."""
+    fresh, overdue, later = (new_queue_id(1_800_000_000.0) for _ in range(3))
+    pushed = attrs.evolve(DEFER, next_at=1_800_009_000.0)
+    carol = {"recipient": "carol@example.org"}
+    state = fold(
+        [
+            attrs.evolve(accepted(fresh), seq=1),
+            attrs.evolve(accepted(overdue), seq=2),
+            attrs.evolve(accepted(later), seq=3),
+            delivery(4, DEFER, attrs.evolve(DEFER, **carol), qid=overdue),
+            delivery(5, pushed, attrs.evolve(pushed, **carol), qid=later),
+        ]
+    )
+    schedule = Schedule.from_state(state)
+    now = 1_800_001_000.0
+    assert schedule.spread_overdue(now, 60.0, random.Random(1)) == 2
+    first = schedule.take_due(now)  # the two never tried, and the first of the spread
+    assert sorted(first[:2]) == [(fresh, "bob@example.net"), (fresh, "carol@example.org")]
+    assert len(first) == 3 and first[2][0] == overdue
+    assert [q for q, _ in schedule.take_due(now + 30.0)] == [overdue]
+    assert schedule.next_due() == 1_800_009_000.0
