@@ -47,6 +47,7 @@ from atmosrelay.accounts.api_keys import KeyChecker
 from atmosrelay.accounts.dkim_keys import ensure_operator_key
 from atmosrelay.accounts.store import AsyncStore, Store
 from atmosrelay.api.metrics import RelayMetrics
+from atmosrelay.collector import keep_collector
 from atmosrelay.config import Config
 from atmosrelay.control import control_handler, serve_control, socket_path
 from atmosrelay.delivery.configured import make_couriers, make_dispatcher
@@ -360,6 +361,7 @@ async def _serve(
     async with trio.open_nursery() as services:
         if handle_signals:  # installed before "ready", so no signal can slip past it
             await services.start(watch_signals, signals, announce)
+        await services.start(keep_collector)  # no full collection stalls the sessions
         await services.start(keys.watch_revocations)
         await services.start(pipeline.actions.run)
         await services.start(
