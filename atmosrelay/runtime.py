@@ -332,6 +332,7 @@ async def _serve(
     extras: _Extras,
 ) -> None:
     ctx = make_context(config, store, queue, tls_context, enforce_limits=enforce_limits)
+    ctx.on_data_reply = extras.metrics.data_reply_seconds.observe
     keys = ctx.keys
     journal_name = str(config.journal_dir.resolve())
     ctx.inbound, extras.inbound = make_inbound(

@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -134,6 +135,7 @@ class SessionContext:
     max_recipients: int = 100
     trusted_did: str = ""
     inbound: InboundSettings | None = None  # what the inbound listener's sessions share
+    on_data_reply: Callable[[float], None] = lambda s: None  # end of data -> reply written, s
     shutdown: trio.Event = attrs.field(factory=trio.Event)
     waiting: set[trio.CancelScope] = attrs.field(factory=set)  # sessions waiting for a command
 
@@ -201,6 +203,7 @@ class Session:
         self._ends_at = trio.current_time() + ctx.max_session_time
         self._command_deadline: float | None = None  # set when the wait for a command starts
         self._data_started: float | None = None  # set when a DATA or BDAT phase starts
+        self._data_ended: float | None = None  # a message's end of data, until its reply goes
         self._data_bytes = 0
         self.conn = self._new_connection(after_starttls=False)
 
@@ -354,11 +357,13 @@ class Session:
             raise
 
     async def _flush(self) -> None:
-        """Write the queued replies. Raises trio.TooSlowError when the peer has not taken
-        them within ``idle_timeout`` (it pipelines and never reads: drop it)."""
+        """Write the queued replies; trio.TooSlowError if the peer reads none in idle_timeout."""
         if self._out:
             data, self._out = bytes(self._out), bytearray()
             await self.io.write(data, self.ctx.idle_timeout)
+            if self._data_ended is not None:
+                self.ctx.on_data_reply(trio.current_time() - self._data_ended)
+                self._data_ended = None
 
     async def _start_tls(self) -> bool:
         tls = trio.SSLStream(self.io.stream, self.ctx.tls_context, server_side=True)
@@ -415,6 +420,7 @@ class Session:
         if isinstance(event, ChunkEnd):
             return R.CHUNK_OK.format(size=event.size)
         if isinstance(event, EndOfMessage):
+            self._data_ended = trio.current_time()
             try:
                 return await self._accept()
             finally:

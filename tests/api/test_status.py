@@ -15,6 +15,7 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.client import Api, api_relay, eventually
+from tests.delivery.test_end_to_end import TRANSACTIONAL, submit
 from tests.relay.harness import make_config
 from tests.relay.test_kill import cli_json
 from tests.sink import Sink, aiosmtpd_sink
@@ -207,10 +208,11 @@ async def test_metrics_parse_and_move_with_traffic(tmp_path: Path) -> None:
         before = _samples((await api.http.get("/metrics")).text)
         await api.send(to=["bob@example.net"])
         await api.send(**{"from": "x@elsewhere.example"})
+        await trio.to_thread.run_sync(submit, api.relay, TRANSACTIONAL, "carol@example.net")
 
         async def delivered() -> bool:
             now = _samples((await api.http.get("/metrics")).text)
-            return now.get(("atmosrelay_delivery_outcomes_total", (("outcome", "sent"),)), 0) >= 1
+            return now.get(("atmosrelay_delivery_outcomes_total", (("outcome", "sent"),)), 0) >= 2
 
         await eventually(delivered, 20)
         after = _samples((await api.http.get("/metrics")).text)
@@ -224,7 +226,13 @@ async def test_metrics_parse_and_move_with_traffic(tmp_path: Path) -> None:
     appends = ("atmosrelay_journal_appends_total", ())
     assert after[appends] >= before[appends] + 2  # the message and its delivery record
     assert after[("atmosrelay_journal_batch_seconds_count", ())] >= 2
-    assert after[("atmosrelay_queue_recipients", (("state", "sent"),))] == 1
+    assert after[("atmosrelay_queue_recipients", (("state", "sent"),))] == 2
+    # the SMTP message's end of data to its 250, on the relay's clock: one observation,
+    # in a bucket (the HTTP sends have no end of data)
+    replies = "atmosrelay_smtp_data_reply_seconds"
+    assert (before[(f"{replies}_count", ())], after[(f"{replies}_count", ())]) == (0, 1)
+    assert 0 < after[(f"{replies}_sum", ())] < 10
+    assert after[(f"{replies}_bucket", (("le", "+Inf"),))] == 1
     assert after[("atmosrelay_delivery_lanes", ())] == 1
     ok = ("atmosrelay_http_requests_total", (("route", "/v1/send"), ("status", "200")))
     assert after[ok] == 1
