@@ -17,7 +17,7 @@ kept current by the queue's events; nothing but a record changes the state):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -47,14 +47,13 @@ NOTHING_YET: Final[Mapping[str, Any]] = MappingProxyType({})
 class QueuedMessage:
     record: Accepted
     # where its records stand in the journal: the ACCEPTED one (with the body) first, then
-    # its DELIVERY records
-    positions: list[Position]
+    # its DELIVERY records (a tuple: a list of two held 64 bytes more, for every message)
+    positions: tuple[Position, ...]
     body_offset: int  # where the message bytes start in the ACCEPTED record's payload
     recipient_states: dict[str, RecipientState]
-    # Until the first attempt, one shared empty each (read-only: ``add_delivery``, the only
-    # writer, makes a message its own): three empty containers were 184 of the ~1,300
-    # bytes a queued message held after a restart.
-    attempts: Mapping[str, int] = NOTHING_YET
+    # Until a recipient is deferred, one shared empty map (read-only: ``add_delivery``, the
+    # only writer, makes a message its own when it needs one); the history starts empty.
+    # A restart holds every queued message, and every delivered one until compaction.
     next_at: Mapping[str, float] = NOTHING_YET  # deferred recipients: when to retry
     history: tuple[Delivery, ...] = ()
     # bounced recipients a DSN reported, deferred ones a delay DSN reported: nearly always
@@ -66,6 +65,17 @@ class QueuedMessage:
     @property
     def id(self) -> str:
         return self.record.id
+
+    @property
+    def attempts(self) -> dict[str, int]:
+        """How many attempts each recipient has had: the highest attempt number its
+        outcomes carry (derived from the history rather than kept beside it: a dict of its
+        own was 184 bytes a delivered message)."""
+        counts: dict[str, int] = {}
+        for delivery in self.history:
+            for o in delivery.outcomes:
+                counts[o.recipient] = max(counts.get(o.recipient, 0), o.attempt)
+        return counts
 
     @property
     def position(self) -> Position:
@@ -139,13 +149,24 @@ class QueueState:
                 dead.update(msg.positions)
         return dead
 
-    def compacted(self, removed: set[Position], relocated: dict[Position, Position]) -> None:
-        """After a compaction that dropped ``removed`` and moved what it kept."""
-        self.graveyard -= removed
-        for queue_id in [q for q, m in self.messages.items() if m.position in removed]:
+    def compacted(
+        self, removed_segments: Collection[int], relocated: dict[Position, Position]
+    ) -> None:
+        """After a compaction that deleted ``removed_segments``, having first copied forward
+        (``relocated``) every record of theirs it was not told was dead: a position there
+        that did not move is gone. (No set of the removed positions is built: with a deep
+        queue it was megabytes, at the moment memory peaks.)"""
+
+        def gone(p: Position) -> bool:
+            return p.segment in removed_segments and p not in relocated
+
+        # a record deleted while the compaction ran was copied: its copy is as dead
+        self.graveyard = {relocated.get(p, p) for p in self.graveyard if not gone(p)}
+        for queue_id in [q for q, m in self.messages.items() if gone(m.position)]:
             del self.messages[queue_id]
         for msg in self.messages.values():
-            msg.positions = [relocated.get(p, p) for p in msg.positions]
+            if any(p in relocated for p in msg.positions):
+                msg.positions = tuple(relocated.get(p, p) for p in msg.positions)
         for key, pending in list(self.inbound.items()):
             if pending.position in relocated:
                 self.inbound[key] = attrs.evolve(pending, position=relocated[pending.position])
@@ -197,18 +218,16 @@ class QueueState:
             return
         msg.history = (*msg.history, delivery)
         if position is not None:
-            msg.positions.append(position)
-        attempts, next_at = dict(msg.attempts), dict(msg.next_at)  # a few entries at most
+            msg.positions = (*msg.positions, position)
+        next_at = dict(msg.next_at)  # a few entries at most
         for o in delivery.outcomes:
             if msg.recipient_states.get(o.recipient, RecipientState.ACCEPTED) in TERMINAL:
                 continue
             msg.recipient_states[o.recipient] = o.outcome
-            attempts[o.recipient] = max(attempts.get(o.recipient, 0), o.attempt)
             if o.outcome == RecipientState.DEFERRED and o.next_at is not None:
                 next_at[o.recipient] = o.next_at
             else:
                 next_at.pop(o.recipient, None)
-        msg.attempts = attempts
         msg.next_at = next_at or NOTHING_YET
 
     def add_accepted(self, accepted: Accepted, position: Position, body_offset: int) -> None:
@@ -217,7 +236,7 @@ class QueueState:
             return  # a replayed duplicate: the fold is idempotent
         self.messages[accepted.id] = QueuedMessage(
             accepted,
-            [position],
+            (position,),
             body_offset,
             {
                 r.addr: RecipientState.SUPPRESSED if r.suppressed else RecipientState.ACCEPTED

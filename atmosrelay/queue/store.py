@@ -162,6 +162,6 @@ class QueueStore:
         """Drop the records of finished and deleted messages from the sealed segments."""
         dead = self.state.dead_positions()
         result = await self.journal.compact(dead)
-        removed = {p for p in dead if p.segment in result.removed_segments}
-        self.state.compacted(removed, result.relocated)
+        del dead  # freed before the state lets go of what the compaction removed
+        self.state.compacted(result.removed_segments, result.relocated)
         return result

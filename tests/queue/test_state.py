@@ -73,7 +73,7 @@ def test_a_dsn_record_covers_the_bounce_and_the_message_becomes_dead() -> None:
     state.apply(Record(4, RecordType.ACCEPTED, encode_accepted(dsn, b"x"), Position(2, 32)))
     assert state.messages[QID].dead
     assert state.dead_positions() == {Position(1, 32), Position(1, 102)}
-    state.compacted({Position(1, 32), Position(1, 102)}, {Position(2, 32): Position(3, 32)})
+    state.compacted({1, 2}, {Position(2, 32): Position(3, 32)})
     assert QID not in state.messages
     assert state.messages[dsn.id].position == Position(3, 32)
 
@@ -121,8 +121,9 @@ def test_codec_round_trip_through_the_journal() -> None:
 
 def test_messages_share_empty_and_equal_parts_and_never_each_others_writes() -> None:
     """A deep queue after a restart holds every message: equal ``client`` dicts and empty
-    ``metadata`` are one dict each, and a message's first attempt gives it maps of its own
-    (the shared empty one is read-only, and stays empty)."""
+    ``metadata`` are one dict each, and a message's first deferral gives it a retry map of
+    its own (the shared empty one is read-only, and stays empty); attempts come from the
+    history."""
     other = new_queue_id(1_800_000_001.0)
     state = fold(
         [
@@ -143,8 +144,8 @@ def test_messages_share_empty_and_equal_parts_and_never_each_others_writes() -> 
     assert first.record.metadata is second.record.metadata == {}
     assert dict(first.attempts) == {"bob@example.net": 1}
     assert dict(first.next_at) == {"bob@example.net": 1.9e9}
-    assert (dict(second.attempts), dict(second.next_at), second.history) == ({}, {}, ())
-    assert second.attempts is second.next_at  # still the one shared, empty map
+    assert (second.attempts, dict(second.next_at), second.history) == ({}, {}, ())
+    assert type(second.next_at) is not dict  # the shared read-only empty map, untouched
     state.apply(delivery(4, Outcome("dave@example.net", "sent", "2.0.0", "250"), qid=other))
     assert dict(second.attempts) == {"dave@example.net": 1}
     assert dict(first.attempts) == {"bob@example.net": 1}
@@ -157,3 +158,14 @@ def test_an_unshareable_dict_is_decoded_as_its_own() -> None:
     assert copy == value and copy is not value and shared(value) is not copy
     small = shared({"ip": "192.0.2.1", "tls": None})
     assert shared({"ip": "192.0.2.1", "tls": None}) is small
+
+
+def test_a_message_deleted_while_a_compaction_runs_is_dead_where_its_copy_stands() -> None:
+    """The compaction was told what was dead before the delete, so it copied the message's
+    record forward; the graveyard follows the copy, so the next compaction drops it."""
+    state = fold([accepted()])
+    assert state.dead_positions() == set()  # what the compaction is given
+    state.add_deleted(QID, Position(2, 500))  # the operator deletes it meanwhile
+    state.compacted({1}, {Position(1, 32): Position(3, 32)})  # segment 1 copied, removed
+    assert QID not in state.messages
+    assert state.dead_positions() == {Position(3, 32), Position(2, 500)}
