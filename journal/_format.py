@@ -175,15 +175,16 @@ def decode_frame(data: bytes | memoryview, offset: int, max_length: int) -> Fram
 
 def read_frame(
     pread: Callable[[int, int], bytes], offset: int, length: int | None, max_length: int
-) -> tuple[Frame, bytes] | None:
-    """The frame at ``offset`` of a file read through ``pread(offset, size)``, and the bytes
-    read (its length taken from its header unless given); None when it is not whole or its
-    checksum fails. The owner's reads and a read-only reader's (``read_at``) share it."""
+) -> tuple[tuple[int, int, int, int], bytes] | None:
+    """``frame_at`` for the frame at ``offset`` of a file read through ``pread(offset,
+    size)``, and the bytes read (its length taken from its header unless given); None when
+    it is not whole or its checksum fails. The owner's reads and a read-only reader's
+    (``read_at``) share it."""
     if length is None:
         head = pread(offset, FRAME_HEADER_SIZE)
         if len(head) < FRAME_HEADER_SIZE:
             return None
         length = int.from_bytes(head[:4], "little")
     data = pread(offset, FRAME_HEADER_SIZE + min(length, max_length))
-    frame = decode_frame(data, 0, max_length)
-    return None if frame is None else (frame, data)
+    found = frame_at(data, 0, max_length)
+    return None if found is None else (found, data)

@@ -194,7 +194,7 @@ def read_at(
         )
     finally:
         os.close(fd)
-    if found is None or found[0].type != rtype or rtype == MARK_TYPE:
+    if found is None or found[0][1] != rtype or rtype == MARK_TYPE:
         return None
-    frame, data = found
-    return Record(frame.seq, frame.type, data[frame.payload_offset : frame.end], position)
+    (seq, _, start, end), data = found
+    return Record(seq, rtype, data[start:end], position)

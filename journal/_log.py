@@ -25,7 +25,7 @@ import logging
 import posixpath
 import threading
 from array import array
-from collections.abc import Callable, Container, Generator, Iterable, Iterator, Sequence
+from collections.abc import Container, Generator, Iterable, Iterator, Sequence
 from typing import Final
 
 import attrs
@@ -425,11 +425,8 @@ class Log:
     # -- reading (any thread) --------------------------------------------------------
     def _read_frame(self, f: File, pos: Position, length: int | None) -> Record:
         found = read_frame(f.pread, pos.offset, length, self.max_record_size)
-        if found is None or found[0].type == MARK_TYPE:
-            raise CorruptJournalError(pos.segment, pos.offset, "no valid record at this position")
-        frame, data = found
-        payload = data[frame.payload_offset : frame.end]
-        return Record(seq=frame.seq, type=frame.type, payload=payload, position=pos)
+        frame, data = found if found is not None else (None, b"")
+        return _record(frame, data, pos)
 
     def read(self, position: Position) -> Record:
         """The record at ``position`` (following a move made by the last compaction)."""
@@ -464,7 +461,6 @@ class Log:
     def _read_sorted(self, entries: Iterable[tuple[int, int, int, int]]) -> Iterator[Record]:
         """Read (seq, segment, offset, length) entries sorted by seq, each seq once: after a
         crash in compaction a record and its copy may both exist; one is enough."""
-        files: dict[int, File] = {}
         windows: dict[int, _ReadAhead] = {}
         try:
             last = 0
@@ -475,21 +471,18 @@ class Log:
                 try:
                     window = windows.get(segment)
                     if window is None:
-                        f = files[segment] = self.fs.open(self._path(segment))
-                        window = windows[segment] = _ReadAhead(f.pread)
+                        window = windows[segment] = _ReadAhead(self.fs.open(self._path(segment)))
                     data, at = window.read(offset, FRAME_HEADER_SIZE + length)
                 except OSError as exc:
                     raise JournalReadError(f"reading segment {segment} failed: {exc}") from exc
-                found = frame_at(data, at, self.max_record_size)
-                if found is None or found[1] == MARK_TYPE:
-                    raise CorruptJournalError(segment, offset, "no valid record at this position")
-                if found[0] != seq:
+                position = Position(segment, offset)
+                record = _record(frame_at(data, at, self.max_record_size), data, position)
+                if record.seq != seq:
                     raise CorruptJournalError(segment, offset, "record changed since it was read")
-                _, rtype, start, end = found
-                yield Record(seq, rtype, data[start:end], Position(segment, offset))
+                yield record
         finally:
-            for f in files.values():
-                _close_quietly(f)
+            for window in windows.values():
+                _close_quietly(window.file)
 
     # -- compaction (owner thread) -------------------------------------------------
     def compact_steps(self, dead: Container[Position]) -> Generator[None, None, Compaction]:
@@ -570,14 +563,23 @@ def _runs(
     return heapq.merge(*streams)
 
 
+def _record(frame: tuple[int, int, int, int] | None, data: bytes, pos: Position) -> Record:
+    """The record of the frame ``frame_at`` found in ``data`` (read at ``pos``); a
+    ``CorruptJournalError`` when it found none, or a sync mark, where a record should be."""
+    if frame is None or frame[1] == MARK_TYPE:
+        raise CorruptJournalError(pos.segment, pos.offset, "no valid record at this position")
+    seq, rtype, start, end = frame
+    return Record(seq, rtype, data[start:end], pos)
+
+
 class _ReadAhead:
-    """Reads of one segment in ascending order, served from a window of READ_AHEAD bytes:
-    the replay of 100,000 records made 100,000 system calls, one a record. A read the
+    """Reads of one segment's file in ascending order, served from a window of READ_AHEAD
+    bytes: the replay of 100,000 records made 100,000 system calls, one a record. A read the
     window does not hold moves the window there; a read larger than the window goes to the
     file."""
 
-    def __init__(self, pread: Callable[[int, int], bytes]) -> None:
-        self._pread = pread
+    def __init__(self, file: File) -> None:
+        self.file = file
         self._start = 0
         self._data = b""
 
@@ -588,6 +590,6 @@ class _ReadAhead:
         if at >= 0 and at + size <= len(self._data):
             return self._data, at
         if size >= READ_AHEAD:
-            return self._pread(offset, size), 0
-        self._start, self._data = offset, self._pread(offset, READ_AHEAD)
+            return self.file.pread(offset, size), 0
+        self._start, self._data = offset, self.file.pread(offset, READ_AHEAD)
         return self._data, 0
