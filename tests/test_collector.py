@@ -1,10 +1,12 @@
 """collector.py: survivors are frozen out of collections, and the sweep (hourly in the
 relay, every 10 s here) frees the cycles that froze. On trio's virtual clock: the intervals
-are exact, nothing sleeps."""
+are exact, nothing sleeps. And ``give_back`` returns freed C-heap pages to the system."""
 
 from __future__ import annotations
 
 import gc
+import os
+import sys
 import weakref
 from collections.abc import Iterator
 from functools import partial
@@ -13,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from atmosrelay.collector import keep_collector
+from atmosrelay.collector import give_back, keep_collector
 
 
 class Node:
@@ -69,3 +71,25 @@ async def test_young_cycles_die_before_they_can_freeze_and_a_stop_unfreezes(
         assert gc.get_freeze_count() > 0
         nursery.cancel_scope.cancel()
     assert gc.get_freeze_count() == 0  # stopped: the collector is left as it was found
+
+
+def resident() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_pages_go_back_to_the_system() -> None:
+    give_back()  # what earlier tests freed is not resident to be reused
+    before = resident()
+    records = [bytes(2048) for _ in range(40_000)]  # 80 MB of C-heap blocks, as a replay reads
+    pinned = bytes(2048)  # above them: the heap's top cannot shrink by itself
+    held = resident()
+    del records
+    freed = resident()
+    assert give_back() is True
+    after = resident()
+    assert held - before > 75_000_000
+    assert freed - before > 75_000_000  # free, but still resident: what the relay saw
+    assert after - before < 20_000_000, (before, held, freed, after)
+    del pinned

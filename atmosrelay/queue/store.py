@@ -13,6 +13,7 @@ from typing import Final
 import attrs
 import trio
 
+from atmosrelay.collector import give_back
 from atmosrelay.queue.events import (
     AttemptOutcome,
     Bounced,
@@ -69,6 +70,7 @@ class QueueStore:
         finally:
             gc.enable()
         gc.freeze()
+        give_back()  # the records it read were freed: their pages go back (collector.py)
         return cls(journal, state)
 
     async def accept(self, record: Accepted, message: bytes) -> Position:
@@ -164,4 +166,5 @@ class QueueStore:
         result = await self.journal.compact(dead)
         del dead  # freed before the state lets go of what the compaction removed
         self.state.compacted(result.removed_segments, result.relocated)
+        give_back()  # the copied records and the positions they replace
         return result
