@@ -42,10 +42,14 @@ def finalize(
     rng: random.Random,
 ) -> tuple[Outcome, ...]:
     final = []
+    own = {r: r for r in msg.recipient_states}
     for o in outcomes:
         # the state keeps every outcome of a message until compaction drops it: a status
-        # code is one of a few strings, one object each
-        o = attrs.evolve(o, status=sys.intern(o.status))
+        # code is one of a few strings, one object each, and the recipient is the message's
+        # own string (the delivery process sent a copy)
+        o = attrs.evolve(
+            o, recipient=own.get(o.recipient, o.recipient), status=sys.intern(o.status)
+        )
         attempt = msg.attempts.get(o.recipient, 0) + 1
         if o.outcome == RecipientState.DEFERRED:
             at = policy.next_attempt(
