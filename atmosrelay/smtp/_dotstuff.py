@@ -64,13 +64,28 @@ class _Limits:
         """``region`` is whole lines; the first continues ``held`` octets already seen."""
         if self.max_line is None or held + len(region) <= self.max_line:
             return
-        limit = self.max_line - 2
-        first = region.find(CRLF)
-        if (
-            held + (first if first != -1 else len(region)) > limit
-            or max(map(len, region.split(CRLF))) > limit
-        ):
+        if _has_long_line(region, self.max_line - 2, held):
             self.refuse(R.LINE_TOO_LONG_IN_MESSAGE)
+
+
+def _has_long_line(region: bytes | bytearray, limit: int, held: int) -> bool:
+    """Whether a line of ``region`` (whole lines, the first continuing ``held`` octets) has
+    more than ``limit`` octets before its CRLF.
+
+    Strides a line at a time at C speed: a line starting at ``start`` is short enough iff an
+    LF stands within ``limit + 2`` octets of it, and the last LF there starts the next line
+    to look at. About ``len(region) / limit`` searches of at most ``limit`` octets, instead
+    of splitting the region into every one of its lines (a 100 KiB message: ~5,000 objects,
+    15% of the accepting process's time). Lines are cut at LF, not CRLF: a bare LF only makes
+    a line shorter here, and is refused on its own as the graver fault (``_PRIORITY``)."""
+    start, end = -held, len(region)
+    while end - start > limit:  # what is left could hold a long line
+        stop = start + limit + 2
+        lf = region.rfind(b"\n", max(start, 0), stop) if stop > 0 else -1
+        if lf == -1:
+            return True
+        start = lf + 1
+    return False
 
 
 class DataReader:

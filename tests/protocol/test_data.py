@@ -6,6 +6,8 @@ import os
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from atmosrelay.smtp import (
     Capabilities,
@@ -17,6 +19,7 @@ from atmosrelay.smtp import (
     State,
 )
 from atmosrelay.smtp import replies as R
+from atmosrelay.smtp._dotstuff import _has_long_line
 from tests.protocol.helpers import drive_server, splits
 
 HEAD = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
@@ -159,3 +162,26 @@ def test_chunking_never_changes_events_or_replies(name: str) -> None:
     for how in ["bytes", *["random"] * 20]:
         got = drive_server(ServerConnection(capabilities=caps, tls=True), splits(session, how, rng))
         assert got == whole, f"{name}: {how} split differs (seed {seed})"
+
+
+def _long_line_by_splitting(region: bytes, limit: int, held: int) -> bool:
+    """The obvious definition: split at CRLF, the first line continuing ``held`` octets."""
+    lines = region.split(b"\r\n")
+    return held + len(lines[0]) > limit or max(map(len, lines)) > limit
+
+
+@settings(max_examples=1000)
+@given(
+    st.lists(st.sampled_from([b"a", b"abc", b"a" * 7, b"\r\n", b"\r", b"\n"]), max_size=40).map(
+        b"".join
+    ),
+    st.integers(min_value=1, max_value=12),
+    st.integers(min_value=0, max_value=14),
+)
+def test_the_line_length_stride_agrees_with_splitting(region: bytes, limit: int, held: int) -> None:
+    fast, slow = _has_long_line(region, limit, held), _long_line_by_splitting(region, limit, held)
+    if fast:
+        assert slow  # never stricter
+    has_bare_lf = region.replace(b"\r\n", b"").count(b"\n") > 0
+    if not has_bare_lf:
+        assert fast == slow  # with a bare LF, the message is refused for that anyway
