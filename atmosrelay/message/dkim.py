@@ -67,9 +67,12 @@ def canonical_body(body: bytes) -> bytes:
     if not b.endswith(b"\r\n"):
         b += b"\r\n"
     b = b.replace(b" \r\n", b"\r\n")
-    end = len(b)  # empty lines at the end are ignored: find where they start, copy once
-    while end >= 2 and b[end - 2 : end] == b"\r\n":
-        end -= 2
+    # empty lines at the end are ignored: find where they start, then copy once
+    end = len(b.rstrip(b"\r\n"))
+    if (len(b) - end) % 2 or b[end:] != b"\r\n" * ((len(b) - end) // 2):
+        end = len(b)  # a bare CR or LF among them (never from SMTP): pair by pair
+        while end >= 2 and b[end - 2 : end] == b"\r\n":
+            end -= 2
     return b[:end] + b"\r\n" if end else b""
 
 
