@@ -36,6 +36,7 @@ import itertools
 import logging
 import os
 import pickle
+import signal
 import socket
 import ssl
 import sys
@@ -271,6 +272,12 @@ async def serve(sock: socket.socket) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    # Only the owner stops a delivery process (end of file on the pipe, which its death
+    # gives too). A signal sent to the whole process group (Ctrl-C in a terminal, `timeout`,
+    # `kill -TERM -PGID`, `pkill -f atmosrelay`) reaches this process as well as the owner:
+    # it must not cut the attempts in hand that the owner's drain lets finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(args[0]))
     sock.setblocking(False)
     trio.run(serve, sock)
