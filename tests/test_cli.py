@@ -6,7 +6,6 @@ import fcntl
 import json
 import os
 import pty
-import select
 import signal
 import socket
 import struct
@@ -29,6 +28,7 @@ from atmosrelay.queue.records import (
 from atmosrelay.replay import REPLAY_BAR_RECORDS
 from journal import Log, OsFS
 from journal._format import FRAME_HEADER_SIZE, segment_name
+from tests.processes import delivery_pids, exited
 from tests.queue.factories import accepted_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,34 +192,6 @@ def test_serve_recovers_reports_and_stops_on_signal(tmp_path: Path, sig: signal.
     assert json.loads(check.stdout)["broken_files"] == [segment_name(1) + ".broken"]
 
 
-def _delivery_processes(owner: int) -> list[int]:
-    """The owner's children running the delivery process (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:  # gone meanwhile
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == owner and b"courier" in cmdline:
-            found.append(int(entry))
-    return found
-
-
-def _exits_within(pid: int, seconds: float) -> bool:
-    """Whether process ``pid`` (not ours to wait for) ends within ``seconds``."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:  # ended and reaped already
-        return True
-    try:
-        return bool(select.select([fd], [], [], seconds)[0])
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_whole_process_group_stops_the_relay_as_one(
     tmp_path: Path, sig: signal.Signals
@@ -230,14 +202,14 @@ def test_a_signal_to_the_whole_process_group_stops_the_relay_as_one(
     try:
         lines = _until_ready(proc)
         assert any("delivery processes started" in x for x in lines), lines
-        couriers = _delivery_processes(proc.pid)
+        couriers = delivery_pids("\n".join(lines))
         assert couriers, lines
         for pid in couriers:  # what a group signal does to them
             os.kill(pid, sig)
-        assert not any(_exits_within(pid, 2.0) for pid in couriers)
+        assert not any(exited([pid], 2.0) for pid in couriers)
         proc.send_signal(sig)  # and to the owner: it stops, and stops them
         out, err = proc.communicate(timeout=30)
-        assert all(_exits_within(pid, 10.0) for pid in couriers)
+        assert exited(couriers, 10.0)
     finally:
         if proc.poll() is None:
             proc.kill()

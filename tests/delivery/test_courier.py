@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
-import select
 import signal
 import threading
 import time
@@ -38,6 +37,7 @@ from atmosrelay.delivery.resolver import Destination
 from atmosrelay.queue.store import QueueStore
 from journal import Position, open_journal, read_at
 from tests.delivery.test_dispatcher import FakeResolver
+from tests.processes import exited
 from tests.queue.factories import ALICE_DID, accepted_record
 from tests.sink import Sink, aiosmtpd_in_thread
 
@@ -161,23 +161,6 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def exited(pids: list[int], timeout: float) -> bool:
-    """Whether every one of ``pids`` (not our children) has exited within ``timeout``
-    seconds: a pidfd becomes readable when its process ends."""
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue  # gone and reaped already
-        try:
-            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                return False
-        finally:
-            os.close(fd)
-    return True
 
 
 async def test_mail_goes_out_through_the_delivery_processes_signed(tmp_path: Path) -> None:

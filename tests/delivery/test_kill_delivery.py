@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.delivery.test_courier import alive, exited
+from tests.delivery.test_courier import alive
+from tests.processes import delivery_pids, exited
 from tests.relay.test_kill import (
     CLIENTS,
     ROUNDS,
@@ -24,12 +25,6 @@ from tests.relay.test_kill import (
     write_config,
 )
 from tests.sink import Sink, aiosmtpd_sink
-
-
-def delivery_pids(text: str) -> list[int]:
-    """The delivery processes a relay said it started (none when it delivers itself)."""
-    found = re.search(r"delivery processes started \(pid ([\d, ]+)\)", text)
-    return [int(p) for p in found.group(1).split(", ")] if found else []
 
 
 def wait_delivered(sink: Sink, wanted: set[str], limit: float) -> set[str]:
