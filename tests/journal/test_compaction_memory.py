@@ -42,7 +42,7 @@ def test_a_compaction_holds_a_window_not_the_live_records(tmp_path: Path) -> Non
     copied_small, small = transient(tmp_path / "small", 20_000)  # 10 MB live, 5 segments
     copied_large, large = transient(tmp_path / "large", 80_000)  # 40 MB live, 20 segments
     assert (copied_small, copied_large) == (10_000, 40_000)
-    # windows of the segments it reads, a step read, framed and joined, and change
+    # the read windows it keeps open, plus one step's records read, framed and joined, with room
     bound = OPEN_WINDOWS * READ_AHEAD + 4 * COMPACTION_CHUNK
     assert small < bound and large < bound, (small, large, bound)
     assert large - small < 1024 * 1024, (small, large)
