@@ -51,6 +51,7 @@ class Job:
     # looks at its keys again when either moved
     keys: tuple[int, str] = (0, "")
     body: bytes | None = None  # given when the delivery process could not find the record
+    size: int | None = None  # the message's octets, when known (how it will be prepared)
 
     def body_of(self, record: Record) -> bytes:
         if (

@@ -239,6 +239,7 @@ class Dispatcher:
                 msg.body_offset,
                 Signing.of(msg),
                 self.keys(),
+                size=msg.record.size,
             )
             try:
                 carried = await self.carrier.carry(job, remote)

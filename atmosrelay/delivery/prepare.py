@@ -95,6 +95,17 @@ class Preparer:
         signer = self.signer(domain_of(sign.sender)) if sign.sender else self.operator_only
         return signer.sign(body) + body
 
+    def in_hand(self, sign: Signing) -> bool:
+        """Whether preparing this message would find its signer cached and current: no
+        account store read, no key parsed, so only hashing and signing are left (the delivery
+        process then prepares it without a worker thread)."""
+        if not sign.sender:
+            return True
+        now, generation = time.monotonic(), self.generation()
+        with self._lock:
+            cached = self._signers.get(domain_of(sign.sender))
+        return cached is not None and cached[0] > now and cached[1] == generation
+
     def signer(self, domain: str) -> Signer:
         """The member domain's two keys and the operator's; the operator's alone when the
         domain is not enrolled (any more)."""

@@ -10,6 +10,8 @@ when the dispatcher stops."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import os
 import pickle
 import signal
@@ -24,12 +26,13 @@ import attrs
 import trio
 from aiosmtpd.smtp import Envelope as AioEnvelope
 from aiosmtpd.smtp import Session
+from dkim.canonicalization import Relaxed
 
 from atmosrelay.accounts import dkim_keys, domains
 from atmosrelay.accounts.store import Store
 from atmosrelay.delivery.carry import Job
 from atmosrelay.delivery.client_session import Envelope
-from atmosrelay.delivery.courier import CourierSettings, client_context, frame
+from atmosrelay.delivery.courier import INLINE_SIZE, CourierSettings, client_context, frame
 from atmosrelay.delivery.courier_link import CourierLink
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
 from atmosrelay.delivery.prepare import Preparer, Signing, load_or_create_secret
@@ -186,6 +189,41 @@ async def test_mail_goes_out_through_the_delivery_processes_signed(tmp_path: Pat
             assert ("List-Unsubscribe" in parsed) == (r.subject == "bulk")
     # the dispatcher stopped: so did the delivery processes
     assert await trio.to_thread.run_sync(exited, pids, LIMIT)
+
+
+async def test_messages_either_side_of_the_inline_size_arrive_whole_and_signed(
+    tmp_path: Path,
+) -> None:
+    """A message up to INLINE_SIZE is prepared on the delivery process's event loop once its
+    signer is in hand; a larger one (or the first of a domain) in a worker thread. Both
+    arrive with the body as accepted and three signatures over it."""
+    line = b"x" * 76 + b"\r\n"
+    bodies = {
+        "small": line * 10,
+        "at-the-limit": line * ((INLINE_SIZE - 200) // len(line)),
+        "large": line * (INLINE_SIZE // len(line) + 100),
+    }
+    async with world(tmp_path) as w:
+        ids = []
+        for subject, body in bodies.items():
+            content = message(subject).replace(b"hello\r\n", body)
+            record = accepted_record("bob@example.net", accepted_at=time.time(), size=len(content))
+            await w.queue.accept(record, content)
+            ids.append(record.id)
+            w.dispatcher.notify()
+            await until(lambda: w.queue.state.messages[ids[-1]].terminal)
+        received = {r.subject: r for r in w.sink.snapshot()}
+        for subject, body in bodies.items():
+            parsed = BytesParser().parsebytes(received[subject].content)
+            assert parsed.get_payload(decode=False).encode() == body, subject
+            signatures = parsed.get_all("DKIM-Signature") or []
+            assert len(signatures) == 3, subject
+            # each signature's body hash is the one dkimpy computes for the body received
+            digest = hashlib.sha256(Relaxed.canonicalize_body(body)).digest()
+            bh = "bh=" + base64.b64encode(digest).decode()
+            assert all(bh in "".join(s.split()) for s in signatures), subject
+        sizes = [w.queue.state.messages[q].record.size for q in ids]
+        assert sizes[1] <= INLINE_SIZE < sizes[2]
 
 
 async def test_a_killed_delivery_process_is_replaced_and_its_attempt_tried_again(
