@@ -20,6 +20,7 @@ from atmosrelay.smtp._replies import Reply
 
 CRLF: Final = b"\r\n"
 TERMINATOR: Final = b"\r\n.\r\n"
+STUFFED: Final = b"\r\n."  # a line starting with a dot: stuffed, or the terminator
 # A line we hold while waiting for its CRLF is bounded even when line length is not checked.
 MAX_HELD_LINE: Final = 64 * 1024
 
@@ -113,16 +114,21 @@ class DataReader:
         if buf.startswith(b".\r\n", pos):
             self.done = True
             return b"", pos + 3, True
-        term = buf.find(TERMINATOR, pos)
-        if term != -1:
-            self.done = True
-            region = bytes(buf[pos : term + 2])
-            return self._emit(region), term + 5, True
+        # The terminator and every stuffed dot after the first line begin with CRLF ".": one
+        # search finds the first of them, and most messages have none at all, which spares
+        # the search for the terminator and the unstuffing pass (each a scan of the region).
+        dot = buf.find(STUFFED, pos)
+        if dot != -1:
+            term = buf.find(TERMINATOR, dot)  # no terminator can start before ``dot``
+            if term != -1:
+                self.done = True
+                region = bytes(buf[pos : term + 2])
+                return self._emit(region, True), term + 5, True
         last = buf.rfind(CRLF, pos)
         out = b""
         if last != -1:
             region = bytes(buf[pos : last + 2])
-            out = self._emit(region)
+            out = self._emit(region, -1 < dot < last)
             pos = last + 2
         held = len(buf) - pos
         cap = self.limits.max_line if self.limits.max_line is not None else MAX_HELD_LINE
@@ -143,14 +149,15 @@ class DataReader:
             self.limits.refuse(R.BARE_LINE_ENDING_IN_MESSAGE)
         self.limits.account(b"", skipped=len(part))
 
-    def _emit(self, region: bytes) -> bytes:
+    def _emit(self, region: bytes, stuffed: bool) -> bytes:
+        """``region``: whole lines from a line start; ``stuffed``: CRLF "." occurs in it."""
         limits = self.limits
         if _bare_line_ending(region):
             limits.refuse(R.BARE_LINE_ENDING_IN_MESSAGE)
         limits.check_lines(region)
         if region.startswith(b"."):
             region = region[1:]
-        data = region.replace(b"\r\n.", CRLF)
+        data = region.replace(STUFFED, CRLF) if stuffed else region
         return data if limits.account(data) else b""
 
 

@@ -185,3 +185,47 @@ def test_the_line_length_stride_agrees_with_splitting(region: bytes, limit: int,
     has_bare_lf = region.replace(b"\r\n", b"").count(b"\n") > 0
     if not has_bare_lf:
         assert fast == slow  # with a bare LF, the message is refused for that anyway
+
+
+def _reader_by_lines(data: bytes) -> tuple[bytes, bool] | None:
+    """DATA by its definition, line by line: the content ends at the first line that is a
+    lone dot; a line's leading dot is stuffing; lines end with CRLF only. (unstuffed content,
+    has a bare CR or LF), or None if ``data`` holds no end."""
+    wire = b"\r\n" + data  # DATA's reply ends a line: the content starts at a line start
+    end = wire.find(b"\r\n.\r\n")
+    if end == -1:
+        return None
+    content = data[:end]  # the content's last line keeps its CRLF
+    lines = content.split(b"\r\n")
+    unstuffed = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+    return unstuffed, any(b"\r" in line or b"\n" in line for line in lines)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.sampled_from([b"a", b"text", b".", b"..", b"\r\n", b"\r", b"\n", b"\r\n.\r\n"]),
+        max_size=30,
+    ).map(b"".join),
+    st.randoms(use_true_random=False),
+)
+def test_data_agrees_with_its_line_by_line_definition(data: bytes, rng: random.Random) -> None:
+    """However the bytes arrive: the content (dot-unstuffed) and the verdict on bare line
+    endings are the definition's, and the end is the first lone-dot line."""
+    expected = _reader_by_lines(data + b"\r\n.\r\n")
+    assert expected is not None
+    unstuffed, bare = expected
+    wire = HEAD + data + b"\r\n.\r\n"
+    # in two pieces cut at every point of the content (a region of several lines then
+    # arrives without its end), and in random pieces
+    ways = [[wire[:cut], wire[cut:]] for cut in range(len(HEAD), len(wire))]
+    for chunks in [*ways, splits(wire, "random", rng)]:
+        events, _ = drive_server(ServerConnection(), chunks)
+        ends = [e for e in events if isinstance(e, (EndOfMessage, MessageRejected))]
+        if bare:
+            assert ends[0] == MessageRejected(R.BARE_LINE_ENDING_IN_MESSAGE)
+        else:
+            assert ends[0] == EndOfMessage()
+            first = events.index(ends[0])
+            got = b"".join(e.data for e in events[:first] if isinstance(e, MessageData))
+            assert got == unstuffed, chunks
