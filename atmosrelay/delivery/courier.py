@@ -190,10 +190,11 @@ class Courier:
         """Whether ``body`` is quick enough to run on the event loop: a message of at most
         ``INLINE_SIZE`` octets (one read of the page cache, hashed and signed in well under a
         millisecond) whose signer is cached and current. A worker thread costs more than
-        that here: the hop to it and back, with its GIL handovers, was 12-17% of a delivery
-        process's throughput end to end. A larger message, a signer to build (an account
-        store read that may wait on SQLite's lock, keys to parse) or a new operator key go
-        to a thread, so the loop never waits long for the disk or a lock."""
+        that here: without the hop to it and back (and its GIL handovers), end to end
+        carries 9-15% more messages a second (bench/README.md). A larger message, a signer
+        to build (an account store read that may wait on SQLite's lock, keys to parse) or a
+        new operator key go to a thread, so the loop never waits long for the disk or a
+        lock."""
         generation, selector = job.keys
         self.generation = generation
         if selector and selector != self.prepare.operator.selector:

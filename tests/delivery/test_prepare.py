@@ -81,8 +81,7 @@ def test_a_signer_is_in_hand_only_while_cached_and_current(tmp_path: Path) -> No
     assert not prepare.in_hand(member)
     prepare.signer("example.org")
     assert prepare.in_hand(member)
-    prepare.set_operator(
-        prepare_operator(tmp_path)
-    )  # a rotation of the operator's key empties the cache
+    # a rotation of the operator's key empties the cache
+    prepare.set_operator(prepare_operator(tmp_path))
     assert not prepare.in_hand(member)
     store.close()
