@@ -220,7 +220,7 @@ class Remote:
             ):
                 await self._wire.io.write(self._wire.conn.send(Quit()))
         self.usable = False
-        await trio.aclose_forcefully(self._wire.io.stream)
+        await self._wire.io.aclose()
 
 
 class ConnectFailed(Exception):

@@ -254,7 +254,7 @@ class Session:
             log.exception("%s %s session failed", self.id, self.peer)
         finally:
             self._end_transaction()
-            await trio.aclose_forcefully(self.io.stream)
+            await self.io.aclose()
             self._log("close")
 
     async def _loop(self) -> None:

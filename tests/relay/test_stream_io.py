@@ -89,3 +89,35 @@ async def test_tls_goes_through_the_stream() -> None:
     assert StreamIO(trio.StapledStream(server, server)).socket is None
     await server.aclose()
     await client.aclose()
+
+
+async def test_aclose_closes_at_once_even_when_cancelled() -> None:
+    """A session's last step, in its ``finally``: the peer sees the end, a task waiting to
+    read is woken, and a cancelled caller (shutdown, a timeout) still closes."""
+    server, client = await pair()
+    io = StreamIO(server)
+    async with trio.open_nursery() as nursery:
+
+        async def reader() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await io.read(100)
+
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await io.aclose()
+    assert server.socket.fileno() == -1
+    assert await client.receive_some(100) == b""  # the peer reads the end
+    await client.aclose()
+
+    # not plain TCP (TLS in a session): closed through the stream, also when cancelled
+    left, right = trio.testing.memory_stream_pair()
+    other = StreamIO(left)
+    assert other.socket is None
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await other.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await left.send_all(b"x")
+    await right.aclose()
