@@ -9,7 +9,8 @@ a few microseconds. A reply is a few dozen bytes and the kernel takes it at once
 always, so ``write`` first tries one non-blocking ``os.write`` and waits with ``send_all``
 (under the caller's timeout) only for what the kernel would not take. ``read`` waits for
 readability through trio (so it is a checkpoint: cancellable, and fair to the other tasks)
-and reads with one ``os.read``.
+and reads with one ``os.read``. ``aclose`` closes a plain socket at once, without
+``trio.aclose_forcefully``'s cancellation (about 0.1 ms of CPU a connection here).
 
 Errors become trio's: a reset or a broken pipe is ``trio.BrokenResourceError``, a stream
 already closed is ``trio.ClosedResourceError``, as ``SocketStream`` would raise them. Only
