@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -69,18 +70,25 @@ async def test_errors_are_trios() -> None:
         await io.read(100)
 
 
+async def close_under_a_reader(io: StreamIO, close: Callable[[], Awaitable[object]]) -> None:
+    """``close()`` while another task waits in ``io.read``: that read ends, with
+    ``trio.ClosedResourceError`` (within 10 s: a close that does not close fails here)."""
+
+    async def reader() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await io.read(100)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            await close()
+
+
 async def test_a_closed_stream_wakes_its_reader() -> None:
     server, client = await pair()
-    io = StreamIO(server)
-    async with trio.open_nursery() as nursery:
-
-        async def reader() -> None:
-            with pytest.raises(trio.ClosedResourceError):
-                await io.read(100)
-
-        nursery.start_soon(reader)
-        await trio.testing.wait_all_tasks_blocked()
-        await server.aclose()  # as a session's shutdown does, from another task
+    # as a session's shutdown does, from another task
+    await close_under_a_reader(StreamIO(server), server.aclose)
     await client.aclose()
 
 
@@ -96,17 +104,13 @@ async def test_aclose_closes_at_once_even_when_cancelled() -> None:
     read is woken, and a cancelled caller (shutdown, a timeout) still closes."""
     server, client = await pair()
     io = StreamIO(server)
-    async with trio.open_nursery() as nursery:
 
-        async def reader() -> None:
-            with pytest.raises(trio.ClosedResourceError):
-                await io.read(100)
-
-        nursery.start_soon(reader)
-        await trio.testing.wait_all_tasks_blocked()
+    async def cancelled_close() -> None:
         with trio.CancelScope() as scope:
             scope.cancel()
             await io.aclose()
+
+    await close_under_a_reader(io, cancelled_close)
     assert server.socket.fileno() == -1
     assert await client.receive_some(100) == b""  # the peer reads the end
     await client.aclose()
