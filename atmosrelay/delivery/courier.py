@@ -188,27 +188,30 @@ class Courier:
 
     def in_hand(self, job: Job) -> bool:
         """Whether ``body`` is quick enough to run on the event loop: a message of at most
-        ``INLINE_SIZE`` octets (one read of the page cache, hashed and signed in well under a
-        millisecond) whose signer is cached and current. A worker thread costs more than
-        that here: without the hop to it and back (and its GIL handovers), end to end
-        carries 9-15% more messages a second (bench/README.md). A larger message, a signer
-        to build (an account store read that may wait on SQLite's lock, keys to parse) or a
-        new operator key go to a thread, so the loop never waits long for the disk or a
-        lock."""
-        generation, selector = job.keys
-        self.generation = generation
-        if selector and selector != self.prepare.operator.selector:
+        ``INLINE_SIZE`` octets (one read, of the page cache nearly always; hashed and signed
+        in well under a millisecond) whose signer is cached and current. A worker thread
+        costs more than that here: without the hop to it and back (and its GIL handovers),
+        end to end carries 9-15% more messages a second (bench/README.md). A larger message,
+        a signer to build (an account store read that may wait on SQLite's lock, keys to
+        parse) or a new operator key go to a thread, so the loop never waits long for the
+        disk or a lock."""
+        if self._operator_rotated(job):
             return False
         return (
             job.size is not None and job.size <= INLINE_SIZE and self.prepare.in_hand(job.signing)
         )
 
+    def _operator_rotated(self, job: Job) -> bool:
+        """Takes the job's account-store generation (the signer cache compares it); whether
+        the job names an operator selector other than the one this process signs with."""
+        generation, selector = job.keys
+        self.generation = generation
+        return bool(selector) and selector != self.prepare.operator.selector
+
     def body(self, job: Job) -> bytes | None:
         """The bytes to send (on the event loop when ``in_hand``, else in a worker thread);
         None when the record has moved."""
-        generation, selector = job.keys
-        self.generation = generation
-        if selector and selector != self.prepare.operator.selector:  # a rotation activated
+        if self._operator_rotated(job):  # a rotation activated
             self.prepare.set_operator(self.operator_key())
         body = job.body
         if body is None:
