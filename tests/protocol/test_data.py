@@ -19,7 +19,7 @@ from atmosrelay.smtp import (
     State,
 )
 from atmosrelay.smtp import replies as R
-from atmosrelay.smtp._dotstuff import _has_long_line
+from atmosrelay.smtp._dotstuff import _bare_line_ending, _has_long_line
 from tests.protocol.helpers import drive_server, splits
 
 HEAD = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
@@ -229,3 +229,39 @@ def test_data_agrees_with_its_line_by_line_definition(data: bytes, rng: random.R
             first = events.index(ends[0])
             got = b"".join(e.data for e in events[:first] if isinstance(e, MessageData))
             assert got == unstuffed, chunks
+
+
+def _bare_by_definition(region: bytes) -> bool:
+    """Some CR not followed by LF, or some LF not preceded by CR: octet by octet."""
+    return any(
+        (c == 13 and region[i + 1 : i + 2] != b"\n") or (c == 10 and region[i - 1 : i] != b"\r")
+        for i, c in enumerate(region)
+    )
+
+
+@settings(max_examples=2000)
+@given(
+    st.lists(
+        st.sampled_from([b"a", b"x" * 70, b"x" * 300, b"\r\n", b"\r", b"\n", b"\n\r"]),
+        max_size=40,
+    ).map(b"".join)
+)
+def test_the_bare_line_ending_check_agrees_with_its_definition(region: bytes) -> None:
+    """Long lines (the search for an LF without its CR) and dense line ends (the pairs
+    counted) alike."""
+    assert _bare_line_ending(region) == _bare_by_definition(region)
+
+
+@pytest.mark.parametrize(
+    ("region", "bare"),
+    [
+        (b"x" * 200 + b"\r\n" + b"y" * 200 + b"\n", True),  # sparse: a bare LF at the end
+        (b"\n" + b"x" * 200 + b"\r\n", True),  # sparse: a bare LF at the start
+        (b"x" * 200 + b"\n\r" + b"y" * 200, True),  # sparse: LF and CR, each bare, counts equal
+        (b"x" * 200 + b"\r\n" + b"y" * 200 + b"\r\n", False),
+        (b"\r\n" * 100 + b"\n\r" + b"\r\n" * 100, True),  # dense, counts equal
+        (b"\r\n" * 100, False),
+    ],
+)
+def test_the_bare_line_ending_check_either_way(region: bytes, bare: bool) -> None:
+    assert _bare_line_ending(region) is bare
