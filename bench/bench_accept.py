@@ -345,7 +345,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--sessions", default="1,10,50,100")
-    parser.add_argument("--sizes", default="1KiB,100KiB")
+    parser.add_argument("--sizes", default="1KiB,100KiB", help=f"some of {', '.join(SIZES)}")
     parser.add_argument("--policy-cost", action="store_true", help="limits on vs off")
     parser.add_argument("--rounds", type=int, default=3, help="--policy-cost rounds")
     parser.add_argument(
@@ -354,6 +354,9 @@ def main() -> None:
         help="a new connection (TLS, EHLO, AUTH) for every message",
     )
     args = parser.parse_args()
+    unknown = [size for size in args.sizes.split(",") if size not in SIZES]
+    if unknown:
+        parser.error(f"--sizes: unknown {', '.join(unknown)}; choose from {', '.join(SIZES)}")
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     ca = trustme.CA()
     if args.policy_cost:
