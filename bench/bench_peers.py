@@ -505,6 +505,14 @@ def run_restart(side: str, tmp: Path, n: int) -> dict[str, float]:
     }
 
 
+def postfix_missing() -> str:
+    """Why the Postfix rows cannot run here, or "" when they can."""
+    missing = [t for t in ("postfix", "smtp-source", "smtp-sink") if shutil.which(t) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed"
+    return "Postfix's master needs root" if os.geteuid() != 0 else ""
+
+
 # -- the floor ----------------------------------------------------------------------------------
 
 
@@ -631,9 +639,8 @@ def main() -> None:
     DELIVERY_PROCESSES[0] = args.delivery_processes
     rounds = args.rounds or (1 if args.quick else 3)
     only = set(args.only.split(",")) if args.only else None
-    missing = [t for t in ("postfix", "smtp-source", "smtp-sink") if shutil.which(t) is None]
-    if missing or os.geteuid() != 0:
-        why = f"{', '.join(missing)} not installed" if missing else "Postfix's master needs root"
+    why = postfix_missing()
+    if why:
         print(f"bench_peers: no Postfix rows: {why} (see this script's docstring)")
         return
     has_dkim = shutil.which("opendkim") is not None and shutil.which("opendkim-genkey") is not None
