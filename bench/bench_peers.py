@@ -199,11 +199,19 @@ def _wait_port(port: int, timeout: float = 30) -> None:
             time.sleep(0.05)
 
 
-def smtp_source(port: int, messages: int, sessions: int, size: int, keep_open: bool) -> float:
-    """Send ``messages`` with smtp-source; the seconds it took. Any error fails the row."""
+def smtp_source_command(
+    port: int, messages: int, sessions: int, size: int, keep_open: bool
+) -> list[str]:
+    """smtp-source sending ``messages`` of ``size`` octets over ``sessions`` sessions, each
+    kept open for many messages or one connection a message."""
     cmd = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size)]
     cmd += ["-d"] if keep_open else []
-    cmd += ["-f", SENDER, "-t", RCPT, f"127.0.0.1:{port}"]
+    return [*cmd, "-f", SENDER, "-t", RCPT, f"127.0.0.1:{port}"]
+
+
+def smtp_source(port: int, messages: int, sessions: int, size: int, keep_open: bool) -> float:
+    """Send ``messages`` with smtp-source; the seconds it took. Any error fails the row."""
+    cmd = smtp_source_command(port, messages, sessions, size, keep_open)
     t = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     took = time.perf_counter() - t
@@ -605,7 +613,7 @@ def _print_targets(floors: dict[int, dict[str, float]], table: list[dict[str, An
                 f"  target {t['work']} {t['size'] // KIB} KiB {t['sessions']} sessions: "
                 f"{times}x {t['peer']:.0f} = {target:.0f} msgs/s: one accepting process has "
                 f"{1000 / target:.2f} ms of a core a message; it spends {c['user']:.2f} ms "
-                f"in Python and {c['sys']:.2f} ms in the kernel now"
+                f"in user space and {c['sys']:.2f} ms in the kernel now"
             )
         if t["work"] in E2E_TARGETS and t["size"] in floors:
             target = E2E_TARGETS[t["work"]] * t["peer"]

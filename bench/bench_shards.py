@@ -33,13 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_accept import Server
 from bench.bench_peers import (
     KIB,
-    RCPT,
-    SENDER,
     Postfix,
     Sink,
     postfix_missing,
     relay,
     smtp_source,
+    smtp_source_command,
 )
 
 
@@ -52,13 +51,10 @@ def relays(k: int, n: int, sessions: int, keep: bool) -> float:
             for i in range(k):
                 (Path(d) / str(i)).mkdir()
                 servers.append(relay(Path(d) / str(i), "enabled = false\n"))
-            cmd = ["smtp-source", "-s", str(sessions // k), "-m", str(n // k), "-l", str(KIB)]
-            cmd += ["-d"] if keep else []
-            cmd += ["-f", SENDER, "-t", RCPT]
             start = time.perf_counter()
             clients = [
                 subprocess.Popen(
-                    [*cmd, f"127.0.0.1:{s.port}"],
+                    smtp_source_command(s.port, n // k, sessions // k, KIB, keep),
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,
