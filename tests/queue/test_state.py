@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from atmosrelay.queue.records import (
+    Accepted,
     Delivery,
+    Idempotency,
     Outcome,
     Recipient,
     RecordType,
+    decode_accepted,
     decode_delivery,
     encode_accepted,
     encode_deleted,
@@ -100,6 +103,37 @@ def test_orphans_and_deletion() -> None:
     )
     assert QID not in state.messages
     assert state.dead_positions() == {Position(1, 32), Position(1, 500)}  # both compactable
+
+
+def test_an_accepted_record_decodes_to_itself_field_by_field() -> None:
+    """Every field holds a value of its own (none left at its default), so a field the codec
+    drops, defaults or mixes up with another fails here."""
+    record = Accepted(
+        id=QID,
+        accepted_at=1_800_000_123.5,
+        did="did:plc:zyxwvutsrqponmlkjihgfedc",
+        sender="sender@example.org",
+        recipients=(
+            Recipient("plain@example.net"),
+            Recipient("dsn@example.net", ("SUCCESS", "DELAY"), ("rfc822", "orig@example.net")),
+            Recipient("gone@example.net", suppressed=True),
+        ),
+        ret="HDRS",
+        envid="envelope-7",
+        category="newsletter",
+        bulk=True,
+        tags=("tag-a", "tag-b"),
+        metadata={"campaign": "spring"},
+        client={"ip": "192.0.2.7", "helo": "client.example"},
+        size=4242,
+        message_id="<m-1@example.org>",
+        idem=Idempotency("idem-key", "digest-9", (("x@example.net", "5.7.1", "suppressed"),)),
+    )
+    message = b"Subject: all fields\r\n\r\nbody\r\n"
+    payload = encode_accepted(record, message)
+    decoded, offset = decode_accepted(payload)
+    assert decoded == record
+    assert payload[offset:] == message
 
 
 def test_codec_round_trip_through_the_journal() -> None:
