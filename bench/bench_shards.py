@@ -33,11 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_accept import Server
 from bench.bench_peers import (
     KIB,
-    Postfix,
-    Sink,
     postfix_missing,
     relay,
-    smtp_source,
+    run_accept,
     smtp_source_command,
 )
 
@@ -73,15 +71,10 @@ def relays(k: int, n: int, sessions: int, keep: bool) -> float:
 
 
 def postfix(n: int, sessions: int, keep: bool) -> float:
+    """bench_peers.py's accept row, Postfix's side: holding what it accepts."""
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as d:
-        sink = Sink()
-        peer = Postfix(Path(d), sink.port, hold=True)
-        try:
-            took = smtp_source(peer.port, n, sessions, KIB, keep)
-        finally:
-            peer.stop()
-            sink.stop()
-    return n / took
+        rate, _ = run_accept("peer", Path(d), n, sessions, KIB, keep)
+    return rate
 
 
 def main() -> None:
