@@ -324,6 +324,12 @@ def test_queue_show_json_of_a_message_never_tried_and_of_a_deferred_one(tmp_path
     assert (first["next_attempt"], first["history"]) == ({}, [])
     assert second["next_attempt"] == {"carol@example.net": 1_800_000_600.0}
     assert [o["status"] for o in second["history"][0]["outcomes"]] == ["4.2.1"]
+    # the record by its attribute names (the journal's head uses shorter ones: "t", "from")
+    assert first["record"]["accepted_at"] == fresh.accepted_at
+    assert (first["record"]["sender"], first["record"]["message_id"]) == (fresh.sender, "")
+    assert first["record"]["recipients"] == [
+        {"addr": "bob@example.net", "notify": None, "orcpt": None, "suppressed": False}
+    ]
 
 
 def on_terminal(

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from atmosrelay._text import print_error
 from atmosrelay.config import Config, ConfigError, load_config
 from atmosrelay.control import ControlError, call, socket_path
-from atmosrelay.queue.records import RecipientState
+from atmosrelay.queue.records import RecipientState, as_dict
 from atmosrelay.queue.state import QueuedMessage, domain_of, fold
 from atmosrelay.queue.status import StatusIndex
 from journal import CorruptJournalError, read_records
@@ -179,7 +179,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return _show_from_index(args)
     data = {
         **_row(m),
-        "record": attrs.asdict(m.record),
+        "record": as_dict(m.record),
         "history": [attrs.asdict(d) for d in m.history],
         "next_attempt": dict(m.next_at),
     }

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import attrs
+from msgspec.structs import replace
 
 from atmosrelay.message.headers import MessageError, check_octets, process
 from atmosrelay.policy.engine import Policy
@@ -174,7 +175,7 @@ class Pipeline:
         if refusal is not None:
             return refusal
         if processed.bulk and member.suppressed:  # most members have no one to skip
-            kept = [attrs.evolve(r, suppressed=unsubscribed(member, r.addr)) for r in kept]
+            kept = [replace(r, suppressed=unsubscribed(member, r.addr)) for r in kept]
         deliver = [r.addr for r in kept if not r.suppressed]
         if not deliver:
             return refuse(Code.ALL_SUPPRESSED, log="every recipient unsubscribed (bulk mail)")

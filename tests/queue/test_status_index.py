@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import attrs
+import msgspec
 import trio
 
 from atmosrelay.queue.events import AttemptOutcome, MessageAccepted, MessageDeleted
@@ -105,7 +105,7 @@ async def test_events_written_then_pruned_after_retention(tmp_path: Path) -> Non
 async def test_an_idempotency_key_within_its_time_to_live(tmp_path: Path) -> None:
     clock = Clock(1_800_000_000.0)
     index = _index(tmp_path, clock)
-    record = attrs.evolve(
+    record = msgspec.structs.replace(
         accepted_record("bob@example.net", "gone@example.net", accepted_at=clock.now),
         message_id="<m@x>",
         idem=Idempotency("k1", "d1", (("x@example.net", "RECIPIENT_SUPPRESSED", "why"),)),
