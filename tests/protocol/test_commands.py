@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from atmosrelay.smtp import (
@@ -20,6 +22,7 @@ from atmosrelay.smtp import (
     State,
     TLSReady,
 )
+from atmosrelay.smtp import _extensions as _ext
 from atmosrelay.smtp import replies as R
 from atmosrelay.smtp._extensions import parse_path
 from tests.protocol.helpers import drive_server, talk
@@ -291,3 +294,21 @@ def test_client_refuses_bare_line_endings_in_outgoing_data() -> None:
     client.send_data(b"ends with CR\r")  # an LF may still follow: not an error yet
     with pytest.raises(LocalProtocolError, match="ends with a bare CR"):
         client.end_data()
+
+
+@pytest.mark.parametrize(
+    ("written", "defined"),
+    [
+        (_ext._ATEXT, r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]"),
+        (_ext._QTEXT, r"[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]"),
+        (_ext._LET_DIG, r"[A-Za-z0-9\u0080-\U0010ffff]"),
+        (_ext._LDH, r"[A-Za-z0-9\-\u0080-\U0010ffff]"),
+    ],
+)
+def test_each_address_character_class_is_its_definition(written: str, defined: str) -> None:
+    """The grammar's classes are written as what they exclude (quick to compile); over every
+    code point each matches exactly what its definition in the RFCs' terms matches."""
+    every = "".join(map(chr, range(0x110000)))
+    assert [m.start() for m in re.finditer(written, every)] == [
+        m.start() for m in re.finditer(defined, every)
+    ]
