@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import attrs
 import pytest
@@ -14,6 +14,7 @@ import trio.testing
 import trustme
 
 from atmosrelay.delivery.client_session import ConnectFailed, Envelope, open_remote
+from atmosrelay.delivery.courier import client_context
 from atmosrelay.delivery.resolver import Destination
 from atmosrelay.queue.records import Outcome
 from atmosrelay.smtp import (
@@ -271,3 +272,40 @@ async def test_our_own_protocol_errors_surface_instead_of_becoming_deferrals() -
         with pytest.raises(LocalProtocolError, match="bare CR or LF"):
             await go(mx, dest("mx1"), message=b"Subject: x\r\n\r\na bare\nline feed\r\n")
         assert mx.hosts["mx1"].received == []
+
+
+async def _handshake(client: ssl.SSLContext) -> str | None:
+    """A TLS handshake of ``client`` with a server whose certificate is signed by a CA the
+    client was never told of; None when it completes, else the client's error."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    CA.issue_cert("mx.example").configure_cert(server_ctx)
+    ours, theirs = trio.testing.memory_stream_pair()
+    near = trio.SSLStream(ours, client, server_hostname="mx.example")
+    far = trio.SSLStream(theirs, server_ctx, server_side=True)
+    failed: list[str] = []
+
+    async def client_side() -> None:
+        try:
+            await near.do_handshake()
+        except trio.BrokenResourceError as exc:
+            failed.append(str(exc.__cause__))
+        await near.aclose()
+
+    async def server_side() -> None:
+        with suppress(trio.BrokenResourceError):  # the client's refusal: it says why
+            await far.do_handshake()
+        await far.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client_side)
+            nursery.start_soon(server_side)
+    return failed[0] if failed else None
+
+
+async def test_opportunistic_tls_takes_any_certificate_and_verified_tls_only_a_known_one() -> None:
+    """``delivery.tls_verify = false`` (the default, RFC 7435): the handshake completes with
+    a certificate no CA we know signed; with it on, the same handshake is refused."""
+    assert await _handshake(client_context(False, "")) is None
+    refused = await _handshake(client_context(True, ""))
+    assert refused is not None and "CERTIFICATE_VERIFY_FAILED" in refused
