@@ -64,22 +64,39 @@ def load_counters(
     mark = store.flushed_until(journal)
     counted: list[tuple[str, float, int]] = []
     replayed = 0
+    # a deep queue holds many messages of few senders and members: each one's domain and
+    # key made once (100,000 queued took 0.2 s here, one string operation a message)
+    domains: dict[str, str] = {}
+    keys: dict[str, str] = {}
     for msg in state.messages.values():
         record = msg.record
-        if not record.sender or domain_of(record.sender) == own_domain:
-            continue  # DSNs and forwards (the relay's own mail) count against nobody
+        sender = record.sender
+        if not sender:
+            continue  # a DSN: the relay's own mail counts against nobody
+        sender_domain = domains.get(sender)
+        if sender_domain is None:
+            sender_domain = domains[sender] = domain_of(sender)
+        if sender_domain == own_domain:
+            continue  # forwards: the relay's own mail too
         if record.accepted_at > mark:
-            n = sum(1 for r in record.recipients if not r.suppressed)
-            counted.append((recipients_key(record.did), record.accepted_at, n))
+            rcpts = record.recipients
+            if len(rcpts) == 1:
+                n = 0 if rcpts[0].suppressed else 1
+            else:
+                n = sum(1 for r in rcpts if not r.suppressed)
+            member_key = keys.get(record.did)
+            if member_key is None:
+                member_key = keys[record.did] = recipients_key(record.did)
+            counted.append((member_key, record.accepted_at, n))
             replayed += 1
         for delivery in msg.history:
             if delivery.at <= mark:
                 continue
             for o in delivery.outcomes:
                 if o.outcome == RecipientState.SENT:
-                    counted.append((sent_key(domain_of(record.sender)), delivery.at, 1))
+                    counted.append((sent_key(sender_domain), delivery.at, 1))
                 elif o.outcome == RecipientState.BOUNCED:
-                    counted.append((bounced_key(domain_of(record.sender)), delivery.at, 1))
+                    counted.append((bounced_key(sender_domain), delivery.at, 1))
     counters.add_many(counted)
     for domain in store.domains():
         if domain.paused_at is not None:
