@@ -15,7 +15,7 @@ present, bottom up (RFC 6376 5.4.2), and each name **once more** than it occurs
 ("over-signing", RFC 6376 8.15): a verifier takes the extra name as an empty header, so a
 field of any of these names added anywhere after signing (a second From on top, a Reply-To
 that was not there) breaks every signature instead of riding along under them. Private keys
-are parsed once per signer.
+are parsed once a process (a small cache by key text).
 """
 
 from __future__ import annotations
@@ -104,21 +104,37 @@ class SigningKey:
     private: str = attrs.field(repr=False)  # PKCS#1 PEM (RSA) or base64 seed (Ed25519)
 
 
+PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+# Parsed keys by (algorithm, private text): every member domain's signer also holds the
+# operator's key, and parsing an RSA key (with OpenSSL's checks of it) takes ~47 ms, so a
+# delivery process parsed the operator's key again for the first message of each domain.
+# Bounded: emptied when full (keys rotate; a process meets few).
+_PARSED: dict[tuple[str, str], PrivateKey] = {}
+PARSED_MAX: Final = 256
+
+
+def _parse(k: SigningKey) -> PrivateKey:
+    found = _PARSED.get((k.algorithm, k.private))
+    if found is not None:
+        return found
+    if k.algorithm == "rsa":
+        loaded = serialization.load_pem_private_key(k.private.encode("ascii"), password=None)
+        assert isinstance(loaded, rsa.RSAPrivateKey)
+        parsed: PrivateKey = loaded
+    else:
+        parsed = ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(k.private))
+    if len(_PARSED) >= PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[(k.algorithm, k.private)] = parsed
+    return parsed
+
+
 class Signer:
-    """Signs with a fixed set of keys, parsed once."""
+    """Signs with a fixed set of keys, each parsed once a process."""
 
     def __init__(self, keys: list[SigningKey]) -> None:
-        self._keys: list[tuple[SigningKey, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey]] = []
-        for k in keys:
-            if k.algorithm == "rsa":
-                loaded = serialization.load_pem_private_key(
-                    k.private.encode("ascii"), password=None
-                )
-                assert isinstance(loaded, rsa.RSAPrivateKey)
-                self._keys.append((k, loaded))
-            else:
-                seed = base64.b64decode(k.private)
-                self._keys.append((k, ed25519.Ed25519PrivateKey.from_private_bytes(seed)))
+        self._keys: list[tuple[SigningKey, PrivateKey]] = [(k, _parse(k)) for k in keys]
 
     def sign(self, message: bytes, *, now: float | None = None) -> bytes:
         """The DKIM-Signature fields to prepend to ``message`` (one per key)."""

@@ -60,6 +60,29 @@ def test_a_long_run_of_whitespace_is_one_space() -> None:
     assert canonical_body(body) == Relaxed.canonicalize_body(body)
 
 
+def test_a_key_is_parsed_once_a_process_and_another_key_for_itself(
+    keys: tuple[dkim_keys.KeyPair, ...],
+) -> None:
+    """Each member domain's signer holds the operator's key too: the second signer uses the
+    parsed key the first made. One text is one parsed key, whatever selector it is under;
+    another text is parsed for itself."""
+    rsa_key, ed_key, operator = keys
+    operator_key = SigningKey("relay.test", "atmos20261101r", "rsa", operator.private)
+    first = Signer([operator_key])
+    second = Signer(
+        [
+            SigningKey("example.org", "atmos20261121r", "rsa", rsa_key.private),
+            SigningKey("example.org", "atmos20261121e", "ed25519", ed_key.private),
+            operator_key,
+        ]
+    )
+    reused = Signer([SigningKey("relay.test", "atmos20261201r", "rsa", rsa_key.private)])
+    assert second._keys[2][1] is first._keys[0][1]
+    assert second._keys[0][1] is reused._keys[0][1]
+    assert second._keys[0][1] is not first._keys[0][1]
+    assert Signer([second._keys[1][0]])._keys[0][1] is second._keys[1][1]
+
+
 def test_many_blank_lines_at_the_end_are_cut_in_one_copy() -> None:
     # a member's body may end in megabytes of blank lines: cut once (cutting two octets at
     # a time copied the body again for each line), also with a bare LF among them
