@@ -30,7 +30,7 @@ import trio
 
 from atmosrelay._text import printable
 from atmosrelay.delivery.resolver import Destination
-from atmosrelay.queue.records import Outcome
+from atmosrelay.queue.records import Outcome, RecipientState
 from atmosrelay.smtp import (
     NEED_DATA,
     Address,
@@ -95,6 +95,9 @@ class _Failed(Exception):
 def _address(text: str) -> Address:
     local, _, domain = text.rpartition("@")
     return Address(local, domain) if text else Address("", "")
+
+
+SENT, DEFERRED, BOUNCED = RecipientState.SENT, RecipientState.DEFERRED, RecipientState.BOUNCED
 
 
 def _enhanced(code: int, enhanced: str | None, default_class: str) -> str:
@@ -207,9 +210,7 @@ class Remote:
             self.usable = False
             raise
         self.usable = False
-        return tuple(
-            Outcome(r, "deferred", reason.status, reason.reply) for r in envelope.recipients
-        )
+        return tuple(Outcome(r, DEFERRED, reason.status, reason.reply) for r in envelope.recipients)
 
     async def aclose(self) -> None:
         """A polite QUIT (its reply changes nothing), then close."""
@@ -233,7 +234,7 @@ class ConnectFailed(Exception):
         self.reply = reply
 
     def outcomes(self, recipients: tuple[str, ...]) -> tuple[Outcome, ...]:
-        outcome = "bounced" if self.status.startswith("5") else "deferred"
+        outcome = BOUNCED if self.status.startswith("5") else DEFERRED
         return tuple(Outcome(r, outcome, self.status, self.reply) for r in recipients)
 
 
@@ -349,16 +350,16 @@ async def _send(
     eight_bit = not message.isascii()
     utf8 = not (envelope.sender.isascii() and all(r.isascii() for r in recipients))
 
-    def all_(outcome: str, status: str, reply: str | None) -> tuple[Outcome, ...]:
+    def all_(outcome: RecipientState, status: str, reply: str | None) -> tuple[Outcome, ...]:
         return tuple(Outcome(r, outcome, status, reply) for r in recipients)
 
     if eight_bit and not caps.has("8BITMIME"):
-        return all_("bounced", "5.6.3", "8-bit message and the server does not offer 8BITMIME")
+        return all_(BOUNCED, "5.6.3", "8-bit message and the server does not offer 8BITMIME")
     if utf8 and not caps.has("SMTPUTF8"):
-        return all_("bounced", "5.6.7", "non-ASCII address and the server does not offer SMTPUTF8")
+        return all_(BOUNCED, "5.6.7", "non-ASCII address and the server does not offer SMTPUTF8")
     if caps.size is not None and len(message) > caps.size:
         return all_(
-            "bounced",
+            BOUNCED,
             "5.3.4",
             f"message of {len(message)} octets over the server's SIZE {caps.size}",
         )
@@ -399,7 +400,7 @@ async def _send(
     if mail.reply.code >= 400:
         if data is not None and data.reply.code == 354:  # a server that took DATA anyway
             await _abandon_data(wire)
-        outcome = "bounced" if mail.reply.code >= 500 else "deferred"
+        outcome = BOUNCED if mail.reply.code >= 500 else DEFERRED
         return all_(
             outcome, _enhanced(mail.reply.code, mail.reply.enhanced, "4.0.0"), _reply_text(mail)
         )
@@ -410,7 +411,7 @@ async def _send(
         if code < 300:
             accepted.append(r)
         else:
-            outcome = "bounced" if code >= 500 else "deferred"
+            outcome = BOUNCED if code >= 500 else DEFERRED
             outcomes[r] = Outcome(
                 r, outcome, _enhanced(code, reply.reply.enhanced, "4.0.0"), _reply_text(reply)
             )
@@ -421,7 +422,7 @@ async def _send(
             with trio.fail_after(DATA_INIT_TIMEOUT):
                 data = await wire.command(Data())
         if data.reply.code != 354:
-            outcome = "bounced" if data.reply.code >= 500 else "deferred"
+            outcome = BOUNCED if data.reply.code >= 500 else DEFERRED
             for r in accepted:
                 outcomes[r] = Outcome(
                     r,
@@ -440,7 +441,7 @@ async def _send(
                 await wire.io.write(wire.conn.end_data())
             final = await _timed_reply(wire, DATA_END_TIMEOUT)
             code = final.reply.code
-            outcome = "sent" if code < 300 else ("bounced" if code >= 500 else "deferred")
+            outcome = SENT if code < 300 else (BOUNCED if code >= 500 else DEFERRED)
             for r in accepted:
                 outcomes[r] = Outcome(
                     r, outcome, _enhanced(code, final.reply.enhanced, "2.0.0"), _reply_text(final)

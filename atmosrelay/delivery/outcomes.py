@@ -16,7 +16,7 @@ import random
 import sys
 from collections.abc import Iterable, Sequence
 
-import attrs
+from msgspec.structs import replace
 
 from atmosrelay.delivery.backoff import RetryPolicy
 from atmosrelay.delivery.resolver import ResolutionFailed
@@ -47,9 +47,7 @@ def finalize(
         # the state keeps every outcome of a message until compaction drops it: a status
         # code is one of a few strings, one object each, and the recipient is the message's
         # own string (the delivery process sent a copy)
-        o = attrs.evolve(
-            o, recipient=own.get(o.recipient, o.recipient), status=sys.intern(o.status)
-        )
+        o = replace(o, recipient=own.get(o.recipient, o.recipient), status=sys.intern(o.status))
         attempt = msg.attempts.get(o.recipient, 0) + 1
         if o.outcome == RecipientState.DEFERRED:
             at = policy.next_attempt(
@@ -57,12 +55,12 @@ def finalize(
             )
             if at is None:
                 final.append(
-                    attrs.evolve(o, outcome=RecipientState.BOUNCED, status=EXPIRED, attempt=attempt)
+                    replace(o, outcome=RecipientState.BOUNCED, status=EXPIRED, attempt=attempt)
                 )
                 continue
-            final.append(attrs.evolve(o, attempt=attempt, next_at=at))
+            final.append(replace(o, attempt=attempt, next_at=at))
         else:
-            final.append(attrs.evolve(o, attempt=attempt))
+            final.append(replace(o, attempt=attempt))
     return tuple(final)
 
 

@@ -180,7 +180,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     data = {
         **_row(m),
         "record": as_dict(m.record),
-        "history": [attrs.asdict(d) for d in m.history],
+        "history": as_dict(m.history),
         "next_attempt": dict(m.next_at),
     }
     if args.json:

@@ -1,4 +1,4 @@
-"""The ACCEPTED head's two decoders agree: msgspec's fast one, for heads as this build writes
+"""The ACCEPTED head's (and the DELIVERY record's) two decoders agree: msgspec's fast one, for heads as this build writes
 them, and the long way, for anything else. Whatever the fast one returns, the long way
 returns too; whatever it cannot read, the long way reads (or refuses) as it always has."""
 
@@ -13,13 +13,20 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from atmosrelay.queue.records import (
+    _DELIVERY,
     _HEAD,
     _LEN,
+    Delivery,
     Idempotency,
+    Outcome,
     Recipient,
+    RecipientState,
+    _decode_delivery,
     _decode_head,
     decode_accepted,
+    decode_delivery,
     encode_accepted,
+    encode_delivery,
     shared,
 )
 from tests.queue.factories import accepted_record
@@ -120,6 +127,72 @@ def test_the_fast_decoder_reads_a_head_as_the_long_way_does(
     record, offset = fast[1]
     assert record == slow[1]
     assert payload[offset:] == b"Subject: x\r\n\r\nbody\r\n"
+
+
+_GOOD_DELIVERY = st.fixed_dictionaries(
+    {
+        "v": st.just(1),
+        "id": st.just("01M8F03XACGQS64EH9EC0A33KR"),
+        "t": st.floats(1e9, 2e9) | st.integers(1_000_000_000, 2_000_000_000),
+        "mta": st.none() | st.just("mx.example.net"),
+        "outcomes": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "rcpt": _ADDR,
+                    "outcome": st.sampled_from(
+                        ["sent", "deferred", "bounced", "suppressed", "accepted"]
+                    ),
+                    "status": st.sampled_from(["2.0.0", "4.2.1", "5.1.1"]),
+                },
+                optional={
+                    "reply": st.none() | st.text(max_size=5),
+                    "attempt": st.integers(1, 9),
+                    "next": st.none() | st.floats(1e9, 2e9),
+                },
+            ),
+            max_size=3,
+        ),
+    }
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_GOOD_DELIVERY, st.data(), st.booleans())
+def test_the_fast_decoder_reads_a_delivery_record_as_the_long_way_does(
+    record: dict[str, Any], data: st.DataObject, keys_reversed: bool
+) -> None:
+    record = _damage(data, record)
+    if keys_reversed and isinstance(record, dict):
+        record = dict(reversed(list(record.items())))
+    payload = orjson.dumps(record)
+    fast = _outcome(decode_delivery, payload)
+    slow = _outcome(_decode_delivery, payload)
+    event("read" if fast[0] == "ok" else "refused")
+    assert fast[0] == slow[0]
+    if fast[0] == "error":
+        assert fast[1] is slow[1]
+        return
+    assert fast[1] == slow[1]
+    assert all(type(o.outcome) is RecipientState for o in fast[1].outcomes)
+
+
+def test_a_delivery_record_this_build_writes_is_read_by_the_fast_decoder() -> None:
+    delivery = Delivery(
+        "01M8F03XACGQS64EH9EC0A33KR",
+        1_800_000_000.0,
+        "mx.example.net",
+        (
+            Outcome("bob@example.net", "deferred", "4.2.1", "451 busy", 2, 1_800_000_600.0),
+            Outcome("carol@example.org", "sent", "2.0.0"),
+        ),
+    )
+    payload = encode_delivery(delivery)
+    assert _DELIVERY.decode(payload) == delivery
+    decoded = decode_delivery(payload)
+    assert decoded == delivery
+    assert decoded.outcomes[0].outcome is RecipientState.DEFERRED
+    assert decoded.outcomes[1].status is sys.intern("2.0.0")
+    assert decoded.mta is sys.intern("mx.example.net")
 
 
 def test_a_head_this_build_writes_comes_back_interned_and_shared() -> None:

@@ -8,6 +8,7 @@ import random
 
 import attrs
 import pytest
+from msgspec.structs import replace
 
 from atmosrelay.queue.events import AttemptOutcome, MessageAccepted
 from atmosrelay.queue.records import Outcome, Recipient, RecipientState, new_queue_id
@@ -43,7 +44,7 @@ def test_a_later_time_replaces_an_earlier_one() -> None:
     schedule = Schedule.from_state(state)
     schedule.take_due(1_800_000_000.0)  # carol out to a lane
     assert schedule.retry_now(QID, 1_800_000_050.0) == 2  # operator: retry both now
-    again = attrs.evolve(DEFER, attempt=2, next_at=1_800_000_500.0)
+    again = replace(DEFER, attempt=2, next_at=1_800_000_500.0)
     state.apply(delivery(3, again))
     schedule.on_event(outcome_event(again))
     # bob's stale entries (220 from the first deferral, 50 from the forced retry) are gone
@@ -57,7 +58,7 @@ def test_overdue_retries_are_spread_after_a_restart() -> None:
     for n, qid in enumerate(ids):
         records += [
             accepted(qid),
-            delivery(2 + n, DEFER, attrs.evolve(DEFER, recipient="carol@example.org"), qid=qid),
+            delivery(2 + n, DEFER, replace(DEFER, recipient="carol@example.org"), qid=qid),
         ]
     schedule = Schedule.from_state(fold(records))
     now = 1_800_001_000.0
@@ -101,7 +102,7 @@ def test_a_deep_queue_is_handed_out_in_time_order() -> None:
         records.append(attrs.evolve(accepted(qid), seq=2 * n + 1))
         if n % 2:
             at = 1_800_001_000.0 + rng.random() * 1000
-            later = attrs.evolve(DEFER, next_at=at)
+            later = replace(DEFER, next_at=at)
             records.append(attrs.evolve(delivery(2 * n + 2, later, qid=qid), seq=2 * n + 2))
             expected.append((at, qid, "bob@example.net"))
         else:
@@ -118,15 +119,15 @@ def test_a_deep_queue_is_handed_out_in_time_order() -> None:
 def test_a_restart_spreads_only_the_overdue_retries() -> None:
     """Never tried: due at once. Deferred and overdue: spread. Deferred to later: kept."""
     fresh, overdue, later = (new_queue_id(1_800_000_000.0) for _ in range(3))
-    pushed = attrs.evolve(DEFER, next_at=1_800_009_000.0)
+    pushed = replace(DEFER, next_at=1_800_009_000.0)
     carol = {"recipient": "carol@example.org"}
     state = fold(
         [
             attrs.evolve(accepted(fresh), seq=1),
             attrs.evolve(accepted(overdue), seq=2),
             attrs.evolve(accepted(later), seq=3),
-            delivery(4, DEFER, attrs.evolve(DEFER, **carol), qid=overdue),
-            delivery(5, pushed, attrs.evolve(pushed, **carol), qid=later),
+            delivery(4, DEFER, replace(DEFER, **carol), qid=overdue),
+            delivery(5, pushed, replace(pushed, **carol), qid=later),
         ]
     )
     schedule = Schedule.from_state(state)
