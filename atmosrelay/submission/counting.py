@@ -80,7 +80,7 @@ def load_counters(
             continue  # forwards: the relay's own mail too
         if record.accepted_at > mark:
             rcpts = record.recipients
-            if len(rcpts) == 1:
+            if len(rcpts) == 1:  # most messages: no generator (half of the recount's time)
                 n = 0 if rcpts[0].suppressed else 1
             else:
                 n = sum(1 for r in rcpts if not r.suppressed)
