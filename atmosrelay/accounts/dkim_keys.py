@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from atmosrelay._files import write_private
+from atmosrelay.message.dkim import parse_private
 
 RSA_BITS: Final = 2048
 TXT_STRING_MAX: Final = 255
@@ -63,15 +64,13 @@ def generate_ed25519() -> KeyPair:
 
 def public_from_private(algorithm: str, private: str) -> str:
     """The p= value for a stored private key."""
+    key = parse_private(algorithm, private)  # kept: the relay signs with it next
     if algorithm == "rsa":
-        key = serialization.load_pem_private_key(private.encode("ascii"), password=None)
         spki = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         return base64.b64encode(spki).decode("ascii")
-    seed = base64.b64decode(private)
-    public = ed25519.Ed25519PrivateKey.from_private_bytes(seed).public_key()
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode("ascii")
 
 

@@ -114,19 +114,22 @@ _PARSED: dict[tuple[str, str], PrivateKey] = {}
 PARSED_MAX: Final = 256
 
 
-def _parse(k: SigningKey) -> PrivateKey:
-    found = _PARSED.get((k.algorithm, k.private))
+def parse_private(algorithm: str, private: str) -> PrivateKey:
+    """The key of ``private`` (a PKCS#1 PEM for "rsa", a base64 seed for "ed25519"), parsed
+    once a process: the relay derives the operator's public key from it at start, and then
+    signs with it."""
+    found = _PARSED.get((algorithm, private))
     if found is not None:
         return found
-    if k.algorithm == "rsa":
-        loaded = serialization.load_pem_private_key(k.private.encode("ascii"), password=None)
+    if algorithm == "rsa":
+        loaded = serialization.load_pem_private_key(private.encode("ascii"), password=None)
         assert isinstance(loaded, rsa.RSAPrivateKey)
         parsed: PrivateKey = loaded
     else:
-        parsed = ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(k.private))
+        parsed = ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(private))
     if len(_PARSED) >= PARSED_MAX:
         _PARSED.clear()
-    _PARSED[(k.algorithm, k.private)] = parsed
+    _PARSED[(algorithm, private)] = parsed
     return parsed
 
 
@@ -134,7 +137,9 @@ class Signer:
     """Signs with a fixed set of keys, each parsed once a process."""
 
     def __init__(self, keys: list[SigningKey]) -> None:
-        self._keys: list[tuple[SigningKey, PrivateKey]] = [(k, _parse(k)) for k in keys]
+        self._keys: list[tuple[SigningKey, PrivateKey]] = [
+            (k, parse_private(k.algorithm, k.private)) for k in keys
+        ]
 
     def sign(self, message: bytes, *, now: float | None = None) -> bytes:
         """The DKIM-Signature fields to prepend to ``message`` (one per key)."""

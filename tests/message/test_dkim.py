@@ -12,7 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from atmosrelay.accounts import dkim_keys
-from atmosrelay.message.dkim import Signer, SigningKey, canonical_body, canonical_header
+from atmosrelay.message.dkim import (
+    Signer,
+    SigningKey,
+    canonical_body,
+    canonical_header,
+    parse_private,
+)
 
 MESSAGE = (
     b"X-Atmos-Member-Did: did:plc:abcdefghijklmnopqrstuvwx\r\n"
@@ -81,6 +87,10 @@ def test_a_key_is_parsed_once_a_process_and_another_key_for_itself(
     assert second._keys[0][1] is reused._keys[0][1]
     assert second._keys[0][1] is not first._keys[0][1]
     assert Signer([second._keys[1][0]])._keys[0][1] is second._keys[1][1]
+    # the relay derives the operator's public key at start: that parse is the signers' too
+    assert dkim_keys.public_from_private("rsa", operator.private) == operator.public_b64
+    assert parse_private("rsa", operator.private) is first._keys[0][1]
+    assert dkim_keys.public_from_private("ed25519", ed_key.private) == ed_key.public_b64
 
 
 def test_many_blank_lines_at_the_end_are_cut_in_one_copy() -> None:
