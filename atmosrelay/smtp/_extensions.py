@@ -50,7 +50,7 @@ _IPV4: Final = re.compile(
 _XTEXT_CHAR: Final = re.compile(r"\+([0-9A-F]{2})")
 _ESMTP_KEYWORD: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _ENHANCED: Final = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})")  # ASCII digits only
-# The common case in one match: <dot-atom@host.name>, ASCII, _LDH labels of 1-63 characters.
+# The common case in one match: <dot-atom@host.name>, ASCII, LDH labels of 1-63 characters.
 _SIMPLE_PATH: Final = re.compile(
     r"<([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*)"
     r"@((?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*"
