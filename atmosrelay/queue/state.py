@@ -135,9 +135,14 @@ def domain_of(address: str) -> str:
 class QueueState:
     messages: dict[str, QueuedMessage] = attrs.field(factory=dict)
     unknown_records: int = 0  # types from a newer build, kept in the journal, not understood
+    # outcomes this process's fold met whose message was gone (deleted or compacted away): a
+    # diagnostic of what was replayed, so a start from the checkpoint counts other ones
     orphan_outcomes: int = 0
     graveyard: set[Position] = attrs.field(factory=set)  # records of deleted messages
     inbound: dict[str, PendingInbound] = attrs.field(factory=dict)  # not processed yet
+    # the records of a deleted DSN, by the queue id it reports on: they still say its
+    # recipients were reported, so they live as long as that message does (as a DSN's own)
+    kept: dict[str, tuple[Position, ...]] = attrs.field(factory=dict)
 
     # -- compaction -------------------------------------------------------------------
     def dead_positions(self) -> set[Position]:
@@ -147,6 +152,9 @@ class QueueState:
             # as long as that message does, or a restart would report them again
             if msg.dead and msg.record.metadata.get(DSN_FOR) not in self.messages:
                 dead.update(msg.positions)
+        for reported, positions in self.kept.items():
+            if reported not in self.messages:
+                dead.update(positions)
         return dead
 
     def compacted(
@@ -163,10 +171,20 @@ class QueueState:
         # a record deleted while the compaction ran was copied: its copy is as dead
         self.graveyard = {relocated.get(p, p) for p in self.graveyard if not gone(p)}
         for queue_id in [q for q, m in self.messages.items() if gone(m.position)]:
-            del self.messages[queue_id]
+            # its outcomes written after the sealed segments are orphans now, as a fold of
+            # what is left would find them (and so are the deleted DSNs kept for it): dead,
+            # so the next compaction frees them too
+            left = (*self.messages.pop(queue_id).positions[1:], *self.kept.pop(queue_id, ()))
+            self.graveyard.update(relocated.get(p, p) for p in left if not gone(p))
         for msg in self.messages.values():
             if any(p in relocated for p in msg.positions):
                 msg.positions = tuple(relocated.get(p, p) for p in msg.positions)
+        for reported, positions in list(self.kept.items()):
+            left = tuple(relocated.get(p, p) for p in positions if not gone(p))
+            if left:
+                self.kept[reported] = left
+            else:
+                del self.kept[reported]
         for key, pending in list(self.inbound.items()):
             if pending.position in relocated:
                 self.inbound[key] = attrs.evolve(pending, position=relocated[pending.position])
@@ -253,9 +271,17 @@ class QueueState:
 
     def add_deleted(self, queue_id: str, position: Position) -> None:
         msg = self.messages.pop(queue_id, None)
+        if msg is None:
+            self.graveyard.add(position)
+            return
+        reported = msg.record.metadata.get(DSN_FOR, "")
+        if not msg.record.sender and reported in self.messages:
+            # a DSN: what it covered stays covered (no second report), so its records, and
+            # this one that deleted it, must outlive the message it reports on
+            self.kept[reported] = (*self.kept.get(reported, ()), *msg.positions, position)
+            return
         self.graveyard.add(position)
-        if msg is not None:
-            self.graveyard.update(msg.positions)
+        self.graveyard.update(msg.positions)
 
 
 def fold(records: Iterable[Record]) -> QueueState:

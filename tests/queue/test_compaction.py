@@ -13,6 +13,7 @@ from atmosrelay.queue.records import (
     new_queue_id,
 )
 from atmosrelay.queue.schedule import Schedule
+from atmosrelay.queue.state import DSN_FOR, DSN_RECIPIENTS
 from atmosrelay.queue.store import QueueStore
 from journal import open_journal
 from journal.testing import CrashableMemFS
@@ -103,3 +104,54 @@ async def test_processed_inbound_records_are_compacted_and_pending_ones_survive(
         again = await QueueStore.recover(journal)
         assert sorted(again.pending_inbound()) == sorted(r.id for r in records[30:])
         assert again.state.messages == {}
+
+
+async def test_outcomes_left_behind_by_their_message_are_freed_by_the_next_compaction() -> None:
+    """A delivered message's ACCEPTED record goes with a sealed segment while its outcome
+    sits in the active one: that outcome is dead from then on (a fold of what is left would
+    find it orphaned), so it is not copied forward at every compaction after."""
+    fs = CrashableMemFS()
+    async with open_journal("/q", fs=fs, segment_size=64 * 1024) as journal:
+        queue = QueueStore(journal)
+        qid = new_queue_id()
+        await queue.accept(record(qid, "r@example.net"), BODY)
+        await journal.rotate()
+        outcome = Outcome("r@example.net", "sent", "2.0.0", "250 ok")
+        await queue.record(Delivery(qid, 1_800_000_100.0, "mx", (outcome,)))
+        first = await queue.compact()
+        assert first.removed_segments and qid not in queue.state.messages
+        left = queue.state.dead_positions()
+        assert len(left) == 1  # the outcome, in the segment that was active
+        await journal.rotate()
+        second = await queue.compact()
+        assert second.copied == 0 and [p.segment for p in left] == list(second.removed_segments)
+        assert queue.state.dead_positions() == set()
+    async with open_journal("/q", fs=fs.crash_clone(), segment_size=64 * 1024) as journal:
+        assert list(journal.records()) == []
+
+
+async def test_a_deleted_dsn_still_covers_its_recipients_after_compaction() -> None:
+    """Deleting a DSN does not make its report owed again, before a compaction or after one,
+    live or after a restart: its records live as long as the message it reports on."""
+    fs = CrashableMemFS()
+    async with open_journal("/q", fs=fs, segment_size=64 * 1024) as journal:
+        queue = QueueStore(journal)
+        qid = new_queue_id()
+        two = accepted_record(
+            Recipient("gone@example.net"), Recipient("slow@example.net"), queue_id=qid
+        )
+        await queue.accept(two, BODY)
+        bounced = Outcome("gone@example.net", "bounced", "5.1.1", "550 no such user")
+        await queue.record(Delivery(qid, 1_800_000_100.0, "mx", (bounced,)))
+        assert queue.state.messages[qid].dsn_owed() == ["gone@example.net"]
+        meta = {DSN_FOR: qid, DSN_RECIPIENTS: "gone@example.net"}
+        dsn = accepted_record("alice@example.org", sender="", metadata=meta)
+        await queue.accept(dsn, BODY)
+        await queue.delete(dsn.id, "operator", 1_800_000_200.0)
+        await journal.rotate()
+        await queue.compact()
+        assert queue.state.messages[qid].dsn_owed() == []
+    async with open_journal("/q", fs=fs.crash_clone(), segment_size=64 * 1024) as journal:
+        again = await QueueStore.recover(journal)
+        assert dsn.id not in again.state.messages
+        assert again.state.messages[qid].dsn_owed() == []
