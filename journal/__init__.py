@@ -5,6 +5,7 @@ Knows nothing of mail. The format is drawn in ``journal._format``; recovery's ru
 ``journal._journal``. Test fakes (a crashable FS, a fault-injecting FS) in ``journal.testing``.
 """
 
+from journal._extent import Extent, ExtentMismatch
 from journal._fs import FS, File, OsFS
 from journal._inspect import CheckReport, check_journal, dump_journal, read_at, read_records
 from journal._journal import Journal, open_journal
@@ -25,6 +26,8 @@ __all__ = [
     "CheckReport",
     "Compaction",
     "CorruptJournalError",
+    "Extent",
+    "ExtentMismatch",
     "File",
     "Journal",
     "JournalClosedError",

@@ -32,6 +32,7 @@ from typing import Final, TypeVar, cast
 import attrs
 import trio
 
+from journal._extent import Extent, extent_of, positions_within, records_since
 from journal._fs import FS, OsFS
 from journal._log import (
     DEFAULT_MAX_RECORD_SIZE,
@@ -176,6 +177,19 @@ class Journal:
         """Every record in seq order. Blocking: iterate it in a worker thread, e.g.
         ``await trio.to_thread.run_sync(lambda: fold(journal.records()))``."""
         return self._log.records()
+
+    def extent(self) -> Extent:
+        """Where the journal stands now (journal/_extent.py)."""
+        return extent_of(self._log)
+
+    def positions(self, extent: Extent) -> list[Position]:
+        """Where each record ``extent`` covers stands."""
+        return positions_within(self._log, extent)
+
+    def records_since(self, extent: Extent) -> Iterator[Record]:
+        """The records written after ``extent``, in seq order (blocking, as ``records``);
+        ``ExtentMismatch`` when the journal has changed under it (journal/_extent.py)."""
+        return records_since(self._log, extent)
 
     @property
     def active_segment(self) -> int:

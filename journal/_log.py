@@ -24,7 +24,6 @@ import itertools
 import logging
 import posixpath
 import threading
-from array import array
 from collections.abc import Container, Generator, Iterable, Iterator, Sequence
 from typing import Final
 
@@ -554,7 +553,7 @@ class Log:
 
 
 def _runs(
-    segment: int, seqs: array[int], offsets: array[int], lengths: array[int]
+    segment: int, seqs: Sequence[int], offsets: Sequence[int], lengths: Sequence[int]
 ) -> Iterator[tuple[int, int, int, int]]:
     """A segment's records as one sorted stream (it holds a few sorted runs: copies, new)."""
     starts = [0] + [i for i in range(1, len(seqs)) if seqs[i] <= seqs[i - 1]] + [len(seqs)]
