@@ -13,16 +13,19 @@
 
 Before the journal opens: the operator's DKIM key and the TLS certificate are generated if
 missing, the account store and the status index are opened, and the delivery processes are
-spawned (they get ready while the journal replays; the dispatcher takes them over); after
-the queue's fold, the status index catches up with whatever the journal holds that it lacks.
+spawned (they get ready while the journal replays; the dispatcher takes them over); the
+queue is then read from its checkpoint and the records written since, or folded from the
+whole journal (queue/checkpoint.py); after that, the status index catches up with whatever
+the journal holds that it lacks.
 
 Shutdown (SIGTERM, SIGINT, or ``RelayHandle.stop``): the listeners (SMTP and HTTP) close
 first, so nothing new is accepted; sessions waiting for a command get 421 4.3.2, sessions
 inside DATA finish their message (250 after fsync, or 421 at the deadline), HTTP requests in
 hand finish; then the lanes stop taking work and finish the transactions in hand (until
 ``delivery.drain_grace``), and the delivery processes QUIT their connections and exit; then
-the journal writes its closing mark and closes. Whatever was
-accepted is on disk, and the next start folds it back into the queue and resumes delivering.
+the queue's checkpoint is written (when the state is exactly the journal's fold), and the
+journal writes its closing mark and closes. Whatever was accepted is on disk, and the next
+start folds it back into the queue and resumes delivering.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ from atmosrelay.delivery.prepare import Preparer, load_or_create_secret
 from atmosrelay.inbound import make_inbound
 from atmosrelay.inbound.processor import InboundProcessor
 from atmosrelay.policy.engine import Policy
+from atmosrelay.queue.checkpoint import CHECKPOINT_NAME
+from atmosrelay.queue.checkpoint import save as save_checkpoint
 from atmosrelay.queue.status import StatusIndex
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.reload import Reloader, operator_key
@@ -71,7 +76,7 @@ from atmosrelay.submission import Pipeline
 from atmosrelay.submission.actions import PolicyActions
 from atmosrelay.submission.counting import flush_counters, flush_loop, load_counters
 from atmosrelay.submission.members import MemberDirectory
-from journal import FS, open_journal
+from journal import FS, OsFS, open_journal
 
 if TYPE_CHECKING:
     from atmosrelay.api.common import ApiContext
@@ -210,8 +215,11 @@ async def _run(
             max_record_size=config.journal.max_record_size,
         ) as journal:
             announce(describe(directory, journal.recovery))
-            queue = await QueueStore.recover(journal, progress_bar(journal.recovery.records))
-            announce(f"queue: {len(queue.state.messages)} message(s) recovered")
+            checkpoint = str(config.data_dir / CHECKPOINT_NAME)
+            queue = await QueueStore.recover(
+                journal, progress_bar(journal.recovery.records), (fs or OsFS(), checkpoint)
+            )
+            announce(f"queue: {len(queue.state.messages)} message(s) recovered{queue.recovered}")
             queue.events.subscribe(status.on_event)
             metrics = RelayMetrics()
             journal.on_batch = metrics.on_batch
@@ -237,6 +245,12 @@ async def _run(
                 task_status,
                 _Extras(status, metrics, unsubscribe_secret),
             )
+            if not journal.poisoned:  # stopped cleanly: nothing appends any more
+                announce(
+                    await trio.to_thread.run_sync(
+                        save_checkpoint, fs or OsFS(), checkpoint, queue.state, journal
+                    )
+                )
             announce(
                 f"journal: {journal.appends} append(s) in {journal.batches} batch(es), "
                 f"{journal.syncs} fsync(s) since start"

@@ -228,16 +228,20 @@ def decode_accepted(payload: bytes) -> tuple[Accepted, int]:
         except msgspec.DecodeError:
             pass  # the long way says what is wrong with it
         else:
-            # the same few members, senders and categories recur in every record: one
-            # string each, and one dict for equal metadata and client dicts (a restart
-            # holds every queued message's record)
-            _set(record, "did", sys.intern(record.did))
-            _set(record, "sender", sys.intern(record.sender))
-            _set(record, "category", sys.intern(record.category))
-            _set(record, "metadata", shared(record.metadata))
-            _set(record, "client", shared(record.client))
-            return record, _LEN.size + n
+            return settle_accepted(record), _LEN.size + n
     return _decode_head(raw), _LEN.size + n
+
+
+def settle_accepted(record: Accepted) -> Accepted:
+    """A record fresh from msgspec, made to share what it can: the same few members,
+    senders and categories recur in every record (one string each), and one dict for equal
+    metadata and client dicts (a restart holds every queued message's record)."""
+    _set(record, "did", sys.intern(record.did))
+    _set(record, "sender", sys.intern(record.sender))
+    _set(record, "category", sys.intern(record.category))
+    _set(record, "metadata", shared(record.metadata))
+    _set(record, "client", shared(record.client))
+    return record
 
 
 def _decode_head(raw: bytes) -> Accepted:
@@ -356,12 +360,18 @@ def decode_delivery(payload: bytes) -> Delivery:
             pass
         else:
             if all(o.outcome in OUTCOMES for o in delivery.outcomes):
-                for o in delivery.outcomes:  # a few statuses recur in every record
-                    _set(o, "status", sys.intern(o.status))
-                if delivery.mta is not None:
-                    _set(delivery, "mta", sys.intern(delivery.mta))
-                return delivery
+                return settle_delivery(delivery)
     return _decode_delivery(payload)
+
+
+def settle_delivery(delivery: Delivery) -> Delivery:
+    """A record fresh from msgspec, its recurring strings shared (a few statuses and remote
+    hosts recur in every record)."""
+    for o in delivery.outcomes:
+        _set(o, "status", sys.intern(o.status))
+    if delivery.mta is not None:
+        _set(delivery, "mta", sys.intern(delivery.mta))
+    return delivery
 
 
 def _decode_delivery(payload: bytes) -> Delivery:

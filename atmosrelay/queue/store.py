@@ -14,6 +14,7 @@ import attrs
 import trio
 
 from atmosrelay.collector import give_back
+from atmosrelay.queue import checkpoint as checkpoints
 from atmosrelay.queue.events import (
     AttemptOutcome,
     Bounced,
@@ -36,7 +37,7 @@ from atmosrelay.queue.records import (
     encode_inbound_done,
 )
 from atmosrelay.queue.state import PendingInbound, QueueState, fold
-from journal import Compaction, Journal, Position, Record
+from journal import FS, Compaction, Journal, Position, Record
 
 # Compact when at least this share of the records in sealed segments is dead: copying the
 # live rest forward then costs less than the disk it frees.
@@ -50,15 +51,19 @@ class QueueStore:
     on_accept: Callable[[], None] | None = None  # the dispatcher's notify, when delivering
     events: EventFeed = attrs.field(factory=EventFeed)  # queue/events.py
     on_inbound: Callable[[str], None] | None = None  # the inbound processor's notify
+    recovered: str = ""  # how ``recover`` got the state, when it was not the plain fold
 
     @classmethod
     async def recover(
         cls,
         journal: Journal,
         progress: Callable[[Iterator[Record]], Iterable[Record]] = iter,
+        checkpoint: tuple[FS, str] | None = None,
     ) -> QueueStore:
         """Fold every record of the journal (in a worker thread: it reads the disk), each
-        passing through ``progress`` (the serve command's bar on a terminal).
+        passing through ``progress`` (the serve command's bar on a terminal); or, given a
+        ``checkpoint`` file (queue/checkpoint.py) that still matches the journal, read it
+        and fold only the records written since. ``recovered`` then says which it was.
 
         The cyclic garbage collector is paused while the fold allocates (a deep queue is
         millions of small objects, none of them garbage: each collection would scan them
@@ -66,12 +71,19 @@ class QueueStore:
         then frozen out of later collections."""
         gc.disable()
         try:
-            state = await trio.to_thread.run_sync(lambda: fold(progress(journal.records())))
+            if checkpoint is None:
+                state = await trio.to_thread.run_sync(lambda: fold(progress(journal.records())))
+                how = ""
+            else:
+                fs, path = checkpoint
+                state, how = await trio.to_thread.run_sync(
+                    lambda: checkpoints.recover(fs, path, journal, progress)
+                )
         finally:
             gc.enable()
         gc.freeze()
         give_back()  # the records it read were freed: their pages go back (collector.py)
-        return cls(journal, state)
+        return cls(journal, state, recovered=how)
 
     async def accept(self, record: Accepted, message: bytes) -> Position:
         """Append and fsync the ACCEPTED record, then add it to the state. Raises the

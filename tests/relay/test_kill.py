@@ -272,7 +272,33 @@ def test_sigterm_mid_load_loses_nothing(
     assert "SIGTERM received" in text and "listeners closed" in text and "journal closed" in text
     assert acked
     assert acked.keys() <= queue_ids(config_path)
+    assert f"queue checkpoint: {len(queue_ids(config_path))} message(s) written" in text
     again = Server(tmp_path, config_path, 1)  # and it starts again from what is on disk
-    assert f"queue: {len(queue_ids(config_path))} message(s) recovered" in again.text()
+    assert f"queue: {len(queue_ids(config_path))} message(s) recovered from the checkpoint" in (
+        again.text()
+    )
     again.proc.send_signal(signal.SIGTERM)
     assert again.proc.wait(30) == 0
+
+
+@pytest.mark.slow
+def test_kill_9_after_a_clean_stop_starts_from_the_checkpoint_and_loses_no_250(
+    tmp_path: Path, setup: tuple[Path, ssl.SSLContext, str]
+) -> None:
+    """A SIGTERM writes the queue checkpoint; the starts after each kill -9 that follows read
+    it and the records the killed runs wrote since, and hold exactly the messages a fold of
+    the whole journal holds (``queue list`` folds it, offline)."""
+    config_path, ctx, key = setup
+    acked: dict[str, str] = {}
+    plan = [signal.SIGTERM, signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]
+    for round_, sig in enumerate(plan):
+        folded = len(queue_ids(config_path)) if round_ else 0
+        server = Server(tmp_path, config_path, round_)
+        recovered = server.wait_for("queue: ")
+        assert f"queue: {folded} message(s) recovered" in recovered
+        assert ("from the checkpoint" in recovered) == (round_ > 0), recovered
+        status = load_then_signal(server, ctx, key, acked, 0.5, f"k{round_}", sig)
+        assert status == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    assert acked, "the load never got a 250"
+    missing = acked.keys() - queue_ids(config_path)
+    assert not missing, f"answered 250 but lost: {sorted(missing)[:5]}"
