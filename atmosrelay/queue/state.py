@@ -141,20 +141,26 @@ class QueueState:
     graveyard: set[Position] = attrs.field(factory=set)  # records of deleted messages
     inbound: dict[str, PendingInbound] = attrs.field(factory=dict)  # not processed yet
     # the records of a deleted DSN, by the queue id it reports on: they still say its
-    # recipients were reported, so they live as long as that message does (as a DSN's own)
+    # recipients were reported, so they live as long as that message does (as a DSN's own),
+    # and join the graveyard when it goes
     kept: dict[str, tuple[Position, ...]] = attrs.field(factory=dict)
 
     # -- compaction -------------------------------------------------------------------
-    def dead_positions(self) -> set[Position]:
+    def dead_positions(self, active: int | None = None) -> set[Position]:
+        """What a compaction may drop. Given the ``active`` segment (which a compaction
+        keeps), a finished message is named only once its ACCEPTED record is in a sealed
+        segment: an ACCEPTED record copied forward into a segment after its outcomes must
+        never outlive them, or a restart would find the message undelivered again."""
         dead = set(self.graveyard)
         for msg in self.messages.values():
             # a DSN's record is what says its message's recipients were reported: it lives
             # as long as that message does, or a restart would report them again
-            if msg.dead and msg.record.metadata.get(DSN_FOR) not in self.messages:
+            if (
+                msg.dead
+                and msg.record.metadata.get(DSN_FOR) not in self.messages
+                and (active is None or msg.position.segment < active)
+            ):
                 dead.update(msg.positions)
-        for reported, positions in self.kept.items():
-            if reported not in self.messages:
-                dead.update(positions)
         return dead
 
     def compacted(
@@ -181,10 +187,11 @@ class QueueState:
                 msg.positions = tuple(relocated.get(p, p) for p in msg.positions)
         for reported, positions in list(self.kept.items()):
             left = tuple(relocated.get(p, p) for p in positions if not gone(p))
-            if left:
+            if left and reported in self.messages:
                 self.kept[reported] = left
-            else:
+            else:  # what is left of a deleted DSN is a fold's graveyard
                 del self.kept[reported]
+                self.graveyard.update(left)
         for key, pending in list(self.inbound.items()):
             if pending.position in relocated:
                 self.inbound[key] = attrs.evolve(pending, position=relocated[pending.position])
@@ -282,6 +289,7 @@ class QueueState:
             return
         self.graveyard.add(position)
         self.graveyard.update(msg.positions)
+        self.graveyard.update(self.kept.pop(queue_id, ()))  # it reported on this one
 
 
 def fold(records: Iterable[Record]) -> QueueState:

@@ -174,7 +174,7 @@ class QueueStore:
 
     async def compact(self) -> Compaction:
         """Drop the records of finished and deleted messages from the sealed segments."""
-        dead = self.state.dead_positions()
+        dead = self.state.dead_positions(self.journal.active_segment)
         result = await self.journal.compact(dead)
         del dead  # freed before the state lets go of what the compaction removed
         self.state.compacted(result.removed_segments, result.relocated)

@@ -10,12 +10,14 @@ from atmosrelay.queue.records import (
     InboundRecipient,
     Outcome,
     Recipient,
+    encode_accepted,
     new_queue_id,
 )
 from atmosrelay.queue.schedule import Schedule
 from atmosrelay.queue.state import DSN_FOR, DSN_RECIPIENTS
 from atmosrelay.queue.store import QueueStore
 from journal import open_journal
+from journal._format import FRAME_HEADER_SIZE
 from journal.testing import CrashableMemFS
 from tests.queue.factories import accepted_record
 
@@ -155,3 +157,45 @@ async def test_a_deleted_dsn_still_covers_its_recipients_after_compaction() -> N
         again = await QueueStore.recover(journal)
         assert dsn.id not in again.state.messages
         assert again.state.messages[qid].dsn_owed() == []
+
+
+async def test_a_finished_message_copied_past_its_outcomes_is_not_revived() -> None:
+    """A message waits for its DSN while a compaction copies its ACCEPTED record forward;
+    the segment in hand is full, so the copy lands in a new one, after the segment that holds
+    its outcomes. Once the DSN is queued the message is finished. The next compaction must not
+    drop the outcomes while the copy stays behind in the active segment: a restart would find
+    the message undelivered and send it again."""
+    fs = CrashableMemFS()
+    async with open_journal("/q", fs=fs, segment_size=64 * 1024) as journal:
+        queue = QueueStore(journal)
+        qid = new_queue_id()
+        two = accepted_record(
+            Recipient("gone@example.net"), Recipient("ok@example.net"), queue_id=qid
+        )
+        await queue.accept(two, BODY)
+        await journal.rotate()
+        outcomes = (
+            Outcome("gone@example.net", "bounced", "5.1.1", "550 no such user"),
+            Outcome("ok@example.net", "sent", "2.0.0", "250 ok"),
+        )
+        await queue.record(Delivery(qid, 1_800_000_100.0, "mx", outcomes))
+        outcome_segment = journal.active_segment
+        end = 0
+        while 64 * 1024 - end > 1500:  # fill it with small messages: the copy will not fit
+            small = accepted_record("later@example.net", size=100)
+            at = await queue.accept(small, b"x" * 100)
+            assert at.segment == outcome_segment
+            end = at.offset + FRAME_HEADER_SIZE + len(encode_accepted(small, b"x" * 100))
+        await queue.compact()  # the message owes a DSN: copied forward
+        copied_to = queue.state.messages[qid].position.segment
+        assert copied_to > outcome_segment == queue.state.messages[qid].positions[1].segment
+        meta = {DSN_FOR: qid, DSN_RECIPIENTS: "gone@example.net"}
+        await queue.accept(accepted_record("alice@example.org", sender="", metadata=meta), BODY)
+        assert queue.state.messages[qid].dead
+        if journal.active_segment != copied_to:  # a compaction keeps the active segment
+            assert queue.state.messages[qid].position.segment < journal.active_segment
+        await queue.compact()
+    async with open_journal("/q", fs=fs.crash_clone(), segment_size=64 * 1024) as journal:
+        again = await QueueStore.recover(journal)
+        revived = again.state.messages.get(qid)
+        assert revived is None or revived.terminal, revived
