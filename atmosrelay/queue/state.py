@@ -278,6 +278,7 @@ class QueueState:
 
     def add_deleted(self, queue_id: str, position: Position) -> None:
         msg = self.messages.pop(queue_id, None)
+        self.graveyard.update(self.kept.pop(queue_id, ()))  # DSNs deleted that reported on it
         if msg is None:
             self.graveyard.add(position)
             return
@@ -289,7 +290,6 @@ class QueueState:
             return
         self.graveyard.add(position)
         self.graveyard.update(msg.positions)
-        self.graveyard.update(self.kept.pop(queue_id, ()))  # it reported on this one
 
 
 def fold(records: Iterable[Record]) -> QueueState:

@@ -131,7 +131,7 @@ async def play(fs: CrashableMemFS, ops: list[tuple[object, ...]]) -> bool:
     return valid
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(OPS, OPS)
 def test_a_start_from_the_checkpoint_rebuilds_the_queue_the_fold_rebuilds(
     before: list[tuple[object, ...]], after: list[tuple[object, ...]]
