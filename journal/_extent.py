@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import attrs
 
-from journal._log import Log, Position, Record, _runs
+from journal._log import Log, Record, _runs
 
 
 @attrs.frozen
@@ -51,16 +51,18 @@ def extent_of(log: Log) -> Extent:
     return Extent(segments, newest)
 
 
-def positions_within(log: Log, extent: Extent) -> list[Position]:
-    """Where every record the extent covers stands (a duplicate left by a compaction that
-    crashed is listed twice, under both positions)."""
-    out: list[Position] = []
+def offsets_within(log: Log, extent: Extent) -> dict[int, list[int]]:
+    """The offset of every record the extent covers, by segment, in file order (ascending;
+    a duplicate left by a compaction that crashed is there under both its offsets)."""
+    out: dict[int, list[int]] = {}
     with log._lock:
         for n, _, end in extent.segments:
             scan = log._index.get(n)
             if scan is None:
                 raise ExtentMismatch(f"segment {n} is gone")
-            out.extend(Position(n, off) for off in scan.offsets if off < end)
+            offsets = [off for off in scan.offsets if off < end]
+            if offsets:
+                out[n] = offsets
     return out
 
 

@@ -32,7 +32,7 @@ from typing import Final, TypeVar, cast
 import attrs
 import trio
 
-from journal._extent import Extent, extent_of, positions_within, records_since
+from journal._extent import Extent, extent_of, offsets_within, records_since
 from journal._fs import FS, OsFS
 from journal._log import (
     DEFAULT_MAX_RECORD_SIZE,
@@ -182,9 +182,9 @@ class Journal:
         """Where the journal stands now (journal/_extent.py)."""
         return extent_of(self._log)
 
-    def positions(self, extent: Extent) -> list[Position]:
-        """Where each record ``extent`` covers stands."""
-        return positions_within(self._log, extent)
+    def offsets(self, extent: Extent) -> dict[int, list[int]]:
+        """Where each record ``extent`` covers stands: its offsets, by segment, ascending."""
+        return offsets_within(self._log, extent)
 
     def records_since(self, extent: Extent) -> Iterator[Record]:
         """The records written after ``extent``, in seq order (blocking, as ``records``);

@@ -33,7 +33,9 @@ fsynced: a crash leaves the old file or the new one whole, and the CRC catches t
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import posixpath
 import struct
 import time
@@ -106,25 +108,32 @@ def _pos(p: Position) -> tuple[int, int]:
     return (p.segment, p.offset)
 
 
-def unapplied(state: QueueState, journal_positions: list[Position]) -> str | None:
-    """Why ``state`` is not exactly the fold of the records at ``journal_positions`` (the
-    journal up to an extent), or None when it is: every record applied, nothing else."""
+def unapplied(state: QueueState, journal_offsets: dict[int, list[int]]) -> str | None:
+    """Why ``state`` is not exactly the fold of the records at ``journal_offsets`` (the
+    journal up to an extent, by segment), or None when it is: every record applied, nothing
+    else. Compared as sorted offsets per segment: sets of 100,000 positions took ten times
+    as long, at a stop."""
     if state.unknown_records:
         return f"the journal holds {state.unknown_records} record(s) of types unknown here"
-    held: set[Position] = set(state.graveyard)
-    for msg in state.messages.values():
-        held.update(msg.positions)
-    held.update(p.position for p in state.inbound.values())
-    for positions in state.kept.values():
-        held.update(positions)
-    journal = set(journal_positions)
-    if len(journal) != len(journal_positions) or held != journal:
-        missing, extra = len(journal - held), len(held - journal)
-        return (
-            f"the queue in memory is not the journal's fold ({missing} record(s) not applied, "
-            f"{extra} position(s) not in the journal)"
-        )
-    return None
+    held: dict[int, list[int]] = collections.defaultdict(list)
+    every = itertools.chain(
+        state.graveyard,
+        itertools.chain.from_iterable(m.positions for m in state.messages.values()),
+        (p.position for p in state.inbound.values()),
+        itertools.chain.from_iterable(state.kept.values()),
+    )
+    for p in every:
+        held[p.segment].append(p.offset)
+    for offsets in held.values():
+        offsets.sort()
+    if held == journal_offsets:
+        return None
+    ours = collections.Counter((n, o) for n, offsets in held.items() for o in offsets)
+    theirs = collections.Counter((n, o) for n, offsets in journal_offsets.items() for o in offsets)
+    return (
+        f"the queue in memory is not the journal's fold ({(theirs - ours).total()} record(s) "
+        f"not applied, {(ours - theirs).total()} position(s) not in the journal)"
+    )
 
 
 def encode(state: QueueState, extent: Extent, now: float) -> bytes:
@@ -208,7 +217,7 @@ def save(fs: FS, path: str, state: QueueState, journal: Journal) -> str:
     has stopped appending); the line a stop says about it."""
     started = time.monotonic()
     extent = journal.extent()
-    reason = unapplied(state, journal.positions(extent))
+    reason = unapplied(state, journal.offsets(extent))
     if reason is not None:
         return f"queue checkpoint not written: {reason}; the next start folds the journal"
     data = encode(state, extent, time.time())
