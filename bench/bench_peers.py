@@ -23,8 +23,11 @@ Rows (``work`` in ``--json``):
   RSA signature), where opendkim is installed;
 * ``restart``: N messages queued, then each server started: seconds to the first delivery
   and to the last, and the relay's peak resident memory. The relay's queue is written to its
-  journal directly; Postfix's is submitted into its hold queue, then released with
-  ``postsuper -H ALL`` and ``postqueue -f`` right after ``postfix start``.
+  journal directly, then a run with delivery off folds it and stops (SIGTERM: it writes the
+  queue checkpoint), and the timed start reads the checkpoint; a second relay row has that
+  run killed (kill -9: no checkpoint), so its start folds the whole journal. Postfix's is
+  submitted into its hold queue, then released with ``postsuper -H ALL`` and
+  ``postqueue -f`` right after ``postfix start``.
 
 Each row runs ``--rounds`` times (default 3), the servers alternating which goes first, and
 the table gives medians, the ratio relay/peer, the 1-minute load average at the end of the
@@ -470,8 +473,11 @@ def run_e2e(side: str, tmp: Path, n: int, sessions: int, size: int) -> Result:
     return n / (t1 - t0), spent
 
 
-def run_restart(side: str, tmp: Path, n: int) -> dict[str, float]:
-    """Seconds from the start to the first and to the last delivery of ``n`` queued."""
+def run_restart(side: str, tmp: Path, n: int, *, killed: bool = False) -> dict[str, float]:
+    """Seconds from the start to the first and to the last delivery of ``n`` queued. The
+    relay restarts after a run that queued them (delivery off) and was stopped by SIGTERM,
+    which writes the queue checkpoint; or, ``killed``, by kill -9, which does not, so the
+    start folds the whole journal."""
     sink = Sink()
     try:
         if side == "relay":
@@ -479,8 +485,7 @@ def run_restart(side: str, tmp: Path, n: int) -> dict[str, float]:
             head = f"From: {SENDER}\r\nTo: {RCPT}\r\nSubject: queued\r\n\r\n".encode()
             body = head + (b"y" * 76 + b"\r\n") * ((KIB - len(head)) // 78)
             queue_in_journal(tmp / "var" / "journal", n, body)
-            # a restart, not a first start: the operator key exists already
-            dkim_keys.ensure_operator_key(tmp / "var" / "dkim", "atmosrelay.localhost")
+            _run_before(tmp, killed)
             t0 = time.time()
             server = relay(tmp, _delivering(sink))
             try:
@@ -511,6 +516,24 @@ def run_restart(side: str, tmp: Path, n: int) -> dict[str, float]:
         "peak_rss_mb": rss,
         "delivery_processes_peak_rss_mb": children_rss,
     }
+
+
+def _run_before(tmp: Path, killed: bool) -> None:
+    """The run before the restart: it folds the queue and brings the status index up to date
+    (as a relay that has been running has it), then stops cleanly or is killed."""
+    server = relay(tmp, "enabled = false\n")
+    deadline = time.monotonic() + 300
+    while "status index:" not in server.out.read_text():  # its rebuild from the journal
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the status index never caught up: {server.out.read_text()}")
+        time.sleep(0.1)
+    if killed:
+        server.proc.kill()
+        server.proc.wait()
+        return
+    said = server.stop()
+    if "queue checkpoint: " not in said:
+        raise RuntimeError(f"the stop wrote no queue checkpoint: {said}")
 
 
 def postfix_missing() -> str:
@@ -721,9 +744,10 @@ def main() -> None:
     if only is None or "restart" in only:
         n = args.restart or (10_000 if args.quick else 100_000)
         restart = {"queued": n}
-        for side in ("relay", "postfix"):
+        for side in ("relay", "relay_killed", "postfix"):
             with tempfile.TemporaryDirectory(prefix="bench-peers-") as d:
-                restart[side] = run_restart(side, Path(d), n)
+                name = side.split("_")[0]
+                restart[side] = run_restart(name, Path(d), n, killed=side == "relay_killed")
         restart["load"] = _load()
     if args.json:
         print(
@@ -751,8 +775,10 @@ def main() -> None:
     _print_targets(floors, table)
     if restart:
         ours, peer = restart["relay"], restart["postfix"]
+        killed = restart["relay_killed"]
         print(
-            f"restart, {restart['queued']} queued: first delivery relay {ours['first_s']:.2f} s, "
+            f"restart, {restart['queued']} queued: first delivery relay {ours['first_s']:.2f} s "
+            f"(after kill -9, without the checkpoint: {killed['first_s']:.2f} s), "
             f"Postfix {peer['first_s']:.2f} s; all delivered relay {ours['all_s']:.1f} s, "
             f"Postfix {peer['all_s']:.1f} s ({peer['all_s'] / ours['all_s']:.2f}x); relay peak "
             f"RSS {ours['peak_rss_mb']:.0f} MB (delivery processes "
