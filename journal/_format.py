@@ -55,6 +55,7 @@ HEADER_SIZE: Final = _HEADER.size + _HEADER_CRC.size  # 32
 _FRAME: Final = struct.Struct("<IIQB")  # length, crc, seq, type
 _FRAME_TAIL: Final = struct.Struct("<QB")  # seq, type: the part of the header the CRC covers
 FRAME_HEADER_SIZE: Final = _FRAME.size  # 17
+frame_header: Final = _FRAME.unpack_from  # (length, crc, seq, type) at an offset
 
 MARK_TYPE: Final = 0
 _MARK_PAYLOAD: Final = struct.Struct("<Q")
