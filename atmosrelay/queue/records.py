@@ -17,7 +17,9 @@ The JSON head holds the envelope and what the relay decided at acceptance:
                         "outcomes": [{"rcpt": address, "outcome": "sent" | "deferred" |
                         "bounced" | "suppressed", "status": "2.0.0", "reply": remote reply
                         verbatim | null, "attempt": n, "next": next attempt time | null}]}
-    DELETED (type 3):   JSON {"v": 1, "id": queue id, "t": time, "reason": text}
+    DELETED (type 3):   JSON {"v": 1, "id": queue id, "t": time, "reason": text,
+                         "report": {"atmos-dsn-for": ..., ...} (only for a DSN: what it
+                         reported, which stays reported)}
     INBOUND (type 4):   u32 length of the JSON head | JSON head | the message as received
                         {"v": 1, "id": inbound id, "t": received at, "from": envelope sender,
                          "rcpt": [{"addr": ..., "kind": "bounce" | "srs" | "role" |
@@ -396,15 +398,26 @@ def _decode_delivery(payload: bytes) -> Delivery:
     return Delivery(head["id"], head["t"], None if mta is None else sys.intern(mta), outcomes)
 
 
-def encode_deleted(queue_id: str, at: float, reason: str) -> bytes:
-    return json.dumps({"v": FORMAT_VERSION, "id": queue_id, "t": at, "reason": reason}).encode()
+def encode_deleted(
+    queue_id: str, at: float, reason: str, report: dict[str, str] | None = None
+) -> bytes:
+    """``report``: a deleted DSN's metadata naming what it reported (``atmos-dsn-*``)."""
+    head: dict[str, Any] = {"v": FORMAT_VERSION, "id": queue_id, "t": at, "reason": reason}
+    if report:
+        head["report"] = report
+    return json.dumps(head).encode()
 
 
-def decode_deleted(payload: bytes) -> tuple[str, float, str]:
+def decode_deleted(payload: bytes) -> tuple[str, float, str, dict[str, str] | None]:
     try:
         head = json.loads(payload)
-        return head["id"], head["t"], head["reason"]
-    except (ValueError, KeyError, TypeError) as exc:
+        report = head.get("report")
+        if report is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in report.items()
+        ):
+            raise TypeError("report is not a map of strings")
+        return head["id"], head["t"], head["reason"], report
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RecordError(f"deleted record is not valid: {exc}") from None
 
 

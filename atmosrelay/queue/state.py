@@ -125,6 +125,7 @@ class PendingInbound:
 DSN_FOR = "atmos-dsn-for"  # metadata of a DSN's ACCEPTED record: the queue id it reports on
 DSN_RECIPIENTS = "atmos-dsn-rcpts"  # ... and the recipients, one per line
 DSN_ACTION = "atmos-dsn-action"  # ... and "delayed" for a delay DSN (absent: "failed")
+DSN_METADATA = frozenset({DSN_FOR, DSN_RECIPIENTS, DSN_ACTION})
 
 
 def domain_of(address: str) -> str:
@@ -140,9 +141,9 @@ class QueueState:
     orphan_outcomes: int = 0
     graveyard: set[Position] = attrs.field(factory=set)  # records of deleted messages
     inbound: dict[str, PendingInbound] = attrs.field(factory=dict)  # not processed yet
-    # the records of a deleted DSN, by the queue id it reports on: they still say its
-    # recipients were reported, so they live as long as that message does (as a DSN's own),
-    # and join the graveyard when it goes
+    # the DELETED records of DSNs, by the queue id they report on: they still say its
+    # recipients were reported, so they live as long as that message does (as a DSN's own
+    # records do), and join the graveyard when it goes
     kept: dict[str, tuple[Position, ...]] = attrs.field(factory=dict)
 
     # -- compaction -------------------------------------------------------------------
@@ -210,8 +211,8 @@ class QueueState:
         elif record.type == RecordType.DELIVERY:
             self.add_delivery(decode_delivery(record.payload), record.position)
         elif record.type == RecordType.DELETED:
-            queue_id, _, _ = decode_deleted(record.payload)
-            self.add_deleted(queue_id, record.position)
+            queue_id, _, _, report = decode_deleted(record.payload)
+            self.add_deleted(queue_id, record.position, report)
         elif record.type == RecordType.INBOUND:
             inbound, offset = decode_inbound(record.payload)
             self.add_inbound(inbound, record.position, offset)
@@ -268,28 +269,36 @@ class QueueState:
                 for r in accepted.recipients
             },
         )
-        reported = self.messages.get(accepted.metadata.get(DSN_FOR, ""))
-        if not accepted.sender and reported is not None:
-            covered = accepted.metadata.get(DSN_RECIPIENTS, "").split("\n")
-            if accepted.metadata.get(DSN_ACTION) == "delayed":
-                reported.delay_covered |= frozenset(covered)
-            else:
-                reported.dsn_covered |= frozenset(covered)
+        if not accepted.sender:
+            self._cover(accepted.metadata)
 
-    def add_deleted(self, queue_id: str, position: Position) -> None:
+    def _cover(self, report: Mapping[str, str]) -> QueuedMessage | None:
+        """Mark the recipients a DSN's ``report`` (its metadata) names as reported in the
+        message it reports on; that message, if it is still here."""
+        reported = self.messages.get(report.get(DSN_FOR, ""))
+        if reported is not None:
+            covered = frozenset(report.get(DSN_RECIPIENTS, "").split("\n"))
+            if report.get(DSN_ACTION) == "delayed":
+                reported.delay_covered |= covered
+            else:
+                reported.dsn_covered |= covered
+        return reported
+
+    def add_deleted(
+        self, queue_id: str, position: Position, report: Mapping[str, str] | None = None
+    ) -> None:
+        """A message deleted. A deleted DSN's record carries its ``report``: what it covered
+        stays covered (no second report), even once compaction has dropped the DSN's own
+        records, so the DELETED record lives as long as the message it reports on."""
         msg = self.messages.pop(queue_id, None)
         self.graveyard.update(self.kept.pop(queue_id, ()))  # DSNs deleted that reported on it
-        if msg is None:
+        if msg is not None:
+            self.graveyard.update(msg.positions)
+        reported = self._cover(report) if report else None
+        if reported is None:
             self.graveyard.add(position)
-            return
-        reported = msg.record.metadata.get(DSN_FOR, "")
-        if not msg.record.sender and reported in self.messages:
-            # a DSN: what it covered stays covered (no second report), so its records, and
-            # this one that deleted it, must outlive the message it reports on
-            self.kept[reported] = (*self.kept.get(reported, ()), *msg.positions, position)
-            return
-        self.graveyard.add(position)
-        self.graveyard.update(msg.positions)
+        else:
+            self.kept[reported.id] = (*self.kept.get(reported.id, ()), position)
 
 
 def fold(records: Iterable[Record]) -> QueueState:

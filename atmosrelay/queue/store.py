@@ -36,7 +36,7 @@ from atmosrelay.queue.records import (
     encode_inbound,
     encode_inbound_done,
 )
-from atmosrelay.queue.state import PendingInbound, QueueState, fold
+from atmosrelay.queue.state import DSN_FOR, DSN_METADATA, PendingInbound, QueueState, fold
 from journal import FS, Compaction, Journal, Position, Record
 
 # Compact when at least this share of the records in sealed segments is dead: copying the
@@ -151,11 +151,15 @@ class QueueStore:
 
     async def delete(self, queue_id: str, reason: str, now: float) -> None:
         """Remove a message, with a record saying who and why (raises KeyError if unknown)."""
-        if queue_id not in self.state.messages:
+        msg = self.state.messages.get(queue_id)
+        if msg is None:
             raise KeyError(queue_id)
-        payload = encode_deleted(queue_id, now, reason)
+        meta, report = msg.record.metadata, None
+        if not msg.record.sender and DSN_FOR in meta:  # a DSN: what it reported stays so
+            report = {k: v for k, v in meta.items() if k in DSN_METADATA}
+        payload = encode_deleted(queue_id, now, reason, report)
         position = await self.journal.append(RecordType.DELETED, payload)
-        self.state.add_deleted(queue_id, position)
+        self.state.add_deleted(queue_id, position, report)
         self.events.publish(MessageDeleted(queue_id, reason, now))
 
     def compaction_due(self) -> bool:
