@@ -132,17 +132,23 @@ async def test_outcomes_left_behind_by_their_message_are_freed_by_the_next_compa
         assert list(journal.records()) == []
 
 
+async def accept_two(queue: QueueStore, second: str) -> str:
+    """A message to gone@example.net (to bounce) and ``second``; its queue id."""
+    qid = new_queue_id()
+    await queue.accept(
+        accepted_record(Recipient("gone@example.net"), Recipient(second), queue_id=qid), BODY
+    )
+    return qid
+
+
 async def test_a_deleted_dsn_still_covers_its_recipients_after_compaction() -> None:
     """Deleting a DSN does not make its report owed again, before a compaction or after one,
-    live or after a restart: its records live as long as the message it reports on."""
+    live or after a restart: its DELETED record says what it reported, and lives as long as
+    the message it reports on."""
     fs = CrashableMemFS()
     async with open_journal("/q", fs=fs, segment_size=64 * 1024) as journal:
         queue = QueueStore(journal)
-        qid = new_queue_id()
-        two = accepted_record(
-            Recipient("gone@example.net"), Recipient("slow@example.net"), queue_id=qid
-        )
-        await queue.accept(two, BODY)
+        qid = await accept_two(queue, "slow@example.net")
         bounced = Outcome("gone@example.net", "bounced", "5.1.1", "550 no such user")
         await queue.record(Delivery(qid, 1_800_000_100.0, "mx", (bounced,)))
         assert queue.state.messages[qid].dsn_owed() == ["gone@example.net"]
@@ -168,11 +174,7 @@ async def test_a_finished_message_copied_past_its_outcomes_is_not_revived() -> N
     fs = CrashableMemFS()
     async with open_journal("/q", fs=fs, segment_size=64 * 1024) as journal:
         queue = QueueStore(journal)
-        qid = new_queue_id()
-        two = accepted_record(
-            Recipient("gone@example.net"), Recipient("ok@example.net"), queue_id=qid
-        )
-        await queue.accept(two, BODY)
+        qid = await accept_two(queue, "ok@example.net")
         await journal.rotate()
         outcomes = (
             Outcome("gone@example.net", "bounced", "5.1.1", "550 no such user"),
