@@ -41,7 +41,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
@@ -68,7 +68,7 @@ _HEAD: Final = struct.Struct("<8sIQ")
 
 class _Message(msgspec.Struct, array_like=True):
     record: Accepted
-    positions: tuple[tuple[int, int], ...]
+    positions: Annotated[tuple[tuple[int, int], ...], msgspec.Meta(min_length=1)]
     body_offset: int
     states: dict[str, RecipientState]
     next_at: dict[str, float]
@@ -136,6 +136,22 @@ def unapplied(state: QueueState, journal_offsets: dict[int, list[int]]) -> str |
     )
 
 
+def _message(m: QueuedMessage) -> _Message:
+    # the common case spelled out (one position, nothing deferred or covered): a third of
+    # the time of the general one, for 100,000 messages at a stop
+    ps = m.positions
+    return _Message(
+        m.record,
+        ((ps[0].segment, ps[0].offset),) if len(ps) == 1 else tuple(map(_pos, ps)),
+        m.body_offset,
+        m.recipient_states,
+        dict(m.next_at) if m.next_at else {},
+        m.history,
+        tuple(sorted(m.dsn_covered)) if m.dsn_covered else (),
+        tuple(sorted(m.delay_covered)) if m.delay_covered else (),
+    )
+
+
 def encode(state: QueueState, extent: Extent, now: float) -> bytes:
     """The checkpoint file's bytes for ``state`` as of ``extent``."""
     body = msgspec.msgpack.encode(
@@ -145,19 +161,7 @@ def encode(state: QueueState, extent: Extent, now: float) -> bytes:
             written_at=now,
             segments=extent.segments,
             newest_seq=extent.newest_seq,
-            messages=[
-                _Message(
-                    m.record,
-                    tuple(map(_pos, m.positions)),
-                    m.body_offset,
-                    m.recipient_states,
-                    dict(m.next_at),
-                    m.history,
-                    tuple(sorted(m.dsn_covered)),
-                    tuple(sorted(m.delay_covered)),
-                )
-                for m in state.messages.values()
-            ],
+            messages=[_message(m) for m in state.messages.values()],
             graveyard=sorted(map(_pos, state.graveyard)),
             inbound=[
                 _Inbound(encode_inbound(p.record, b""), _pos(p.position), p.body_offset)
@@ -190,16 +194,17 @@ def decode(data: bytes) -> tuple[QueueState, Extent, float]:
     state = QueueState(orphan_outcomes=cp.orphan_outcomes)
     state.graveyard = {Position(*p) for p in cp.graveyard}
     state.kept = {q: tuple(Position(*p) for p in ps) for q, ps in cp.kept.items()}
-    messages = state.messages
-    for m in cp.messages:
+    messages, at = state.messages, Position
+    for m in cp.messages:  # 100,000 times for a deep queue: the common case spelled out
         record = settle_accepted(m.record)
+        ps, history = m.positions, m.history
         msg = QueuedMessage(
             record,
-            tuple(Position(*p) for p in m.positions),
+            (at(*ps[0]),) if len(ps) == 1 else tuple([at(*p) for p in ps]),
             m.body_offset,
             m.states,
             m.next_at or NOTHING_YET,
-            tuple(map(settle_delivery, m.history)),
+            tuple(map(settle_delivery, history)) if history else (),
         )
         if m.dsn_covered:
             msg.dsn_covered = frozenset(m.dsn_covered)
