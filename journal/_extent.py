@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import attrs
 
 from journal._log import Log, Record, _runs
+from journal._segment import SegmentScan
 
 
 @attrs.frozen
@@ -42,11 +43,15 @@ class ExtentMismatch(ValueError):
     """The journal no longer holds what the extent saw: the text says what changed."""
 
 
+def _first_seq(scan: SegmentScan) -> int:
+    return scan.header.first_seq if scan.header else 0
+
+
 def extent_of(log: Log) -> Extent:
     """The journal as it stands now (records a writer has not finished are not in it)."""
     with log._lock:
         scans = sorted(log._index.items())
-        segments = tuple((n, s.header.first_seq if s.header else 0, s.valid_end) for n, s in scans)
+        segments = tuple((n, _first_seq(s), s.valid_end) for n, s in scans)
         newest = max((max(s.seqs) for _, s in scans if s.seqs), default=0)
     return Extent(segments, newest)
 
@@ -78,7 +83,7 @@ def records_since(log: Log, extent: Extent) -> Iterator[Record]:
             scan = log._index.get(n)
             if scan is None:
                 raise ExtentMismatch(f"segment {n} is gone (compacted or removed)")
-            if (scan.header.first_seq if scan.header else 0) != first:
+            if _first_seq(scan) != first:
                 raise ExtentMismatch(f"segment {n} is another file than the one it was")
             if scan.valid_end < end or (n != last and scan.valid_end != end):
                 raise ExtentMismatch(

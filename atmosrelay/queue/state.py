@@ -128,6 +128,14 @@ DSN_ACTION = "atmos-dsn-action"  # ... and "delayed" for a delay DSN (absent: "f
 DSN_METADATA = frozenset({DSN_FOR, DSN_RECIPIENTS, DSN_ACTION})
 
 
+def dsn_report(record: Accepted) -> dict[str, str] | None:
+    """What a DSN's record says it reports (its ``atmos-dsn-*`` metadata); None for any
+    other message."""
+    if record.sender or DSN_FOR not in record.metadata:
+        return None
+    return {k: v for k, v in record.metadata.items() if k in DSN_METADATA}
+
+
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
@@ -269,8 +277,9 @@ class QueueState:
                 for r in accepted.recipients
             },
         )
-        if not accepted.sender:
-            self._cover(accepted.metadata)
+        report = dsn_report(accepted)
+        if report is not None:
+            self._cover(report)
 
     def _cover(self, report: Mapping[str, str]) -> QueuedMessage | None:
         """Mark the recipients a DSN's ``report`` (its metadata) names as reported in the

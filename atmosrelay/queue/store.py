@@ -36,7 +36,7 @@ from atmosrelay.queue.records import (
     encode_inbound,
     encode_inbound_done,
 )
-from atmosrelay.queue.state import DSN_FOR, DSN_METADATA, PendingInbound, QueueState, fold
+from atmosrelay.queue.state import PendingInbound, QueueState, dsn_report, fold
 from journal import FS, Compaction, Journal, Position, Record
 
 # Compact when at least this share of the records in sealed segments is dead: copying the
@@ -154,9 +154,7 @@ class QueueStore:
         msg = self.state.messages.get(queue_id)
         if msg is None:
             raise KeyError(queue_id)
-        meta, report = msg.record.metadata, None
-        if not msg.record.sender and DSN_FOR in meta:  # a DSN: what it reported stays so
-            report = {k: v for k, v in meta.items() if k in DSN_METADATA}
+        report = dsn_report(msg.record)  # a DSN: what it reported stays reported
         payload = encode_deleted(queue_id, now, reason, report)
         position = await self.journal.append(RecordType.DELETED, payload)
         self.state.add_deleted(queue_id, position, report)

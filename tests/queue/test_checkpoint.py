@@ -213,16 +213,16 @@ def rewrite(fs: CrashableMemFS, data: bytes) -> None:
 def test_a_damaged_checkpoint_is_not_used() -> None:
     fs, ids = checkpointed()
     good = fs.read_file(PATH)
-    cases = {
-        "its length or checksum is wrong": good[:-1] + bytes([good[-1] ^ 1]),
-        "its length or checksum is wrong ": good[:-7],
-        "it is not a queue checkpoint": b"X" + good[1:],
-        "it is shorter than its header": good[:5],
-    }
-    for reason, data in cases.items():
+    cases = [
+        ("its length or checksum is wrong", good[:-1] + bytes([good[-1] ^ 1])),
+        ("its length or checksum is wrong", good[:-7]),
+        ("it is not a queue checkpoint", b"X" + good[1:]),
+        ("it is shorter than its header", good[:5]),
+    ]
+    for reason, data in cases:
         rewrite(fs, data)
         state, whole, how = recover(fs)
-        assert f"the queue checkpoint was not used ({reason.strip()})" in how
+        assert f"the queue checkpoint was not used ({reason})" in how
         assert sorted(state.messages) == sorted(ids) and state == whole
 
 
