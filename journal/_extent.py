@@ -26,7 +26,8 @@ from collections.abc import Iterator
 
 import attrs
 
-from journal._log import Log, Record, _runs
+from journal._log import Log, Record
+from journal._read import segment_runs
 from journal._segment import SegmentScan
 
 
@@ -101,5 +102,5 @@ def records_since(log: Log, extent: Extent) -> Iterator[Record]:
                 raise ExtentMismatch(f"segment {n} holds records copied forward since")
             offsets = [scan.offsets[i] for i in keep]
             lengths = [scan.lengths[i] for i in keep]
-            runs.append(_runs(n, seqs, offsets, lengths))
+            runs.append(segment_runs(n, seqs, offsets, lengths))
     return log._read_sorted(heapq.merge(*runs))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import heapq
-import itertools
 import logging
 import posixpath
 import threading
@@ -43,6 +42,7 @@ from journal._format import (
     segment_name,
 )
 from journal._fs import FS, File
+from journal._read import ReadAhead, segment_runs
 from journal._segment import SegmentScan, TornTail, scan_segment
 from journal.errors import (
     CorruptJournalError,
@@ -61,7 +61,6 @@ DEFAULT_MAX_RECORD_SIZE: Final = 64 * 1024 * 1024
 # three times over (read, framed, joined for the write): 4 MiB steps were ~12 MB more at the
 # relay's peak of memory for no gain in speed (the copy is bound by the reading).
 COMPACTION_CHUNK: Final = 1024 * 1024
-READ_AHEAD: Final = 1024 * 1024  # what records() reads of a segment at a time
 OPEN_WINDOWS: Final = 4  # segments a sorted read holds a window of at once
 
 
@@ -456,7 +455,7 @@ class Log:
         self._check_usable()
         with self._lock:
             runs = [
-                _runs(n, s.seqs[:], s.offsets[:], s.lengths[:])
+                segment_runs(n, s.seqs[:], s.offsets[:], s.lengths[:])
                 for n, s in sorted(self._index.items())
             ]
         return self._read_sorted(heapq.merge(*runs))
@@ -464,7 +463,7 @@ class Log:
     def _read_sorted(self, entries: Iterable[tuple[int, int, int, int]]) -> Iterator[Record]:
         """Read (seq, segment, offset, length) entries sorted by seq, each seq once: after a
         crash in compaction a record and its copy may both exist; one is enough."""
-        windows: dict[int, _ReadAhead] = {}
+        windows: dict[int, ReadAhead] = {}
         try:
             last = 0
             for seq, segment, offset, length in entries:
@@ -476,7 +475,7 @@ class Log:
                     if window is None:
                         if len(windows) >= OPEN_WINDOWS:  # the oldest opened goes
                             _close_quietly(windows.pop(next(iter(windows))).file)
-                        window = windows[segment] = _ReadAhead(self.fs.open(self._path(segment)))
+                        window = windows[segment] = ReadAhead(self.fs.open(self._path(segment)))
                     data, at = window.read(offset, FRAME_HEADER_SIZE + length)
                 except OSError as exc:
                     raise JournalReadError(f"reading segment {segment} failed: {exc}") from exc
@@ -510,7 +509,7 @@ class Log:
         # this thread changes a sealed segment's index): a sorted list of them was ~8 MB of
         # tuples at 50,000 live records, at the moment the relay's memory peaks.
         scans = [(n, self._index[n]) for n in sealed]
-        runs = [_runs(n, s.seqs, s.offsets, s.lengths) for n, s in scans]
+        runs = [segment_runs(n, s.seqs, s.offsets, s.lengths) for n, s in scans]
         wanted = (e for e in heapq.merge(*runs) if Position(e[1], e[2]) not in dead)
         relocated: dict[Position, Position] = {}
         chunk: list[Record] = []
@@ -552,19 +551,6 @@ class Log:
                 return result
 
 
-def _runs(
-    segment: int, seqs: Sequence[int], offsets: Sequence[int], lengths: Sequence[int]
-) -> Iterator[tuple[int, int, int, int]]:
-    """A segment's records as one sorted stream (it holds a few sorted runs: copies, new)."""
-    starts = [0] + [i for i in range(1, len(seqs)) if seqs[i] <= seqs[i - 1]] + [len(seqs)]
-    streams = [
-        ((seqs[i], segment, offsets[i], lengths[i]) for i in range(a, b))
-        for a, b in itertools.pairwise(starts)
-        if a < b
-    ]
-    return heapq.merge(*streams)
-
-
 def _record(frame: tuple[int, int, int, int] | None, data: bytes, pos: Position) -> Record:
     """The record of the frame ``frame_at`` found in ``data`` (read at ``pos``); a
     ``CorruptJournalError`` when it found none, or a sync mark, where a record should be."""
@@ -572,26 +558,3 @@ def _record(frame: tuple[int, int, int, int] | None, data: bytes, pos: Position)
         raise CorruptJournalError(pos.segment, pos.offset, "no valid record at this position")
     seq, rtype, start, end = frame
     return Record(seq, rtype, data[start:end], pos)
-
-
-class _ReadAhead:
-    """Reads of one segment's file in ascending order, served from a window of READ_AHEAD
-    bytes: the replay of 100,000 records made 100,000 system calls, one a record. A read the
-    window does not hold moves the window there; a read larger than the window goes to the
-    file."""
-
-    def __init__(self, file: File) -> None:
-        self.file = file
-        self._start = 0
-        self._data = b""
-
-    def read(self, offset: int, size: int) -> tuple[bytes, int]:
-        """Bytes holding ``size`` bytes at ``offset`` (fewer at the end of the file), and
-        where in them ``offset`` is."""
-        at = offset - self._start
-        if at >= 0 and at + size <= len(self._data):
-            return self._data, at
-        if size >= READ_AHEAD:
-            return self.file.pread(offset, size), 0
-        self._start, self._data = offset, self.file.pread(offset, READ_AHEAD)
-        return self._data, 0

@@ -12,7 +12,8 @@ import tracemalloc
 from pathlib import Path
 
 from journal import Log, OsFS
-from journal._log import COMPACTION_CHUNK, OPEN_WINDOWS, READ_AHEAD
+from journal._log import COMPACTION_CHUNK, OPEN_WINDOWS
+from journal._read import READ_AHEAD
 
 RECORD = b"x" * 1000
 

@@ -11,7 +11,7 @@ import pytest
 
 from journal import CorruptJournalError, Position, open_journal
 from journal._format import segment_name
-from journal._log import READ_AHEAD
+from journal._read import READ_AHEAD
 
 # around and across the window: small ones, one ending just short of a window's end, one
 # that straddles two windows, two larger than a window, and small ones after
