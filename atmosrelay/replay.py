@@ -44,6 +44,8 @@ def describe(directory: str, report: RecoveryReport) -> str:
         f"journal at {directory}: {report.segments} segment(s), {report.records} record(s), "
         f"{report.bytes} bytes"
     )
+    if report.indexed:
+        text += f" ({report.indexed} segment(s) checked whole by the frame index)"
     if report.torn is not None:
         text += (
             f"; repaired a torn tail in segment {report.torn.segment} at offset "

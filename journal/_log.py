@@ -23,6 +23,7 @@ import heapq
 import logging
 import posixpath
 import threading
+import zlib
 from collections.abc import Container, Generator, Iterable, Iterator, Sequence
 from typing import Final
 
@@ -42,6 +43,7 @@ from journal._format import (
     segment_name,
 )
 from journal._fs import FS, File
+from journal._index import load_index, save_index
 from journal._read import ReadAhead, segment_runs
 from journal._segment import SegmentScan, TornTail, scan_segment
 from journal.errors import (
@@ -90,6 +92,7 @@ class RecoveryReport:
     bytes: int
     torn: TornTail | None = None
     broken_path: str | None = None
+    indexed: int = 0  # segments whose frames the frame index vouched for (journal/_index.py)
 
 
 @attrs.frozen
@@ -197,12 +200,14 @@ class Log:
         numbers = sorted(
             n for n in (parse_segment_name(name) for name in fs.listdir(directory)) if n
         )
+        index = load_index(fs, directory) if numbers else {}
         scans = [
             scan_segment(
                 fs.read_file(self._path(n)),
                 n,
                 newest=(i == len(numbers) - 1),
                 max_record_size=max_record_size,
+                prefix=index.pop(n, None),
             )
             for i, n in enumerate(numbers)
         ]
@@ -228,6 +233,7 @@ class Log:
             bytes=sum(s.valid_end for s in self._index.values()),
             torn=torn,
             broken_path=broken,
+            indexed=sum(s.indexed for s in self._index.values()),
         )
         return self, report
 
@@ -292,8 +298,9 @@ class Log:
     def _new_segment(self, number: int) -> None:
         path = self._path(number)
         f = self.fs.create(path)
+        header = encode_header(SegmentHeader(number=number, first_seq=self._next_seq))
         try:
-            f.append(encode_header(SegmentHeader(number=number, first_seq=self._next_seq)))
+            f.append(header)
             self._sync(f)
             self.fs.sync_dir(self.directory)
         except BaseException:
@@ -307,6 +314,8 @@ class Log:
             header=SegmentHeader(number, self._next_seq),
             size=HEADER_SIZE,
             valid_end=HEADER_SIZE,
+            newest_seq=self._next_seq - 1,
+            crc=zlib.crc32(header),
         )
         with self._lock:
             self._index[number] = scan
@@ -370,8 +379,9 @@ class Log:
             offsets.append(offset)
             offset += len(frame)
         assert self._active is not None
+        joined = b"".join(frames)
         try:
-            self._active.append(b"".join(frames))
+            self._active.append(joined)
         except OSError as exc:
             self._write_failed(start, exc)
         try:
@@ -388,6 +398,9 @@ class Log:
                 scan.lengths.append(len(payload))
                 scan.types.append(rtype)
             scan.valid_end = scan.size = offset
+            scan.crc = zlib.crc32(joined, scan.crc)
+            scan.marks += 1  # what a scan of these bytes would count and find newest
+            scan.newest_seq = max(scan.newest_seq, newest, items[-1][0] if new else 0)
         if new:
             self._next_seq = items[-1][0] + 1
         return [Position(self._active_number, off) for off in offsets]
@@ -418,6 +431,14 @@ class Log:
                     raise self._poisoned(exc) from exc
                 self._active_size += len(mark)
                 self._attested = self._active_size
+                scan = self._index[self._active_number]
+                with self._lock:
+                    scan.valid_end = scan.size = self._active_size
+                    scan.crc = zlib.crc32(mark, scan.crc)
+                    scan.marks += 1
+                    scan.newest_seq = max(scan.newest_seq, self._next_seq - 1)
+            if self._poison is None:
+                save_index(self.fs, self.directory, self._index.values())
         finally:
             self._closed = True
             if self._active is not None:

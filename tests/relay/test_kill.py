@@ -287,13 +287,16 @@ def test_kill_9_after_a_clean_stop_starts_from_the_checkpoint_and_loses_no_250(
 ) -> None:
     """A SIGTERM writes the queue checkpoint; the starts after each kill -9 that follows read
     it and the records the killed runs wrote since, and hold exactly the messages a fold of
-    the whole journal holds (``queue list`` folds it, offline)."""
+    the whole journal holds (``queue list`` folds it, offline). The journal's frame index,
+    written by the clean stop, still vouches for what the segments held then."""
     config_path, ctx, key = setup
     acked: dict[str, str] = {}
     plan = [signal.SIGTERM, signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]
     for round_, sig in enumerate(plan):
         folded = len(queue_ids(config_path)) if round_ else 0
         server = Server(tmp_path, config_path, round_)
+        opened = server.wait_for("journal at ")
+        assert ("checked whole by the frame index" in opened) == (round_ > 0), opened
         recovered = server.wait_for("queue: ")
         assert f"queue: {folded} message(s) recovered" in recovered
         assert ("from the checkpoint" in recovered) == (round_ > 0), recovered
