@@ -26,8 +26,8 @@ import attrs
 import trio
 
 from atmosrelay.delivery.client_session import ConnectFailed, Envelope, Remote
+from atmosrelay.delivery.destination import Destination
 from atmosrelay.delivery.prepare import Signing
-from atmosrelay.delivery.resolver import Destination
 from atmosrelay.queue.records import Outcome, RecordType
 from journal import Journal, Position, Record
 

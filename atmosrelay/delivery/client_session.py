@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from atmosrelay._text import printable
-from atmosrelay.delivery.resolver import Destination
+from atmosrelay.delivery.destination import Destination
 from atmosrelay.queue.records import Outcome, RecipientState
 from atmosrelay.smtp import (
     NEED_DATA,

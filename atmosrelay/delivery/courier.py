@@ -53,8 +53,8 @@ from atmosrelay.accounts.dkim_keys import OperatorKey, ensure_operator_key
 from atmosrelay.accounts.store import Store
 from atmosrelay.delivery.carry import Job, transact
 from atmosrelay.delivery.client_session import Remote, open_remote
+from atmosrelay.delivery.destination import Destination
 from atmosrelay.delivery.prepare import Preparer, load_or_create_secret
-from atmosrelay.delivery.resolver import Destination
 from atmosrelay.queue.records import RecordType
 from atmosrelay.stream_io import StreamIO
 from journal import read_at

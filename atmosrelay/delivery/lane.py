@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from atmosrelay.delivery.carry import Connection
-from atmosrelay.delivery.resolver import Destination
+from atmosrelay.delivery.destination import Destination
 from atmosrelay.supervise import GaveUp, supervise
 
 log = logging.getLogger("atmosrelay.delivery")

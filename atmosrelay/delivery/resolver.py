@@ -17,29 +17,17 @@ set, so domains hosted by the same provider share a lane (MX rollup).
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
-import attrs
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
 from atmosrelay.accounts.identity import DnsSettings, make_resolver
+from atmosrelay.delivery.destination import Destination
 
-
-@attrs.frozen
-class Destination:
-    hosts: tuple[tuple[str, int], ...]  # (host, port) in the order to try
-    implicit: bool = False  # no MX: the domain's own address records
-    # host -> its addresses, looked up through the relay's own resolver (so connecting never
-    # asks the system resolver); a host missing here is connected to by name
-    addresses: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, eq=False)
-
-    @property
-    def key(self) -> str:
-        """The lane this destination belongs to: its MX hosts, sorted (MX rollup)."""
-        return ",".join(sorted(f"{h}:{p}" for h, p in self.hosts))
+__all__ = ["Destination", "DnsResolver", "ResolutionFailed", "Resolver", "order_mx"]
 
 
 # Answers that say "ask again later" (SERVFAIL from every server, no answer in time).
