@@ -6,18 +6,21 @@ a delivery process (delivery/courier.py: the one holding the connection, else th
 the fewest attempts in hand) and waits for its outcomes; the connection a lane worker holds
 is a ``CourierConnection``, a handle naming one that delivery process keeps open.
 
-    spawn()   start the processes early (the relay does, before it replays its journal)
-    run()     take them over (a failure to start one fails the relay's start), then
+    spawn()   start the first process early (the relay does, before it replays its journal)
+    run()     take it over (a failure to start it fails the relay's start), report started
+              once it is ready, then start the others (``all_up`` says when they are); then
               watch each: when one exits unasked (killed, crashed), every attempt in hand raises
-              ``CarrierLost`` (the dispatcher puts those recipients back on the schedule,
-              uncounted: nothing was recorded for them), handles to its connections go stale,
-              and another is started after ``RESTART_DELAY``
-              watch it: when it exits unasked (killed, crashed), every attempt in hand raises
               ``CarrierLost`` (the dispatcher puts those recipients back on the schedule,
               uncounted: nothing was recorded for them), handles to its connections go stale,
               and another is started after ``RESTART_DELAY``
     aclose()  after the lanes have stopped: end of file to each, which closes its
               connections and exits; killed if it has not within ``STOP_GRACE``
+
+Why only the first early. A process's start is mostly its imports, 0.4 s of a core. On two
+cores, two of them importing beside the owner's replay of a deep queue took the owner's CPU:
+with 100,000 queued, the first delivery after a restart came 1.8-2.1 s after the start with
+both started early, 1.5-1.7 s with one (bench/README.md, the ninth run). The first carries
+the attempts alone until the others are ready, a fraction of a second later.
 
 A message it delivered but whose outcome the owner had not recorded when either process died
 is delivered again after the restart: the same at-least-once as one process that dies
@@ -32,6 +35,7 @@ import logging
 import socket
 import subprocess
 import sys
+from functools import partial
 from typing import Any, Final
 
 import attrs
@@ -144,21 +148,27 @@ class CourierLink:
             raise CourierCrashed(str(reply[2]))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the delivery processes (a failure fails the start), then keep them up."""
+        """Start the first delivery process (a failure fails the start) and report started
+        once it is ready; then start the others, and keep them all up."""
         if self._running:
             raise RuntimeError("the delivery processes are run once (by the dispatcher)")
         self._running = True
+        first, *others = self.couriers
         async with trio.open_nursery() as nursery:
-            for courier in self.couriers:  # each gets ready while the next starts
-                nursery.start_soon(courier.run)
-            for courier in self.couriers:
-                await courier.up.wait()
+            nursery.start_soon(first.run)
+            await first.up.wait()
             task_status.started()
+            for courier in others:
+                nursery.start_soon(partial(courier.run, required=False))
+
+    async def all_up(self) -> None:
+        """Returns once every delivery process has said "ready" once."""
+        for courier in self.couriers:
+            await courier.up.wait()
 
     async def spawn(self) -> None:
-        """Start the processes early; ``run`` takes them over (see _Courier.spawn)."""
-        for courier in self.couriers:
-            await courier.spawn()
+        """Start the first process early; ``run`` takes it over (see _Courier.spawn)."""
+        await self.couriers[0].spawn()
 
     async def discard(self) -> None:
         """Kill what ``spawn`` started and ``run`` never took over."""
@@ -189,24 +199,34 @@ class _Courier:
         self.up = trio.Event()  # it has said "ready" once
         self._spawned: tuple[trio.Process, trio.SocketStream] | None = None
 
+    @property
+    def starting(self) -> int | None:
+        """The pid of a process spawned early and not yet taken over by ``run``."""
+        return self._spawned[0].pid if self._spawned is not None else None
+
     def put(self, message: object) -> None:
         assert self.outbox is not None
         self.outbox.put(message)
 
-    async def run(self) -> None:
+    async def run(self, *, required: bool = True) -> None:
         """Take over the spawned process (or spawn one), then start another whenever it
-        exits unasked; ``up`` is set at the first "ready"."""
+        exits unasked; ``up`` is set at the first "ready". A first start that fails raises
+        when ``required``; otherwise it is tried again like a restart."""
         started = False
         try:
             while not self._closing:
                 try:
                     process, stream, messages, pid = await self._start()
                 except CourierFailed as exc:
-                    if not started:
+                    if required and not started:
                         raise
                     log.error("%s; trying again in %gs", exc, RESTART_DELAY)
                     await trio.sleep(RESTART_DELAY)
                     continue
+                if self._closing:  # the stop came while it started: no end of file was sent
+                    with trio.CancelScope(shield=True):
+                        await _end(process, stream)
+                    return
                 self.incarnation += 1
                 self.pid, self._stream = pid, stream
                 outbox = self.outbox = Outbox()
@@ -315,6 +335,13 @@ class _Courier:
 async def _write_until_broken(outbox: Outbox, io: StreamIO) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await outbox.run(io)  # broken: the reader sees the end too
+
+
+async def _end(process: trio.Process, stream: trio.SocketStream) -> None:
+    """End of file to a process that has nothing in hand; it exits (or is killed)."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_eof()
+    await _reap(process, stream, STOP_GRACE)
 
 
 async def _reap(process: trio.Process, stream: trio.SocketStream, grace: float) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import attrs
 import trio
+import trio.testing
 from aiosmtpd.smtp import Envelope as AioEnvelope
 from aiosmtpd.smtp import Session
 from dkim.canonicalization import Relaxed
@@ -33,7 +34,7 @@ from atmosrelay.accounts.store import Store
 from atmosrelay.delivery.carry import Job
 from atmosrelay.delivery.client_session import Envelope
 from atmosrelay.delivery.courier import INLINE_SIZE, CourierSettings, client_context, frame
-from atmosrelay.delivery.courier_link import CourierLink
+from atmosrelay.delivery.courier_link import STOP_GRACE, CourierLink
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
 from atmosrelay.delivery.prepare import Preparer, Signing, load_or_create_secret
 from atmosrelay.delivery.resolver import Destination
@@ -136,7 +137,8 @@ async def world(tmp: Path, **journal: int) -> AsyncIterator[World]:
             carrier=link,
         )
         async with trio.open_nursery() as nursery:
-            await nursery.start(dispatcher.run)  # which runs the link
+            await nursery.start(dispatcher.run)  # which runs the link: the first is ready
+            await link.all_up()
             yield World(queue, dispatcher, link, sink)
             dispatcher.drain(5)
 
@@ -311,3 +313,46 @@ def test_no_secret_goes_to_the_delivery_process(tmp_path: Path) -> None:
         assert part not in sent
     for line in operator.key.private.splitlines()[1:-1]:  # nor any line of a PEM body
         assert line.encode() not in sent
+
+
+async def test_only_the_first_process_starts_early_and_the_others_follow(tmp_path: Path) -> None:
+    """``spawn`` (before the replay) starts the first process only: the others' imports
+    would take the cores from a restart's replay. ``run`` reports started once the first is
+    ready, then starts the others; ``all_up`` returns when they are ready too."""
+    enroll(tmp_path)
+    link = CourierLink(courier_settings(tmp_path), 3)
+    await link.spawn()
+    assert [c.starting is not None for c in link.couriers] == [True, False, False]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        assert link.couriers[0].up.is_set()
+        with trio.fail_after(LIMIT):
+            await link.all_up()
+        pids = link.pids
+        assert len(set(pids)) == 3
+        await link.aclose()
+    assert await trio.to_thread.run_sync(exited, pids, LIMIT)
+
+
+async def test_a_stop_while_a_delivery_process_starts_ends_it(tmp_path: Path) -> None:
+    """A stop (``aclose``) that comes while a delivery process is starting: no end of file
+    could be sent then, so when it says "ready" it gets one at once and exits, and the stop
+    returns. It used to be served as if nothing had happened, and the stop waited out its
+    grace and left it running. The process is held stopped (SIGSTOP) until the stop has
+    begun, so it cannot be ready before."""
+    enroll(tmp_path)
+    link = CourierLink(courier_settings(tmp_path), 1)
+    [courier] = link.couriers
+    await link.spawn()
+    pid = courier.starting
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    with trio.fail_after(STOP_GRACE / 2):  # the old code waited STOP_GRACE + 5, then hung
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(courier.run)
+            await trio.testing.wait_all_tasks_blocked()  # it waits for "ready"
+            nursery.start_soon(courier.aclose)
+            await trio.testing.wait_all_tasks_blocked()  # the stop waits for it to end
+            os.kill(pid, signal.SIGCONT)
+    assert not courier.up.is_set()
+    assert await trio.to_thread.run_sync(exited, [pid], LIMIT)
