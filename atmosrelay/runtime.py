@@ -396,8 +396,9 @@ async def _serve(
                     prepare.generation = lambda: keys.generation
                     dispatcher.keys = lambda: (keys.generation, prepare.operator.selector)
                 await delivery.start(dispatcher.run)
-                if isinstance(dispatcher.carrier, CourierLink):  # the first is ready
-                    services.start_soon(_announce_couriers, dispatcher.carrier, announce)
+                if isinstance(dispatcher.carrier, CourierLink):  # started: all ready
+                    pids = ", ".join(map(str, dispatcher.carrier.pids))
+                    announce(f"delivery processes started (pid {pids})")
                 queue.on_accept = dispatcher.notify
             await _sessions(config, announce, ctx, signals, task_status, dispatcher, extras)
             if dispatcher is not None:
@@ -409,11 +410,6 @@ async def _serve(
                 dispatcher.drain(grace)
                 signals.hurry.append(partial(dispatcher.drain, 0))
         services.cancel_scope.cancel()
-
-
-async def _announce_couriers(link: CourierLink, announce: Callable[[str], None]) -> None:
-    await link.all_up()  # the first carries attempts meanwhile (delivery/courier_link.py)
-    announce(f"delivery processes started (pid {', '.join(map(str, link.pids))})")
 
 
 async def _commit_policy(ctx: SessionContext, journal: str) -> None:

@@ -6,21 +6,14 @@ a delivery process (delivery/courier.py: the one holding the connection, else th
 the fewest attempts in hand) and waits for its outcomes; the connection a lane worker holds
 is a ``CourierConnection``, a handle naming one that delivery process keeps open.
 
-    spawn()   start the first process early (the relay does, before it replays its journal)
-    run()     take it over (a failure to start it fails the relay's start), report started
-              once it is ready, then start the others (``all_up`` says when they are); then
+    spawn()   start the processes early (the relay does, before it replays its journal)
+    run()     take them over (a failure to start one fails the relay's start), then
               watch each: when one exits unasked (killed, crashed), every attempt in hand raises
               ``CarrierLost`` (the dispatcher puts those recipients back on the schedule,
               uncounted: nothing was recorded for them), handles to its connections go stale,
               and another is started after ``RESTART_DELAY``
     aclose()  after the lanes have stopped: end of file to each, which closes its
               connections and exits; killed if it has not within ``STOP_GRACE``
-
-Why only the first early. A process's start is mostly its imports, 0.4 s of a core. On two
-cores, two of them importing beside the owner's replay of a deep queue took the owner's CPU:
-with 100,000 queued, the first delivery after a restart came 1.8-2.1 s after the start with
-both started early, 1.5-1.7 s with one (bench/README.md, the ninth run). The first carries
-the attempts alone until the others are ready, a fraction of a second later.
 
 A message it delivered but whose outcome the owner had not recorded when either process died
 is delivered again after the restart: the same at-least-once as one process that dies
@@ -35,7 +28,6 @@ import logging
 import socket
 import subprocess
 import sys
-from functools import partial
 from typing import Any, Final
 
 import attrs
@@ -148,27 +140,26 @@ class CourierLink:
             raise CourierCrashed(str(reply[2]))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the first delivery process (a failure fails the start) and report started
-        once it is ready; then start the others, and keep them all up."""
+        """Start the delivery processes (a failure fails the start), then keep them up.
+
+        All of them before reporting started, though each start is 0.4 s of a core that a
+        restart's replay could use: a lane worker keeps its connection, and so its delivery
+        process, so the processes that come up after the first attempts would be left
+        nearly idle (tried, bench/README.md, the ninth run)."""
         if self._running:
             raise RuntimeError("the delivery processes are run once (by the dispatcher)")
         self._running = True
-        first, *others = self.couriers
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(first.run)
-            await first.up.wait()
+            for courier in self.couriers:  # each gets ready while the next starts
+                nursery.start_soon(courier.run)
+            for courier in self.couriers:
+                await courier.up.wait()
             task_status.started()
-            for courier in others:
-                nursery.start_soon(partial(courier.run, required=False))
-
-    async def all_up(self) -> None:
-        """Returns once every delivery process has said "ready" once."""
-        for courier in self.couriers:
-            await courier.up.wait()
 
     async def spawn(self) -> None:
-        """Start the first process early; ``run`` takes it over (see _Courier.spawn)."""
-        await self.couriers[0].spawn()
+        """Start the processes early; ``run`` takes them over (see _Courier.spawn)."""
+        for courier in self.couriers:
+            await courier.spawn()
 
     async def discard(self) -> None:
         """Kill what ``spawn`` started and ``run`` never took over."""
@@ -208,17 +199,16 @@ class _Courier:
         assert self.outbox is not None
         self.outbox.put(message)
 
-    async def run(self, *, required: bool = True) -> None:
+    async def run(self) -> None:
         """Take over the spawned process (or spawn one), then start another whenever it
-        exits unasked; ``up`` is set at the first "ready". A first start that fails raises
-        when ``required``; otherwise it is tried again like a restart."""
+        exits unasked; ``up`` is set at the first "ready"."""
         started = False
         try:
             while not self._closing:
                 try:
                     process, stream, messages, pid = await self._start()
                 except CourierFailed as exc:
-                    if required and not started:
+                    if not started:
                         raise
                     log.error("%s; trying again in %gs", exc, RESTART_DELAY)
                     await trio.sleep(RESTART_DELAY)

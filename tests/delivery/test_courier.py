@@ -137,8 +137,7 @@ async def world(tmp: Path, **journal: int) -> AsyncIterator[World]:
             carrier=link,
         )
         async with trio.open_nursery() as nursery:
-            await nursery.start(dispatcher.run)  # which runs the link: the first is ready
-            await link.all_up()
+            await nursery.start(dispatcher.run)  # which runs the link
             yield World(queue, dispatcher, link, sink)
             dispatcher.drain(5)
 
@@ -315,29 +314,10 @@ def test_no_secret_goes_to_the_delivery_process(tmp_path: Path) -> None:
         assert line.encode() not in sent
 
 
-async def test_only_the_first_process_starts_early_and_the_others_follow(tmp_path: Path) -> None:
-    """``spawn`` (before the replay) starts the first process only: the others' imports
-    would take the cores from a restart's replay. ``run`` reports started once the first is
-    ready, then starts the others; ``all_up`` returns when they are ready too."""
-    enroll(tmp_path)
-    link = CourierLink(courier_settings(tmp_path), 3)
-    await link.spawn()
-    assert [c.starting is not None for c in link.couriers] == [True, False, False]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(link.run)
-        assert link.couriers[0].up.is_set()
-        with trio.fail_after(LIMIT):
-            await link.all_up()
-        pids = link.pids
-        assert len(set(pids)) == 3
-        await link.aclose()
-    assert await trio.to_thread.run_sync(exited, pids, LIMIT)
-
-
 async def test_a_stop_while_a_delivery_process_starts_ends_it(tmp_path: Path) -> None:
-    """A stop (``aclose``) that comes while a delivery process is starting: no end of file
-    could be sent then, so when it says "ready" it gets one at once and exits, and the stop
-    returns. It used to be served as if nothing had happened, and the stop waited out its
+    """A stop (``aclose``) that comes while a delivery process is starting (one started
+    again after another died, when SIGTERM arrives): no end of file could be sent then, so
+    when it says "ready" it gets one at once and exits, and the stop returns. It used to be served as if nothing had happened, and the stop waited out its
     grace and left it running. The process is held stopped (SIGSTOP) until the stop has
     begun, so it cannot be ready before."""
     enroll(tmp_path)
