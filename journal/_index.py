@@ -14,8 +14,9 @@ Why it cannot hide damage or invent a record:
 
 * the entry is used only when the file's bytes are the bytes it was made from (their
   CRC-32 matches); a scan is a function of the bytes, so it would find what the entry holds
-  (``tests/journal/test_index.py`` compares an indexed open with a full scan, field by
-  field, over random histories with crashes). Damage anywhere in the prefix changes the
+  (``tests/journal/test_state_machine.py`` compares an indexed open with a full scan, field
+  by field, over random histories with crashes; ``tests/journal/test_index.py`` damages
+  segments under a valid index). Damage anywhere in the prefix changes the
   CRC, and the segment is scanned frame by frame as before, which names the damaged frame
   (guarantee 3 of docs/journal.md holds unchanged; CRC-32 misses a random change with the
   same 2^-32 as each frame's own CRC);
@@ -54,8 +55,8 @@ INDEX_NAME: Final = "frames.index"
 _MAGIC: Final = b"ATMOSJIX"
 _VERSION: Final = 1
 # After the entries: their count, their bytes, their CRC-32, the version, the magic. At the
-# end, so the file is written an entry at a time (the whole of it is ~25 bytes a record: a
-# compaction's rotations write it while the relay's memory peaks).
+# end, so the file is written an entry at a time (the whole of it is ~25 bytes a record, and
+# is never held in memory at once).
 _TAIL: Final = struct.Struct("<QQII8s")
 # number, end, crc, newest_seq, marks, records; then the arrays: seqs, offsets, lengths (u64
 # each, little-endian) and types (a byte each)

@@ -78,6 +78,7 @@ class JournalMachine(RuleBasedStateMachine):
         assert {n: _whole(s) for n, s in self.log._index.items()} == {
             n: _whole(s) for n, s in scanned._index.items()
         }
+        scanned.close()
         # Recovery's positions are where the records really stand now.
         by_seq = {r.seq: r.position for r in self.log.records()}
         self.model = {seq: (t, p, by_seq.get(seq, pos)) for seq, (t, p, pos) in self.model.items()}
