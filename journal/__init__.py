@@ -6,7 +6,7 @@ Knows nothing of mail. The format is drawn in ``journal._format``; recovery's ru
 """
 
 from journal._extent import Extent, ExtentMismatch
-from journal._fs import FS, File, OsFS
+from journal._fs import FS, File, OsFS, replace_file
 from journal._inspect import CheckReport, check_journal, dump_journal, read_at, read_records
 from journal._journal import Journal, open_journal
 from journal._log import Compaction, Log, Position, Record, RecoveryReport
@@ -47,4 +47,5 @@ __all__ = [
     "open_journal",
     "read_at",
     "read_records",
+    "replace_file",
 ]

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import sys
+from collections.abc import Iterable
 from typing import Protocol
 
 
@@ -149,3 +151,24 @@ class OsFS:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def replace_file(fs: FS, path: str, parts: Iterable[bytes], *, durable: bool) -> None:
+    """Write ``parts`` to ``path`` under a temporary name, then rename it over ``path``: a
+    reader finds the old file or the new one whole, never a mix. ``durable``: the file and
+    its directory are fsynced too, so the new one survives a power cut (without, a cut may
+    leave it empty or torn, which its reader must detect). Raises OSError."""
+    tmp = path + ".tmp"
+    if fs.exists(tmp):
+        fs.remove(tmp)  # left by a write that did not finish
+    f = fs.create(tmp)
+    try:
+        for part in parts:
+            f.append(part)
+        if durable:
+            f.sync()
+    finally:
+        f.close()
+    fs.rename(tmp, path)
+    if durable:
+        fs.sync_dir(posixpath.dirname(path) or ".")

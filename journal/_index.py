@@ -46,7 +46,7 @@ from array import array
 from collections.abc import Iterable, Iterator
 from typing import Final
 
-from journal._fs import FS
+from journal._fs import FS, replace_file
 from journal._segment import SegmentScan
 
 log = logging.getLogger("journal")
@@ -139,17 +139,7 @@ def load_index(fs: FS, directory: str) -> dict[int, SegmentScan]:
 
 def save_index(fs: FS, directory: str, scans: Iterable[SegmentScan]) -> None:
     """Write the index (best effort: it is a cache, see the module's docstring)."""
-    path = posixpath.join(directory, INDEX_NAME)
-    tmp = path + ".tmp"
     try:
-        if fs.exists(tmp):
-            fs.remove(tmp)
-        f = fs.create(tmp)
-        try:
-            for part in encode_index(scans):
-                f.append(part)
-        finally:
-            f.close()
-        fs.rename(tmp, path)
+        replace_file(fs, posixpath.join(directory, INDEX_NAME), encode_index(scans), durable=False)
     except OSError as exc:
         log.warning("journal: frame index not written (%s); the next open checks every frame", exc)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
-import posixpath
 import struct
 import time
 import zlib
@@ -56,7 +55,7 @@ from atmosrelay.queue.records import (
     settle_delivery,
 )
 from atmosrelay.queue.state import NOTHING_YET, PendingInbound, QueuedMessage, QueueState, fold
-from journal import FS, Extent, ExtentMismatch, Journal, Position, Record
+from journal import FS, Extent, ExtentMismatch, Journal, Position, Record, replace_file
 
 CHECKPOINT_NAME: Final = "queue.checkpoint"
 # Bump when the fold keeps something new or keeps it differently (queue/state.py): a
@@ -226,18 +225,8 @@ def save(fs: FS, path: str, state: QueueState, journal: Journal) -> str:
     if reason is not None:
         return f"queue checkpoint not written: {reason}; the next start folds the journal"
     data = encode(state, extent, time.time())
-    tmp = path + ".tmp"
     try:
-        if fs.exists(tmp):
-            fs.remove(tmp)
-        f = fs.create(tmp)
-        try:
-            f.append(data)
-            f.sync()
-        finally:
-            f.close()
-        fs.rename(tmp, path)
-        fs.sync_dir(posixpath.dirname(path) or ".")
+        replace_file(fs, path, [data], durable=True)
     except OSError as exc:  # a cache: the next start folds the journal instead
         return (
             f"queue checkpoint not written: {exc.strerror or exc}; the next start folds the journal"
