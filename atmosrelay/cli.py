@@ -27,6 +27,7 @@ from atmosrelay._text import print_error
 from atmosrelay.accounts.cli import register as register_accounts
 from atmosrelay.config import DEFAULTS_TOML, Config, ConfigError, load_config
 from atmosrelay.crashtest import register as register_crashtest
+from atmosrelay.delivery.forked import fork_couriers, release
 from atmosrelay.inbound.cli import register as register_inbound
 from atmosrelay.queue.cli import register as register_queue
 from atmosrelay.queue.records import RecordError
@@ -48,14 +49,22 @@ def _leaves(error: BaseException) -> list[BaseException]:
 
 def _run_unwrapped(config: Config) -> None:
     """Run the relay; an error that stopped it alone comes out of trio's exception groups as
-    itself, so the handlers below can say what it means."""
+    itself, so the handlers below can say what it means.
+
+    The delivery processes are forked here, before the event loop and its threads exist:
+    each starts with this process's modules loaded (delivery/forked.py)."""
+    forked = []
+    if config.delivery.enabled:
+        forked = fork_couriers(config.delivery.processes)
     try:
-        trio.run(lambda: run_relay(config, announce=logs.announce))
+        trio.run(lambda: run_relay(config, announce=logs.announce, forked=forked))
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
         if len(leaves) == 1 and isinstance(leaves[0], Exception):
             raise leaves[0] from None
         raise
+    finally:
+        release(forked)  # the ones a failed start never took over
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

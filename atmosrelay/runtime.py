@@ -37,7 +37,7 @@ import os
 import sqlite3
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -56,6 +56,7 @@ from atmosrelay.control import control_handler, serve_control, socket_path
 from atmosrelay.delivery.configured import make_couriers, make_dispatcher
 from atmosrelay.delivery.courier_link import CourierLink
 from atmosrelay.delivery.dispatcher import Dispatcher
+from atmosrelay.delivery.forked import Forked
 from atmosrelay.delivery.prepare import Preparer, load_or_create_secret
 from atmosrelay.inbound import make_inbound
 from atmosrelay.inbound.processor import InboundProcessor
@@ -116,16 +117,18 @@ async def run_relay(
     fs: FS | None = None,
     handle_signals: bool = True,
     enforce_limits: bool = True,
+    forked: Sequence[Forked] = (),
     task_status: trio.TaskStatus[RelayHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``RelayHandle.stop()``), then shut down in order.
-    ``enforce_limits=False`` is for one bench row only (bench/bench_accept.py).
+    ``enforce_limits=False`` is for one bench row only (bench/bench_accept.py); ``forked``:
+    delivery processes the serve command forked before the event loop (delivery/forked.py).
 
     Raises ``journal.CorruptJournalError`` (before anything listens) when the journal holds
     damaged acknowledged records, and ``journal.JournalFatalError`` when the disk fails.
     """
     with await trio.to_thread.run_sync(lock_data_dir, config.data_dir):
-        await _run(config, announce, fs, handle_signals, enforce_limits, task_status)
+        await _run(config, announce, fs, handle_signals, enforce_limits, forked, task_status)
 
 
 class ListenError(Exception):
@@ -169,6 +172,7 @@ async def _run(
     fs: FS | None,
     handle_signals: bool,
     enforce_limits: bool,
+    forked: Sequence[Forked],
     task_status: trio.TaskStatus[RelayHandle],
 ) -> None:
     directory = str(config.journal_dir)
@@ -204,7 +208,7 @@ async def _run(
             idempotency_ttl=config.http.idempotency_ttl,
         )
     )
-    couriers = make_couriers(config, fs)
+    couriers = make_couriers(config, fs, forked)
     try:
         if couriers is not None:  # spawned now, they get ready while the journal replays
             await couriers.spawn()

@@ -3,6 +3,8 @@ processes (``delivery.processes``; docs/delivery.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from atmosrelay.accounts.dkim_keys import OperatorKey
 from atmosrelay.accounts.identity import DnsSettings
 from atmosrelay.accounts.store import Store
@@ -11,6 +13,7 @@ from atmosrelay.delivery.backoff import RetryPolicy
 from atmosrelay.delivery.courier import CourierSettings, client_context
 from atmosrelay.delivery.courier_link import CourierLink
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
+from atmosrelay.delivery.forked import Forked
 from atmosrelay.delivery.prepare import Preparer
 from atmosrelay.delivery.resolver import DnsResolver
 from atmosrelay.inbound import return_path
@@ -61,10 +64,12 @@ def make_dispatcher(
     return Dispatcher(queue, resolver, settings, prepare=prepare, carrier=couriers)
 
 
-def make_couriers(config: Config, fs: FS | None) -> CourierLink | None:
+def make_couriers(
+    config: Config, fs: FS | None, forked: Sequence[Forked] = ()
+) -> CourierLink | None:
     """The delivery processes ``delivery.processes`` asks for (none when the journal is on
     a file system of the caller's: only tests give one, and a delivery process reads the
-    journal from disk)."""
+    journal from disk); ``forked``: the ones the serve command forked for them."""
     if not (config.delivery.enabled and config.delivery.processes) or fs is not None:
         return None
     operator_domain = config.operator.domain
@@ -84,4 +89,5 @@ def make_couriers(config: Config, fs: FS | None) -> CourierLink | None:
             log_format=config.relay.log_format,
         ),
         config.delivery.processes,
+        forked,
     )

@@ -6,7 +6,9 @@ a delivery process (delivery/courier.py: the one holding the connection, else th
 the fewest attempts in hand) and waits for its outcomes; the connection a lane worker holds
 is a ``CourierConnection``, a handle naming one that delivery process keeps open.
 
-    spawn()   start the processes early (the relay does, before it replays its journal)
+    spawn()   start the processes early (the relay does, before it replays its journal), or
+              take over the ones the serve command forked (delivery/forked.py); a process
+              started again after one exited is always a new interpreter
     run()     take them over (a failure to start one fails the relay's start), then
               watch each: when one exits unasked (killed, crashed), every attempt in hand raises
               ``CarrierLost`` (the dispatcher puts those recipients back on the schedule,
@@ -28,13 +30,15 @@ import logging
 import socket
 import subprocess
 import sys
-from typing import Any, Final
+from collections.abc import Sequence
+from typing import Any, Final, Protocol
 
 import attrs
 import trio
 
 from atmosrelay.delivery.carry import Carried, CarrierLost, Connection, Job
 from atmosrelay.delivery.courier import CourierSettings, Frames, Outbox, frame
+from atmosrelay.delivery.forked import Forked
 from atmosrelay.stream_io import StreamIO
 from journal import Journal
 
@@ -43,6 +47,18 @@ log = logging.getLogger("atmosrelay.delivery")
 START_TIMEOUT: Final = 30.0  # the delivery process says "ready" within this
 RESTART_DELAY: Final = 1.0
 STOP_GRACE: Final = 10.0  # after end of file, it exits within this or is killed
+
+
+class _Process(Protocol):
+    """A delivery process as the owner's child: spawned (``trio.Process``) or forked by the
+    serve command (delivery/forked.py)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+    async def wait(self) -> int: ...
+    def kill(self) -> None: ...
 
 
 class CourierFailed(Exception):
@@ -86,10 +102,16 @@ class CourierLink:
     """``count`` delivery processes; an attempt goes to the one holding its connection, or
     to the one with the fewest attempts in hand."""
 
-    def __init__(self, settings: CourierSettings, count: int = 1) -> None:
+    def __init__(
+        self, settings: CourierSettings, count: int = 1, forked: Sequence[Forked] = ()
+    ) -> None:
+        """``forked``: processes the serve command forked for this (delivery/forked.py),
+        taken over in place of spawning that many."""
         # where a job whose record moved is read (set once the owner has opened it)
         self.journal: Journal | None = None
-        self.couriers = [_Courier(settings) for _ in range(count)]
+        self.couriers = [
+            _Courier(settings, forked[i] if i < len(forked) else None) for i in range(count)
+        ]
         self._ids = itertools.count(1)
         self._running = False
 
@@ -177,8 +199,9 @@ class CourierLink:
 class _Courier:
     """One delivery process, started again when it exits unasked."""
 
-    def __init__(self, settings: CourierSettings) -> None:
+    def __init__(self, settings: CourierSettings, forked: Forked | None = None) -> None:
         self.settings = settings
+        self._forked = forked  # its first process, forked by the serve command, if any
         self.incarnation = 0  # which process; handles to an earlier one's connections are stale
         self.pid: int | None = None
         self.restarts = 0
@@ -188,7 +211,7 @@ class _Courier:
         self._closing = False
         self._stopped = trio.Event()
         self.up = trio.Event()  # it has said "ready" once
-        self._spawned: tuple[trio.Process, trio.SocketStream] | None = None
+        self._spawned: tuple[_Process, trio.SocketStream] | None = None
 
     @property
     def starting(self) -> int | None:
@@ -254,20 +277,16 @@ class _Courier:
             await self._stopped.wait()
 
     async def spawn(self) -> None:
-        """Start the process and say hello; ``run`` waits for its "ready" (so it gets
-        ready while the owner does something else: replays its journal)."""
-        ours, theirs = socket.socketpair()
-        try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "atmosrelay.delivery.courier", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
-        except OSError as exc:
-            ours.close()
-            raise CourierFailed(f"cannot start the delivery process: {exc}") from None
-        finally:
-            theirs.close()
+        """Start the process (or take the forked one) and say hello; ``run`` waits for its
+        "ready" (so it gets ready while the owner does something else: replays its
+        journal)."""
+        forked, self._forked = self._forked, None
+        ours = forked.claim() if forked is not None else None
+        process: _Process
+        if forked is not None and ours is not None:
+            process = forked
+        else:
+            process, ours = await _spawn()
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await StreamIO(stream).write(frame(("hello", self.settings)))  # it reads it later
@@ -281,7 +300,7 @@ class _Courier:
             with trio.CancelScope(shield=True):
                 await _reap(process, stream, 0.0)
 
-    async def _start(self) -> tuple[trio.Process, trio.SocketStream, Frames, int]:
+    async def _start(self) -> tuple[_Process, trio.SocketStream, Frames, int]:
         if self._spawned is None:
             await self.spawn()
         assert self._spawned is not None
@@ -327,14 +346,31 @@ async def _write_until_broken(outbox: Outbox, io: StreamIO) -> None:
         await outbox.run(io)  # broken: the reader sees the end too
 
 
-async def _end(process: trio.Process, stream: trio.SocketStream) -> None:
+async def _spawn() -> tuple[trio.Process, socket.socket]:
+    """A new interpreter running delivery/courier.py, and the owner's end of its socket."""
+    ours, theirs = socket.socketpair()
+    try:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "atmosrelay.delivery.courier", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+    except OSError as exc:
+        ours.close()
+        raise CourierFailed(f"cannot start the delivery process: {exc}") from None
+    finally:
+        theirs.close()
+    return process, ours
+
+
+async def _end(process: _Process, stream: trio.SocketStream) -> None:
     """End of file to a process that has nothing in hand; it exits (or is killed)."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.send_eof()
     await _reap(process, stream, STOP_GRACE)
 
 
-async def _reap(process: trio.Process, stream: trio.SocketStream, grace: float) -> None:
+async def _reap(process: _Process, stream: trio.SocketStream, grace: float) -> None:
     """Wait ``grace`` seconds for the process to exit, then kill it; close our end."""
     with trio.move_on_after(grace):
         await process.wait()
