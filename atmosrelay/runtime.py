@@ -63,6 +63,7 @@ from atmosrelay.inbound.processor import InboundProcessor
 from atmosrelay.policy.engine import Policy
 from atmosrelay.queue.checkpoint import CHECKPOINT_NAME
 from atmosrelay.queue.checkpoint import save as save_checkpoint
+from atmosrelay.queue.state import QueuedMessage
 from atmosrelay.queue.status import StatusIndex
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.reload import Reloader, operator_key
@@ -75,7 +76,7 @@ from atmosrelay.signals import Signals, watch_signals
 from atmosrelay.smtp import Capabilities
 from atmosrelay.submission import Pipeline
 from atmosrelay.submission.actions import PolicyActions
-from atmosrelay.submission.counting import flush_counters, flush_loop, load_counters
+from atmosrelay.submission.counting import flush_counters, flush_loop, load_counters, recount
 from atmosrelay.submission.members import MemberDirectory
 from journal import FS, OsFS, open_journal
 
@@ -221,9 +222,11 @@ async def _run(
             announce(describe(directory, journal.recovery))
             checkpoint = str(config.data_dir / CHECKPOINT_NAME)
             queue = await QueueStore.recover(
-                journal, progress_bar(journal.recovery.records), (fs or OsFS(), checkpoint)
+                journal,
+                progress_bar(journal.recovery.records),
+                (fs or OsFS(), checkpoint),
+                staged=config.delivery.enabled,  # delivery starts on the first part
             )
-            announce(f"queue: {len(queue.state.messages)} message(s) recovered{queue.recovered}")
             queue.events.subscribe(status.on_event)
             metrics = RelayMetrics()
             journal.on_batch = metrics.on_batch
@@ -364,36 +367,26 @@ async def _serve(
         if mode is ListenerMode.TRUSTED and not ctx.trusted_did:
             raise ValueError(f"listener {host}:{port} is trusted but smtp.trusted_did is not set")
     pipeline = ctx.pipeline
-    rows, replayed = await trio.to_thread.run_sync(
-        load_counters,
-        store,
-        pipeline.policy,
-        queue.state,
-        journal_name,
-        time.time(),
-        config.operator.domain.lower(),
+    own_domain = config.operator.domain.lower()
+    # counted before any message is tried; the start's later messages as they are added
+    rows, replayed, mark = await trio.to_thread.run_sync(
+        load_counters, store, pipeline.policy, queue.state, journal_name, time.time(), own_domain
     )
-    announce(
-        f"policy: {rows} counter row(s) loaded, {replayed} message(s) recounted from the journal"
-    )
+
+    async def loaded(messages: list[QueuedMessage]) -> None:
+        nonlocal replayed
+        replayed += recount(pipeline.policy, messages, mark, own_domain)
+        if dispatcher is not None:
+            await dispatcher.loaded(messages)
+
     signals = Signals()
     async with trio.open_nursery() as services:
         if handle_signals:  # installed before "ready", so no signal can slip past it
             await services.start(watch_signals, signals, announce)
-        await services.start(keep_collector)  # no full collection stalls the sessions
-        await services.start(keys.watch_revocations)
-        await services.start(pipeline.actions.run)
-        await services.start(
-            partial(flush_loop, ctx.store, pipeline.policy, journal_name, time.time)
-        )
-        # its rebuild from the journal runs on while the relay starts (queue/status.py)
-        await services.start(partial(extras.status.run, rebuild=queue.state, announce=announce))
-        await services.start(extras.inbound.run)  # before the listeners: replays first
-        services.start_soon(_compactor, queue, extras.status, config.journal.compact_interval)
-        await services.start(
-            serve_control, socket_path(config.data_dir), control_handler(queue, dispatcher)
-        )
         async with trio.open_nursery() as delivery:
+            # Delivery starts first: after a clean stop, on the queue checkpoint's first part,
+            # while the rest is decoded (queue/checkpoint.py). The services and listeners
+            # below wait for the whole queue, as they always did.
             if dispatcher is not None:
                 prepare = dispatcher.prepare
                 if isinstance(prepare, Preparer):
@@ -404,6 +397,26 @@ async def _serve(
                     pids = ", ".join(map(str, dispatcher.carrier.pids))
                     announce(f"delivery processes started (pid {pids})")
                 queue.on_accept = dispatcher.notify
+            if await queue.load_rest(loaded) and dispatcher is not None:
+                dispatcher.all_loaded()
+            announce(f"queue: {queue.restored} message(s) recovered{queue.recovered}")
+            announce(
+                f"policy: {rows} counter row(s) loaded, {replayed} message(s) recounted from "
+                "the journal"
+            )
+            await services.start(keep_collector)  # no full collection stalls the sessions
+            await services.start(keys.watch_revocations)
+            await services.start(pipeline.actions.run)
+            await services.start(
+                partial(flush_loop, ctx.store, pipeline.policy, journal_name, time.time)
+            )
+            # its rebuild from the journal runs on while the relay starts (queue/status.py)
+            await services.start(partial(extras.status.run, rebuild=queue.state, announce=announce))
+            await services.start(extras.inbound.run)  # before the listeners: replays first
+            services.start_soon(_compactor, queue, extras.status, config.journal.compact_interval)
+            await services.start(
+                serve_control, socket_path(config.data_dir), control_handler(queue, dispatcher)
+            )
             await _sessions(config, announce, ctx, signals, task_status, dispatcher, extras)
             if dispatcher is not None:
                 grace = config.delivery.drain_grace

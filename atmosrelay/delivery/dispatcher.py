@@ -132,6 +132,7 @@ class Dispatcher:
         )
         self._destinations: dict[str, tuple[float, Destination]] = {}
         self._wake = trio.Event()
+        self._overdue: list[tuple[str, str]] = []  # from ``loaded``, for ``all_loaded``
 
     @property
     def lanes(self) -> dict[str, Lane]:
@@ -149,6 +150,30 @@ class Dispatcher:
         """Something changed (a message was accepted): look again now."""
         self._wake.set()
 
+    async def loaded(self, messages: list[QueuedMessage]) -> None:
+        """Messages the start decoded after delivery began (queue/store.py, ``load_rest``):
+        scheduled, and any DSN they owe queued; their overdue retries wait for
+        ``all_loaded`` to be spread with every other one."""
+        now = self.clock()
+        self._overdue.extend(self.schedule.add(messages, now))
+        for msg in messages:
+            if msg.history:
+                await self._owed_dsns(msg, now)
+        self.notify()
+
+    def all_loaded(self) -> None:
+        """The start's last messages are in: spread the overdue retries ``loaded`` kept."""
+        overdue, self._overdue = self._overdue, []
+        self._spread(self.schedule.spread(overdue, self.clock(), self._window, self.rng))
+
+    @property
+    def _window(self) -> float:
+        return self.settings.restart_spread
+
+    def _spread(self, spread: int) -> None:
+        if spread:
+            log.info("%d overdue retries spread over %gs", spread, self._window)
+
     def drain(self, grace: float) -> None:
         """Stop taking work; what is in hand gets ``grace`` seconds, then is cancelled."""
         self._lanes.draining = True
@@ -159,9 +184,7 @@ class Dispatcher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver until ``drain()``; returns when the lanes have stopped."""
         state = self.queue.state
-        spread = self.schedule.spread_overdue(self.clock(), self.settings.restart_spread, self.rng)
-        if spread:
-            log.info("%d overdue retries spread over %gs", spread, self.settings.restart_spread)
+        self._spread(self.schedule.spread_overdue(self.clock(), self._window, self.rng))
         async with trio.open_nursery() as carrying:  # outside the lanes' drain deadline
             await carrying.start(self.carrier.run)
             async with trio.open_nursery() as nursery:

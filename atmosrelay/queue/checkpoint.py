@@ -26,9 +26,24 @@ compared with every record position the journal holds up to the extent; one miss
 extra and the checkpoint is skipped (the old one, if any, stays: it and the records after it
 are still the whole truth). A record type this build does not know is also a reason to skip.
 
+Delivery starts before the whole file is decoded. Decoding 100,000 messages is 0.6-0.8 s
+of the start, and the first delivery needs only a few of them. So the file holds up to
+``FIRST`` messages never tried first (``messages``), and the rest in chunks of ``CHUNK``
+(``more``: each an encoded list, kept as raw bytes by the first decode). A start that uses
+the checkpoint with nothing written since (a restart after a clean stop: the tail is empty)
+may take only the first part (``recover(staged=True)``), start delivering those, and decode
+the chunks afterwards on the event loop (``QueueStore.load_rest``), each added to the
+schedule as it lands. Every message is whole when it is added: its state, history and
+DSN coverage are the fold's. A message of the later chunks cannot be tried before it is
+added, since nothing schedules it; the messages of the first part were never tried, so
+they owe no DSN and carry no retry to spread. With records after the extent (a start after
+``kill -9``), every chunk is decoded before those records are applied, as before: a record
+may concern any message.
+
 The file: ``MAGIC | u32 CRC-32 of the body | u64 body length | body``, the body msgpack
-(msgspec) of ``_Checkpoint``. Written to a temporary name, fsynced, renamed, directory
-fsynced: a crash leaves the old file or the new one whole, and the CRC catches the rest.
+(msgspec) of ``_Checkpoint``; the CRC covers the chunks too. Written to a temporary name,
+fsynced, renamed, directory fsynced: a crash leaves the old file or the new one whole, and
+the CRC catches the rest.
 """
 
 from __future__ import annotations
@@ -60,7 +75,9 @@ from journal import FS, Extent, ExtentMismatch, Journal, Position, Record, repla
 CHECKPOINT_NAME: Final = "queue.checkpoint"
 # Bump when the fold keeps something new or keeps it differently (queue/state.py): a
 # checkpoint of another version is not used.
-CHECKPOINT_VERSION: Final = 1
+CHECKPOINT_VERSION: Final = 2
+FIRST: Final = 1_000  # messages decoded before delivery starts
+CHUNK: Final = 5_000  # the rest, this many at a time: 30-40 ms of the event loop each
 MAGIC: Final = b"ATMOSQCP"
 _HEAD: Final = struct.Struct("<8sIQ")
 
@@ -88,7 +105,8 @@ class _Checkpoint(msgspec.Struct, array_like=True):
     written_at: float
     segments: tuple[tuple[int, int, int], ...]  # the journal's Extent
     newest_seq: int
-    messages: list[_Message]
+    messages: list[_Message]  # never tried: the first deliveries of a restart
+    more: list[msgspec.Raw]  # every other message, in chunks: each an encoded list[_Message]
     graveyard: list[tuple[int, int]]
     inbound: list[_Inbound]
     kept: dict[str, tuple[tuple[int, int], ...]]
@@ -97,6 +115,7 @@ class _Checkpoint(msgspec.Struct, array_like=True):
 
 LAYOUT: Final = hashlib.sha256(msgspec.json.encode(msgspec.json.schema(_Checkpoint))).hexdigest()
 _DECODER: Final = msgspec.msgpack.Decoder(_Checkpoint)
+_CHUNK_DECODER: Final = msgspec.msgpack.Decoder(list[_Message])
 
 
 class CheckpointUnusable(Exception):
@@ -151,8 +170,21 @@ def _message(m: QueuedMessage) -> _Message:
     )
 
 
-def encode(state: QueueState, extent: Extent, now: float) -> bytes:
-    """The checkpoint file's bytes for ``state`` as of ``extent``."""
+def encode(
+    state: QueueState, extent: Extent, now: float, *, first: int = FIRST, chunk: int = CHUNK
+) -> bytes:
+    """The checkpoint file's bytes for ``state`` as of ``extent``: up to ``first`` messages
+    never tried, then the rest in chunks of ``chunk``."""
+    lead: list[_Message] = []
+    rest: list[_Message] = []
+    for m in state.messages.values():
+        if len(lead) < first and not m.history and not m.next_at:
+            lead.append(_message(m))
+        else:
+            rest.append(_message(m))
+    more = [
+        msgspec.Raw(msgspec.msgpack.encode(rest[i : i + chunk])) for i in range(0, len(rest), chunk)
+    ]
     body = msgspec.msgpack.encode(
         _Checkpoint(
             version=CHECKPOINT_VERSION,
@@ -160,7 +192,8 @@ def encode(state: QueueState, extent: Extent, now: float) -> bytes:
             written_at=now,
             segments=extent.segments,
             newest_seq=extent.newest_seq,
-            messages=[_message(m) for m in state.messages.values()],
+            messages=lead,
+            more=more,
             graveyard=sorted(map(_pos, state.graveyard)),
             inbound=[
                 _Inbound(encode_inbound(p.record, b""), _pos(p.position), p.body_offset)
@@ -173,8 +206,9 @@ def encode(state: QueueState, extent: Extent, now: float) -> bytes:
     return _HEAD.pack(MAGIC, zlib.crc32(body), len(body)) + body
 
 
-def decode(data: bytes) -> tuple[QueueState, Extent, float]:
-    """The state, the extent it is the fold of, and when it was written;
+def decode(data: bytes) -> tuple[QueueState, Extent, float, list[msgspec.Raw]]:
+    """The state holding the first part's messages, the extent it is the fold of (with the
+    chunks added: ``load_chunk``), when it was written, and the chunks, not decoded yet;
     ``CheckpointUnusable`` for bytes that are not a whole checkpoint of this layout."""
     if len(data) < _HEAD.size:
         raise CheckpointUnusable("it is shorter than its header")
@@ -193,8 +227,28 @@ def decode(data: bytes) -> tuple[QueueState, Extent, float]:
     state = QueueState(orphan_outcomes=cp.orphan_outcomes)
     state.graveyard = {Position(*p) for p in cp.graveyard}
     state.kept = {q: tuple(Position(*p) for p in ps) for q, ps in cp.kept.items()}
-    messages, at = state.messages, Position
-    for m in cp.messages:  # 100,000 times for a deep queue: the common case spelled out
+    _add(state, cp.messages)
+    for i in cp.inbound:
+        inbound, _ = decode_inbound(i.head)
+        state.inbound[inbound.id] = PendingInbound(inbound, Position(*i.position), i.body_offset)
+    return state, Extent(cp.segments, cp.newest_seq), cp.written_at, cp.more
+
+
+def load_chunk(state: QueueState, chunk: msgspec.Raw) -> list[QueuedMessage]:
+    """Decode one of ``decode``'s chunks into ``state``; its messages. The file's CRC and
+    layout were checked whole by ``decode``, so a chunk that does not decode is a fault of
+    this program's, raised as ``CheckpointUnusable``."""
+    try:
+        messages = _CHUNK_DECODER.decode(chunk)
+    except msgspec.DecodeError as exc:
+        raise CheckpointUnusable(f"a chunk of its messages does not decode ({exc})") from None
+    return _add(state, messages)
+
+
+def _add(state: QueueState, messages: list[_Message]) -> list[QueuedMessage]:
+    added = []
+    into, at = state.messages, Position
+    for m in messages:  # 100,000 times for a deep queue: the common case spelled out
         record = settle_accepted(m.record)
         ps, history = m.positions, m.history
         msg = QueuedMessage(
@@ -209,14 +263,20 @@ def decode(data: bytes) -> tuple[QueueState, Extent, float]:
             msg.dsn_covered = frozenset(m.dsn_covered)
         if m.delay_covered:
             msg.delay_covered = frozenset(m.delay_covered)
-        messages[record.id] = msg
-    for i in cp.inbound:
-        inbound, _ = decode_inbound(i.head)
-        state.inbound[inbound.id] = PendingInbound(inbound, Position(*i.position), i.body_offset)
-    return state, Extent(cp.segments, cp.newest_seq), cp.written_at
+        into[record.id] = msg
+        added.append(msg)
+    return added
 
 
-def save(fs: FS, path: str, state: QueueState, journal: Journal) -> str:
+def save(
+    fs: FS,
+    path: str,
+    state: QueueState,
+    journal: Journal,
+    *,
+    first: int = FIRST,
+    chunk: int = CHUNK,
+) -> str:
     """Write the checkpoint of ``state`` if it is exactly the fold of ``journal`` (the relay
     has stopped appending); the line a stop says about it."""
     started = time.monotonic()
@@ -224,7 +284,7 @@ def save(fs: FS, path: str, state: QueueState, journal: Journal) -> str:
     reason = unapplied(state, journal.offsets(extent))
     if reason is not None:
         return f"queue checkpoint not written: {reason}; the next start folds the journal"
-    data = encode(state, extent, time.time())
+    data = encode(state, extent, time.time(), first=first, chunk=chunk)
     try:
         replace_file(fs, path, [data], durable=True)
     except OSError as exc:  # a cache: the next start folds the journal instead
@@ -242,14 +302,23 @@ def recover(
     path: str,
     journal: Journal,
     progress: Callable[[Iterator[Record]], Iterable[Record]],
-) -> tuple[QueueState, str]:
+    *,
+    staged: bool = False,
+) -> tuple[QueueState, str, list[msgspec.Raw]]:
     """The queue folded from the checkpoint and the records since, or from the whole journal
-    when there is no usable checkpoint; and the words for how (blocking: a worker thread)."""
+    when there is no usable checkpoint; the words for how; and, when ``staged`` and no
+    record was written since the checkpoint, its chunks not decoded yet (``load_chunk``
+    each into the state), else none. Blocking: a worker thread."""
     how = ""
     if fs.exists(path):
         try:
-            state, extent, written_at = decode(fs.read_file(path))
-            tail = journal.records_since(extent)
+            state, extent, written_at, more = decode(fs.read_file(path))
+            tail = iter(journal.records_since(extent))
+            first = next(tail, None)
+            if first is not None or not staged:
+                for chunk in more:
+                    load_chunk(state, chunk)
+                more = []
         except (CheckpointUnusable, ExtentMismatch, RecordError) as exc:
             how = f"; the queue checkpoint was not used ({exc}): the whole journal was folded"
         except OSError as exc:
@@ -259,9 +328,12 @@ def recover(
             )
         else:
             replayed = 0
-            for record in tail:
+            for record in itertools.chain([first] if first is not None else [], tail):
                 state.apply(record)
                 replayed += 1
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(written_at))
-            return state, f" from the checkpoint of {stamp} and {replayed} record(s) since"
-    return fold(progress(journal.records())), how
+            how = f" from the checkpoint of {stamp} and {replayed} record(s) since"
+            if more:
+                how += f" ({len(state.messages)} decoded before delivery starts, the rest after)"
+            return state, how, more
+    return fold(progress(journal.records())), how, []

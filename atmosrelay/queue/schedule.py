@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Iterable
 
 from atmosrelay.queue.events import AttemptOutcome, MessageAccepted, QueueEvent
 from atmosrelay.queue.records import PENDING, RecipientState
-from atmosrelay.queue.state import QueueState
+from atmosrelay.queue.state import QueuedMessage, QueueState
+
+Entry = tuple[float, str, str]  # (when, queue id, recipient)
 
 
 class Schedule:
@@ -34,18 +37,29 @@ class Schedule:
     @classmethod
     def from_state(cls, state: QueueState) -> Schedule:
         schedule = cls(state)
-        entries = schedule._heap
-        for msg in state.messages.values():
-            for rcpt, rstate in msg.recipient_states.items():
-                if rstate == RecipientState.ACCEPTED:
-                    entries.append((msg.record.accepted_at, msg.id, rcpt))
-                elif rstate == RecipientState.DEFERRED and rcpt in msg.next_at:
-                    entries.append((msg.next_at[rcpt], msg.id, rcpt))
-        # each (message, recipient) once: one heapify, not a push each (a restart with
-        # 100,000 queued spent 0.17 s pushing)
-        heapq.heapify(entries)
-        schedule._at = {(queue_id, rcpt): at for at, queue_id, rcpt in entries}
+        fresh, deferred = _entries(state.messages.values())
+        schedule._extend(fresh + deferred)
         return schedule
+
+    def add(self, messages: Iterable[QueuedMessage], now: float) -> list[tuple[str, str]]:
+        """Messages a start decoded after delivery began (queue/store.py, ``load_rest``):
+        their recipients on the schedule, except the deferred ones whose time passed while
+        the relay was down, returned instead for ``spread`` once every message is in."""
+        fresh, deferred = _entries(messages)
+        overdue = [(queue_id, rcpt) for at, queue_id, rcpt in deferred if at < now]
+        self._extend(fresh + [e for e in deferred if e[0] >= now])
+        return overdue
+
+    def _extend(self, entries: list[Entry]) -> None:
+        # many at once: one heapify, not a push each (a restart with 100,000 queued spent
+        # 0.17 s pushing); a few onto a large heap: a push each, not a heapify of it all
+        if len(entries) < len(self._heap) // 8:
+            for entry in entries:
+                heapq.heappush(self._heap, entry)
+        else:
+            self._heap.extend(entries)
+            heapq.heapify(self._heap)
+        self._at.update({(queue_id, rcpt): at for at, queue_id, rcpt in entries})
 
     def on_event(self, event: QueueEvent) -> None:
         """The queue-event subscriber."""
@@ -98,6 +112,9 @@ class Schedule:
         """After a restart: deferred recipients whose time passed while the relay was down
         are spread over ``window`` seconds instead of all retrying at once (recipients never
         tried go at once). Returns how many were spread."""
+        return self.spread(self._overdue(now), now, window, rng)
+
+    def _overdue(self, now: float) -> list[tuple[str, str]]:
         overdue = []
         for msg in self.state.messages.values():
             if not msg.next_at:  # never tried, or nothing deferred: most of a deep queue
@@ -110,6 +127,12 @@ class Schedule:
                     and msg.recipient_states.get(rcpt) == RecipientState.DEFERRED
                 ):
                     overdue.append((msg.id, rcpt))
+        return overdue
+
+    def spread(
+        self, overdue: list[tuple[str, str]], now: float, window: float, rng: random.Random
+    ) -> int:
+        """(queue id, recipient) pairs evenly spaced over ``window`` seconds from ``now``."""
         rng.shuffle(overdue)  # evenly spaced, in random order: a trickle, not a stampede
         step = window / max(1, len(overdue))
         for i, (queue_id, recipient) in enumerate(overdue):
@@ -123,3 +146,17 @@ class Schedule:
         for r in pending:
             self.put(queue_id, r, now)
         return len(pending)
+
+
+def _entries(messages: Iterable[QueuedMessage]) -> tuple[list[Entry], list[Entry]]:
+    """The schedule's entries for ``messages``: recipients never tried (due at acceptance),
+    and deferred ones (due at their next time)."""
+    fresh: list[Entry] = []
+    deferred: list[Entry] = []
+    for msg in messages:
+        for rcpt, rstate in msg.recipient_states.items():
+            if rstate == RecipientState.ACCEPTED:
+                fresh.append((msg.record.accepted_at, msg.id, rcpt))
+            elif rstate == RecipientState.DEFERRED and rcpt in msg.next_at:
+                deferred.append((msg.next_at[rcpt], msg.id, rcpt))
+    return fresh, deferred

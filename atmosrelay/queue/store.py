@@ -7,10 +7,11 @@ then answer 250. It never holds message bodies; the state keeps positions.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Final
 
 import attrs
+import msgspec
 import trio
 
 from atmosrelay.collector import give_back
@@ -36,7 +37,7 @@ from atmosrelay.queue.records import (
     encode_inbound,
     encode_inbound_done,
 )
-from atmosrelay.queue.state import PendingInbound, QueueState, dsn_report, fold
+from atmosrelay.queue.state import PendingInbound, QueuedMessage, QueueState, dsn_report, fold
 from journal import FS, Compaction, Journal, Position, Record
 
 # Compact when at least this share of the records in sealed segments is dead: copying the
@@ -52,6 +53,10 @@ class QueueStore:
     events: EventFeed = attrs.field(factory=EventFeed)  # queue/events.py
     on_inbound: Callable[[str], None] | None = None  # the inbound processor's notify
     recovered: str = ""  # how ``recover`` got the state, when it was not the plain fold
+    # the queue checkpoint's chunks a staged ``recover`` left for ``load_rest``
+    unloaded: list[msgspec.Raw] = attrs.field(factory=list)
+    checkpoint: tuple[FS, str] | None = None  # where ``recover`` read it
+    restored: int = 0  # the messages ``recover`` and ``load_rest`` found (not those since)
 
     @classmethod
     async def recover(
@@ -59,6 +64,8 @@ class QueueStore:
         journal: Journal,
         progress: Callable[[Iterator[Record]], Iterable[Record]] = iter,
         checkpoint: tuple[FS, str] | None = None,
+        *,
+        staged: bool = False,
     ) -> QueueStore:
         """Fold every record of the journal (in a worker thread: it reads the disk), each
         passing through ``progress`` (the serve command's bar on a terminal); or, given a
@@ -68,22 +75,66 @@ class QueueStore:
         The cyclic garbage collector is paused while the fold allocates (a deep queue is
         millions of small objects, none of them garbage: each collection would scan them
         all again, a third of the fold's time at 100,000 messages), and what survives is
-        then frozen out of later collections."""
+        then frozen out of later collections.
+
+        ``staged``: a start from the checkpoint with nothing written since may leave most
+        of it undecoded (queue/checkpoint.py); ``load_rest`` then adds it. The collector
+        stays paused until it has."""
         gc.disable()
+        unloaded: list[msgspec.Raw] = []
         try:
             if checkpoint is None:
                 state = await trio.to_thread.run_sync(lambda: fold(progress(journal.records())))
                 how = ""
             else:
                 fs, path = checkpoint
-                state, how = await trio.to_thread.run_sync(
-                    lambda: checkpoints.recover(fs, path, journal, progress)
+                state, how, unloaded = await trio.to_thread.run_sync(
+                    lambda: checkpoints.recover(fs, path, journal, progress, staged=staged)
                 )
         finally:
-            gc.enable()
-        gc.freeze()
-        give_back()  # the records it read were freed: their pages go back (collector.py)
-        return cls(journal, state, recovered=how)
+            if not unloaded:
+                _recovered()
+        return cls(
+            journal,
+            state,
+            recovered=how,
+            unloaded=unloaded,
+            checkpoint=checkpoint,
+            restored=len(state.messages),
+        )
+
+    async def load_rest(
+        self, loaded: Callable[[list[QueuedMessage]], Awaitable[None]] | None = None
+    ) -> int:
+        """Decode what a staged ``recover`` left, a chunk at a time on the event loop (30-40
+        ms each, so delivery goes on between them), each chunk's messages added to the state
+        and then given to ``loaded`` (the dispatcher schedules them); how many. Nothing when
+        nothing was left.
+
+        A chunk that does not decode (the file's CRC and layout matched: a fault of this
+        program's) raises ``CheckpointUnusable`` with the file removed, so the next start
+        folds the whole journal instead of meeting it again."""
+        if not self.unloaded:
+            return 0
+        added = 0
+        try:
+            while self.unloaded:
+                try:
+                    messages = checkpoints.load_chunk(self.state, self.unloaded.pop(0))
+                except checkpoints.CheckpointUnusable:
+                    if self.checkpoint is not None:
+                        fs, path = self.checkpoint
+                        fs.remove(path)
+                    raise
+                added += len(messages)
+                self.restored += len(messages)
+                if loaded is not None:
+                    await loaded(messages)
+                await trio.lowlevel.checkpoint()
+        finally:
+            self.unloaded.clear()
+            _recovered()  # the collector, paused since ``recover``
+        return added
 
     async def accept(self, record: Accepted, message: bytes) -> Position:
         """Append and fsync the ACCEPTED record, then add it to the state. Raises the
@@ -182,3 +233,9 @@ class QueueStore:
         self.state.compacted(result.removed_segments, result.relocated)
         give_back()  # the copied records and the positions they replace
         return result
+
+
+def _recovered() -> None:
+    gc.enable()
+    gc.freeze()
+    give_back()  # the records it read were freed: their pages go back (collector.py)

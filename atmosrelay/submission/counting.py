@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import trio
@@ -41,7 +41,7 @@ from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.limits import recipients_key
 from atmosrelay.policy.rules import bounced_key, sent_key
 from atmosrelay.queue.records import RecipientState
-from atmosrelay.queue.state import QueueState, domain_of
+from atmosrelay.queue.state import QueuedMessage, QueueState, domain_of
 
 log = logging.getLogger("atmosrelay.policy")
 
@@ -53,22 +53,38 @@ def load_counters(
     journal: str,
     now: float,
     own_domain: str = "",
-) -> tuple[int, int]:
+) -> tuple[int, int, float]:
     """Fill ``policy``'s counters from the store, then from the journal's records past the
-    last flush; also when each domain was last paused. Returns (rows loaded, records
-    replayed). Run once at startup, before anything listens."""
+    last flush (those ``state`` holds); also when each domain was last paused. Returns (rows
+    loaded, records replayed, the last flush's mark). Run once at startup, before anything
+    listens, and before any message ``state`` holds is tried; messages the start adds later
+    (queue/store.py, ``load_rest``) are counted by ``recount`` with the same mark, before
+    they are tried."""
     counters = policy.counters
     rows = store.counts_since(now - KEEP)
     for key, start, n in rows:
         counters.load(key, start, n)
     mark = store.flushed_until(journal)
+    replayed = recount(policy, state.messages.values(), mark, own_domain)
+    for domain in store.domains():
+        if domain.paused_at is not None:
+            policy.fresh_since[domain.name] = domain.paused_at
+    return len(rows), replayed, mark
+
+
+def recount(
+    policy: Policy, messages: Iterable[QueuedMessage], mark: float, own_domain: str = ""
+) -> int:
+    """Count what ``messages`` hold past ``mark`` (the last flush) into ``policy``'s
+    counters: each accepted message's recipients, each delivery outcome. Returns how many
+    messages were accepted past it."""
     counted: list[tuple[str, float, int]] = []
     replayed = 0
     # a deep queue holds many messages of few senders and members: each one's domain and
     # key made once (100,000 queued took 0.2 s here, one string operation a message)
     domains: dict[str, str] = {}
     keys: dict[str, str] = {}
-    for msg in state.messages.values():
+    for msg in messages:
         record = msg.record
         sender = record.sender
         if not sender:
@@ -97,11 +113,8 @@ def load_counters(
                     counted.append((sent_key(sender_domain), delivery.at, 1))
                 elif o.outcome == RecipientState.BOUNCED:
                     counted.append((bounced_key(sender_domain), delivery.at, 1))
-    counters.add_many(counted)
-    for domain in store.domains():
-        if domain.paused_at is not None:
-            policy.fresh_since[domain.name] = domain.paused_at
-    return len(rows), replayed
+    policy.counters.add_many(counted)
+    return replayed
 
 
 async def flush_loop(

@@ -1,14 +1,20 @@
 """The queue checkpoint stands in for the fold only when it is the fold: a start from it and
 the records written since rebuilds exactly the queue a fold of the whole journal rebuilds, and
 anything that makes that untrue (compaction, a damaged file, a record the state never heard
-of, another journal in place) sends the start back to the whole journal, saying why."""
+of, another journal in place) sends the start back to the whole journal, saying why.
+
+A staged start (delivery begins on the first part, the chunks are decoded after) ends with
+that same queue, takes only never-tried messages first, and is staged only when nothing was
+written since the checkpoint."""
 
 from __future__ import annotations
 
+import gc
 import zlib
 
 import attrs
 import msgspec
+import pytest
 import trio
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -23,7 +29,7 @@ from atmosrelay.queue.records import (
     RecordType,
     encode_accepted,
 )
-from atmosrelay.queue.state import DSN_FOR, DSN_RECIPIENTS, QueueState, fold
+from atmosrelay.queue.state import DSN_FOR, DSN_RECIPIENTS, QueuedMessage, QueueState, fold
 from atmosrelay.queue.store import QueueStore
 from journal import Journal, open_journal
 from journal.testing import CrashableMemFS
@@ -37,10 +43,29 @@ BODY = b"Subject: x\r\n\r\n" + b"y" * 900 + b"\r\n"
 
 async def restart(fs: CrashableMemFS) -> tuple[QueueState, QueueState, str]:
     """What a start makes of ``fs``: the state through the checkpoint (and how), and the
-    state a fold of the whole journal makes."""
+    state a fold of the whole journal makes. The same start staged, its first part and its
+    chunks added, must end with the same state."""
     async with open_journal(DIR, fs=fs, segment_size=SEGMENT) as journal:
         store = await QueueStore.recover(journal, checkpoint=(fs, PATH))
         whole = await trio.to_thread.run_sync(lambda: fold(journal.records()))
+        staged = await QueueStore.recover(journal, checkpoint=(fs, PATH), staged=True)
+        first = dict(staged.state.messages)
+        chunks: list[list[str]] = []
+
+        async def loaded(messages: list[QueuedMessage]) -> None:
+            chunks.append([m.id for m in messages])
+
+        added = await staged.load_rest(loaded)
+        assert gc.isenabled()
+        assert same(staged.state, whole)
+        assert added == sum(map(len, chunks)) == len(whole.messages) - len(first)
+        assert all(len(c) <= CHUNK for c in chunks)
+        if chunks:  # staged: the first part holds messages never tried, and few
+            assert "decoded before delivery starts" in staged.recovered
+            assert "and 0 record(s) since" in staged.recovered
+            assert len(first) <= FIRST
+            assert all(not m.history and not m.next_at for m in first.values())
+            event(f"staged: {len(chunks)} chunk(s)")
         return store.state, whole, store.recovered
 
 
@@ -54,8 +79,11 @@ def same(state: QueueState, whole: QueueState) -> bool:
     return attrs.evolve(state, orphan_outcomes=0) == attrs.evolve(whole, orphan_outcomes=0)
 
 
+FIRST, CHUNK = 3, 4  # small, so a few dozen messages make a first part and several chunks
+
+
 def save(fs: CrashableMemFS, state: QueueState, journal: Journal) -> str:
-    return checkpoint.save(fs, PATH, state, journal)
+    return checkpoint.save(fs, PATH, state, journal, first=FIRST, chunk=CHUNK)
 
 
 KINDS = ["accept"] * 4 + ["deliver"] * 3 + ["dsn", "delete", "inbound", "inbound_done"]
@@ -132,11 +160,13 @@ async def play(fs: CrashableMemFS, ops: list[tuple[object, ...]]) -> bool:
 
 
 @settings(max_examples=300, deadline=None)
-@given(OPS, OPS)
+@given(OPS, OPS, st.booleans())
 def test_a_start_from_the_checkpoint_rebuilds_the_queue_the_fold_rebuilds(
-    before: list[tuple[object, ...]], after: list[tuple[object, ...]]
+    before: list[tuple[object, ...]], after: list[tuple[object, ...]], clean_stop: bool
 ) -> None:
     fs = CrashableMemFS()
+    if clean_stop:  # the checkpoint last: nothing written since, so the start is staged
+        after = []
     valid = trio.run(play, fs, [*before, ("checkpoint", 0, ""), *after])
     state, whole, how = recover(fs.crash_clone())
     event(f"checkpoint used: {valid}")
@@ -271,3 +301,49 @@ def test_another_journal_in_place_is_folded_whole() -> None:
     state, whole, how = recover(fs)
     assert "the queue checkpoint was not used" in how
     assert sorted(state.messages) == sorted(other_ids) and state == whole
+
+
+def test_a_chunk_that_does_not_decode_fails_the_start_and_removes_the_checkpoint() -> None:
+    """Its CRC and layout match (so no check before delivery starts can see it): the start
+    stops with the reason, and without the file the next start folds the whole journal."""
+    fs, ids = checkpointed(FIRST + 2 * CHUNK)
+    written = checkpoint._DECODER.decode(fs.read_file(PATH)[checkpoint._HEAD.size :])
+    assert len(written.more) == 2
+    broken = msgspec.structs.replace(written, more=[written.more[0], msgspec.Raw(b"\x91\x01")])
+    body = msgspec.msgpack.encode(broken)
+    rewrite(fs, checkpoint._HEAD.pack(checkpoint.MAGIC, zlib.crc32(body), len(body)) + body)
+
+    async def start() -> None:
+        async with open_journal(DIR, fs=fs, segment_size=SEGMENT) as journal:
+            store = await QueueStore.recover(journal, checkpoint=(fs, PATH), staged=True)
+            assert len(store.state.messages) == FIRST
+            with pytest.raises(checkpoint.CheckpointUnusable, match="does not decode"):
+                await store.load_rest()
+            assert len(store.state.messages) == FIRST + CHUNK  # the first chunk was added
+            assert gc.isenabled()
+
+    trio.run(start)
+    assert not fs.exists(PATH)
+    state, whole, how = recover(fs)
+    assert "checkpoint" not in how and sorted(state.messages) == sorted(ids) and state == whole
+
+
+def test_records_written_since_the_checkpoint_make_the_start_whole_at_once() -> None:
+    """After a kill -9 the records since may concern any message: every chunk is decoded
+    and those records applied before delivery can start."""
+    fs, ids = checkpointed(FIRST + CHUNK + 1)
+
+    async def start() -> None:
+        async with open_journal(DIR, fs=fs, segment_size=SEGMENT) as journal:
+            queue = await QueueStore.recover(journal, checkpoint=(fs, PATH))
+            sent = Outcome(f"r{len(ids) - 1}@example.net", "sent", "2.0.0")
+            await queue.record(Delivery(ids[-1], 1.0, "mx", (sent,)))
+        async with open_journal(DIR, fs=fs, segment_size=SEGMENT) as journal:
+            store = await QueueStore.recover(journal, checkpoint=(fs, PATH), staged=True)
+            assert not store.unloaded and gc.isenabled()
+            assert len(store.state.messages) == len(ids)
+            assert store.state.messages[ids[-1]].history
+            assert "1 record(s) since" in store.recovered
+            assert "decoded before delivery starts" not in store.recovered
+
+    trio.run(start)

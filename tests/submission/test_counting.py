@@ -69,7 +69,7 @@ def test_a_start_counts_the_journal_past_the_last_flush_and_nothing_twice(
     store = Store(str(tmp_path / "accounts.db"))
     store.add_counts({(recipients_key(ALICE_DID), MARK - 60): 7}, journal="j", until=MARK)
     policy = Policy()
-    rows, replayed = load_counters(store, policy, _state(), "j", NOW, "operator.example")
+    rows, replayed, _ = load_counters(store, policy, _state(), "j", NOW, "operator.example")
     counters = policy.counters
     # 7 from the store, and 1 + 1 + 2 + 0 recipients accepted past the mark
     assert counters.total(recipients_key(ALICE_DID), NOW, 2 * HOUR) == 7 + 4
