@@ -29,6 +29,7 @@ from atmosrelay.config import DEFAULTS_TOML, Config, ConfigError, load_config
 from atmosrelay.crashtest import register as register_crashtest
 from atmosrelay.delivery.forked import fork_couriers, release
 from atmosrelay.inbound.cli import register as register_inbound
+from atmosrelay.queue.checkpoint import CheckpointUnusable
 from atmosrelay.queue.cli import register as register_queue
 from atmosrelay.queue.records import RecordError
 from atmosrelay.runtime import DataDirLocked, ListenError, run_relay
@@ -97,6 +98,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     except DataDirLocked as exc:
         _err(f"refusing to start: {exc}")
+        return 1
+    except CheckpointUnusable as exc:  # its chunks are decoded after delivery has begun
+        _err(f"stopped: the queue checkpoint is unusable ({exc}); it was removed")
+        _err("nothing is lost: start again, and the start folds the whole journal")
         return 1
     except ListenError as exc:
         _err(f"refusing to start: {exc}")

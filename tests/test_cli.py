@@ -13,11 +13,15 @@ import subprocess
 import sys
 import termios
 import threading
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
+import trio
 
+from atmosrelay.queue import checkpoint
 from atmosrelay.queue.records import (
     Delivery,
     Outcome,
@@ -25,8 +29,9 @@ from atmosrelay.queue.records import (
     encode_accepted,
     encode_delivery,
 )
+from atmosrelay.queue.store import QueueStore
 from atmosrelay.replay import REPLAY_BAR_RECORDS
-from journal import Log, OsFS
+from journal import Log, OsFS, open_journal
 from journal._format import FRAME_HEADER_SIZE, segment_name
 from tests.processes import delivery_pids, exited
 from tests.queue.factories import accepted_record
@@ -138,8 +143,8 @@ def test_unreadable_config_and_env_var(tmp_path: Path) -> None:
     assert "cannot read" in result.stderr
 
 
-def _serve(tmp_path: Path) -> subprocess.Popen[str]:
-    (tmp_path / "relay.toml").write_text(f'[relay]\ndata_dir = "{tmp_path / "var"}"\n')
+def _serve(tmp_path: Path, more: str = "") -> subprocess.Popen[str]:
+    (tmp_path / "relay.toml").write_text(f'[relay]\ndata_dir = "{tmp_path / "var"}"\n{more}')
     return subprocess.Popen(
         [sys.executable, "-m", "atmosrelay", "serve", "--config", str(tmp_path / "relay.toml")],
         stdout=subprocess.PIPE,
@@ -147,6 +152,12 @@ def _serve(tmp_path: Path) -> subprocess.Popen[str]:
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+def run_serve(tmp_path: Path, more: str = "") -> subprocess.CompletedProcess[str]:
+    """``serve`` run until it exits by itself (60 s at most)."""
+    (tmp_path / "relay.toml").write_text(f'[relay]\ndata_dir = "{tmp_path / "var"}"\n{more}')
+    return run("serve", "--config", str(tmp_path / "relay.toml"))
 
 
 def _until_ready(proc: subprocess.Popen[str]) -> list[str]:
@@ -428,3 +439,50 @@ def test_a_long_replay_shows_progress_on_a_terminal_only(tmp_path: Path) -> None
     code, _, err = drive(argv, subprocess.PIPE, stop_when_ready)
     assert code == 0
     assert err is not None and "replaying" not in err  # a pipe (a service's journal): no bar
+
+
+def test_a_checkpoint_chunk_that_does_not_decode_stops_serve_and_the_next_start_folds(
+    tmp_path: Path,
+) -> None:
+    """The chunks of the queue checkpoint are decoded after delivery has begun (queue/
+    checkpoint.py), past the point where the start could fold the journal instead: one that
+    does not decode under a good CRC (a fault of this program's) stops the relay with the
+    reason, without a traceback, and removes the file so that the next start folds."""
+    var = tmp_path / "var"
+    path = var / checkpoint.CHECKPOINT_NAME
+    body = b"Subject: x\r\n\r\nhello\r\n"
+
+    async def queue_three() -> None:
+        async with open_journal(str(var / "journal")) as journal:
+            queue = QueueStore(journal)
+            for i in range(3):
+                await queue.accept(accepted_record(f"r{i}@example.net", size=len(body)), body)
+            said = checkpoint.save(OsFS(), str(path), queue.state, journal, first=0, chunk=2)
+            assert said.startswith("queue checkpoint: 3 message(s)"), said
+
+    trio.run(queue_three)
+    written = checkpoint._DECODER.decode(path.read_bytes()[checkpoint._HEAD.size :])
+    broken = msgspec.msgpack.encode(
+        msgspec.structs.replace(written, more=[msgspec.Raw(b"\x91\x01"), written.more[1]])
+    )
+    path.write_bytes(
+        checkpoint._HEAD.pack(checkpoint.MAGIC, zlib.crc32(broken), len(broken)) + broken
+    )
+    with socket.socket() as closed:  # delivery goes nowhere: a loopback port nobody serves
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f'[delivery]\nsmarthost = "127.0.0.1:{closed.getsockname()[1]}"\n'
+        result = run_serve(tmp_path, nowhere)
+        assert result.returncode == 1, result.stderr
+        assert "stopped: the queue checkpoint is unusable (a chunk of its messages" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not path.exists()
+        proc = _serve(tmp_path, nowhere)
+        try:
+            lines = _until_ready(proc)
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert any(line.endswith("queue: 3 message(s) recovered") for line in lines), lines
