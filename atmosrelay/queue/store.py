@@ -56,7 +56,7 @@ class QueueStore:
     # the queue checkpoint's chunks a staged ``recover`` left for ``load_rest``
     unloaded: list[msgspec.Raw] = attrs.field(factory=list)
     checkpoint: tuple[FS, str] | None = None  # where ``recover`` read it
-    restored: int = 0  # the messages ``recover`` and ``load_rest`` found (not those since)
+    restored: int = 0  # the messages the start found in the journal (``recover``, ``load_rest``)
 
     @classmethod
     async def recover(
