@@ -54,9 +54,7 @@ def _run_unwrapped(config: Config) -> None:
 
     The delivery processes are forked here, before the event loop and its threads exist:
     each starts with this process's modules loaded (delivery/forked.py)."""
-    forked = []
-    if config.delivery.enabled:
-        forked = fork_couriers(config.delivery.processes)
+    forked = fork_couriers(config.delivery.processes if config.delivery.enabled else 0)
     try:
         trio.run(lambda: run_relay(config, announce=logs.announce, forked=forked))
     except BaseExceptionGroup as group:

@@ -143,10 +143,15 @@ def test_unreadable_config_and_env_var(tmp_path: Path) -> None:
     assert "cannot read" in result.stderr
 
 
-def _serve(tmp_path: Path, more: str = "") -> subprocess.Popen[str]:
+def _config(tmp_path: Path, more: str = "") -> str:
+    """A config of a data directory under ``tmp_path`` and ``more``; its path."""
     (tmp_path / "relay.toml").write_text(f'[relay]\ndata_dir = "{tmp_path / "var"}"\n{more}')
+    return str(tmp_path / "relay.toml")
+
+
+def _serve(tmp_path: Path, more: str = "") -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "atmosrelay", "serve", "--config", str(tmp_path / "relay.toml")],
+        [sys.executable, "-m", "atmosrelay", "serve", "--config", _config(tmp_path, more)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -156,8 +161,7 @@ def _serve(tmp_path: Path, more: str = "") -> subprocess.Popen[str]:
 
 def run_serve(tmp_path: Path, more: str = "") -> subprocess.CompletedProcess[str]:
     """``serve`` run until it exits by itself (60 s at most)."""
-    (tmp_path / "relay.toml").write_text(f'[relay]\ndata_dir = "{tmp_path / "var"}"\n{more}')
-    return run("serve", "--config", str(tmp_path / "relay.toml"))
+    return run("serve", "--config", _config(tmp_path, more))
 
 
 def _until_ready(proc: subprocess.Popen[str]) -> list[str]:

@@ -116,7 +116,7 @@ class QueueStore:
         folds the whole journal instead of meeting it again."""
         if not self.unloaded:
             return 0
-        added = 0
+        before = self.restored
         try:
             while self.unloaded:
                 try:
@@ -126,7 +126,6 @@ class QueueStore:
                         fs, path = self.checkpoint
                         fs.remove(path)
                     raise
-                added += len(messages)
                 self.restored += len(messages)
                 if loaded is not None:
                     await loaded(messages)
@@ -134,7 +133,7 @@ class QueueStore:
         finally:
             self.unloaded.clear()
             _recovered()  # the collector, paused since ``recover``
-        return added
+        return self.restored - before
 
     async def accept(self, record: Accepted, message: bytes) -> Position:
         """Append and fsync the ACCEPTED record, then add it to the state. Raises the

@@ -112,10 +112,10 @@ async def test_a_restart_delivers_from_the_first_part_and_ends_whole(
                     again, announce=lines.append, handle_signals=False, task_status=task_status
                 )
             )
-            with trio.fail_after(30):
-                while not delivered(sink):  # noqa: ASYNC110 - the sink runs in its own thread
-                    await trio.sleep(0.05)
+            # the sink's own thread wakes the wait as each message arrives
+            arrived = await trio.to_thread.run_sync(sink.wait, lambda: delivered(sink), 30)
             handle.stop()
+            assert arrived, sink.subject_counts()
     recovered = next(line for line in lines if line.startswith("queue: "))
     assert f"queue: {MESSAGES} message(s) recovered from the checkpoint" in recovered
     assert f"({FIRST} decoded before delivery starts, the rest after)" in recovered
