@@ -51,7 +51,7 @@ from atmosrelay.smtp import (
 )
 from atmosrelay.smtp._extensions import ServerCapabilities
 from atmosrelay.smtp._states import CLOSE_CODE
-from atmosrelay.stream_io import StreamIO
+from atmosrelay.stream_io import StreamIO, start_tls
 
 CONNECT_TIMEOUT: Final = 30.0
 GREETING_TIMEOUT: Final = 300.0  # RFC 5321 4.5.3.2.1: initial 220, 5 minutes
@@ -301,7 +301,7 @@ async def _open(
                 switched = await wire.reply()
             if not isinstance(switched, TLSReady):
                 raise _Failed("4.5.0", "no TLS switch after 220")
-            tls_stream = trio.SSLStream(wire.io.stream, tls, server_hostname=host)
+            tls_stream = start_tls(wire.io.stream, tls, server_hostname=host)
             with trio.fail_after(TLS_TIMEOUT):
                 await tls_stream.do_handshake()
             wire = _Wire(tls_stream, ClientConnection(after_starttls=True))

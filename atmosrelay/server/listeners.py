@@ -28,6 +28,7 @@ from atmosrelay.inbound.session import InboundSession
 from atmosrelay.sections import ListenerMode
 from atmosrelay.server.session import TLS_HANDSHAKE_TIMEOUT, Session, SessionContext
 from atmosrelay.smtp import replies as R
+from atmosrelay.stream_io import start_tls
 
 log = logging.getLogger("atmosrelay.smtp")
 
@@ -66,7 +67,7 @@ def _peer(stream: trio.SocketStream) -> str:
 
 
 async def _wrap_tls(stream: trio.abc.Stream, ctx: SessionContext) -> trio.abc.Stream | None:
-    tls = trio.SSLStream(stream, ctx.tls_context, server_side=True)
+    tls = start_tls(stream, ctx.tls_context, server_side=True)
     with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
         try:
             await tls.do_handshake()

@@ -83,7 +83,7 @@ from atmosrelay.smtp import (
 )
 from atmosrelay.smtp import replies as R
 from atmosrelay.smtp._extensions import Address, AddressError
-from atmosrelay.stream_io import StreamIO
+from atmosrelay.stream_io import StreamIO, start_tls, tls_name
 from atmosrelay.submission import Envelope, Pipeline, Submission
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ class Session:
         self.ctx = ctx
         self.id = f"s{next(_ids)}"
         self.tls = self.mode is ListenerMode.IMPLICIT
-        self.tls_version: str | None = None
+        self.tls_version = tls_name(stream)  # implicit TLS: set already
         self.did: str | None = ctx.trusted_did if self.mode is ListenerMode.TRUSTED else None
         self.username = ""
         self.key_id: str | None = None  # None for a trusted session
@@ -366,7 +366,7 @@ class Session:
                 self._data_ended = None
 
     async def _start_tls(self) -> bool:
-        tls = trio.SSLStream(self.io.stream, self.ctx.tls_context, server_side=True)
+        tls = start_tls(self.io.stream, self.ctx.tls_context, server_side=True)
         with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
             try:
                 await tls.do_handshake()
@@ -375,9 +375,9 @@ class Session:
                 self._log("tls-failed")
                 return False
             self.tls, self.io = True, StreamIO(tls)
-            self.tls_version = f"{tls.version()} {tls.cipher()[0] if tls.cipher() else ''}".strip()
+            self.tls_version = tls_name(tls)
             self.conn = self._new_connection(after_starttls=True)
-            self._log("starttls", self.tls_version)
+            self._log("starttls", self.tls_version or "?")
             return True
         self.ctx.tls_failures += 1
         self._log("tls-timeout")

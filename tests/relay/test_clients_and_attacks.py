@@ -31,6 +31,12 @@ def queued(relay: Relay) -> dict[str, bytes]:
     return out
 
 
+def tls_of(relay: Relay) -> list[object]:
+    """What each queued message's record says of its connection's TLS."""
+    records = read_records(str(relay.config.journal_dir))
+    return [decode_accepted(r.payload)[0].client["tls"] for r in records]
+
+
 async def test_smtplib_implicit_tls(tmp_path: Path) -> None:
     async with running_relay(tmp_path) as relay:
 
@@ -46,6 +52,8 @@ async def test_smtplib_implicit_tls(tmp_path: Path) -> None:
         assert await trio.to_thread.run_sync(send) == {}  # no recipient refused
         (body,) = queued(relay).values()
         assert body.endswith(b"\r\n\r\nHello.\r\n")
+        (tls,) = tls_of(relay)  # implicit TLS is recorded as STARTTLS is
+        assert isinstance(tls, str) and tls.startswith("TLSv1.3 TLS_"), tls
 
 
 async def test_aiosmtplib_inside_the_same_trio_run(tmp_path: Path) -> None:
@@ -73,6 +81,8 @@ async def test_aiosmtplib_inside_the_same_trio_run(tmp_path: Path) -> None:
         assert errors == {}
         queue_id = reply.rsplit(" ", 1)[1]
         assert queue_id in queued(relay)
+        (tls,) = tls_of(relay)
+        assert isinstance(tls, str) and tls.startswith("TLSv1.3 TLS_"), tls
 
 
 @pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""A session's plain-TCP fast path (atmosrelay/server/stream_io.py) over real loopback
+"""A session's plain-TCP fast path (atmosrelay/stream_io.py) over real loopback
 sockets: every byte arrives in order whether the kernel takes a write at once or not, a peer
 that never reads is given up on, and the errors are trio's."""
 
@@ -115,7 +115,8 @@ async def test_aclose_closes_at_once_even_when_cancelled() -> None:
     assert await client.receive_some(100) == b""  # the peer reads the end
     await client.aclose()
 
-    # not plain TCP (TLS in a session): closed through the stream, also when cancelled
+    # a stream without a socket (a test's in-memory pair): closed through the stream, even
+    # when cancelled
     left, right = trio.testing.memory_stream_pair()
     other = StreamIO(left)
     assert other.socket is None
