@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from journal import Position, RecordTooLargeError, open_journal
 from journal._fs import File
@@ -141,3 +142,51 @@ async def test_closed_journal_refuses_appends() -> None:
         await journal.append(1, b"a")
     with pytest.raises(JournalClosedError):
         await journal.append(1, b"b")
+
+
+class LoopTrace(trio.abc.Instrument):
+    """The event loop's I/O waits and task steps, in order, while ``on``."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.events: list[str | trio.lowlevel.Task] = []
+
+    def after_io_wait(self, timeout: float) -> None:
+        if self.on:
+            self.events.append("io")
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.on:
+            self.events.append(task)
+
+
+async def test_an_appender_runs_in_the_first_batch_of_tasks_after_its_fsync() -> None:
+    """The owner thread's wake-up is acted on right after the I/O wait that sees it
+    (journal/_journal.py, ``_Waker``): the appender runs before the loop waits again. Through
+    trio's ``run_sync_soon`` alone, a callback task would make it runnable only in that batch,
+    and it would run after the next I/O wait."""
+    fs = RecordingFS()
+    trace = LoopTrace()
+    trio.lowlevel.add_instrument(trace)
+    try:
+        with trio.fail_after(30):
+            async with open_journal(DIR, fs=fs, segment_size=1 << 30) as journal:
+                fs.gate.clear()  # the next fsync waits for the gate, in the owner thread
+                appender: list[trio.lowlevel.Task] = []
+
+                async def append() -> None:
+                    appender.append(trio.lowlevel.current_task())
+                    await journal.append(1, b"x")
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(append)
+                    await trio.testing.wait_all_tasks_blocked()  # parked on its batch
+                    trace.on = True  # from here the loop only waits for the owner thread
+                    fs.gate.set()
+                trace.on = False
+    finally:
+        trio.lowlevel.remove_instrument(trace)
+    events = trace.events
+    first_io = events.index("io")  # the wake-up the owner thread sent after the fsync
+    resumed = events.index(appender[0], first_io)
+    assert "io" not in events[first_io + 1 : resumed], events
