@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import functools
 import hashlib
 import hmac
 import json
@@ -229,6 +230,13 @@ def _metadata(field: Field | None) -> dict[str, str]:
     return data
 
 
+@functools.lru_cache(maxsize=4)
+def _date_header(second: int) -> bytes:
+    """The Date header added at ``second`` (formatdate shows whole seconds): made once a
+    second, not once a message, as it cost 2-3% of accepting a message without one."""
+    return f"Date: {email.utils.formatdate(second, usegmt=True)}\r\n".encode()
+
+
 def process(
     message: bytes, *, did: str, operator_domain: str, hostname: str, now: float
 ) -> Processed:
@@ -252,7 +260,7 @@ def process(
     kept = [f for f in fields if f.key not in OWN_HEADERS and f.key not in STAMPED]
     added: list[bytes] = []
     if _one(index, "date") is None:
-        added.append(f"Date: {email.utils.formatdate(now, usegmt=True)}\r\n".encode())
+        added.append(_date_header(int(now)))
     mid_field = _one(index, "message-id")
     if mid_field is None:
         message_id = f"<{RANDOM.take(16).hex()}@{hostname}>"
