@@ -37,9 +37,9 @@ asked for, not one record a call.
 Rules kept:
 
 * one task reads and one writes at a time (``trio.BusyResourceError`` otherwise); they may be
-  two different tasks. Ciphertext that a read makes (a TLS 1.3 key update's answer) joins the
-  queue the writer sends from, in the order OpenSSL made it; the read hands the kernel what
-  it takes of it at once, and the next write sends the rest first;
+  two different tasks. Ciphertext that a read makes (a TLS 1.2 renegotiation's flight)
+  joins the queue the writer sends from, in the order OpenSSL made it; the read hands the
+  kernel what it takes of it at once, and the next write sends the rest first;
 * the handshake is always explicit (``do_handshake``) before any read or write, because
   OpenSSL's implicit handshake skips Python's hostname check;
 * errors are trio's, as ``SSLStream`` raises them: a TLS error, a reset, or the peer's EOF
@@ -213,6 +213,7 @@ class TLSStream(trio.abc.Stream):
                     data = self._ssl.read(max_bytes)
                     break
                 except ssl.SSLWantReadError:
+                    self._answer()  # what the peer may be waiting for before it goes on
                     await self._fill()
                     waited = True
                 except ssl.SSLZeroReturnError:
@@ -222,10 +223,7 @@ class TLSStream(trio.abc.Stream):
                     raise self._break(exc) from exc
             if data:
                 data = self._more(data, max_bytes)
-            if self._outgoing.pending:  # a read can make ciphertext (a key update's answer)
-                self._take_outgoing()
-                if not self._writing:  # else the writer sends it, in order, with its own
-                    self._send_now()
+            self._answer()
             if not waited:  # plaintext OpenSSL already held: still a checkpoint
                 await trio.lowlevel.checkpoint()
             return data
@@ -233,6 +231,16 @@ class TLSStream(trio.abc.Stream):
             raise self._break(exc) from exc
         finally:
             self._reading = False
+
+    def _answer(self) -> None:
+        """Send what a read made OpenSSL say (a TLS 1.2 renegotiation's flight, for one; a
+        TLS 1.3 key update's answer waits for our next write, which sends it first), as far
+        as the kernel takes it now. With a write under way in another task, that write sends
+        it, in order, before its own."""
+        if self._outgoing.pending:
+            self._take_outgoing()
+            if not self._writing:
+                self._send_now()
 
     def _more(self, data: bytes, max_bytes: int) -> bytes:
         """``data`` and every whole record after it already received, up to ``max_bytes``

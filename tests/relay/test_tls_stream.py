@@ -2,13 +2,18 @@
 loopback sockets and real certificates, against trio's own ``SSLStream`` as the peer: the
 handshake both ways, bytes whole and in order however the kernel takes them, every record
 already received in one read, the ends a peer can choose (close_notify, a bare close, a
-handshake it cannot finish), a peer that never reads, and the rules on concurrent use."""
+handshake it cannot finish), a peer that never reads, the rules on concurrent use, a TLS 1.2
+peer, and OpenSSL's own client asking for a TLS 1.3 key update."""
 
 from __future__ import annotations
 
+import shutil
 import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -218,3 +223,69 @@ def test_other_streams_keep_trios_tls() -> None:
     wrapped = start_tls(left, server_context(), server_side=True)
     assert isinstance(wrapped, trio.SSLStream)
     assert tls_name(left) is None
+
+
+async def test_a_tls_1_2_peer() -> None:
+    server, client = await pair()
+    ours = start_tls(server, server_context(), server_side=True)
+    assert isinstance(ours, TLSStream)
+    old = client_context()
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    theirs = trio.SSLStream(client, old, server_hostname="mx.example")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ours.do_handshake)
+            nursery.start_soon(theirs.do_handshake)
+        assert (tls_name(ours) or "").startswith("TLSv1.2 ")
+        await theirs.send_all(b"EHLO old.example\r\n")
+        assert await ours.read(100) == b"EHLO old.example\r\n"
+        await ours.write(b"250 ok\r\n")
+        assert await theirs.receive_some(100) == b"250 ok\r\n"
+    await theirs.aclose()
+    await ours.aclose()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl (.ci/run installs it)")
+async def test_a_key_update_the_peer_asks_us_to_answer(tmp_path: Path) -> None:
+    """OpenSSL's own client sends a TLS 1.3 KeyUpdate that asks for ours (its ``K``
+    command); the talk goes on both ways after it."""
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    CA.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    command = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3"]
+    command += ["-CAfile", str(tmp_path / "ca.pem"), "-servername", "mx.example"]
+    command += ["-verify_return_error"]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            client = await nursery.start(
+                partial(
+                    trio.run_process,
+                    command,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,  # where it says KEYUPDATE
+                )
+            )
+            assert client.stdin is not None and client.stdout is not None
+            ours = start_tls(await listener.accept(), server_context(), server_side=True)
+            await listener.aclose()
+            await ours.do_handshake()
+            output = bytearray()
+
+            async def until(text: bytes) -> None:
+                while text not in output:
+                    chunk = await client.stdout.receive_some(4096)  # type: ignore[union-attr]
+                    assert chunk, f"s_client ended before {text!r}: {bytes(output)!r}"
+                    output.extend(chunk)
+
+            await ours.write(b"220 hello\n")
+            await until(b"220 hello")
+            await client.stdin.send_all(b"K\n")  # KEYUPDATE, update_requested
+            await until(b"KEYUPDATE")
+            await client.stdin.send_all(b"ping\n")
+            assert await ours.read(100) == b"ping\n"  # their new keys, after the update
+            await ours.write(b"pong\n")  # ours answer it first, then our new keys
+            await until(b"pong")
+            await client.stdin.aclose()  # s_client closes the connection at its EOF
+            assert await ours.read(100) == b""  # its close_notify
+            await ours.aclose()
