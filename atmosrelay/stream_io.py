@@ -46,7 +46,10 @@ Rules kept:
   without ``close_notify`` is ``trio.BrokenResourceError`` (its ``__cause__`` says which);
   the peer's ``close_notify`` is EOF (``b""``); a closed stream is ``trio.ClosedResourceError``;
 * ``aclose`` sends ``close_notify`` if the kernel takes it at once, then closes the socket
-  without waiting for anything, even when cancelled (a session's last step).
+  without waiting for anything, even when cancelled (a session's last step);
+* a write OpenSSL can make only after reading (a TLS 1.2 renegotiation under way) breaks
+  the stream, where ``SSLStream`` would read first: OpenSSL 3 refuses a client's
+  renegotiation anyway, and a remote server asking for one mid-delivery costs a retry.
 """
 
 from __future__ import annotations
@@ -368,14 +371,13 @@ class TLSStream(trio.abc.Stream):
         self._reading = self._reading or reading
         self._writing = self._writing or writing
 
-    def _break(self, exc: BaseException) -> Exception:
-        """What a failure is to the caller: the stream is broken for good."""
+    def _break(self, exc: OSError) -> Exception:
+        """What a failure (a TLS error, or the socket's) is to the caller: the stream is
+        broken for good."""
         self._broken = True
         if isinstance(exc, ssl.SSLError):
             return trio.BrokenResourceError(f"TLS failed: {exc.reason or type(exc).__name__}")
-        if isinstance(exc, OSError):
-            return translated(exc)
-        return trio.BrokenResourceError(f"TLS failed: {type(exc).__name__}")
+        return translated(exc)
 
 
 def start_tls(

@@ -190,7 +190,7 @@ class Session:
         self.ctx = ctx
         self.id = f"s{next(_ids)}"
         self.tls = self.mode is ListenerMode.IMPLICIT
-        self.tls_version = tls_name(stream)  # implicit TLS: set already
+        self.tls_version = tls_name(stream)  # known at once for implicit TLS
         self.did: str | None = ctx.trusted_did if self.mode is ListenerMode.TRUSTED else None
         self.username = ""
         self.key_id: str | None = None  # None for a trusted session
