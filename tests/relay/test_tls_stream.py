@@ -21,6 +21,7 @@ import trio.testing
 import trustme
 
 from atmosrelay.stream_io import StreamIO, TLSStream, start_tls, tls_name
+from tests.relay.test_stream_io import pair
 
 CA = trustme.CA()
 
@@ -35,14 +36,6 @@ def client_context(trusting: trustme.CA = CA) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     trusting.configure_trust(ctx)
     return ctx
-
-
-async def pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    async with listener:
-        client = await trio.testing.open_stream_to_socket_listener(listener)
-        server = await listener.accept()
-    return server, client
 
 
 @asynccontextmanager
