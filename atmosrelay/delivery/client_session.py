@@ -302,8 +302,12 @@ async def _open(
             if not isinstance(switched, TLSReady):
                 raise _Failed("4.5.0", "no TLS switch after 220")
             tls_stream = start_tls(wire.io.stream, tls, server_hostname=host)
-            with trio.fail_after(TLS_TIMEOUT):
-                await tls_stream.do_handshake()
+            try:
+                with trio.fail_after(TLS_TIMEOUT):
+                    await tls_stream.do_handshake()
+            except trio.BrokenResourceError as exc:  # what went wrong, for `queue show`
+                why = getattr(exc.__cause__, "reason", None) or "the connection was lost"
+                raise _Failed("4.7.5", f"TLS handshake with {host} failed: {why}") from None
             wire = _Wire(tls_stream, ClientConnection(after_starttls=True))
             caps = await _hello(wire, helo)
             secure = True
