@@ -400,3 +400,10 @@ def tls_name(stream: trio.abc.Stream) -> str | None:
         return None
     cipher = stream.cipher()
     return f"{stream.version()} {cipher[0] if cipher else ''}".strip()
+
+
+def tls_failure(exc: trio.BrokenResourceError) -> str:
+    """Why a TLS handshake failed, for a log line or a deferral: OpenSSL's reason
+    ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER"), never anything the peer sent."""
+    reason = getattr(exc.__cause__, "reason", None)
+    return str(reason) if reason else "the connection was lost"

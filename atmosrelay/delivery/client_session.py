@@ -51,7 +51,7 @@ from atmosrelay.smtp import (
 )
 from atmosrelay.smtp._extensions import ServerCapabilities
 from atmosrelay.smtp._states import CLOSE_CODE
-from atmosrelay.stream_io import StreamIO, start_tls
+from atmosrelay.stream_io import StreamIO, start_tls, tls_failure
 
 CONNECT_TIMEOUT: Final = 30.0
 GREETING_TIMEOUT: Final = 300.0  # RFC 5321 4.5.3.2.1: initial 220, 5 minutes
@@ -306,7 +306,7 @@ async def _open(
                 with trio.fail_after(TLS_TIMEOUT):
                     await tls_stream.do_handshake()
             except trio.BrokenResourceError as exc:  # what went wrong, for `queue show`
-                why = getattr(exc.__cause__, "reason", None) or "the connection was lost"
+                why = tls_failure(exc)
                 raise _Failed("4.7.5", f"TLS handshake with {host} failed: {why}") from None
             wire = _Wire(tls_stream, ClientConnection(after_starttls=True))
             caps = await _hello(wire, helo)

@@ -28,7 +28,7 @@ from atmosrelay.inbound.session import InboundSession
 from atmosrelay.sections import ListenerMode
 from atmosrelay.server.session import TLS_HANDSHAKE_TIMEOUT, Session, SessionContext
 from atmosrelay.smtp import replies as R
-from atmosrelay.stream_io import start_tls
+from atmosrelay.stream_io import start_tls, tls_failure
 
 log = logging.getLogger("atmosrelay.smtp")
 
@@ -66,14 +66,16 @@ def _peer(stream: trio.SocketStream) -> str:
         return "?"
 
 
-async def _wrap_tls(stream: trio.abc.Stream, ctx: SessionContext) -> trio.abc.Stream | None:
+async def _wrap_tls(stream: trio.SocketStream, ctx: SessionContext) -> trio.abc.Stream | None:
     tls = start_tls(stream, ctx.tls_context, server_side=True)
+    why = "timeout"
     with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
         try:
             await tls.do_handshake()
             return tls
-        except trio.BrokenResourceError:
-            pass
+        except trio.BrokenResourceError as exc:
+            why = tls_failure(exc)
+    log.info("%s tls-failed %s", _peer(stream), why)  # a session's line says it after STARTTLS
     ctx.tls_failures += 1
     await trio.aclose_forcefully(stream)
     return None

@@ -83,7 +83,7 @@ from atmosrelay.smtp import (
 )
 from atmosrelay.smtp import replies as R
 from atmosrelay.smtp._extensions import Address, AddressError
-from atmosrelay.stream_io import StreamIO, start_tls, tls_name
+from atmosrelay.stream_io import StreamIO, start_tls, tls_failure, tls_name
 from atmosrelay.submission import Envelope, Pipeline, Submission
 
 if TYPE_CHECKING:
@@ -370,9 +370,9 @@ class Session:
         with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
             try:
                 await tls.do_handshake()
-            except trio.BrokenResourceError:
+            except trio.BrokenResourceError as exc:
                 self.ctx.tls_failures += 1
-                self._log("tls-failed")
+                self._log("tls-failed", tls_failure(exc))
                 return False
             self.tls, self.io = True, StreamIO(tls)
             self.tls_version = tls_name(tls)

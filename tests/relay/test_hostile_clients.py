@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import smtplib
+import socket
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,33 @@ async def test_nul_and_unannounced_8bit_are_refused_naming_the_line(
 
         got = await trio.to_thread.run_sync(send)
     assert got.startswith(reply) if reply == b"250" else got == reply
+
+
+async def test_a_failed_handshake_is_logged_with_openssls_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Plain text where TLS was due, on the implicit port and after STARTTLS: each failure is
+    counted and logged with why (OpenSSL's reason), so an operator can tell a scanner or a
+    client without TLS from a certificate problem."""
+    caplog.set_level(logging.INFO)
+    async with running_relay(tmp_path) as relay:
+
+        def plain_where_tls_is_due() -> None:
+            with socket.create_connection(("127.0.0.1", relay.implicit_port), timeout=10) as s:
+                s.sendall(b"EHLO plain.example\r\n")
+                s.recv(100)  # OpenSSL's alert, or the end
+            with Dialog(relay.starttls_port) as d:
+                assert d.reply().startswith(b"220 ")  # the greeting
+                assert d.cmd(b"EHLO plain.example").startswith(b"250")
+                assert d.cmd(b"STARTTLS").startswith(b"220 ")
+                d.sock.sendall(b"EHLO still.plain\r\n")
+                d.sock.recv(100)
+
+        await trio.to_thread.run_sync(plain_where_tls_is_due)
+        with trio.fail_after(10):
+            while caplog.text.count("tls-failed") < 2:  # noqa: ASYNC110 - the log is the sign
+                await trio.sleep(0.01)
+    failed = [r.getMessage() for r in caplog.records if "tls-failed" in r.getMessage()]
+    assert len(failed) == 2, failed
+    for line in failed:  # OpenSSL 3.0 says WRONG_VERSION_NUMBER; another may word it so
+        assert re.search(r" tls-failed [A-Z][A-Z0-9_]+$", line), line
