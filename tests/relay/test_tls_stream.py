@@ -1,9 +1,9 @@
 """The TLS stream of the sessions and the delivery client (atmosrelay/stream_io.py) over real
 loopback sockets and real certificates, against trio's own ``SSLStream`` as the peer: the
 handshake both ways, bytes whole and in order however the kernel takes them, every record
-already received in one read, the ends a peer can choose (close_notify, a bare close, a
-handshake it cannot finish), a peer that never reads, the rules on concurrent use, a TLS 1.2
-peer, and OpenSSL's own client asking for a TLS 1.3 key update."""
+already received in one read, the ends a peer can choose (close_notify, a bare close, bytes
+that are not TLS, a handshake it cannot finish), a peer that never reads, the rules on
+concurrent use, a TLS 1.2 peer, and OpenSSL's own client asking for a TLS 1.3 key update."""
 
 from __future__ import annotations
 
@@ -120,6 +120,13 @@ async def test_the_peers_ends() -> None:
         assert isinstance(info.value.__cause__, ssl.SSLEOFError)
         with pytest.raises(trio.BrokenResourceError):  # broken for good
             await ours.write(b"x")
+    # bytes that are not TLS records, mid-session: broken, with OpenSSL's reason
+    async with ours_serving() as (ours, theirs):
+        await theirs.transport_stream.send_all(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await ours.read(100)
+        assert isinstance(info.value.__cause__, ssl.SSLError)
+        assert "TLS failed: " in str(info.value)
 
 
 async def test_our_close_sends_close_notify_and_wakes_our_reader() -> None:
