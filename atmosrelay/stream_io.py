@@ -80,10 +80,10 @@ class StreamIO:
         if self.socket is None:
             return bytes(await self.stream.receive_some(max_bytes))
         while True:
-            await trio.lowlevel.wait_readable(self._fd(self.socket))  # closed: raises here
+            await trio.lowlevel.wait_readable(fileno(self.socket))  # closed: raises here
             try:
                 # asked again: closed meanwhile, the number may be another file's by now
-                return os.read(self._fd(self.socket), max_bytes)
+                return os.read(fileno(self.socket), max_bytes)
             except BlockingIOError:  # woken without data (it happens): wait again
                 continue
             except OSError as exc:
@@ -99,7 +99,7 @@ class StreamIO:
             return
         if self.socket is not None:
             try:
-                data = data[os.write(self._fd(self.socket), data) :]
+                data = data[os.write(fileno(self.socket), data) :]
             except BlockingIOError:
                 pass
             except OSError as exc:
@@ -121,12 +121,14 @@ class StreamIO:
         else:
             await trio.aclose_forcefully(self.stream)
 
-    @staticmethod
-    def _fd(socket: trio.socket.SocketType) -> int:
-        fd = socket.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("the stream was closed")
-        return fd
+
+def fileno(socket: trio.socket.SocketType) -> int:
+    """The socket's descriptor, asked anew each time: once closed, its number may be another
+    file's, so a closed socket is trio.ClosedResourceError."""
+    fd = socket.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the stream was closed")
+    return fd
 
 
 def translated(exc: OSError) -> Exception:
@@ -349,10 +351,7 @@ class TLSStream(trio.abc.Stream):
 
     # -- state -------------------------------------------------------------------------------
     def _fd(self) -> int:
-        fd = self.socket.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("the stream was closed")
-        return fd
+        return fileno(self.socket)
 
     def _check(self) -> None:
         if self._closed:

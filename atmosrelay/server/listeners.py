@@ -68,14 +68,14 @@ def _peer(stream: trio.SocketStream) -> str:
 
 async def _wrap_tls(stream: trio.SocketStream, ctx: SessionContext) -> trio.abc.Stream | None:
     tls = start_tls(stream, ctx.tls_context, server_side=True)
-    why = "timeout"
+    line = "tls-timeout"  # the words a session's line uses after STARTTLS
     with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
         try:
             await tls.do_handshake()
             return tls
         except trio.BrokenResourceError as exc:
-            why = tls_failure(exc)
-    log.info("%s tls-failed %s", _peer(stream), why)  # a session's line says it after STARTTLS
+            line = f"tls-failed {tls_failure(exc)}"
+    log.info("%s %s", _peer(stream), line)
     ctx.tls_failures += 1
     await trio.aclose_forcefully(stream)
     return None
