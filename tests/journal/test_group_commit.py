@@ -8,9 +8,9 @@ import pytest
 import trio
 import trio.testing
 
-from journal import Position, RecordTooLargeError, open_journal
+from journal import JournalFatalError, Position, RecordTooLargeError, open_journal
 from journal._fs import File
-from journal.testing import CrashableMemFS
+from journal.testing import CrashableMemFS, FaultFS
 from tests.journal.helpers import HookedFile
 
 DIR = "/gc"
@@ -190,3 +190,122 @@ async def test_an_appender_runs_in_the_first_batch_of_tasks_after_its_fsync() ->
     first_io = events.index("io")  # the wake-up the owner thread sent after the fsync
     resumed = events.index(appender[0], first_io)
     assert "io" not in events[first_io + 1 : resumed], events
+
+
+def in_a_task() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def test_a_durable_callback_runs_on_the_loop_before_its_appender_resumes() -> None:
+    """``append(..., durable=f)``: ``f`` gets the position once the fsync covers it, outside
+    any task (the session writes its 250 there), before the append returns."""
+    fs = RecordingFS()
+    seen: list[tuple[Position, bool, int]] = []
+    with trio.fail_after(30):
+        async with open_journal(DIR, fs=fs, segment_size=1 << 30) as journal:
+
+            def durable(position: Position) -> None:
+                seen.append((position, in_a_task(), len(fs.events)))
+
+            syncs_before = len(fs.events)
+            position = await journal.append(1, b"x", durable)
+            assert seen == [(position, False, syncs_before + 1)]  # after its one fsync
+            assert [e for e in fs.events if e[0] == "sync"][-1][1] >= position.offset
+
+
+async def test_a_durable_callback_runs_even_when_its_appender_was_cancelled() -> None:
+    """The record belongs to the writer once appended; when it is durable, the callback is
+    told so whether anyone still waits for the append or not."""
+    fs = RecordingFS()
+    seen: list[Position] = []
+    with trio.fail_after(30):
+        async with open_journal(DIR, fs=fs, segment_size=1 << 30) as journal:
+            fs.gate.clear()  # the fsync waits
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await journal.append(1, b"x", seen.append)
+            assert seen == []  # not durable yet
+            fs.gate.set()
+            second = await journal.append(1, b"y")  # the next batch: the first is done by then
+            assert len(seen) == 1 and seen[0].offset < second.offset
+
+
+async def test_a_callback_that_raises_is_logged_and_the_batch_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fs = RecordingFS()
+    seen: list[str] = []
+
+    def broken(position: Position) -> None:
+        raise ValueError("a callback's own bug")
+
+    with trio.fail_after(30):
+        async with open_journal(DIR, fs=fs, segment_size=1 << 30) as journal:
+            fs.gate.clear()  # both appends join one batch
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(journal.append, 1, b"x", broken)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(journal.append, 1, b"y", lambda p: seen.append("second"))
+                await trio.testing.wait_all_tasks_blocked()
+                fs.gate.set()
+            await journal.append(1, b"z")  # the journal still works
+    assert seen == ["second"]
+    assert "journal: a durable callback raised" in caplog.text
+    assert "a callback's own bug" in caplog.text
+
+
+async def test_no_callback_when_the_batch_failed() -> None:
+    fs = FaultFS(CrashableMemFS(), only="sync", fail_at=1)  # the open's fsync, then ours
+    seen: list[Position] = []
+    with trio.fail_after(30):
+        async with open_journal(DIR, fs=fs, segment_size=1 << 30) as journal:
+            with pytest.raises(JournalFatalError):
+                await journal.append(1, b"x", seen.append)
+            assert journal.poisoned
+    assert seen == []
+
+
+async def test_a_durable_callback_runs_before_the_next_task_step_not_the_next_batch() -> None:
+    """Under load the loop seldom waits for I/O: the owner thread's news is taken between two
+    task steps (``_Waker.before_task_step``), so a 250 does not wait for the batch of tasks
+    under way to end. Three tasks wake in one batch; the first of them to run lets the fsync
+    finish and waits, blocking the loop, until the owner thread has queued its news. The
+    callback must run before the other two run, with no I/O wait in between."""
+    fs = RecordingFS()
+    trace = LoopTrace()
+    queued = threading.Event()
+    woke: list[trio.lowlevel.Task] = []
+    with trio.fail_after(30):
+        async with open_journal(DIR, fs=fs, segment_size=1 << 30) as journal:
+            journal.on_batch = lambda n, took: queued.set()  # after the news is queued
+            trio.lowlevel.add_instrument(trace)
+            try:
+                fs.gate.clear()
+                go = trio.Event()
+
+                async def woken() -> None:
+                    await go.wait()
+                    woke.append(trio.lowlevel.current_task())
+                    if len(woke) == 1:  # the first of the batch: two more run after it
+                        fs.gate.set()
+                        assert queued.wait(10)  # the owner thread has queued its news
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(journal.append, 1, b"x", lambda p: trace.events.append("cb"))
+                    await trio.testing.wait_all_tasks_blocked()
+                    for _ in range(3):
+                        nursery.start_soon(woken)
+                    await trio.testing.wait_all_tasks_blocked()
+                    trace.on = True
+                    go.set()
+                trace.on = False
+            finally:
+                trio.lowlevel.remove_instrument(trace)
+    events = trace.events
+    first, cb = events.index(woke[0]), events.index("cb")
+    assert first < cb < events.index(woke[1]) < events.index(woke[2]), events
+    assert "io" not in events[first : events.index(woke[2])], events
