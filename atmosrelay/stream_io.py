@@ -72,6 +72,8 @@ class StreamIO:
         self.stream = stream
         self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.tls = stream if isinstance(stream, TLSStream) else None
+        self._unsent = b""  # plain TCP: what ``write_now`` could not hand the kernel
+        self._writing = False  # plain TCP: a write waits for the kernel to take the rest
 
     async def read(self, max_bytes: int) -> bytes:
         """What the peer sent (b"" once it closed); a checkpoint."""
@@ -97,6 +99,8 @@ class StreamIO:
         if self.tls is not None:
             await self.tls.write(data, give_up_after)
             return
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
         if self.socket is not None:
             try:
                 data = data[os.write(fileno(self.socket), data) :]
@@ -105,8 +109,35 @@ class StreamIO:
             except OSError as exc:
                 raise translated(exc) from exc
         if data:
-            with trio.fail_after(math.inf if give_up_after is None else give_up_after):
-                await self.stream.send_all(data)
+            self._writing = True
+            try:
+                with trio.fail_after(math.inf if give_up_after is None else give_up_after):
+                    await self.stream.send_all(data)
+            finally:
+                self._writing = False
+
+    def write_now(self, data: bytes) -> bool:
+        """Hand the kernel what it takes of ``data`` now, without waiting; the rest goes
+        first in the next ``write`` (``unsent`` says there is some: ``write(b"")`` sends
+        it). Not a checkpoint: the journal's callbacks call it on the event loop
+        (server/session.py, ``_accept``). False, having done nothing, on a stream without
+        the fast paths or while a write is under way; raises trio's errors as ``write``."""
+        if self.tls is not None:
+            return self.tls.write_now(data)
+        if self.socket is None or self._writing:
+            return False
+        data = self._unsent + data if self._unsent else data
+        try:
+            self._unsent = data[os.write(fileno(self.socket), data) :]
+        except BlockingIOError:
+            self._unsent = data
+        except OSError as exc:
+            raise translated(exc) from exc
+        return True
+
+    @property
+    def unsent(self) -> bool:
+        return bool(self._unsent) or (self.tls is not None and bool(self.tls.unsent))
 
     async def aclose(self) -> None:
         """Close at once, waiting for nothing. Plain TCP: the socket is closed here, without
@@ -301,6 +332,26 @@ class TLSStream(trio.abc.Stream):
             raise self._break(exc) from exc
         finally:
             self._writing = False
+
+    def write_now(self, data: bytes) -> bool:
+        """Encrypt ``data`` and hand the kernel what it takes now, without waiting; the rest
+        is sent first by the next ``write`` (``write(b"")`` sends only it). Not a
+        checkpoint. False, having done nothing, while a write is under way."""
+        self._ready()
+        if self._writing:
+            return False
+        try:
+            self._ssl.write(data)
+            self._take_outgoing()
+            self._send_now()
+        except OSError as exc:
+            raise self._break(exc) from exc
+        return True
+
+    @property
+    def unsent(self) -> int:
+        """Bytes of ciphertext the kernel has not taken yet."""
+        return len(self._unsent)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.write(bytes(data))

@@ -126,3 +126,50 @@ async def test_aclose_closes_at_once_even_when_cancelled() -> None:
     with pytest.raises(trio.ClosedResourceError):
         await left.send_all(b"x")
     await right.aclose()
+
+
+async def test_write_now_hands_over_what_the_kernel_takes_and_the_next_write_the_rest() -> None:
+    """``write_now`` (the 250 written from the journal's callback) never waits: what the
+    kernel does not take now goes first in the next write, in order."""
+    server, client = await pair()
+    io = StreamIO(server)
+    big = bytes(range(256)) * 40_000  # 10 MB: more than the kernel takes at once
+    assert io.write_now(big)
+    assert io.unsent  # the peer has read nothing: the kernel's buffers are full
+    assert io.write_now(b"later")  # queued behind what waits
+    received = bytearray()
+
+    async def drain() -> None:
+        while len(received) < len(big) + 10:
+            received.extend(await client.receive_some(1 << 20))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
+            await io.write(b"", 30)  # sends only what waited
+            assert not io.unsent
+            await io.write(b"after", 30)
+    assert bytes(received) == big + b"later" + b"after"
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_write_now_on_a_stream_without_the_fast_paths_does_nothing() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    io = StreamIO(ours)
+    assert not io.write_now(b"250 queued\r\n")
+    assert not io.unsent
+    await io.write(b"250 queued\r\n")
+    assert await theirs.receive_some(100) == b"250 queued\r\n"
+
+
+async def test_write_now_waits_its_turn_behind_a_write_under_way() -> None:
+    server, client = await pair()
+    io = StreamIO(server)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(io.write, b"x" * (32 << 20), 30)  # blocks: nobody reads
+        await trio.testing.wait_all_tasks_blocked()
+        assert not io.write_now(b"250 queued\r\n")  # never interleaved with it
+        nursery.cancel_scope.cancel()
+    await server.aclose()
+    await client.aclose()

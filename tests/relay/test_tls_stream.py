@@ -289,3 +289,34 @@ async def test_a_key_update_the_peer_asks_us_to_answer(tmp_path: Path) -> None:
             await client.stdin.aclose()  # s_client closes the connection at its EOF
             assert await ours.read(100) == b""  # its close_notify
             await ours.aclose()
+
+
+async def test_write_now_hands_over_what_the_kernel_takes_and_the_next_write_the_rest() -> None:
+    async with ours_serving() as (ours, theirs):
+        io = StreamIO(ours)
+        big = bytes(range(256)) * 40_000  # 10 MB: more than the kernel takes at once
+        assert io.write_now(b"250 first\r\n")
+        assert not io.unsent  # a reply: the kernel takes it whole
+        assert io.write_now(big)
+        assert io.unsent and ours.unsent > 0
+        received = bytearray()
+
+        async def drain() -> None:
+            while len(received) < 11 + len(big) + 5:
+                received.extend(await theirs.receive_some(1 << 20))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain)
+                await io.write(b"", 30)  # sends only the ciphertext that waited
+                assert not io.unsent
+                await io.write(b"after", 30)
+        assert bytes(received) == b"250 first\r\n" + big + b"after"
+
+
+async def test_write_now_waits_its_turn_behind_a_write_under_way() -> None:
+    async with ours_serving() as (ours, _theirs), trio.open_nursery() as nursery:
+        nursery.start_soon(partial(ours.write, b"x" * (32 << 20), 30))  # blocks: nobody reads
+        await trio.testing.wait_all_tasks_blocked()
+        assert not ours.write_now(b"250 queued\r\n")  # never interleaved with it
+        nursery.cancel_scope.cancel()
