@@ -31,7 +31,7 @@ from atmosrelay import logs, systemd
 from atmosrelay.accounts.dkim_keys import ensure_operator_key
 from atmosrelay.config import RELOADABLE, Config, ConfigError, changed_settings, load_config
 from atmosrelay.delivery.prepare import Preparer
-from atmosrelay.server.session import SessionContext
+from atmosrelay.server.context import SessionContext
 from atmosrelay.server.tls import certificate_files, context_for
 
 log = logging.getLogger("atmosrelay.reload")

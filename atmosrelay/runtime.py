@@ -69,8 +69,8 @@ from atmosrelay.queue.store import QueueStore
 from atmosrelay.reload import Reloader, operator_key
 from atmosrelay.replay import describe, progress_bar
 from atmosrelay.sections import ListenerMode
+from atmosrelay.server.context import Budget, SessionContext
 from atmosrelay.server.listeners import ConnectionLimits, serve_listener
-from atmosrelay.server.session import Budget, SessionContext
 from atmosrelay.server.tls import server_context
 from atmosrelay.signals import Signals, watch_signals
 from atmosrelay.smtp import Capabilities

@@ -21,7 +21,7 @@ from atmosrelay.api.models import Error
 from atmosrelay.policy.member import MemberSnapshot, MemberStatus
 from atmosrelay.queue.status import StatusIndex
 from atmosrelay.refusals import TABLE, Code, Refusal, refuse
-from atmosrelay.server.session import SessionContext
+from atmosrelay.server.context import SessionContext
 
 log = logging.getLogger("atmosrelay.http")
 

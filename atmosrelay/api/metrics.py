@@ -22,8 +22,8 @@ from atmosrelay.delivery.dispatcher import Dispatcher
 from atmosrelay.inbound.processor import KINDS, InboundProcessor
 from atmosrelay.queue.events import AttemptOutcome, QueueEvent
 from atmosrelay.queue.store import QueueStore
+from atmosrelay.server.context import SessionContext
 from atmosrelay.server.listeners import ConnectionLimits
-from atmosrelay.server.session import SessionContext
 from atmosrelay.submission.actions import PolicyActions
 
 BATCH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -16,7 +16,7 @@ from atmosrelay.inbound.addresses import ReturnPath, Srs, derive_key
 from atmosrelay.inbound.processor import InboundProcessor
 from atmosrelay.inbound.session import InboundSettings
 from atmosrelay.queue.status import StatusIndex
-from atmosrelay.server.session import SessionContext
+from atmosrelay.server.context import SessionContext
 
 
 def return_path(config: Config, secret: bytes) -> ReturnPath:

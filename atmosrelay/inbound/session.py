@@ -42,7 +42,8 @@ from atmosrelay.policy.counters import Counters
 from atmosrelay.policy.limits import HOUR
 from atmosrelay.queue.records import Inbound, InboundRecipient, new_queue_id
 from atmosrelay.sections import ListenerMode
-from atmosrelay.server.session import Session, SessionContext, _Transaction
+from atmosrelay.server.context import SessionContext
+from atmosrelay.server.session import Session, _Transaction
 from atmosrelay.smtp import Event, MailFrom, RcptTo, Reply, ServerConnection
 from atmosrelay.smtp import replies as R
 from atmosrelay.smtp._extensions import AddressError
@@ -89,7 +90,7 @@ class InboundSession(Session):
             auth_unavailable=R.AUTH_NOT_AVAILABLE,
         )
 
-    async def _answer(self, event: Event) -> Reply:
+    async def _answer(self, event: Event) -> Reply | None:
         if isinstance(event, RcptTo):
             return await self._inbound_rcpt(event)
         return await super()._answer(event)

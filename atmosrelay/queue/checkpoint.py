@@ -19,12 +19,14 @@ the whole journal as before, saying why. It is not used when
   cut below it, another journal was put in place: journal/_extent.py);
 
 and it is not written when the state held in memory is not exactly the fold of the journal's
-records: the relay's state is updated by each task after its append completes, and an append
-whose task was cancelled at shutdown may be durable without the state having heard of it
-(journal/_journal.py, ``append``). So before writing, every position the state knows is
-compared with every record position the journal holds up to the extent; one missing or one
-extra and the checkpoint is skipped (the old one, if any, stays: it and the records after it
-are still the whole truth). A record type this build does not know is also a reason to skip.
+records: an ACCEPTED record reaches the state from the journal's callback the moment it is
+durable (queue/store.py), but every other record is applied by the task that appended it,
+after its append completes, and an append whose task was cancelled at shutdown (a delivery's
+outcomes) may be durable without the state having heard of it (journal/_journal.py). So
+before writing, every position the state knows is compared with every record position the
+journal holds up to the extent; one missing or one extra and the checkpoint is skipped (the
+old one, if any, stays: it and the records after it are still the whole truth). A record
+type this build does not know is also a reason to skip.
 
 Delivery starts before the whole file is decoded. Decoding 100,000 messages is 0.6-0.8 s
 of the start, and the first delivery needs only a few of them. So the file holds up to

@@ -1,7 +1,8 @@
 """The queue's trio facade: append records durably through the journal's group commit.
 
-``QueueStore.accept()`` returns only after the fsync that covers the record: the caller may
-then answer 250. It never holds message bodies; the state keeps positions.
+``QueueStore.accept()`` returns only after the fsync that covers the record, and its ``then``
+runs only after it: the caller may answer 250 from either. It never holds message bodies;
+the state keeps positions.
 """
 
 from __future__ import annotations
@@ -135,15 +136,33 @@ class QueueStore:
             _recovered()  # the collector, paused since ``recover``
         return self.restored - before
 
-    async def accept(self, record: Accepted, message: bytes) -> Position:
-        """Append and fsync the ACCEPTED record, then add it to the state. Raises the
-        journal's errors (JournalFullError, JournalFatalError, ...) unchanged."""
+    async def accept(
+        self, record: Accepted, message: bytes, then: Callable[[], None] | None = None
+    ) -> Position:
+        """Append and fsync the ACCEPTED record. The moment it is durable, on the event loop
+        before this task resumes (even if it was cancelled meanwhile: journal/_journal.py),
+        the state gets the message, its event is published, and ``then`` is called: a
+        session's 250 goes out there, so whatever the 250 prompts finds the message queued.
+        Raises the journal's errors (JournalFullError, JournalFatalError, ...) unchanged,
+        and whatever adding the message to the state raised (``then`` is not called then)."""
         payload = encode_accepted(record, message)
-        position = await self.journal.append(RecordType.ACCEPTED, payload)
-        self.state.add_accepted(record, position, len(payload) - len(message))
-        self.events.publish(MessageAccepted(record))
-        if self.on_accept is not None:
-            self.on_accept()
+        failed: list[Exception] = []
+
+        def durable(position: Position) -> None:
+            try:
+                self.state.add_accepted(record, position, len(payload) - len(message))
+                self.events.publish(MessageAccepted(record))
+                if self.on_accept is not None:
+                    self.on_accept()
+            except Exception as exc:  # raised in the appender, below
+                failed.append(exc)
+                return
+            if then is not None:
+                then()
+
+        position = await self.journal.append(RecordType.ACCEPTED, payload, durable)
+        if failed:
+            raise failed[0]
         return position
 
     async def record(self, delivery: Delivery) -> None:

@@ -26,7 +26,8 @@ import trio
 
 from atmosrelay.inbound.session import InboundSession
 from atmosrelay.sections import ListenerMode
-from atmosrelay.server.session import TLS_HANDSHAKE_TIMEOUT, Session, SessionContext
+from atmosrelay.server.context import SessionContext
+from atmosrelay.server.session import TLS_HANDSHAKE_TIMEOUT, Session
 from atmosrelay.smtp import replies as R
 from atmosrelay.stream_io import start_tls, tls_failure
 

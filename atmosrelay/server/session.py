@@ -12,7 +12,9 @@ pipeline's (``atmosrelay.submission``), the same for HTTP. The order of a messag
     DATA/BDAT   bytes counted against the shared in-flight budget while they arrive
     end         pipeline.submit: every check again, header From, suppression of bulk mail,
                 the limits counted, the ACCEPTED record -> journal group commit -> fsync
-                -> only then "250 2.0.0 Ok: queued as <id>"
+                -> only then "250 2.0.0 Ok: queued as <id>", written from the event loop
+                the moment the queue has the message (``_accept``), not at this task's
+                next turn, which under load comes a whole batch of tasks later
 
 Time limits are deadlines, not per-read timeouts, so a peer cannot stretch them by sending
 one byte at a time (docs/security.md):
@@ -32,28 +34,24 @@ from __future__ import annotations
 
 import itertools
 import logging
-import ssl
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import attrs
 import trio
 
 from atmosrelay._text import printable as _clean
-from atmosrelay.accounts.api_keys import PREFIX, KeyChecker, Verified
-from atmosrelay.accounts.store import AsyncStore
+from atmosrelay.accounts.api_keys import PREFIX, Verified
 from atmosrelay.logs import fields
 from atmosrelay.policy.member import MemberSnapshot, MemberStatus
 from atmosrelay.queue.records import Recipient
-from atmosrelay.queue.store import QueueStore
 from atmosrelay.refusals import Code, Refusal
 from atmosrelay.sections import ListenerMode
+from atmosrelay.server.context import SessionContext
 from atmosrelay.smtp import (
     NEED_DATA,
     AuthChallenge,
     AuthCredentials,
     BdatChunk,
-    Capabilities,
     ChunkEnd,
     CommandError,
     ConnectionClosed,
@@ -84,10 +82,7 @@ from atmosrelay.smtp import (
 from atmosrelay.smtp import replies as R
 from atmosrelay.smtp._extensions import Address, AddressError
 from atmosrelay.stream_io import StreamIO, start_tls, tls_failure, tls_name
-from atmosrelay.submission import Envelope, Pipeline, Submission
-
-if TYPE_CHECKING:
-    from atmosrelay.inbound.session import InboundSettings
+from atmosrelay.submission import Envelope, Submission
 
 log = logging.getLogger("atmosrelay.smtp")
 
@@ -95,71 +90,6 @@ RECEIVE_SIZE: Final = 64 * 1024
 TLS_HANDSHAKE_TIMEOUT: Final = 30.0
 MIN_DATA_RESERVE: Final = 64 * 1024  # DATA is refused (452 4.3.1) unless this much budget is free
 _ids = itertools.count(1)
-
-
-class Budget:
-    """Bytes held by messages still being received, across all sessions (452 4.3.1 when full)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def take(self, n: int) -> bool:
-        if self.used + n > self.limit:
-            return False
-        self.used += n
-        return True
-
-    def release(self, n: int) -> None:
-        self.used -= n
-
-
-@attrs.define(eq=False)
-class SessionContext:
-    """What every session shares."""
-
-    hostname: str
-    operator_domain: str
-    capabilities: Capabilities
-    tls_context: ssl.SSLContext
-    keys: KeyChecker
-    store: AsyncStore
-    queue: QueueStore
-    pipeline: Pipeline
-    budget: Budget
-    idle_timeout: float = 60.0
-    data_timeout: float = 600.0
-    min_data_rate: int = 4096  # bytes per second, extending the data phase's deadline
-    max_session_time: float = 3600.0
-    auto_tls_window: float = 0.2  # an auto listener's wait for a TLS ClientHello
-    max_recipients: int = 100
-    trusted_did: str = ""
-    inbound: InboundSettings | None = None  # what the inbound listener's sessions share
-    on_data_reply: Callable[[float], None] = lambda s: None  # end of data -> reply written, s
-    shutdown: trio.Event = attrs.field(factory=trio.Event)
-    waiting: set[trio.CancelScope] = attrs.field(factory=set)  # sessions waiting for a command
-
-    journal_failure_reported: bool = False
-    tls_failures: int = 0  # handshakes that failed or timed out (implicit and STARTTLS)
-
-    def journal_failed(self) -> bool:
-        """True once the journal is poisoned; the first caller to see it logs it, once."""
-        if not self.queue.journal.poisoned:
-            return False
-        if not self.journal_failure_reported:
-            self.journal_failure_reported = True
-            log.critical(
-                "the journal failed an fsync or a write: no mail is accepted (421 4.3.0) "
-                "until the relay is restarted, which re-reads the disk; check the disk and "
-                "the kernel log"
-            )
-        return True
-
-    def request_shutdown(self) -> None:
-        """Sessions waiting for a command answer 421 4.3.2 now; those in DATA finish first."""
-        self.shutdown.set()
-        for scope in list(self.waiting):
-            scope.cancel()
 
 
 def _loggable_username(username: str) -> str:
@@ -293,7 +223,8 @@ class Session:
                 continue
             self._command_deadline = None  # a whole command arrived: the next wait starts anew
             reply = await self._answer(event)  # type: ignore[arg-type]
-            self._queue(reply)
+            if reply is not None:  # None: already queued (a 250 at the fsync, in _accept)
+                self._queue(reply)
             if self.conn.state is State.CLOSED or self._close:
                 await self._flush()
                 return
@@ -358,12 +289,27 @@ class Session:
 
     async def _flush(self) -> None:
         """Write the queued replies; trio.TooSlowError if the peer reads none in idle_timeout."""
-        if self._out:
+        if self._out or self.io.unsent:
             data, self._out = bytes(self._out), bytearray()
             await self.io.write(data, self.ctx.idle_timeout)
-            if self._data_ended is not None:
-                self.ctx.on_data_reply(trio.current_time() - self._data_ended)
-                self._data_ended = None
+            self._replied()
+
+    def _replied(self) -> None:
+        if self._data_ended is not None:
+            self.ctx.on_data_reply(trio.current_time() - self._data_ended)
+            self._data_ended = None
+
+    def _reply_now(self, reply: Reply) -> None:
+        """Queue ``reply`` and hand the kernel the queue now, without waiting: called by the
+        journal on the event loop the moment a message is durable, before this task runs
+        again (``_accept``). What the kernel does not take is written by the next flush."""
+        self._queue(reply)
+        try:
+            if self.io.write_now(bytes(self._out)):
+                self._out = bytearray()
+                self._replied()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._out = bytearray()  # the next read or write meets the same error
 
     async def _start_tls(self) -> bool:
         tls = start_tls(self.io.stream, self.ctx.tls_context, server_side=True)
@@ -384,7 +330,7 @@ class Session:
         return False
 
     # -- events -----------------------------------------------------------------------------
-    async def _answer(self, event: Event) -> Reply:
+    async def _answer(self, event: Event) -> Reply | None:
         if isinstance(event, (CommandError, AuthChallenge, MessageRejected)):
             if isinstance(event, CommandError):
                 self._log(
@@ -550,7 +496,7 @@ class Session:
             self.ctx.budget.release(self.tx.held)
             self.tx = None
 
-    async def _accept(self) -> Reply:
+    async def _accept(self) -> Reply | None:
         tx = self.tx
         assert tx is not None
         assert self.did is not None
@@ -567,9 +513,23 @@ class Session:
             eight_bit=tx.params.body == "8BITMIME",
         )
         client = {"ip": self.peer, "tls": self.tls_version, "helo": self.helo}
-        result = await self.ctx.pipeline.submit(
-            Submission(self.did, envelope, bytes(tx.data), client)
-        )
+        # The 250 goes out the moment the message is durable and queued, from the event loop
+        # (queue/store.py), not at this task's next turn: under load a turn is long.
+        armed = True
+
+        def durable(queue_id: str) -> None:
+            nonlocal armed
+            if armed:  # not once this task has left (cancelled)
+                self._reply_now(R.QUEUED.format(queue_id=queue_id))
+                armed = False
+
+        try:
+            result = await self.ctx.pipeline.submit(
+                Submission(self.did, envelope, bytes(tx.data), client, durable=durable)
+            )
+            replied = not armed
+        finally:
+            armed = False
         if isinstance(result, Refusal):
             if result.code is Code.TEMPORARILY_UNAVAILABLE:
                 self.ctx.journal_failed()  # logs it, if this is the failure that poisoned it
@@ -589,7 +549,7 @@ class Session:
                 recipients=len(record.recipients),
                 size=record.size,
             )
-        return R.QUEUED.format(queue_id=record.id)
+        return None if replied else R.QUEUED.format(queue_id=record.id)
 
 
 def _domain_of(address: Address) -> str:

@@ -63,6 +63,9 @@ class Submission:
     data: bytes
     client: dict[str, str | None] = attrs.field(factory=dict)
     idempotency: tuple[str, str] | None = None  # HTTP: (Idempotency-Key, request digest)
+    # Called with the queue id on the event loop the moment the message is durable and
+    # queued, before the submitting task resumes (queue/store.py, ``accept``): SMTP's 250
+    durable: Callable[[str], None] | None = None
 
 
 @attrs.frozen
@@ -206,7 +209,9 @@ class Pipeline:
             ),
         )
         try:
-            await self.queue.accept(record, processed.message)
+            durable = sub.durable
+            then = None if durable is None else lambda: durable(record.id)
+            await self.queue.accept(record, processed.message, then)
         except JournalFullError:
             self.disk_full = True
             self._refund(member, now, len(deliver))

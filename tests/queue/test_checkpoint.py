@@ -200,16 +200,30 @@ async def test_a_record_the_state_never_applied_stops_the_checkpoint() -> None:
     assert "from the checkpoint" in how and "1 record(s) since" in how
 
 
-async def test_a_cancelled_append_stops_the_checkpoint() -> None:
+async def test_a_cancelled_accept_is_queued_all_the_same_once_durable() -> None:
+    """The queue hears of an ACCEPTED record from the journal's callback, on the event loop,
+    when the record is durable: whether the task that appended it is still there or not."""
     fs = CrashableMemFS()
     async with open_journal(DIR, fs=fs, segment_size=SEGMENT) as journal:
         queue = QueueStore(journal)
+        record = accepted_record("a@example.net")
         with trio.CancelScope() as scope:
             scope.cancel()  # cancelled before the fsync could answer: the record is queued
-            await queue.accept(accepted_record("a@example.net"), BODY)
-        assert not queue.state.messages
+            await queue.accept(record, BODY)
+        assert not queue.state.messages  # not durable yet
+    assert list(queue.state.messages) == [record.id]  # the close wrote it: the state has it
     async with open_journal(DIR, fs=fs, segment_size=SEGMENT) as journal:
-        assert len(list(journal.records())) == 1  # it became durable all the same
+        assert len(list(journal.records())) == 1
+        assert save(fs, queue.state, journal).startswith("queue checkpoint: ")
+
+
+async def test_a_record_the_state_never_heard_of_stops_the_checkpoint() -> None:
+    fs = CrashableMemFS()
+    async with open_journal(DIR, fs=fs, segment_size=SEGMENT) as journal:
+        queue = QueueStore(journal)
+        await queue.accept(accepted_record("a@example.net"), BODY)
+        # appended past the queue: as an outcome whose task was cancelled before it applied it
+        await journal.append(RecordType.ACCEPTED, encode_accepted(accepted_record("b@x.net"), BODY))
         said = save(fs, queue.state, journal)
         assert "1 record(s) not applied" in said
     assert not fs.exists(PATH)

@@ -20,7 +20,8 @@ import trustme
 from atmosrelay.accounts.store import Store
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.runtime import make_context
-from atmosrelay.server.session import Session, SessionContext
+from atmosrelay.server.context import SessionContext
+from atmosrelay.server.session import Session
 from journal import open_journal
 from journal.testing import CrashableMemFS
 from tests.relay.harness import ALICE, enroll, make_config
