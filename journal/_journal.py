@@ -20,23 +20,22 @@ always go first, so a long compaction never stalls acceptance.
 How a finished batch wakes its tasks: the owner thread queues the batch's event for ``_Waker``
 and wakes the event loop through ``run_sync_soon``. ``_Waker`` is a trio instrument: before
 every task step, and right after the loop's I/O wait, it looks at that queue (a deque's
-length: the whole cost when it is empty) and sets every event in it. Under load a batch of
-tasks is long (at 50 TLS sessions, 5-20 ms on the development VM). Through ``run_sync_soon``
-alone the appenders ran two batches after the fsync: the callback task runs somewhere in the
-next batch and only then makes them runnable; set after the I/O wait, one batch after it;
-set between two task steps, in the batch after the one that was running, and an appender's
-*callback* runs at once.
+length: the whole cost when it is empty) and sets every event in it, so the appenders run in
+the next batch of tasks. Through ``run_sync_soon`` alone they would run a batch later still:
+trio's callback task runs somewhere in the next batch and only then makes them runnable.
+Under load a batch of tasks is long (at 50 TLS sessions, 5-20 ms on the development VM).
 
-The callback: ``append(..., durable=f)`` calls ``f(position)`` on the event loop, between two
-task steps, as soon as the loop learns the record is durable, before the appender resumes,
-and even if the appender was cancelled meanwhile. A session answers 250 from there
-(server/session.py) and the queue adds the message to its state there (queue/store.py),
-instead of waiting for the appender's turn in the next batch, half a batch on average and a
-whole one at worst: that was most of the time from the end of DATA to the 250 at 50 TLS
-sessions (mean 14 ms; 4-8 ms with the callbacks). A callback must be quick, must not block,
-and must leave any trio call but setting an event or a non-blocking send alone; what it
-raises is logged, not propagated. The ``run_sync_soon`` callback does the same for whatever
-the instrument has not (it is idempotent); it is also what wakes a loop asleep in its I/O wait.
+Even so an appender waits for the rest of the batch under way and for its own place in the
+next. So ``append(..., durable=f)`` calls ``f(position)`` from the instrument itself: on the
+event loop, between two task steps (or after the I/O wait), as soon as the loop learns the
+record is durable, before the appender resumes, and even if the appender was cancelled
+meanwhile; never for a failed batch. The queue adds the message to its state there
+(queue/store.py) and a session writes its 250 there (server/session.py): at 50 TLS sessions
+the mean from the end of DATA to the 250 went from 14-16 ms to 4-5 ms. A callback must be
+quick and must not block, and may make only the trio calls that need no task (setting an
+event, a non-blocking write); what it raises is logged, not propagated. The ``run_sync_soon``
+callback does the same for whatever the instrument has not (it is idempotent); it is also
+what wakes a loop asleep in its I/O wait.
 """
 
 from __future__ import annotations
