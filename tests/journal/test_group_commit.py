@@ -28,10 +28,12 @@ class RecordingFS(CrashableMemFS):
         # for the test to open it: appends made meanwhile must queue for the next batch.
         self.gate = threading.Event()
         self.gate.set()
+        self.synced = threading.Event()  # set by each fsync, before it waits for the gate
 
     def event(self, e: tuple[str, int]) -> None:
         with self._events_lock:
             self.events.append(e)
+        self.synced.set()
 
     def _after(self, op: str, inner: File) -> None:
         if op == "sync":
@@ -192,28 +194,20 @@ async def test_an_appender_runs_in_the_first_batch_of_tasks_after_its_fsync() ->
     assert "io" not in events[first_io + 1 : resumed], events
 
 
-def in_a_task() -> bool:
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return False
-    return True
-
-
 async def test_a_durable_callback_runs_on_the_loop_before_its_appender_resumes() -> None:
-    """``append(..., durable=f)``: ``f`` gets the position once the fsync covers it, outside
-    any task (the session writes its 250 there), before the append returns."""
+    """``append(..., durable=f)``: ``f`` gets the position once the fsync covers it, before
+    the append returns (the session writes its 250 there)."""
     fs = RecordingFS()
-    seen: list[tuple[Position, bool, int]] = []
+    seen: list[tuple[Position, int]] = []
     with trio.fail_after(30):
         async with open_journal(DIR, fs=fs, segment_size=1 << 30) as journal:
 
             def durable(position: Position) -> None:
-                seen.append((position, in_a_task(), len(fs.events)))
+                seen.append((position, len(fs.events)))
 
             syncs_before = len(fs.events)
             position = await journal.append(1, b"x", durable)
-            assert seen == [(position, False, syncs_before + 1)]  # after its one fsync
+            assert seen == [(position, syncs_before + 1)]  # after its one fsync
             assert [e for e in fs.events if e[0] == "sync"][-1][1] >= position.offset
 
 
@@ -245,8 +239,12 @@ async def test_a_callback_that_raises_is_logged_and_the_batch_goes_on(
 
     with trio.fail_after(30):
         async with open_journal(DIR, fs=fs, segment_size=1 << 30) as journal:
-            fs.gate.clear()  # both appends join one batch
+            fs.gate.clear()  # the writer holds the first batch: the next two share one
+            fs.synced.clear()
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(journal.append, 1, b"w")
+                # until the writer waits in w's fsync
+                assert await trio.to_thread.run_sync(fs.synced.wait, 10)
                 nursery.start_soon(journal.append, 1, b"x", broken)
                 await trio.testing.wait_all_tasks_blocked()
                 nursery.start_soon(journal.append, 1, b"y", lambda p: seen.append("second"))
@@ -254,6 +252,7 @@ async def test_a_callback_that_raises_is_logged_and_the_batch_goes_on(
                 fs.gate.set()
             await journal.append(1, b"z")  # the journal still works
     assert seen == ["second"]
+    assert journal.appends == 4 and journal.batches == 3  # w, then x and y together, then z
     assert "journal: a durable callback raised" in caplog.text
     assert "a callback's own bug" in caplog.text
 

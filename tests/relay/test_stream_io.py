@@ -133,7 +133,7 @@ async def test_write_now_hands_over_what_the_kernel_takes_and_the_next_write_the
     kernel does not take now goes first in the next write, in order."""
     server, client = await pair()
     io = StreamIO(server)
-    big = bytes(range(256)) * 40_000  # 10 MB: more than the kernel takes at once
+    big = bytes(range(256)) * 131_072  # 32 MB: more than the kernel takes at once
     assert io.write_now(big)
     assert io.unsent  # the peer has read nothing: the kernel's buffers are full
     assert io.write_now(b"later")  # queued behind what waits

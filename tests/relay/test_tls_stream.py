@@ -294,7 +294,7 @@ async def test_a_key_update_the_peer_asks_us_to_answer(tmp_path: Path) -> None:
 async def test_write_now_hands_over_what_the_kernel_takes_and_the_next_write_the_rest() -> None:
     async with ours_serving() as (ours, theirs):
         io = StreamIO(ours)
-        big = bytes(range(256)) * 40_000  # 10 MB: more than the kernel takes at once
+        big = bytes(range(256)) * 131_072  # 32 MB: more than the kernel takes at once
         assert io.write_now(b"250 first\r\n")
         assert not io.unsent  # a reply: the kernel takes it whole
         assert io.write_now(big)
