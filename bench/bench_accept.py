@@ -31,7 +31,9 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -109,6 +111,46 @@ class Server:
         return self.out.read_text()
 
 
+# Linux's SO_TIMESTAMPNS (the socket module does not name it): the kernel stamps each received
+# segment with CLOCK_REALTIME, readable with recvmsg as SCM_TIMESTAMPNS (struct timespec).
+SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("qq")
+
+
+class _Stamped(trio.abc.Stream):
+    """A TCP stream that remembers when the kernel received the bytes of its latest read:
+    the client's reply latency on the wire, without this process's own turn to read it (50
+    sessions share one trio loop on the two cores the server uses)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.socket = stream.socket
+        self.socket.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.arrived = 0.0  # time.time() scale
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data, ancillary, _flags, _addr = await self.socket.recvmsg(
+            max_bytes or 65536, socket.CMSG_SPACE(_TIMESPEC.size)
+        )
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = _TIMESPEC.unpack(value[: _TIMESPEC.size])
+                self.arrived = sec + nsec / 1e9
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 async def _reply(stream: trio.abc.Stream, conn: ClientConnection) -> ServerReply:
     while True:
         event = conn.next_event()
@@ -124,10 +166,13 @@ async def _reply(stream: trio.abc.Stream, conn: ClientConnection) -> ServerReply
 
 async def _connect(
     port: int, ctx: ssl.SSLContext, password: str
-) -> tuple[trio.SSLStream[trio.SocketStream], ClientConnection, bool]:
+) -> tuple[trio.SSLStream[_Stamped], ClientConnection, bool]:
     """A session, greeted and authenticated: (stream, connection, PIPELINING offered)."""
-    stream = await trio.open_ssl_over_tcp_stream(
-        "127.0.0.1", port, ssl_context=ctx, https_compatible=False
+    stream = trio.SSLStream(
+        _Stamped(await trio.open_tcp_stream("127.0.0.1", port)),
+        ctx,
+        server_hostname="127.0.0.1",
+        https_compatible=False,
     )
     conn = ClientConnection()
     await _reply(stream, conn)
@@ -145,12 +190,13 @@ async def _session(
     password: str,
     body: Callable[[int], bytes],
     deadline: float,
-    done: Callable[[int, float], None],
+    done: Callable[[float, float], None],
     per_connection: bool = False,
 ) -> None:
     """One submission session sending ``body(n)`` for n = 1, 2, ... until ``deadline``;
-    ``done(n, seconds from the end of data to the 250)`` after each 250. ``per_connection``:
-    a new connection (TLS handshake, EHLO, AUTH) for every message, closed after its 250."""
+    after each 250, ``done(seconds from the end of data to the 250 read, the same to the
+    250 received by the kernel)``. ``per_connection``: a new connection (TLS handshake,
+    EHLO, AUTH) for every message, closed after its 250."""
     stream, conn, pipelining = await _connect(port, ctx, password)
     sender, rcpt = Address("bench", "example.org"), Address("sink", "example.net")
     n = 0
@@ -170,11 +216,11 @@ async def _session(
                 replies.append(await _reply(stream, conn))
         assert replies[-1].reply.code == 354, replies
         content = conn.send_data(body(n)) + conn.end_data()
-        t = time.perf_counter()
+        t, wall = time.perf_counter(), time.time()
         await stream.send_all(content)
         final = await _reply(stream, conn)
         assert final.reply.code == 250, final.reply
-        done(n, time.perf_counter() - t)
+        done(time.perf_counter() - t, stream.transport_stream.arrived - wall)
     await stream.aclose()
 
 
@@ -186,8 +232,14 @@ async def _drive(
     size: int,
     seconds: float,
     per_connection: bool = False,
-) -> tuple[list[float], float]:
+) -> tuple[list[float], list[float], float]:
     latencies: list[float] = []
+    wire: list[float] = []
+
+    def done(read: float, received: float) -> None:
+        latencies.append(read)
+        wire.append(received)
+
     body = _message(size)
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
@@ -199,10 +251,10 @@ async def _drive(
                 password,
                 lambda _: body,
                 start + seconds,
-                lambda _, latency: latencies.append(latency),
+                done,
                 per_connection,
             )
-    return latencies, trio.current_time() - start
+    return latencies, wire, trio.current_time() - start
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -309,7 +361,7 @@ def measure(
         ca.configure_trust(ctx)
         try:
             cpu0 = _cpu_seconds(server.proc.pid)
-            latencies, elapsed = trio.run(
+            latencies, wire, elapsed = trio.run(
                 _drive,
                 server.port,
                 ctx,
@@ -336,6 +388,8 @@ def measure(
             "per_s": n / elapsed,
             "p50_ms": _pct(latencies, 0.5),
             "p99_ms": _pct(latencies, 0.99),
+            "wire_p50_ms": _pct(wire, 0.5),
+            "wire_p99_ms": _pct(wire, 0.99),
             "relay_p99_ms": None if relay_clock is None else relay_clock[0],
             "relay_mean_ms": None if relay_clock is None else relay_clock[1],
             "fsyncs_per_msg": fsyncs,
@@ -389,7 +443,8 @@ def main() -> None:
     )
     print(
         f"{'server':<15}{'size':>7}{'sess':>6}{'msgs/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'relay p99':>11}{'mean':>7}{'fsync/msg':>10}{'cpu ms/msg':>11}"
+        f"{'wire p50':>9}{'wire p99':>9}{'relay p99':>11}{'mean':>7}{'fsync/msg':>10}"
+        f"{'cpu ms/msg':>11}"
     )
     for r in rows:
         f = "-" if r["fsyncs_per_msg"] is None else f"{r['fsyncs_per_msg']:.3f}"
@@ -397,13 +452,19 @@ def main() -> None:
         mean = "-" if r.get("relay_mean_ms") is None else f"{r['relay_mean_ms']:.1f}"
         print(
             f"{r['server']:<15}{r['size']:>7}{r['sessions']:>6}{r['per_s']:>9.0f}{r['p50_ms']:>9.2f}"
-            f"{r['p99_ms']:>9.2f}{own:>11}{mean:>7}{f:>10}{r['server_cpu_ms_per_msg']:>11.3f}"
+            f"{r['p99_ms']:>9.2f}{r['wire_p50_ms']:>9.2f}{r['wire_p99_ms']:>9.2f}{own:>11}"
+            f"{mean:>7}{f:>10}{r['server_cpu_ms_per_msg']:>11.3f}"
         )
     if any(r.get("relay_p99_ms") is not None for r in rows):
         print(
             "relay p99, mean: end of data to the reply written, on the relay's clock (its "
             "/metrics histogram: the p99's bucket's upper bound, and sum / count; ms)"
         )
+    print(
+        "p50, p99: end of data written to the reply read by the load generator; wire p50, "
+        "p99: to the reply received by its kernel (SO_TIMESTAMPNS), without its own turn to "
+        "read it"
+    )
     for size in args.sizes.split(","):
         for sessions in (int(x) for x in args.sessions.split(",")):
             ours = next(
