@@ -45,6 +45,10 @@ Rules kept:
 * errors are trio's, as ``SSLStream`` raises them: a TLS error, a reset, or the peer's EOF
   without ``close_notify`` is ``trio.BrokenResourceError`` (its ``__cause__`` says which);
   the peer's ``close_notify`` is EOF (``b""``); a closed stream is ``trio.ClosedResourceError``;
+* ``write_now`` (plain or TLS) writes without waiting and is no checkpoint, for a reply made
+  outside the session's task (the 250 from the journal's callback, server/session.py): what
+  the kernel does not take then goes first in the next ``write``; it refuses (False) while a
+  write is under way, so bytes are never interleaved;
 * ``aclose`` sends ``close_notify`` if the kernel takes it at once, then closes the socket
   without waiting for anything, even when cancelled (a session's last step);
 * a write OpenSSL can make only after reading (a TLS 1.2 renegotiation under way) breaks
