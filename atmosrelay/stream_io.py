@@ -103,15 +103,8 @@ class StreamIO:
         if self.tls is not None:
             await self.tls.write(data, give_up_after)
             return
-        if self._unsent:
-            data, self._unsent = self._unsent + data, b""
         if self.socket is not None:
-            try:
-                data = data[os.write(fileno(self.socket), data) :]
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise translated(exc) from exc
+            data = self._hand_over(data)
         if data:
             self._writing = True
             try:
@@ -130,14 +123,21 @@ class StreamIO:
             return self.tls.write_now(data)
         if self.socket is None or self._writing:
             return False
-        data = self._unsent + data if self._unsent else data
+        self._unsent = self._hand_over(data)
+        return True
+
+    def _hand_over(self, data: bytes) -> bytes:
+        """What waits, then ``data``: one non-blocking write; returns what the kernel did
+        not take (OSError as trio's)."""
+        assert self.socket is not None
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
         try:
-            self._unsent = data[os.write(fileno(self.socket), data) :]
+            return data[os.write(fileno(self.socket), data) :]
         except BlockingIOError:
-            self._unsent = data
+            return data
         except OSError as exc:
             raise translated(exc) from exc
-        return True
 
     @property
     def unsent(self) -> bool:
