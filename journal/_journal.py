@@ -234,10 +234,16 @@ class Journal:
         hop for read-and-process (a delivery reads a body and signs it)."""
         return await trio.to_thread.run_sync(lambda: then(self._log.read(position)))
 
-    def records(self) -> Iterator[Record]:
-        """Every record in seq order. Blocking: iterate it in a worker thread, e.g.
-        ``await trio.to_thread.run_sync(lambda: fold(journal.records()))``."""
-        return self._log.records()
+    def records(self, first: int = 0, last: int | None = None) -> Iterator[Record]:
+        """Every record in seq order; only those with a seq within ``first``..``last`` when
+        given (found by bisection, the others never read). Blocking: iterate it in a worker
+        thread, e.g. ``await trio.to_thread.run_sync(lambda: fold(journal.records()))``."""
+        return self._log.records(first, last)
+
+    def newest_from(self, count: int) -> int:
+        """The seq from which on the journal holds its newest ``count`` records, 0 when it
+        holds no more (``records(journal.newest_from(n))``: the newest n)."""
+        return self._log.newest_from(count)
 
     def extent(self) -> Extent:
         """Where the journal stands now (journal/_extent.py)."""

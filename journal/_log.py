@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+import itertools
 import logging
 import posixpath
 import threading
@@ -471,15 +472,26 @@ class Log:
                 _close_quietly(f)
         raise KeyError(f"no record at {position}: its segment was compacted away")
 
-    def records(self) -> Iterator[Record]:
-        """Every record, each seq once, in seq order (copies made by compaction included)."""
+    def records(self, first: int = 0, last: int | None = None) -> Iterator[Record]:
+        """Every record, each seq once, in seq order (copies made by compaction included);
+        only those whose seq is within ``first``..``last`` when given."""
         self._check_usable()
         with self._lock:
             runs = [
-                segment_runs(n, s.seqs[:], s.offsets[:], s.lengths[:])
+                segment_runs(n, s.seqs[:], s.offsets[:], s.lengths[:], first, last)
                 for n, s in sorted(self._index.items())
             ]
         return self._read_sorted(heapq.merge(*runs))
+
+    def newest_from(self, count: int) -> int:
+        """The seq from which on the journal holds its newest ``count`` records (0 when it
+        holds no more than that): ``records(newest_from(n))`` reads those alone."""
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        with self._lock:
+            every = itertools.chain.from_iterable(s.seqs for s in self._index.values())
+            newest = heapq.nlargest(count + 1, every)
+        return newest[count - 1] if len(newest) > count else 0
 
     def _read_sorted(self, entries: Iterable[tuple[int, int, int, int]]) -> Iterator[Record]:
         """Read (seq, segment, offset, length) entries sorted by seq, each seq once: after a

@@ -5,6 +5,7 @@ Shared by the replay (``Log.records``), compaction and ``Journal.records_since``
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from collections.abc import Iterator, Sequence
@@ -16,15 +17,22 @@ READ_AHEAD: Final = 1024 * 1024  # what records() reads of a segment at a time
 
 
 def segment_runs(
-    segment: int, seqs: Sequence[int], offsets: Sequence[int], lengths: Sequence[int]
+    segment: int,
+    seqs: Sequence[int],
+    offsets: Sequence[int],
+    lengths: Sequence[int],
+    first: int = 0,
+    last: int | None = None,
 ) -> Iterator[tuple[int, int, int, int]]:
-    """A segment's records as one sorted stream (it holds a few sorted runs: copies, new)."""
+    """A segment's records as one sorted stream (it holds a few sorted runs: copies, new);
+    only those whose seq is within ``first``..``last``, found by bisection in each run."""
     starts = [0] + [i for i in range(1, len(seqs)) if seqs[i] <= seqs[i - 1]] + [len(seqs)]
-    streams = [
-        ((seqs[i], segment, offsets[i], lengths[i]) for i in range(a, b))
-        for a, b in itertools.pairwise(starts)
-        if a < b
-    ]
+    streams = []
+    for a, b in itertools.pairwise(starts):
+        lo = bisect.bisect_left(seqs, first, a, b) if first else a
+        hi = b if last is None else bisect.bisect_right(seqs, last, lo, b)
+        if lo < hi:
+            streams.append((seqs[i], segment, offsets[i], lengths[i]) for i in range(lo, hi))
     return heapq.merge(*streams)
 
 

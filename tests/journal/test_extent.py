@@ -60,3 +60,37 @@ async def test_a_segment_cut_or_replaced_since_the_extent_is_refused() -> None:
         await journal.append(1, b"another journal")
         with pytest.raises(ExtentMismatch, match="segment 1 ends at"):
             journal.records_since(extent)
+
+
+async def test_records_within_seqs_are_the_ones_a_whole_read_holds_there() -> None:
+    """``records(first, last)`` and ``newest_from(n)``, also once compaction has copied old
+    records into a segment after newer ones, and after a restart (the index rebuilt)."""
+    fs = CrashableMemFS()
+    async with open_journal("/j", fs=fs, segment_size=SEGMENT) as journal:
+        positions = [await journal.append(1, b"%d " % i + b"." * 500) for i in range(30)]
+        await journal.rotate()
+        for i in range(30, 33):  # newer records first...
+            await journal.append(1, b"%d " % i + b"." * 500)
+        await journal.compact(dead=set(positions[::2]))  # ...then the even ones copied
+        where = {r.seq: r.position.segment for r in journal.records()}
+        assert where[2] > where[31]  # older seqs in a later segment: order is by seq
+        for i in range(33, 40):
+            await journal.append(1, b"%d " % i + b"." * 500)
+    for journal_fs in (fs, fs.crash_clone()):
+        async with open_journal("/j", fs=journal_fs, segment_size=SEGMENT) as journal:
+            whole = [r.seq for r in journal.records()]
+            assert whole == [s for s in range(1, 41) if s > 30 or s % 2 == 0]
+            for first, last in [(0, None), (5, 12), (13, 35), (36, None), (41, None), (7, 7)]:
+                got = list(journal.records(first, last))
+                assert [r.seq for r in got] == [
+                    s for s in whole if s >= first and (last is None or s <= last)
+                ]
+                assert all(r.payload.startswith(b"%d " % (r.seq - 1)) for r in got)
+            assert journal.newest_from(1) == 40
+            assert journal.newest_from(10) == 31
+            assert journal.newest_from(12) == 28  # ...29 is dead: 28, 30, 31-40
+            assert [r.seq for r in journal.records(journal.newest_from(12))] == whole[-12:]
+            assert journal.newest_from(len(whole)) == 0  # the journal holds no more
+            assert journal.newest_from(len(whole) - 1) == whole[1]
+            with pytest.raises(ValueError):
+                journal.newest_from(0)
