@@ -306,17 +306,26 @@ def recover(
     progress: Callable[[Iterator[Record]], Iterable[Record]],
     *,
     staged: bool = False,
-) -> tuple[QueueState, str, list[msgspec.Raw]]:
+    last: int | None = None,
+) -> tuple[QueueState | None, str, list[msgspec.Raw]]:
     """The queue folded from the checkpoint and the records since, or from the whole journal
     when there is no usable checkpoint; the words for how; and, when ``staged`` and no
     record was written since the checkpoint, its chunks not decoded yet (``load_chunk``
-    each into the state), else none. Blocking: a worker thread."""
+    each into the state), else none. Blocking: a worker thread.
+
+    ``staged`` asks only for that start: where the checkpoint is missing, unusable or has
+    records since (a start after ``kill -9``), the state is None, with why the checkpoint
+    was not used, and the caller starts from the journal's newest records instead
+    (queue/window.py). ``last``: fold no record past this seq (what the start appends is
+    the caller's to apply)."""
     how = ""
     if fs.exists(path):
         try:
             state, extent, written_at, more = decode(fs.read_file(path))
             tail = iter(journal.records_since(extent))
             first = next(tail, None)
+            if first is not None and staged:
+                return None, "", []
             if first is not None or not staged:
                 for chunk in more:
                     load_chunk(state, chunk)
@@ -330,7 +339,8 @@ def recover(
             )
         else:
             replayed = 0
-            for record in itertools.chain([first] if first is not None else [], tail):
+            since = itertools.chain([first] if first is not None else [], tail)
+            for record in itertools.takewhile(lambda r: last is None or r.seq <= last, since):
                 state.apply(record)
                 replayed += 1
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(written_at))
@@ -338,4 +348,6 @@ def recover(
             if more:
                 how += f" ({len(state.messages)} decoded before delivery starts, the rest after)"
             return state, how, more
-    return fold(progress(journal.records())), how, []
+    if staged:
+        return None, how, []
+    return fold(progress(journal.records(0, last))), how, []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from functools import partial
 from typing import Final
 
 import attrs
@@ -17,6 +18,7 @@ import trio
 
 from atmosrelay.collector import give_back
 from atmosrelay.queue import checkpoint as checkpoints
+from atmosrelay.queue import window as windows
 from atmosrelay.queue.events import (
     AttemptOutcome,
     Bounced,
@@ -56,6 +58,8 @@ class QueueStore:
     recovered: str = ""  # how ``recover`` got the state, when it was not the plain fold
     # the queue checkpoint's chunks a staged ``recover`` left for ``load_rest``
     unloaded: list[msgspec.Raw] = attrs.field(factory=list)
+    # the whole fold a staged ``recover`` after kill -9 left for ``load_rest`` (queue/window.py)
+    rest: Callable[[], tuple[QueueState, str]] | None = None
     checkpoint: tuple[FS, str] | None = None  # where ``recover`` read it
     restored: int = 0  # the messages the start found in the journal (``recover``, ``load_rest``)
 
@@ -67,6 +71,7 @@ class QueueStore:
         checkpoint: tuple[FS, str] | None = None,
         *,
         staged: bool = False,
+        window: int = windows.WINDOW,
     ) -> QueueStore:
         """Fold every record of the journal (in a worker thread: it reads the disk), each
         passing through ``progress`` (the serve command's bar on a terminal); or, given a
@@ -78,28 +83,46 @@ class QueueStore:
         all again, a third of the fold's time at 100,000 messages), and what survives is
         then frozen out of later collections.
 
-        ``staged``: a start from the checkpoint with nothing written since may leave most
-        of it undecoded (queue/checkpoint.py); ``load_rest`` then adds it. The collector
-        stays paused until it has."""
+        ``staged``: the start may hold only the messages delivery can begin with, and
+        ``load_rest`` then adds the others: after a clean stop, the checkpoint's first part
+        (queue/checkpoint.py); otherwise (no checkpoint, or records since: ``kill -9``) the
+        never-tried messages among the journal's newest ``window`` records
+        (queue/window.py). The collector stays paused until ``load_rest`` has run."""
         gc.disable()
         unloaded: list[msgspec.Raw] = []
+        rest: Callable[[], tuple[QueueState, str]] | None = None
+        how = ""
         try:
-            if checkpoint is None:
+            start = None
+            if staged and checkpoint is not None:
+                fs, path = checkpoint
+                start, how, unloaded = await trio.to_thread.run_sync(
+                    lambda: checkpoints.recover(fs, path, journal, progress, staged=True)
+                )
+            if start is None and staged:
+                start, last = await trio.to_thread.run_sync(windows.newest, journal, window)
+                if last is not None:
+                    rest = partial(_whole, journal, progress, checkpoint, last)
+            if start is not None:
+                state = start
+            elif checkpoint is None:
                 state = await trio.to_thread.run_sync(lambda: fold(progress(journal.records())))
-                how = ""
             else:
                 fs, path = checkpoint
-                state, how, unloaded = await trio.to_thread.run_sync(
-                    lambda: checkpoints.recover(fs, path, journal, progress, staged=staged)
+                whole, how, _ = await trio.to_thread.run_sync(
+                    lambda: checkpoints.recover(fs, path, journal, progress)
                 )
+                assert whole is not None  # not staged: always a state
+                state = whole
         finally:
-            if not unloaded:
+            if not unloaded and rest is None:
                 _recovered()
         return cls(
             journal,
             state,
             recovered=how,
             unloaded=unloaded,
+            rest=rest,
             checkpoint=checkpoint,
             restored=len(state.messages),
         )
@@ -107,18 +130,21 @@ class QueueStore:
     async def load_rest(
         self, loaded: Callable[[list[QueuedMessage]], Awaitable[None]] | None = None
     ) -> int:
-        """Decode what a staged ``recover`` left, a chunk at a time on the event loop (30-40
+        """Add what a staged ``recover`` left, a chunk at a time on the event loop (30-40
         ms each, so delivery goes on between them), each chunk's messages added to the state
         and then given to ``loaded`` (the dispatcher schedules them); how many. Nothing when
-        nothing was left.
+        nothing was left. What was left is the checkpoint's chunks, decoded here; or the
+        whole fold, run in a worker thread first while delivery goes on (queue/window.py).
 
         A chunk that does not decode (the file's CRC and layout matched: a fault of this
         program's) raises ``CheckpointUnusable`` with the file removed, so the next start
         folds the whole journal instead of meeting it again."""
-        if not self.unloaded:
+        if not self.unloaded and self.rest is None:
             return 0
         before = self.restored
         try:
+            if self.rest is not None:
+                await self._merge_whole(self.rest, loaded)
             while self.unloaded:
                 try:
                     messages = checkpoints.load_chunk(self.state, self.unloaded.pop(0))
@@ -133,8 +159,32 @@ class QueueStore:
                 await trio.lowlevel.checkpoint()
         finally:
             self.unloaded.clear()
+            self.rest = None
             _recovered()  # the collector, paused since ``recover``
         return self.restored - before
+
+    async def _merge_whole(
+        self,
+        rest: Callable[[], tuple[QueueState, str]],
+        loaded: Callable[[list[QueuedMessage]], Awaitable[None]] | None,
+    ) -> None:
+        early = len(self.state.messages)
+        whole, how = await trio.to_thread.run_sync(rest)
+        others = windows.merge(self.state, whole)
+        del whole
+        self.recovered = (
+            f"{how} ({early} of the journal's newest records delivered from before the rest "
+            "was folded)"
+        )
+        into = self.state.messages
+        for i in range(0, len(others), checkpoints.CHUNK):
+            part = others[i : i + checkpoints.CHUNK]
+            for m in part:
+                into[m.id] = m
+            self.restored += len(part)
+            if loaded is not None:
+                await loaded(part)
+            await trio.lowlevel.checkpoint()
 
     async def accept(
         self, record: Accepted, message: bytes, then: Callable[[], None] | None = None
@@ -251,6 +301,21 @@ class QueueStore:
         self.state.compacted(result.removed_segments, result.relocated)
         give_back()  # the copied records and the positions they replace
         return result
+
+
+def _whole(
+    journal: Journal,
+    progress: Callable[[Iterator[Record]], Iterable[Record]],
+    checkpoint: tuple[FS, str] | None,
+    last: int,
+) -> tuple[QueueState, str]:
+    """The queue as a start that is not staged folds it, up to seq ``last``. Blocking."""
+    if checkpoint is None:
+        return fold(progress(journal.records(0, last))), ""
+    fs, path = checkpoint
+    state, how, _ = checkpoints.recover(fs, path, journal, progress, last=last)
+    assert state is not None  # not staged: always a state
+    return state, how
 
 
 def _recovered() -> None:

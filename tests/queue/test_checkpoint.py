@@ -341,9 +341,10 @@ def test_a_chunk_that_does_not_decode_fails_the_start_and_removes_the_checkpoint
     assert "checkpoint" not in how and sorted(state.messages) == sorted(ids) and state == whole
 
 
-def test_records_written_since_the_checkpoint_make_the_start_whole_at_once() -> None:
-    """After a kill -9 the records since may concern any message: every chunk is decoded
-    and those records applied before delivery can start."""
+def test_records_written_since_the_checkpoint_stage_the_start_on_the_newest_records() -> None:
+    """After a kill -9 the records since may concern any message, so the checkpoint's first
+    part is not staged: the start takes the never-tried messages among the newest records
+    (queue/window.py), and the rest, the checkpoint and the records since, comes after."""
     fs, ids = checkpointed(FIRST + CHUNK + 1)
 
     async def start() -> None:
@@ -352,11 +353,104 @@ def test_records_written_since_the_checkpoint_make_the_start_whole_at_once() -> 
             sent = Outcome(f"r{len(ids) - 1}@example.net", "sent", "2.0.0")
             await queue.record(Delivery(ids[-1], 1.0, "mx", (sent,)))
         async with open_journal(DIR, fs=fs, segment_size=SEGMENT) as journal:
-            store = await QueueStore.recover(journal, checkpoint=(fs, PATH), staged=True)
-            assert not store.unloaded and gc.isenabled()
-            assert len(store.state.messages) == len(ids)
+            # the newest three records: the last two accepted, and the outcome of the last
+            store = await QueueStore.recover(journal, checkpoint=(fs, PATH), staged=True, window=3)
+            assert not store.unloaded and store.rest is not None and not gc.isenabled()
+            assert list(store.state.messages) == [ids[-2]]  # the last was tried
+            assert await store.load_rest() == len(ids) - 1
+            assert gc.isenabled()
+            assert sorted(store.state.messages) == sorted(ids)
             assert store.state.messages[ids[-1]].history
             assert "1 record(s) since" in store.recovered
+            assert "(1 of the journal's newest records delivered from before" in store.recovered
             assert "decoded before delivery starts" not in store.recovered
+            assert same(store.state, fold(journal.records()))
+
+    trio.run(start)
+
+
+def test_a_journal_within_the_window_is_folded_whole_at_once() -> None:
+    fs, ids = checkpointed(4)
+    fs.remove(PATH)
+
+    async def start() -> None:
+        async with open_journal(DIR, fs=fs, segment_size=SEGMENT) as journal:
+            store = await QueueStore.recover(journal, checkpoint=(fs, PATH), staged=True, window=4)
+            assert store.rest is None and not store.unloaded and gc.isenabled()
+            assert sorted(store.state.messages) == sorted(ids)
+            assert store.recovered == "" and await store.load_rest() == 0
+
+    trio.run(start)
+
+
+LIVE = st.lists(
+    st.tuples(st.integers(0, 50), st.sampled_from(["sent", "deferred", "bounced", "dsn"])),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPS, OPS, st.booleans(), st.integers(1, 10), LIVE)
+def test_a_start_from_the_newest_records_ends_with_the_queue_the_fold_rebuilds(
+    before: list[tuple[object, ...]],
+    after: list[tuple[object, ...]],
+    checkpointed: bool,
+    window: int,
+    live: list[tuple[int, str]],
+) -> None:
+    """A staged start after kill -9 (queue/window.py): its early messages are the fold's
+    own, never tried; then it appends outcomes and DSNs about them (its deliveries), and once
+    the rest is merged its queue is the fold of the whole journal, those records included."""
+    fs = CrashableMemFS()
+    trio.run(play, fs, [*before, *([("checkpoint", 0, "")] if checkpointed else []), *after])
+    clone = fs.crash_clone()
+
+    async def start() -> None:
+        async with open_journal(DIR, fs=clone, segment_size=SEGMENT) as journal:
+            records = sum(1 for _ in journal.records())
+            # told of a checkpoint file or not, whether one was written (an odd window: told)
+            store = await QueueStore.recover(
+                journal,
+                checkpoint=(clone, PATH) if checkpointed or window % 2 else None,
+                staged=True,
+                window=window,
+            )
+            now = fold(journal.records())
+            early = dict(store.state.messages)
+            if store.rest is not None:
+                assert records > window and not store.unloaded
+                for q, m in early.items():
+                    assert m == now.messages[q] and not m.history and not m.next_at
+                event(f"window: {min(len(early), 3)}+ early, live records: {bool(live)}")
+            else:
+                event("the checkpoint's first part" if store.unloaded else "whole at once")
+            for i, (n, kind) in enumerate(live):
+                if not early:
+                    break
+                msg = store.state.messages[sorted(early)[n % len(early)]]
+                addrs = [r.addr for r in msg.record.recipients]
+                if kind == "dsn":
+                    meta = {DSN_FOR: msg.id, DSN_RECIPIENTS: "\n".join(addrs)}
+                    dsn = accepted_record("alice@example.org", sender="", metadata=meta)
+                    await store.accept(dsn, BODY)
+                else:
+                    at = 1_900_000_000.0 + i
+                    outcomes = tuple(
+                        Outcome(a, kind, "4.0.0", "451", 1, at if kind == "deferred" else None)
+                        for a in addrs
+                    )
+                    await store.record(Delivery(msg.id, at, "mx.example.net", outcomes))
+            if store.rest is not None:  # the whole fold ends where the journal did at the start
+                whole, _ = await trio.to_thread.run_sync(store.rest)
+                assert set(whole.messages) <= set(now.messages)
+            loaded: list[str] = []
+
+            async def add(messages: list[QueuedMessage]) -> None:
+                loaded.extend(m.id for m in messages)
+
+            added = await store.load_rest(add)
+            assert gc.isenabled() and store.rest is None
+            assert added == len(loaded) and not set(loaded) & set(early)
+            assert same(store.state, fold(journal.records()))
 
     trio.run(start)
