@@ -16,7 +16,11 @@ missing, the account store and the status index are opened, and the delivery pro
 spawned (they get ready while the journal replays; the dispatcher takes them over); the
 queue is then read from its checkpoint and the records written since, or folded from the
 whole journal (queue/checkpoint.py); after that, the status index catches up with whatever
-the journal holds that it lacks.
+the journal holds that it lacks. With delivery on, a deep queue is read in two steps: the
+dispatcher starts on a part known to be whole (the checkpoint's first part after a clean
+stop, the never-tried messages of the journal's newest records after kill -9:
+queue/window.py), and the rest is added while it delivers; everything else waits for the
+whole queue.
 
 Shutdown (SIGTERM, SIGINT, or ``RelayHandle.stop``): the listeners (SMTP and HTTP) close
 first, so nothing new is accepted; sessions waiting for a command get 421 4.3.2, sessions
@@ -385,8 +389,9 @@ async def _serve(
             await services.start(watch_signals, signals, announce)
         async with trio.open_nursery() as delivery:
             # Delivery starts first: after a clean stop, on the queue checkpoint's first part,
-            # while the rest is decoded (queue/checkpoint.py). The services and listeners
-            # below wait for the whole queue, as they always did.
+            # while the rest is decoded (queue/checkpoint.py); after kill -9, on the newest
+            # records' never-tried messages, while the rest is folded (queue/window.py).
+            # The services and listeners below wait for the whole queue, as they always did.
             if dispatcher is not None:
                 prepare = dispatcher.prepare
                 if isinstance(prepare, Preparer):

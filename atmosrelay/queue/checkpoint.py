@@ -39,8 +39,9 @@ schedule as it lands. Every message is whole when it is added: its state, histor
 DSN coverage are the fold's. A message of the later chunks cannot be tried before it is
 added, since nothing schedules it; the messages of the first part were never tried, so
 they owe no DSN and carry no retry to spread. With records after the extent (a start after
-``kill -9``), every chunk is decoded before those records are applied, as before: a record
-may concern any message.
+``kill -9``) the first part cannot be trusted, since a record may concern any message: such
+a start begins on the never-tried messages among the journal's newest records instead
+(queue/window.py), and the checkpoint with the records since is read whole afterwards.
 
 The file: ``MAGIC | u32 CRC-32 of the body | u64 body length | body``, the body msgpack
 (msgspec) of ``_Checkpoint``; the CRC covers the chunks too. Written to a temporary name,
