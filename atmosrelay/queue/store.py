@@ -173,8 +173,8 @@ class QueueStore:
         others = windows.merge(self.state, whole)
         del whole
         self.recovered = (
-            f"{how} ({early} of the journal's newest records delivered from before the rest "
-            "was folded)"
+            f"{how} (delivery began on {early} message(s) of the journal's newest records "
+            "before the rest was read)"
         )
         into = self.state.messages
         for i in range(0, len(others), checkpoints.CHUNK):

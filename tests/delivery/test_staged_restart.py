@@ -194,7 +194,7 @@ async def test_a_restart_after_kill_delivers_from_the_newest_records_and_ends_wh
     recovered, _ = await restart_and_deliver(tmp_path, ca, caplog)
     early = MESSAGES - len(DEFERRED) - len(BOUNCED)  # the never-tried, all in the window
     assert recovered.startswith(f"queue: {MESSAGES + HISTORY} message(s) recovered"), recovered
-    assert f"({early} of the journal's newest records delivered from before" in recovered
+    assert f"(delivery began on {early} message(s) of the journal's newest" in recovered
     since = len(DEFERRED) + len(BOUNCED)
     assert (f"and {since} record(s) since" in recovered) == (left != "no checkpoint"), recovered
     async with open_journal(str(config.journal_dir)) as journal:

@@ -92,5 +92,5 @@ async def test_records_within_seqs_are_the_ones_a_whole_read_holds_there() -> No
             assert [r.seq for r in journal.records(journal.newest_from(12))] == whole[-12:]
             assert journal.newest_from(len(whole)) == 0  # the journal holds no more
             assert journal.newest_from(len(whole) - 1) == whole[1]
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="at least 1"):
                 journal.newest_from(0)

@@ -362,7 +362,7 @@ def test_records_written_since_the_checkpoint_stage_the_start_on_the_newest_reco
             assert sorted(store.state.messages) == sorted(ids)
             assert store.state.messages[ids[-1]].history
             assert "1 record(s) since" in store.recovered
-            assert "(1 of the journal's newest records delivered from before" in store.recovered
+            assert "(delivery began on 1 message(s) of the journal's newest" in store.recovered
             assert "decoded before delivery starts" not in store.recovered
             assert same(store.state, fold(journal.records()))
 
