@@ -72,6 +72,7 @@ class QueueStore:
         *,
         staged: bool = False,
         window: int = windows.WINDOW,
+        early: int = windows.EARLY,
     ) -> QueueStore:
         """Fold every record of the journal (in a worker thread: it reads the disk), each
         passing through ``progress`` (the serve command's bar on a terminal); or, given a
@@ -85,8 +86,8 @@ class QueueStore:
 
         ``staged``: the start may hold only the messages delivery can begin with, and
         ``load_rest`` then adds the others: after a clean stop, the checkpoint's first part
-        (queue/checkpoint.py); otherwise (no checkpoint, or records since: ``kill -9``) the
-        never-tried messages among the journal's newest ``window`` records
+        (queue/checkpoint.py); otherwise (no checkpoint, or records since: ``kill -9``) up
+        to ``early`` never-tried messages among the journal's newest ``window`` records
         (queue/window.py). The collector stays paused until ``load_rest`` has run."""
         gc.disable()
         unloaded: list[msgspec.Raw] = []
@@ -100,7 +101,7 @@ class QueueStore:
                     lambda: checkpoints.recover(fs, path, journal, progress, staged=True)
                 )
             if start is None and staged:
-                start, last = await trio.to_thread.run_sync(windows.newest, journal, window)
+                start, last = await trio.to_thread.run_sync(windows.newest, journal, window, early)
                 if last is not None:
                     rest = partial(_whole, journal, progress, checkpoint, last)
             if start is not None:

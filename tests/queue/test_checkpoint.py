@@ -383,6 +383,18 @@ def test_a_journal_within_the_window_is_folded_whole_at_once() -> None:
     trio.run(start)
 
 
+def test_the_early_messages_are_the_first_accepted_of_the_window_up_to_the_cap() -> None:
+    fs, ids = checkpointed(8)
+
+    async def start() -> None:
+        async with open_journal(DIR, fs=fs, segment_size=SEGMENT) as journal:
+            store = await QueueStore.recover(journal, staged=True, window=5, early=2)
+            assert list(store.state.messages) == ids[3:5]
+            assert await store.load_rest() == 6 and sorted(store.state.messages) == sorted(ids)
+
+    trio.run(start)
+
+
 LIVE = st.lists(
     st.tuples(st.integers(0, 50), st.sampled_from(["sent", "deferred", "bounced", "dsn"])),
     max_size=6,
@@ -390,12 +402,13 @@ LIVE = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(OPS, OPS, st.booleans(), st.integers(1, 10), LIVE)
+@given(OPS, OPS, st.booleans(), st.integers(1, 10), st.integers(1, 4), LIVE)
 def test_a_start_from_the_newest_records_ends_with_the_queue_the_fold_rebuilds(
     before: list[tuple[object, ...]],
     after: list[tuple[object, ...]],
     checkpointed: bool,
     window: int,
+    cap: int,
     live: list[tuple[int, str]],
 ) -> None:
     """A staged start after kill -9 (queue/window.py): its early messages are the fold's
@@ -414,11 +427,12 @@ def test_a_start_from_the_newest_records_ends_with_the_queue_the_fold_rebuilds(
                 checkpoint=(clone, PATH) if checkpointed or window % 2 else None,
                 staged=True,
                 window=window,
+                early=cap,
             )
             now = fold(journal.records())
             early = dict(store.state.messages)
             if store.rest is not None:
-                assert records > window and not store.unloaded
+                assert records > window and not store.unloaded and len(early) <= cap
                 for q, m in early.items():
                     assert m == now.messages[q] and not m.history and not m.next_at
                 event(f"window: {min(len(early), 3)}+ early, live records: {bool(live)}")
