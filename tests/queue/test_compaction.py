@@ -201,3 +201,47 @@ async def test_a_finished_message_copied_past_its_outcomes_is_not_revived() -> N
         again = await QueueStore.recover(journal)
         revived = again.state.messages.get(qid)
         assert revived is None or revived.terminal, revived
+
+
+async def test_a_dsn_kept_for_its_live_message_does_not_make_a_compaction_due() -> None:
+    """A delivered DSN's records live as long as the message it reports on (they say its
+    recipients were reported): counting them dead made a compaction due that could free
+    nothing, and every such compaction copied the whole sealed queue forward for nothing."""
+    fs = CrashableMemFS()
+    async with open_journal("/q", fs=fs, segment_size=64 * 1024) as journal:
+        queue = QueueStore(journal)
+        reported = []
+        for i in range(5):  # each bounced, and still deferred for another recipient
+            qid = new_queue_id()
+            rcpts = (Recipient(f"gone{i}@example.net"), Recipient(f"later{i}@example.net"))
+            await queue.accept(accepted_record(*rcpts, queue_id=qid, size=len(BODY)), BODY)
+            outcomes = (
+                Outcome(f"gone{i}@example.net", "bounced", "5.1.1", "550 no"),
+                Outcome(f"later{i}@example.net", "deferred", "4.0.0", "451", 1, 1.9e9),
+            )
+            await queue.record(Delivery(qid, 1_800_000_100.0, "mx", outcomes))
+            reported.append(qid)
+        for i, qid in enumerate(reported):  # each one's DSN, delivered: finished, but kept
+            meta = {DSN_FOR: qid, DSN_RECIPIENTS: f"gone{i}@example.net"}
+            dsn = accepted_record("alice@example.org", sender="", metadata=meta, size=len(BODY))
+            await queue.accept(dsn, BODY)
+            sent = Outcome("alice@example.org", "sent", "2.0.0", "250 ok")
+            await queue.record(Delivery(dsn.id, 1_800_000_200.0, "mx", (sent,)))
+            assert queue.state.messages[dsn.id].dead
+        await journal.rotate()
+        assert queue.state.dead_positions(journal.active_segment) == set()
+        assert not queue.compaction_due()
+        for qid in reported:  # the reported messages finish: now all of it is dead
+            sent = tuple(
+                Outcome(f"later{i}@example.net", "sent", "2.0.0", "250 ok")
+                for i in [reported.index(qid)]
+            )
+            await queue.record(Delivery(qid, 1_800_000_300.0, "mx", sent))
+        await journal.rotate()
+        assert queue.compaction_due()
+        result = await queue.compact()  # the DSNs' records outlive what they report on...
+        assert result.copied == 10 and set(queue.state.messages).isdisjoint(reported)
+        await journal.rotate()
+        assert queue.compaction_due()  # ...and go with the next compaction
+        result = await queue.compact()
+        assert result.copied == 0 and queue.state.messages == {}
