@@ -113,15 +113,10 @@ class QueueStore:
                     rest = partial(_whole, journal, progress, checkpoint, last)
             if start is not None:
                 state = start
-            elif checkpoint is None:
-                state = await trio.to_thread.run_sync(lambda: fold(progress(journal.records())))
             else:
-                fs, path = checkpoint
-                whole, how, _ = await trio.to_thread.run_sync(
-                    lambda: checkpoints.recover(fs, path, journal, progress)
+                state, how = await trio.to_thread.run_sync(
+                    _whole, journal, progress, checkpoint, None
                 )
-                assert whole is not None  # not staged: always a state
-                state = whole
         finally:
             if not unloaded and rest is None:
                 _recovered()
@@ -322,9 +317,10 @@ def _whole(
     journal: Journal,
     progress: Callable[[Iterator[Record]], Iterable[Record]],
     checkpoint: tuple[FS, str] | None,
-    last: int,
+    last: int | None,
 ) -> tuple[QueueState, str]:
-    """The queue as a start that is not staged folds it, up to seq ``last``. Blocking."""
+    """The queue as a start that is not staged reads it (up to seq ``last``, if given), and
+    the words for how. Blocking."""
     if checkpoint is None:
         return fold(progress(journal.records(0, last))), ""
     fs, path = checkpoint

@@ -16,6 +16,7 @@ folds that window (``newest``: a few tens of milliseconds), keeps up to ``EARLY`
 messages it accepted that were never tried (like the checkpoint's first part: they owe no
 DSN, carry no retry to spread, and the policy counts them before the first attempt), and
 delivery starts on them.
+
 The whole fold then runs in a worker thread, up to the seq the journal ended at when the
 start began (``last``): every later record is one this start appended and applied itself.
 ``merge`` adds what the fold found beside the early messages; those stay as this start has
@@ -70,7 +71,8 @@ def merge(live: QueueState, whole: QueueState) -> list[QueuedMessage]:
     live.graveyard |= whole.graveyard
     for reported, positions in whole.kept.items():
         live.kept[reported] = (*positions, *live.kept.get(reported, ()))
-    live.inbound = {**whole.inbound, **live.inbound}
+    for inbound_id, pending in whole.inbound.items():
+        live.inbound.setdefault(inbound_id, pending)
     live.unknown_records += whole.unknown_records
     live.orphan_outcomes += whole.orphan_outcomes
     return [m for q, m in whole.messages.items() if q not in live.messages]
