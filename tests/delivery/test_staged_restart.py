@@ -104,10 +104,10 @@ def delivered(sink: Sink) -> bool:
 
 async def restart_and_deliver(
     tmp_path: Path, ca: trustme.CA, caplog: pytest.LogCaptureFixture
-) -> tuple[str, Config]:
+) -> str:
     """The relay started again, delivering to aiosmtpd until every message has arrived;
     checked: each arrived once, each bounce its one DSN, one spread, each outcome counted
-    once. The start's "queue:" line, and the config."""
+    once. The start's "queue:" line."""
     with aiosmtpd_sink() as sink:
         delivery = (
             f'[delivery]\nsmarthost = "127.0.0.1:{sink.port}"\nprocesses = 0\n'
@@ -137,7 +137,7 @@ async def restart_and_deliver(
     # counted once: the outcomes recorded offline by the recount, this run's by the policy
     assert counted(again, sent_key("example.org")) == MESSAGES - len(BOUNCED)
     assert counted(again, bounced_key("example.org")) == len(BOUNCED)
-    return next(line for line in lines if line.startswith("queue: ")), again
+    return next(line for line in lines if line.startswith("queue: "))
 
 
 @pytest.mark.slow
@@ -149,12 +149,13 @@ async def test_a_restart_delivers_from_the_first_part_and_ends_whole(
         await trio.to_thread.run_sync(submit, relay)
         config = relay.config
     await rewrite_checkpoint(config)
-    recovered, _ = await restart_and_deliver(tmp_path, ca, caplog)
+    recovered = await restart_and_deliver(tmp_path, ca, caplog)
     assert f"queue: {MESSAGES} message(s) recovered from the checkpoint" in recovered
     assert f"({FIRST} decoded before delivery starts, the rest after)" in recovered
 
 
 HISTORY = 600  # delivered before the mail above: 1,200 records, more than the window
+OLD = b"From: old@history.example\r\nSubject: old\r\n\r\nold\r\n"
 
 
 async def write_history(config: Config) -> None:
@@ -175,9 +176,6 @@ async def write_history(config: Config) -> None:
                 nursery.start_soon(some, start)
 
 
-OLD = b"From: old@history.example\r\nSubject: old\r\n\r\nold\r\n"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("left", ["records since the checkpoint", "no checkpoint"])
 async def test_a_restart_after_kill_delivers_from_the_newest_records_and_ends_whole(
@@ -191,7 +189,7 @@ async def test_a_restart_after_kill_delivers_from_the_newest_records_and_ends_wh
     await rewrite_checkpoint(config, killed=True)
     if left == "no checkpoint":
         (config.data_dir / checkpoint.CHECKPOINT_NAME).unlink()
-    recovered, _ = await restart_and_deliver(tmp_path, ca, caplog)
+    recovered = await restart_and_deliver(tmp_path, ca, caplog)
     early = MESSAGES - len(DEFERRED) - len(BOUNCED)  # the never-tried, all in the window
     assert recovered.startswith(f"queue: {MESSAGES + HISTORY} message(s) recovered"), recovered
     assert f"(delivery began on {early} message(s) of the journal's newest" in recovered
