@@ -162,15 +162,19 @@ class QueueState:
         never outlive them, or a restart would find the message undelivered again."""
         dead = set(self.graveyard)
         for msg in self.messages.values():
-            # a DSN's record is what says its message's recipients were reported: it lives
-            # as long as that message does, or a restart would report them again
-            if (
-                msg.dead
-                and msg.record.metadata.get(DSN_FOR) not in self.messages
-                and (active is None or msg.position.segment < active)
-            ):
+            if self.droppable(msg, active):
                 dead.update(msg.positions)
         return dead
+
+    def droppable(self, msg: QueuedMessage, active: int | None = None) -> bool:
+        """Whether a compaction may drop ``msg``'s records (``dead_positions``)."""
+        return (
+            msg.dead
+            # a DSN's record is what says its message's recipients were reported: it lives
+            # as long as that message does, or a restart would report them again
+            and msg.record.metadata.get(DSN_FOR) not in self.messages
+            and (active is None or msg.position.segment < active)
+        )
 
     def compacted(
         self, removed_segments: Collection[int], relocated: dict[Position, Position]

@@ -40,14 +40,7 @@ from atmosrelay.queue.records import (
     encode_inbound,
     encode_inbound_done,
 )
-from atmosrelay.queue.state import (
-    DSN_FOR,
-    PendingInbound,
-    QueuedMessage,
-    QueueState,
-    dsn_report,
-    fold,
-)
+from atmosrelay.queue.state import PendingInbound, QueuedMessage, QueueState, dsn_report, fold
 from journal import FS, Compaction, Journal, Position, Record
 
 # Compact when at least this share of the records in sealed segments is dead: copying the
@@ -286,21 +279,17 @@ class QueueStore:
         """Whether enough of the sealed segments is dead to be worth a compaction: the
         records ``dead_positions`` would name, counted in one pass, no set built."""
         active = self.journal.active_segment
-        messages = self.state.messages
-        dead = sum(p.segment < active for p in self.state.graveyard)
+        state = self.state
+        dead = sum(p.segment < active for p in state.graveyard)
         live = 0
-        for m in messages.values():
+        for m in state.messages.values():
             sealed = sum(p.segment < active for p in m.positions)
-            if (
-                m.dead
-                and m.record.metadata.get(DSN_FOR) not in messages  # a DSN lives as long
-                and m.position.segment < active
-            ):
+            if state.droppable(m, active):
                 dead += sealed
             else:
                 live += sealed
-        live += sum(p.segment < active for kept in self.state.kept.values() for p in kept)
-        live += sum(p.position.segment < active for p in self.state.inbound.values())
+        live += sum(p.segment < active for kept in state.kept.values() for p in kept)
+        live += sum(p.position.segment < active for p in state.inbound.values())
         return dead > 0 and dead >= DEAD_SHARE * (dead + live)
 
     async def compact(self) -> Compaction:
