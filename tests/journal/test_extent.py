@@ -4,8 +4,11 @@ naming what changed when the segments it saw do not hold what they held."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from journal import ExtentMismatch, Position, open_journal
+from journal._read import segment_runs
 from journal.testing import CrashableMemFS
 
 SEGMENT = 4096
@@ -94,3 +97,32 @@ async def test_records_within_seqs_are_the_ones_a_whole_read_holds_there() -> No
             assert journal.newest_from(len(whole) - 1) == whole[1]
             with pytest.raises(ValueError, match="at least 1"):
                 journal.newest_from(0)
+
+
+# One segment's index as compaction and appends leave it: a few runs, each ascending (the
+# copies of older records, then new ones, then copies made by a later compaction...).
+_runs = st.lists(
+    st.lists(st.integers(1, 400), min_size=1, max_size=25, unique=True).map(sorted),
+    min_size=1,
+    max_size=5,
+)
+
+
+@given(runs=_runs, first=st.integers(0, 410), span=st.none() | st.integers(0, 410))
+@example(runs=[[5, 9, 40], [1, 2, 3, 20], [10, 11]], first=3, span=8)  # runs in one segment
+def test_one_segments_runs_read_within_seqs_are_the_ones_it_holds_there(
+    runs: list[list[int]], first: int, span: int | None
+) -> None:
+    """``segment_runs`` bisects each run on its own: bisecting the segment as one sorted list
+    would drop or keep the wrong records of every run after the first."""
+    seqs = list(dict.fromkeys(s for run in runs for s in run))  # a seq lives once
+    offsets = [100 * i for i in range(len(seqs))]
+    lengths = [s % 7 + 1 for s in seqs]
+    last = None if span is None else first + span
+    got = list(segment_runs(4, seqs, offsets, lengths, first, last))
+    wanted = sorted(
+        (s, 4, 100 * i, s % 7 + 1)
+        for i, s in enumerate(seqs)
+        if s >= first and (last is None or s <= last)
+    )
+    assert got == wanted
