@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -30,7 +31,7 @@ from atmosrelay.queue.records import (
     encode_delivery,
 )
 from atmosrelay.queue.store import QueueStore
-from atmosrelay.replay import REPLAY_BAR_RECORDS
+from atmosrelay.replay import REPLAY_BAR_RECORDS, progress_bar
 from journal import Log, OsFS, open_journal
 from journal._format import FRAME_HEADER_SIZE, segment_name
 from tests.processes import delivery_pids, exited
@@ -443,6 +444,14 @@ def test_a_long_replay_shows_progress_on_a_terminal_only(tmp_path: Path) -> None
     code, _, err = drive(argv, subprocess.PIPE, stop_when_ready)
     assert code == 0
     assert err is not None and "replaying" not in err  # a pipe (a service's journal): no bar
+
+
+def test_no_bar_is_built_for_a_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off a terminal the fold gets its records as they are: no disabled bar (tqdm would
+    still be imported and start its monitor thread for the life of the process)."""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress_bar(REPLAY_BAR_RECORDS) is iter
+    assert progress_bar(REPLAY_BAR_RECORDS - 1) is iter
 
 
 def test_a_checkpoint_chunk_that_does_not_decode_stops_serve_and_the_next_start_folds(
