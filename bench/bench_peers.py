@@ -135,6 +135,35 @@ class Cpu:
         return dict(zip(("user", "sys", "delivery"), ms, strict=True))
 
 
+class Machine:
+    """The whole machine's CPU (every core, from ``/proc/stat``) between ``__init__`` and
+    ``stop()``: what a row cost everything that ran, the server, its client and its sink
+    alike, so the two servers' rows compare by the CPU each made the machine spend a message,
+    and by how busy it kept the cores (a row below 100% busy waits on something other than
+    CPU: round trips, fsyncs). Time the hypervisor gave to other machines (steal) counts as
+    neither busy nor idle."""
+
+    def __init__(self) -> None:
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0]
+        user, nice, system, idle, iowait, irq, softirq = map(int, first.split()[1:8])
+        busy = user + nice + system + irq + softirq  # guest time is within user
+        return busy, busy + idle + iowait
+
+    def stop(self, messages: int) -> dict[str, float]:
+        """``ms``: CPU milliseconds a message, all cores; ``busy``: the share of the cores'
+        time they were busy."""
+        (busy0, total0), (busy1, total1) = self.start, self._read()
+        tick = os.sysconf("SC_CLK_TCK")
+        return {
+            "ms": round(1000 * (busy1 - busy0) / tick / messages, 3),
+            "busy": round((busy1 - busy0) / max(1, total1 - total0), 3),
+        }
+
+
 # -- the sink and the client -------------------------------------------------------------------
 
 
@@ -424,28 +453,30 @@ def _delivering(sink: Sink) -> str:
 # -- the rows ------------------------------------------------------------------------------------
 
 
-# msgs/s, and for the relay the CPU it spent a message (Cpu.stop)
-Result = tuple[float, dict[str, float] | None]
+# msgs/s; for the relay the CPU it spent a message (Cpu.stop); the machine's (Machine.stop)
+Result = tuple[float, dict[str, float] | None, dict[str, float]]
 
 
 def run_accept(side: str, tmp: Path, n: int, sessions: int, size: int, keep: bool) -> Result:
     if side == "relay":
         server = relay(tmp, "enabled = false\n")
         try:
-            cpu = Cpu(server.proc.pid)
+            cpu, machine = Cpu(server.proc.pid), Machine()
             took = smtp_source(server.port, n, sessions, size, keep)
-            spent = cpu.stop(n)
+            spent, used = cpu.stop(n), machine.stop(n)
         finally:
             server.stop()
-        return n / took, spent
+        return n / took, spent, used
     sink = Sink()
     peer = Postfix(tmp, sink.port, hold=True)
     try:
+        machine = Machine()
         took = smtp_source(peer.port, n, sessions, size, keep)
+        used = machine.stop(n)
     finally:
         peer.stop()
         sink.stop()
-    return n / took, None
+    return n / took, None, used
 
 
 def run_e2e(side: str, tmp: Path, n: int, sessions: int, size: int) -> Result:
@@ -458,10 +489,12 @@ def run_e2e(side: str, tmp: Path, n: int, sessions: int, size: int) -> Result:
             server = Postfix(tmp, sink.port, hold=False, milter=milter and milter.socket)
         try:
             cpu = Cpu(server.proc.pid) if isinstance(server, Server) else None
+            machine = Machine()
             t0 = time.time()
             smtp_source(server.port, n, sessions, size, keep_open=True)
             t1 = sink.wait_for(n, 300)
             spent = cpu.stop(n) if cpu is not None else None
+            used = machine.stop(n)
         finally:
             server.stop()
     finally:
@@ -470,7 +503,7 @@ def run_e2e(side: str, tmp: Path, n: int, sessions: int, size: int) -> Result:
             milter.stop()
     if t1 is None:
         raise RuntimeError(f"{side}: only {sink.count} of {n} arrived at the sink")
-    return n / (t1 - t0), spent
+    return n / (t1 - t0), spent, used
 
 
 def run_restart(side: str, tmp: Path, n: int, *, killed: bool = False) -> dict[str, float]:
@@ -696,6 +729,9 @@ def main() -> None:
         i: {"relay": [], "peer": []} for i in range(len(rows))
     }
     cpus: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(rows))}
+    machines: dict[int, dict[str, list[dict[str, float]]]] = {
+        i: {"relay": [], "peer": []} for i in range(len(rows))
+    }
     relay_e2e: dict[tuple[int, int, int], Result] = {}  # (round, size, sessions) -> relay e2e
     for r in range(rounds):
         for i, row in enumerate(rows):
@@ -708,8 +744,9 @@ def main() -> None:
                     value = measure(row, side)
                 if row["work"] == "e2e" and side == "relay":
                     relay_e2e[key] = value
-                rate, cpu = value
+                rate, cpu, used = value
                 results[i][side].append(rate)
+                machines[i][side].append(used)
                 if cpu is not None:
                     cpus[i].append(cpu)
             row["load"] = _load()
@@ -738,6 +775,16 @@ def main() -> None:
                 "relay_cpu_ms": {
                     k: statistics.median(c[k] for c in cpus[i]) for k in ("user", "sys", "delivery")
                 },
+                # medians over the rounds: every core's CPU ms a message, and the cores' busy
+                # share, with each server (Machine.stop)
+                "machine_cpu_ms": {
+                    side: statistics.median(m["ms"] for m in machines[i][side])
+                    for side in ("relay", "peer")
+                },
+                "busy": {
+                    side: statistics.median(m["busy"] for m in machines[i][side])
+                    for side in ("relay", "peer")
+                },
             }
         )
     restart = None
@@ -763,14 +810,16 @@ def main() -> None:
         return
     print(
         f"{'work':<17} {'size':>7} {'sessions':>8} {'relay':>9} {'Postfix':>9} {'ratio':>6} "
-        f"{'load':>5}   relay CPU ms/msg: user sys delivery"
+        f"{'load':>5}   relay CPU ms/msg: user sys delivery   machine ms/msg, busy: "
+        "relay Postfix"
     )
     for t in table:
-        c = t["relay_cpu_ms"]
+        c, m, b = t["relay_cpu_ms"], t["machine_cpu_ms"], t["busy"]
         print(
             f"{t['work']:<17} {t['size'] // KIB:>4} KiB {t['sessions']:>8} {t['relay']:>9.0f} "
             f"{t['peer']:>9.0f} {t['ratio']:>5.2f}x {t['load']:>5.2f}   "
-            f"{c['user']:>21.2f} {c['sys']:>4.2f} {c['delivery']:>8.2f}"
+            f"{c['user']:>21.2f} {c['sys']:>4.2f} {c['delivery']:>8.2f}   "
+            f"{m['relay']:>5.2f} {100 * b['relay']:3.0f}% {m['peer']:>5.2f} {100 * b['peer']:3.0f}%"
         )
     _print_targets(floors, table)
     if restart:
