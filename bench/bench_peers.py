@@ -654,7 +654,29 @@ E2E_TARGETS = {"e2e": 1.5, "e2e-postfix-dkim": 3.0}
 ACCEPT_TARGETS = {"accept": {KIB: 3.0, 100 * KIB: 2.0}, "perconn": {KIB: 2.0}}
 
 
+def target_reach(times: float, row: dict[str, Any]) -> str:
+    """Whether ``times`` Postfix's rate fits this machine at the CPU a message it spent with
+    the relay: the target rate leaves the machine's cores, all busy, so many ms a message."""
+    target = times * row["peer"]
+    budget = 1000 * (os.cpu_count() or 1) / target
+    spent, busy = row["machine_cpu_ms"]["relay"], row["busy"]["relay"]
+    verdict = (
+        f"beyond this machine at that cost ({spent / budget:.2f}x the budget)"
+        if spent > budget
+        else f"within reach with {100 * spent / budget:.0f}% of the cores busy"
+    )
+    return (
+        f"  reach {row['work']} {row['size'] // KIB} KiB {row['sessions']} sessions: {times}x "
+        f"{row['peer']:.0f} = {target:.0f} msgs/s leaves {budget:.2f} ms of the machine a "
+        f"message; with the relay it spent {spent:.2f} ms, {100 * busy:.0f}% busy: {verdict}"
+    )
+
+
 def _print_targets(floors: dict[int, dict[str, float]], table: list[dict[str, Any]]) -> None:
+    for t in table:
+        times = ACCEPT_TARGETS.get(t["work"], {}).get(t["size"]) or E2E_TARGETS.get(t["work"])
+        if times is not None:
+            print(target_reach(times, t))
     for size, floor in floors.items():
         print(
             f"signing floor, {size // KIB} KiB: three signatures {floor['ms']:.2f} ms of CPU a "
