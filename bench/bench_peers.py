@@ -31,8 +31,11 @@ Rows (``work`` in ``--json``):
 
 Each row runs ``--rounds`` times (default 3), the servers alternating which goes first, and
 the table gives medians, the ratio relay/peer, the 1-minute load average at the end of the
-row's last round, and the CPU the relay spent a message (its own process's user and system
-time, and its delivery processes'; ``relay_cpu_ms`` in ``--json``). Before the rows, the
+row's last round, the CPU the relay spent a message (its own process's user and system
+time, and its delivery processes'; ``relay_cpu_ms`` in ``--json``), and, with each server, the
+whole machine's CPU a message and the share of the cores' time they were busy
+(``machine_cpu_ms`` and ``busy``; ``Machine``), with each target set against the CPU a
+message it leaves the machine (``target_reach``). Before the rows, the
 relay's DKIM signer is timed alone (``signing_floor``): three signatures a message set a
 ceiling on any end-to-end rate on these cores, and each end-to-end target is shown against
 it. Destination concurrency is 20 for both (Postfix's default).
