@@ -657,11 +657,16 @@ E2E_TARGETS = {"e2e": 1.5, "e2e-postfix-dkim": 3.0}
 ACCEPT_TARGETS = {"accept": {KIB: 3.0, 100 * KIB: 2.0}, "perconn": {KIB: 2.0}}
 
 
+def machine_budget_ms(rate: float) -> float:
+    """The ms of the machine's CPU a message that ``rate`` msgs/s leaves, every core busy."""
+    return 1000 * (os.cpu_count() or 1) / rate
+
+
 def target_reach(times: float, row: dict[str, Any]) -> str:
     """Whether ``times`` Postfix's rate fits this machine at the CPU a message it spent with
     the relay: the target rate leaves the machine's cores, all busy, so many ms a message."""
     target = times * row["peer"]
-    budget = 1000 * (os.cpu_count() or 1) / target
+    budget = machine_budget_ms(target)
     spent, busy = row["machine_cpu_ms"]["relay"], row["busy"]["relay"]
     verdict = (
         f"beyond this machine at that cost ({spent / budget:.2f}x the budget)"
@@ -700,7 +705,7 @@ def _print_targets(floors: dict[int, dict[str, float]], table: list[dict[str, An
             target = E2E_TARGETS[t["work"]] * t["peer"]
             ceiling = floors[t["size"]]["ceiling"]
             # all the machine's CPU, a message, at the target's rate; what signing leaves of it
-            budget = 1000 * (os.cpu_count() or 1) / target
+            budget = machine_budget_ms(target)
             rest, c = budget - floors[t["size"]]["ms"], t["relay_cpu_ms"]
             spent = c["user"] + c["sys"] + c["delivery"] - floors[t["size"]]["ms"]
             print(
