@@ -50,6 +50,7 @@ class Host:
     delay: float = 0.0  # before answering the end of data (to overlap connections)
     close_after: int | None = None  # hang up silently after this many transactions
     received: list[bytes] = attrs.field(factory=list)
+    commands: list[str] = attrs.field(factory=list)  # each event's name, in order
     connections: int = 0
     active: int = 0
     max_active: int = 0
@@ -100,6 +101,7 @@ class FakeMX:
             if isinstance(event, MessageData):
                 data += event.data
                 continue
+            spec.commands.append(type(event).__name__)
             reply = answer(conn, event)
             if reply is None:
                 continue
@@ -195,6 +197,39 @@ async def test_outcomes_per_recipient_with_the_remote_reply_verbatim() -> None:
         "4.2.1",
     )
     assert outcomes["dave@example.net"].outcome == "sent"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_rset_only_where_the_last_transaction_was_left_open(pipelining: bool) -> None:
+    """A transaction that ended with the reply to its end of data needs no RSET before the
+    next; one left open (MAIL taken, every recipient refused) does, or the server's own
+    state machine would refuse the next MAIL with 503."""
+    refused = Envelope("alice@example.org", ("bob@example.net",))
+    taken = Envelope("alice@example.org", ("dave@example.net",))
+    spec = Host(
+        caps=Capabilities(size=10_000, pipelining=pipelining),
+        rcpt={"bob@example.net": Reply(550, "5.1.1", ("No such user",))},
+    )
+    async with fake_mx(mx1=spec) as mx:
+        with trio.fail_after(10):
+            remote = await open_remote(
+                dest("mx1"), helo="relay.test", tls=tls(), connect=mx.connect
+            )
+            results = [await remote.send(e, MESSAGE) for e in (refused, taken, taken, refused)]
+            await remote.aclose()
+    assert [[o.outcome for o in r] for r in results] == [
+        ["bounced"],
+        ["sent"],
+        ["sent"],
+        ["bounced"],
+    ]
+    transactions = [c for c in spec.commands if c in ("Rset", "MailFrom", "EndOfMessage")]
+    assert transactions == [
+        *("MailFrom",),
+        *("Rset", "MailFrom", "EndOfMessage"),
+        *("MailFrom", "EndOfMessage"),
+        *("MailFrom",),
+    ]
 
 
 async def test_next_mx_on_connection_failure_or_refusing_greeting() -> None:
