@@ -80,7 +80,7 @@ from atmosrelay.signals import Signals, watch_signals
 from atmosrelay.smtp import Capabilities
 from atmosrelay.submission import Pipeline
 from atmosrelay.submission.actions import PolicyActions
-from atmosrelay.submission.counting import flush_counters, flush_loop, load_counters, recount
+from atmosrelay.submission.counting import CounterSync, recount
 from atmosrelay.submission.members import MemberDirectory
 from journal import FS, OsFS, open_journal
 
@@ -359,13 +359,13 @@ async def _serve(
     ctx = make_context(config, store, queue, tls_context, enforce_limits=enforce_limits)
     ctx.on_data_reply = extras.metrics.data_reply_seconds.observe
     keys = ctx.keys
-    journal_name = str(config.journal_dir.resolve())
+    counting = CounterSync(ctx.store, ctx.pipeline.policy, str(config.journal_dir.resolve()))
     ctx.inbound, extras.inbound = make_inbound(
         config,
         ctx,
         extras.status,
         extras.unsubscribe_secret,
-        partial(_commit_policy, ctx, journal_name),
+        partial(_commit_policy, ctx, counting),
     )
     for host, port, mode in config.smtp.listeners:
         if mode is ListenerMode.TRUSTED and not ctx.trusted_did:
@@ -374,7 +374,7 @@ async def _serve(
     own_domain = config.operator.domain.lower()
     # counted before any message is tried; the start's later messages as they are added
     rows, replayed, mark = await trio.to_thread.run_sync(
-        load_counters, store, pipeline.policy, queue.state, journal_name, time.time(), own_domain
+        counting.load, queue.state, time.time(), own_domain
     )
 
     async def loaded(messages: list[QueuedMessage]) -> None:
@@ -412,9 +412,7 @@ async def _serve(
             await services.start(keep_collector)  # no full collection stalls the sessions
             await services.start(keys.watch_revocations)
             await services.start(pipeline.actions.run)
-            await services.start(
-                partial(flush_loop, ctx.store, pipeline.policy, journal_name, time.time)
-            )
+            await services.start(counting.run, time.time)
             # its rebuild from the journal runs on while the relay starts (queue/status.py)
             await services.start(partial(extras.status.run, rebuild=queue.state, announce=announce))
             await services.start(extras.inbound.run)  # before the listeners: replays first
@@ -434,10 +432,10 @@ async def _serve(
         services.cancel_scope.cancel()
 
 
-async def _commit_policy(ctx: SessionContext, journal: str) -> None:
+async def _commit_policy(ctx: SessionContext, counting: CounterSync) -> None:
     """The policy's writes queued so far, then its counters, on disk."""
     await ctx.pipeline.actions.settled()
-    await flush_counters(ctx.store, ctx.pipeline.policy, journal, time.time())
+    await counting.flush(time.time())
 
 
 @attrs.define(eq=False)

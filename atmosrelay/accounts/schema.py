@@ -107,4 +107,16 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE domains ADD COLUMN dkim_next_rsa_private TEXT;
     ALTER TABLE domains ADD COLUMN dkim_next_ed25519_private TEXT;
     """,
+    # 5 -> 6: each counter row carries the sequence number of the last transaction that
+    # added to it, so every relay process sharing this file reads back what the others
+    # added since it last looked (submission/counting.py).
+    """
+    ALTER TABLE counters ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX counters_seq ON counters (seq);
+    CREATE TABLE counter_seq (
+        one INTEGER PRIMARY KEY CHECK (one = 1),
+        seq INTEGER NOT NULL
+    );
+    INSERT INTO counter_seq (one, seq) VALUES (1, 0);
+    """,
 )

@@ -463,23 +463,74 @@ class Store(InboundLog):
         """Add each ``(key, bucket start) -> n`` (key ``kind|subject``), in one transaction:
         several relay processes may add to the same rows. ``journal``/``until``: the counts
         of that journal's records up to ``until`` are now all in (``flushed_until``)."""
+        with self._tx() as db:
+            self._add_counts(db, deltas, journal, until)
+
+    def exchange_counts(
+        self, deltas: dict[tuple[str, float], int], after: int, *, journal: str, until: float
+    ) -> tuple[list[tuple[str, float, int]], int]:
+        """``add_counts`` (when there is anything to add), then, in the same transaction,
+        every row any process added to after sequence number ``after``, as (key, bucket
+        start, total), and the sequence number reached. Writers take the database's write
+        lock in turn, so the sequence numbers follow the commits: no row is missed."""
+        if not deltas:
+            with self._lock:  # one read transaction: the rows and the number agree
+                self._db.execute("BEGIN")
+                try:
+                    return self._counts_after(self._db, after)
+                finally:
+                    self._db.execute("COMMIT")
+        with self._tx() as db:
+            self._add_counts(db, deltas, journal, until)
+            return self._counts_after(db, after)
+
+    def _add_counts(
+        self,
+        db: sqlite3.Connection,
+        deltas: dict[tuple[str, float], int],
+        journal: str,
+        until: float,
+    ) -> None:
+        db.execute("UPDATE counter_seq SET seq = seq + 1")
+        (seq,) = db.execute("SELECT seq FROM counter_seq").fetchone()
         rows = []
         for (key, start), n in deltas.items():
             kind, _, subject = key.partition("|")
-            rows.append((subject, kind, start, n))
-        with self._tx() as db:
-            db.executemany(
-                "INSERT INTO counters (did, name, window_start, value) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (did, name, window_start) DO UPDATE"
-                " SET value = value + excluded.value",
-                rows,
+            rows.append((subject, kind, start, n, seq))
+        db.executemany(
+            "INSERT INTO counters (did, name, window_start, value, seq) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (did, name, window_start) DO UPDATE"
+            " SET value = value + excluded.value, seq = excluded.seq",
+            rows,
+        )
+        if journal:
+            db.execute(
+                "INSERT INTO counter_marks (journal, flushed_until) VALUES (?, ?)"
+                " ON CONFLICT (journal) DO UPDATE SET flushed_until = excluded.flushed_until",
+                (journal, until),
             )
-            if journal:
-                db.execute(
-                    "INSERT INTO counter_marks (journal, flushed_until) VALUES (?, ?)"
-                    " ON CONFLICT (journal) DO UPDATE SET flushed_until = excluded.flushed_until",
-                    (journal, until),
-                )
+
+    @staticmethod
+    def _counts_after(
+        db: sqlite3.Connection, after: int
+    ) -> tuple[list[tuple[str, float, int]], int]:
+        (seq,) = db.execute("SELECT seq FROM counter_seq").fetchone()
+        rows = db.execute(
+            "SELECT name, did, window_start, value FROM counters WHERE seq > ?", (after,)
+        ).fetchall()
+        return [(f"{r[0]}|{r[1]}", r[2], r[3]) for r in rows], int(seq)
+
+    def counts_and_seq_since(self, since: float) -> tuple[list[tuple[str, float, int]], int]:
+        """``counts_since`` and the sequence number they reflect, from one snapshot: what a
+        process loads at its start, before it reads others' additions past that number."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                rows = self.counts_since(since)
+                (seq,) = self._db.execute("SELECT seq FROM counter_seq").fetchone()
+            finally:
+                self._db.execute("COMMIT")
+        return rows, int(seq)
 
     def flushed_until(self, journal: str) -> float:
         """Up to when this journal's records are counted in the store (0: never)."""

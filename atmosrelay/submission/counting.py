@@ -6,15 +6,23 @@ own deltas to the rows with an UPSERT (``value = value + excluded.value``), so s
 processes on one host share the same totals without coordinating; several hosts would do
 the same against a shared store (the account store moved to PostgreSQL, or these rows to
 Redis ``INCRBY`` on ``kind|subject|bucket`` keys with a TTL: the same add-only protocol).
-Today a process reads the table at startup only; reading the other processes' deltas
-back every few seconds is the step that makes a second process on this host see them
-(not built: one process runs per data directory).
 
-**Writes.** The hot path only counts in memory (policy/counters.py); ``flush_loop``
+**Others' counts.** Each transaction that adds to the table takes the next number of a
+sequence and stamps the rows it touched with it. ``CounterSync`` remembers the number it
+last read and the total it last saw of each row; every ``policy.counter_flush`` seconds,
+in the same transaction as its own additions, it reads the rows stamped past that number:
+a row's new total, less what this process last saw of it and less what it has just added
+itself, is what the others added, and goes into the counters as a load (never flushed
+again). So another process's send counts here at most two flush intervals after it was
+counted there (its flush, then this process's next read): with the default of 1 s, a
+member may exceed a limit by what the other processes accept for it within about 2 s,
+and no more. The spray rule's distinct domains stay each process's own (memory only).
+
+**Writes.** The hot path only counts in memory (policy/counters.py); ``CounterSync.run``
 writes the deltas every ``policy.counter_flush`` seconds (1 s) in one transaction, with
 the time up to which this journal's ACCEPTED records are counted (``counter_marks``). An
-idle second writes nothing: with no delta, nothing was accepted or delivered since the
-last mark, so it still holds.
+idle second writes nothing (it only reads the others' rows): with no delta, nothing was
+accepted or delivered since the last mark, so it still holds.
 
 **After a crash.** Startup loads the table (the last 8 days), then adds what the journal
 still holds past that mark: each ACCEPTED record's recipients, and each DELIVERY record's
@@ -32,10 +40,12 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterable
 from functools import partial
+from typing import Final
 
+import attrs
 import trio
 
-from atmosrelay.accounts.store import AsyncStore, Store
+from atmosrelay.accounts.store import AsyncStore
 from atmosrelay.policy.counters import KEEP
 from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.limits import recipients_key
@@ -45,31 +55,96 @@ from atmosrelay.queue.state import QueuedMessage, QueueState, domain_of
 
 log = logging.getLogger("atmosrelay.policy")
 
+PRUNE_EVERY: Final = 3600.0  # seconds between sweeps of the rows ``seen`` remembers
+Started = trio.TaskStatus[None]
+IGNORED: Final = trio.TASK_STATUS_IGNORED
 
-def load_counters(
-    store: Store,
-    policy: Policy,
-    state: QueueState,
-    journal: str,
-    now: float,
-    own_domain: str = "",
-) -> tuple[int, int, float]:
-    """Fill ``policy``'s counters from the store, then from the journal's records past the
-    last flush (those ``state`` holds); also when each domain was last paused. Returns (rows
-    loaded, records replayed, the last flush's mark). Run once at startup, before anything
-    listens, and before any message ``state`` holds is tried; messages the start adds later
-    (queue/store.py, ``load_rest``) are counted by ``recount`` with the same mark, before
-    they are tried."""
-    counters = policy.counters
-    rows = store.counts_since(now - KEEP)
-    for key, start, n in rows:
-        counters.load(key, start, n)
-    mark = store.flushed_until(journal)
-    replayed = recount(policy, state.messages.values(), mark, own_domain)
-    for domain in store.domains():
-        if domain.paused_at is not None:
-            policy.fresh_since[domain.name] = domain.paused_at
-    return len(rows), replayed, mark
+
+@attrs.define(eq=False)
+class CounterSync:
+    """This process's counters and the store's rows, kept in step both ways: its own
+    deltas written, the others' additions read back (see the module's docstring)."""
+
+    store: AsyncStore
+    policy: Policy
+    journal: str  # whose records ``counter_marks`` says are counted up to when
+    seq: int = 0  # the store's sequence number as last read
+    seen: dict[tuple[str, float], int] = attrs.field(factory=dict)  # row totals as last read
+    _lock: trio.Lock = attrs.field(factory=trio.Lock)  # one exchange at a time, applied in turn
+    _pruned: float = 0.0
+
+    def load(self, state: QueueState, now: float, own_domain: str = "") -> tuple[int, int, float]:
+        """Fill the policy's counters from the store, then from the journal's records past
+        the last flush (those ``state`` holds); also when each domain was last paused.
+        Returns (rows loaded, records replayed, the last flush's mark). Run once at startup
+        (in a thread), before anything listens, and before any message ``state`` holds is
+        tried; messages the start adds later (queue/store.py, ``load_rest``) are counted by
+        ``recount`` with the same mark, before they are tried."""
+        store, counters = self.store.sync, self.policy.counters
+        rows, self.seq = store.counts_and_seq_since(now - KEEP)
+        for key, start, n in rows:
+            counters.load(key, start, n)
+            self.seen[(key, start)] = n
+        self._pruned = now
+        mark = store.flushed_until(self.journal)
+        replayed = recount(self.policy, state.messages.values(), mark, own_domain)
+        for domain in store.domains():
+            if domain.paused_at is not None:
+                self.policy.fresh_since[domain.name] = domain.paused_at
+        return len(rows), replayed, mark
+
+    async def flush(self, now: float) -> None:
+        """Write what was counted since the last flush, and read back what the other
+        processes added since the last read. A failed write keeps its deltas for the next
+        one and reads nothing (the transaction rolled back)."""
+        async with self._lock:
+            # the deltas are taken on the event loop (no send can interleave)
+            deltas = self.policy.counters.take_unflushed()
+            exchange = partial(
+                self.store.sync.exchange_counts, deltas, self.seq, journal=self.journal, until=now
+            )
+            try:
+                rows, seq = await self.store.run(exchange)
+            except trio.Cancelled:  # waiting for the store's thread: the exchange never ran
+                self.policy.counters.restore_unflushed(deltas)
+                raise
+            except (OSError, sqlite3.Error):  # the disk: keep the deltas, say so, try next time
+                self.policy.counters.restore_unflushed(deltas)
+                log.exception("could not write the policy counters; they are kept for the next try")
+                return
+            self._apply(rows, seq, deltas, now)
+
+    def _apply(
+        self,
+        rows: list[tuple[str, float, int]],
+        seq: int,
+        mine: dict[tuple[str, float], int],
+        now: float,
+    ) -> None:
+        counters, seen = self.policy.counters, self.seen
+        for key, start, total in rows:
+            slot = (key, start)
+            others = total - seen.get(slot, 0) - mine.get(slot, 0)
+            seen[slot] = total
+            if others:
+                counters.load(key, start, others)
+        self.seq = seq
+        if now - self._pruned > PRUNE_EVERY:  # rows older than any rule reads
+            self._pruned = now
+            for slot in [s for s in seen if s[1] < now - KEEP]:
+                del seen[slot]
+
+    async def run(self, clock: Callable[[], float], *, task_status: Started = IGNORED) -> None:
+        """Flush every ``counter_flush`` seconds until cancelled; a last flush on the way
+        out."""
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(self.policy.settings.counter_flush)
+                await self.flush(clock())
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.flush(clock())
 
 
 def recount(
@@ -115,40 +190,3 @@ def recount(
                     counted.append((bounced_key(sender_domain), delivery.at, 1))
     policy.counters.add_many(counted)
     return replayed
-
-
-async def flush_loop(
-    store: AsyncStore,
-    policy: Policy,
-    journal: str,
-    clock: Callable[[], float],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Flush every ``counter_flush`` seconds until cancelled; a last flush on the way out."""
-    task_status.started()
-    try:
-        while True:
-            await trio.sleep(policy.settings.counter_flush)
-            await _flush_once(store, policy, journal, clock())
-    finally:
-        with trio.CancelScope(shield=True):
-            await _flush_once(store, policy, journal, clock())
-
-
-async def flush_counters(store: AsyncStore, policy: Policy, journal: str, now: float) -> None:
-    """Write what was counted since the last flush now (the inbound processor commits the
-    counts a report changed before it marks the report done)."""
-    await _flush_once(store, policy, journal, now)
-
-
-async def _flush_once(store: AsyncStore, policy: Policy, journal: str, now: float) -> None:
-    # the deltas are taken on the event loop (no send can interleave), written in the thread
-    deltas = policy.counters.take_unflushed()
-    if not deltas:
-        return  # nothing happened since the last flush: its mark still holds, no write
-    try:
-        await store.run(partial(store.sync.add_counts, deltas, journal=journal, until=now))
-    except (OSError, sqlite3.Error):  # the disk: keep the deltas, say so, try next time
-        policy.counters.restore_unflushed(deltas)
-        log.exception("could not write the policy counters; they are kept for the next try")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import smtplib
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +322,57 @@ def test_kill_9_does_not_give_a_member_a_fresh_hourly_allowance(tmp_path: Path) 
             server.proc.wait(30)
         if round_ == 0:
             assert server.proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_a_second_relay_sharing_the_account_store_counts_the_first_ones_sends(
+    tmp_path: Path,
+) -> None:
+    """Two relay processes, each with its own data directory and journal, one account store:
+    five recipients through the first use the member's hourly allowance at the second too,
+    within two flush intervals (policy.counter_flush, 1 s: docs/policy.md states the bound).
+    Before the second saw them it would take five more."""
+    from atmosrelay.config import load_config
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    config_a, ctx, _ = write_config(tmp_path / "a")
+    shared = load_config(str(config_a)).accounts_db
+    text = config_a.read_text().replace(str(tmp_path / "a" / "var"), str(tmp_path / "b" / "var"))
+    config_b = tmp_path / "b" / "relay.toml"
+    config_b.write_text(text + f'[accounts]\ndatabase = "{shared}"\n')
+    assert load_config(str(config_b)).accounts_db == shared
+    key = add_newbie(load_config(str(config_a)))
+    a = Server(tmp_path / "a", config_a, 0)
+    try:
+        b = Server(tmp_path / "b", config_b, 0)
+        try:
+            with connect(b.port, ctx, "newbie.test", key) as s:
+                s.mail("n@newbie.example")  # b has its allowance before a sends anything
+                assert s.rcpt("before@example.net")[0] == 250
+                s.rset()
+            with connect(a.port, ctx, "newbie.test", key) as s:
+                s.mail("n@newbie.example")
+                for i in range(5):
+                    assert s.rcpt(f"r{i}@example.net")[0] == 250
+                assert s.data(message("n@newbie.example"))[0] == 250
+            with connect(b.port, ctx, "newbie.test", key) as s:
+                deadline = time.monotonic() + 20
+                while True:  # a member with no place left is refused at MAIL already
+                    code, text_ = s.mail("n@newbie.example")
+                    if code == 250:
+                        code, text_ = s.rcpt("r5@example.net")
+                    if code != 250 or time.monotonic() > deadline:
+                        break
+                    s.rset()  # a place reserved, never used: given back
+                    time.sleep(0.1)
+                assert (code, text_[:40]) == (451, b"4.7.1 Hourly limit of 5 recipient(s) (wa")
+        finally:
+            b.proc.send_signal(signal.SIGTERM)
+            b.proc.wait(30)
+    finally:
+        a.proc.send_signal(signal.SIGTERM)
+        a.proc.wait(30)
 
 
 async def test_a_removed_member_is_refused_at_auth_and_its_open_sessions_at_mail(
