@@ -49,13 +49,14 @@ from atmosrelay.api.models import (
     RecipientStatus,
     Window,
 )
-from atmosrelay.policy.counters import Counters
+from atmosrelay.policy.counters import STORE_KEEP, Counters
 from atmosrelay.policy.limits import DAY, HOUR, limits_for, recipients_key
 from atmosrelay.policy.rules import bounced_key, complaint_key, sent_key
 from atmosrelay.queue.status import MessageStatus
 from atmosrelay.refusals import Code, Refusal, refuse
 
 DAYS: Final = 14
+assert DAYS * DAY < STORE_KEEP, "the report reads counter rows the store no longer keeps"
 
 
 def message_out(m: MessageStatus) -> MessageOut:

@@ -22,6 +22,8 @@ from typing import Final
 
 DEFAULT_BUCKET: Final = 60.0
 KEEP: Final = 8 * 86400.0  # the longest history a rule reads (velocity: 7 days) and a margin
+# What the account store keeps of the counters: /member/deliverability reads 14 days back.
+STORE_KEEP: Final = 30 * 86400.0
 
 
 class _Series:

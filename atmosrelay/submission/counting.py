@@ -46,7 +46,7 @@ import attrs
 import trio
 
 from atmosrelay.accounts.store import AsyncStore
-from atmosrelay.policy.counters import KEEP
+from atmosrelay.policy.counters import KEEP, STORE_KEEP
 from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.limits import recipients_key
 from atmosrelay.policy.rules import bounced_key, sent_key
@@ -55,7 +55,7 @@ from atmosrelay.queue.state import QueuedMessage, QueueState, domain_of
 
 log = logging.getLogger("atmosrelay.policy")
 
-PRUNE_EVERY: Final = 3600.0  # seconds between sweeps of the rows ``seen`` remembers
+PRUNE_EVERY: Final = 3600.0  # seconds between sweeps of ``seen`` and of the store's rows
 Started = trio.TaskStatus[None]
 IGNORED: Final = trio.TASK_STATUS_IGNORED
 
@@ -113,6 +113,8 @@ class CounterSync:
                 log.exception("could not write the policy counters; they are kept for the next try")
                 return
             self._apply(rows, seq, deltas, now)
+            if now - self._pruned > PRUNE_EVERY:
+                await self._prune(now)
 
     def _apply(
         self,
@@ -129,10 +131,18 @@ class CounterSync:
             if others:
                 counters.load(key, start, others)
         self.seq = seq
-        if now - self._pruned > PRUNE_EVERY:  # rows older than any rule reads
-            self._pruned = now
-            for slot in [s for s in seen if s[1] < now - KEEP]:
-                del seen[slot]
+
+    async def _prune(self, now: float) -> None:
+        """Hourly: forget the rows no rule reads any more, and drop from the store what no
+        reader reads (``STORE_KEEP``; every process sharing the store does it: the second
+        DELETE finds nothing)."""
+        self._pruned = now
+        for slot in [s for s in self.seen if s[1] < now - KEEP]:
+            del self.seen[slot]
+        try:
+            await self.store.run(self.store.sync.prune_counts, now - STORE_KEEP)
+        except (OSError, sqlite3.Error):
+            log.exception("could not prune the policy counters; trying again in an hour")
 
     async def run(self, clock: Callable[[], float], *, task_status: Started = IGNORED) -> None:
         """Flush every ``counter_flush`` seconds until cancelled; a last flush on the way

@@ -17,12 +17,13 @@ from hypothesis.stateful import RuleBasedStateMachine, rule
 from msgspec.structs import replace
 
 from atmosrelay.accounts.store import AsyncStore, Store
+from atmosrelay.policy.counters import STORE_KEEP
 from atmosrelay.policy.engine import Policy
 from atmosrelay.policy.limits import recipients_key
 from atmosrelay.policy.rules import bounced_key, sent_key
 from atmosrelay.queue.records import Delivery, Outcome, Recipient
 from atmosrelay.queue.state import QueueState
-from atmosrelay.submission.counting import CounterSync
+from atmosrelay.submission.counting import PRUNE_EVERY, CounterSync
 from journal import Position
 from tests.queue.factories import ALICE_DID, accepted_record
 
@@ -224,3 +225,14 @@ class Ops(RuleBasedStateMachine):
 
 TestOps = Ops.TestCase
 TestOps.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+
+
+async def test_an_hour_on_the_store_drops_the_rows_no_reader_reads(tmp_path: Path) -> None:
+    a = _process(tmp_path / "accounts.db", "ja")
+    old, recent = NOW - STORE_KEEP - 120, NOW - 600
+    a.store.sync.add_counts({(KEY, old): 2, (KEY, recent): 3})
+    a.load(QueueState(), NOW)
+    await a.flush(NOW)  # within the hour of the start: nothing pruned
+    assert len(a.store.sync.counts_since(0)) == 2
+    await a.flush(NOW + PRUNE_EVERY + 1)
+    assert a.store.sync.counts_since(0) == [(KEY, recent, 3)]
