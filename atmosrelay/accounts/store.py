@@ -143,6 +143,16 @@ class Store(InboundLog):
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every SELECT in it sees the same committed state."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
     def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
@@ -474,12 +484,8 @@ class Store(InboundLog):
         start, total), and the sequence number reached. Writers take the database's write
         lock in turn, so the sequence numbers follow the commits: no row is missed."""
         if not deltas:
-            with self._lock:  # one read transaction: the rows and the number agree
-                self._db.execute("BEGIN")
-                try:
-                    return self._counts_after(self._db, after)
-                finally:
-                    self._db.execute("COMMIT")
+            with self._snapshot() as db:  # the rows and the number agree
+                return self._counts_after(db, after)
         with self._tx() as db:
             self._add_counts(db, deltas, journal, until)
             return self._counts_after(db, after)
@@ -523,13 +529,9 @@ class Store(InboundLog):
     def counts_and_seq_since(self, since: float) -> tuple[list[tuple[str, float, int]], int]:
         """``counts_since`` and the sequence number they reflect, from one snapshot: what a
         process loads at its start, before it reads others' additions past that number."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                rows = self.counts_since(since)
-                (seq,) = self._db.execute("SELECT seq FROM counter_seq").fetchone()
-            finally:
-                self._db.execute("COMMIT")
+        with self._snapshot() as db:
+            rows = self.counts_since(since)
+            (seq,) = db.execute("SELECT seq FROM counter_seq").fetchone()
         return rows, int(seq)
 
     def flushed_until(self, journal: str) -> float:

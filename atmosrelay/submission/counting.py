@@ -56,8 +56,6 @@ from atmosrelay.queue.state import QueuedMessage, QueueState, domain_of
 log = logging.getLogger("atmosrelay.policy")
 
 PRUNE_EVERY: Final = 3600.0  # seconds between sweeps of ``seen`` and of the store's rows
-Started = trio.TaskStatus[None]
-IGNORED: Final = trio.TASK_STATUS_IGNORED
 
 
 @attrs.define(eq=False)
@@ -144,7 +142,12 @@ class CounterSync:
         except (OSError, sqlite3.Error):
             log.exception("could not prune the policy counters; trying again in an hour")
 
-    async def run(self, clock: Callable[[], float], *, task_status: Started = IGNORED) -> None:
+    async def run(
+        self,
+        clock: Callable[[], float],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Flush every ``counter_flush`` seconds until cancelled; a last flush on the way
         out."""
         task_status.started()
