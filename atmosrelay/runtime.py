@@ -359,7 +359,15 @@ async def _serve(
     ctx = make_context(config, store, queue, tls_context, enforce_limits=enforce_limits)
     ctx.on_data_reply = extras.metrics.data_reply_seconds.observe
     keys = ctx.keys
-    counting = CounterSync(ctx.store, ctx.pipeline.policy, str(config.journal_dir.resolve()))
+    counting = CounterSync(
+        ctx.store,
+        ctx.pipeline.policy,
+        str(config.journal_dir.resolve()),
+        on_shared=lambda: announce(
+            "policy: another relay process adds to the account store's counters; its sends "
+            "count against the limits here too"
+        ),
+    )
     ctx.inbound, extras.inbound = make_inbound(
         config,
         ctx,

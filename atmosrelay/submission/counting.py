@@ -68,6 +68,9 @@ class CounterSync:
     journal: str  # whose records ``counter_marks`` says are counted up to when
     seq: int = 0  # the store's sequence number as last read
     seen: dict[tuple[str, float], int] = attrs.field(factory=dict)  # row totals as last read
+    # Called once, the first time another process's additions are counted here (the relay
+    # says so on its standard output: the operator learns the store is shared).
+    on_shared: Callable[[], None] | None = None
     _lock: trio.Lock = attrs.field(factory=trio.Lock)  # one exchange at a time, applied in turn
     _pruned: float = 0.0
 
@@ -122,13 +125,18 @@ class CounterSync:
         now: float,
     ) -> None:
         counters, seen = self.policy.counters, self.seen
+        shared = False
         for key, start, total in rows:
             slot = (key, start)
             others = total - seen.get(slot, 0) - mine.get(slot, 0)
             seen[slot] = total
             if others:
                 counters.load(key, start, others)
+                shared = True
         self.seq = seq
+        if shared and self.on_shared is not None:
+            self.on_shared()
+            self.on_shared = None
 
     async def _prune(self, now: float) -> None:
         """Hourly: forget the rows no rule reads any more, and drop from the store what no

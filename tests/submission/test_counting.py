@@ -111,9 +111,12 @@ def _total(sync: CounterSync, key: str = KEY) -> int:
 
 async def test_each_process_sees_what_the_others_added_and_its_own_once(tmp_path: Path) -> None:
     a, b = (_process(tmp_path / "accounts.db", j) for j in ("ja", "jb"))
+    told: list[str] = []
+    a.on_shared, b.on_shared = (lambda: told.append("a")), (lambda: told.append("b"))
     a.policy.counters.add(KEY, NOW - 30, 3)
     await a.flush(NOW)
     assert (_total(a), _total(b)) == (3, 0)  # b has not looked yet
+    assert told == []  # a's own rows are not another's
     b.policy.counters.add(KEY, NOW - 30, 2)  # the same bucket
     b.policy.counters.add(KEY, NOW - 90, 1)  # and an older one
     await b.flush(NOW)
@@ -123,6 +126,7 @@ async def test_each_process_sees_what_the_others_added_and_its_own_once(tmp_path
     await a.flush(NOW)
     await b.flush(NOW)  # nothing new anywhere: nothing changes, nothing is counted again
     assert (_total(a), _total(b)) == (6, 6)
+    assert told == ["b", "a"]  # each said so once, the first time it counted the other
     # what was read back is never written back: the store holds each send once
     assert sum(n for k, _, n in a.store.sync.counts_since(0) if k == KEY) == 6
 
