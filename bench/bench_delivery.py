@@ -162,6 +162,26 @@ def _run(sessions: int, size: int, seconds: float, ca: trustme.CA, deliver: bool
     return result
 
 
+def bench_record(i: int, body: bytes, now: float) -> Accepted:
+    """The ACCEPTED record of the ``i``-th bench message of ``body``: one recipient, a
+    receipt, a member's."""
+    return Accepted(
+        id=new_queue_id(now),
+        accepted_at=now,
+        did=DID,
+        sender="bench@example.org",
+        recipients=(Recipient(f"r{i}@example.net"),),
+        ret=None,
+        envid=None,
+        category="receipt",
+        bulk=False,
+        tags=(),
+        metadata={},
+        client={},
+        size=len(body),
+    )
+
+
 def queue_in_journal(directory: Path, n: int, body: bytes) -> None:
     """``n`` ACCEPTED records of ``body`` (one recipient each) written straight to a journal,
     as a relay stopped with that many messages queued would leave it."""
@@ -169,21 +189,7 @@ def queue_in_journal(directory: Path, n: int, body: bytes) -> None:
     now = time.time()
     batch = []
     for i in range(n):
-        record = Accepted(
-            id=new_queue_id(now),
-            accepted_at=now,
-            did=DID,
-            sender="bench@example.org",
-            recipients=(Recipient(f"r{i}@example.net"),),
-            ret=None,
-            envid=None,
-            category="receipt",
-            bulk=False,
-            tags=(),
-            metadata={},
-            client={},
-            size=len(body),
-        )
+        record = bench_record(i, body, now)
         batch.append((int(RecordType.ACCEPTED), encode_accepted(record, body)))
         if len(batch) == 1000:
             log.write_batch(batch)

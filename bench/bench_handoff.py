@@ -52,14 +52,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atmosrelay.queue.records import (
-    Accepted,
-    Recipient,
-    decode_accepted,
-    encode_accepted,
-    new_queue_id,
-)
+from atmosrelay.queue.records import decode_accepted, encode_accepted
 from atmosrelay.queue.store import QueueStore
+from bench.bench_delivery import bench_record
 from journal import open_journal
 
 FRAME: Final = struct.Struct("<II")  # bytes after the length field, the frame's number
@@ -74,21 +69,7 @@ def frames(n: int, size: int, first: int) -> list[bytes]:
     body = head + (b"y" * 76 + b"\r\n") * max(0, (size - len(head)) // 78)
     out = []
     for i in range(n):
-        record = Accepted(
-            id=new_queue_id(),
-            accepted_at=time.time(),
-            did="did:plc:abcdefghijklmnopqrstuvwx",
-            sender="alice@example.org",
-            recipients=(Recipient(f"r{i}@example.net"),),
-            ret=None,
-            envid=None,
-            category="receipt",
-            bulk=False,
-            tags=(),
-            metadata={},
-            client={"ip": "127.0.0.1"},
-            size=len(body),
-        )
+        record = bench_record(i, body, time.time())
         payload = encode_accepted(record, body)
         out.append(FRAME.pack(len(payload) + 4, first + i) + payload)
     return out
