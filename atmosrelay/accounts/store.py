@@ -467,22 +467,16 @@ class Store(InboundLog):
         return [Suppression(**dict(r)) for r in rows]
 
     # -- counters (policy/counters.py) ----------------------------------------------------------
-    def add_counts(
-        self, deltas: dict[tuple[str, float], int], *, journal: str = "", until: float = 0.0
-    ) -> None:
-        """Add each ``(key, bucket start) -> n`` (key ``kind|subject``), in one transaction:
-        several relay processes may add to the same rows. ``journal``/``until``: the counts
-        of that journal's records up to ``until`` are now all in (``flushed_until``)."""
-        with self._tx() as db:
-            self._add_counts(db, deltas, journal, until)
-
     def exchange_counts(
         self, deltas: dict[tuple[str, float], int], after: int, *, journal: str, until: float
     ) -> tuple[list[tuple[str, float, int]], int]:
-        """``add_counts`` (when there is anything to add), then, in the same transaction,
-        every row any process added to after sequence number ``after``, as (key, bucket
-        start, total), and the sequence number reached. Writers take the database's write
-        lock in turn, so the sequence numbers follow the commits: no row is missed."""
+        """Add each ``(key, bucket start) -> n`` of ``deltas`` (key ``kind|subject``; several
+        processes add to the same rows) and mark this ``journal``'s records counted up to
+        ``until`` (``flushed_until``), when there is anything to add; then, in the same
+        transaction, every row any process added to after sequence number ``after``, as
+        (key, bucket start, total), and the sequence number reached. Writers take the
+        database's write lock in turn, so the sequence numbers follow the commits: no row
+        is missed."""
         if not deltas:
             with self._snapshot() as db:  # the rows and the number agree
                 return self._counts_after(db, after)

@@ -77,7 +77,7 @@ def test_a_start_counts_the_journal_past_the_last_flush_and_nothing_twice(
     tmp_path: Path,
 ) -> None:
     store = Store(str(tmp_path / "accounts.db"))
-    store.add_counts({(recipients_key(ALICE_DID), MARK - 60): 7}, journal="j", until=MARK)
+    store.exchange_counts({(recipients_key(ALICE_DID), MARK - 60): 7}, 0, journal="j", until=MARK)
     policy = Policy()
     sync = CounterSync(AsyncStore(store), policy, "j")
     rows, replayed, _ = sync.load(_state(), NOW, "operator.example")
@@ -234,7 +234,7 @@ TestOps.settings = settings(max_examples=60, stateful_step_count=25, deadline=No
 async def test_an_hour_on_the_store_drops_the_rows_no_reader_reads(tmp_path: Path) -> None:
     a = _process(tmp_path / "accounts.db", "ja")
     old, recent = NOW - STORE_KEEP - 120, NOW - 600
-    a.store.sync.add_counts({(KEY, old): 2, (KEY, recent): 3})
+    a.store.sync.exchange_counts({(KEY, old): 2, (KEY, recent): 3}, 0, journal="", until=0.0)
     a.load(QueueState(), NOW)
     await a.flush(NOW)  # within the hour of the start: nothing pruned
     assert len(a.store.sync.counts_since(0)) == 2
