@@ -145,14 +145,18 @@ def clients_then_signal(
     client: Callable[[threading.Event, int], object],
     seconds: float,
     sig: signal.Signals = signal.SIGKILL,
+    answered: threading.Event | None = None,
 ) -> int:
     """CLIENTS threads run ``client(stop, i)`` for ``seconds`` of real time, then the relay
     gets ``sig``; once it has exited, ``stop`` is set and the threads joined. Returns the
-    relay's exit status."""
+    relay's exit status. With ``answered``, the clock starts once the clients set it (their
+    first success), so the load is real however slow the machine is that second."""
     stop = threading.Event()
     threads = [threading.Thread(target=client, args=(stop, i), daemon=True) for i in range(CLIENTS)]
     for t in threads:
         t.start()
+    if answered is not None:
+        assert answered.wait(60), "the load never got a first success"
     time.sleep(seconds)  # real load for a random real time: the moment of the kill is the test
     server.proc.send_signal(sig)
     status = server.proc.wait(60)
