@@ -13,7 +13,13 @@ import trio
 import trio.testing
 import trustme
 
-from atmosrelay.delivery.client_session import ConnectFailed, Envelope, open_remote
+from atmosrelay.delivery.client_session import (
+    DATA_BLOCK_TIMEOUT,
+    DATA_END_TIMEOUT,
+    ConnectFailed,
+    Envelope,
+    open_remote,
+)
 from atmosrelay.delivery.courier import client_context
 from atmosrelay.delivery.resolver import Destination
 from atmosrelay.queue.records import Outcome
@@ -49,6 +55,8 @@ class Host:
     inject_after_starttls: bool = False
     delay: float = 0.0  # before answering the end of data (to overlap connections)
     close_after: int | None = None  # hang up silently after this many transactions
+    lockstep: bool = False  # a write waits until the other side has read it
+    stall_after_354: bool = False  # stop reading once DATA is answered 354
     received: list[bytes] = attrs.field(factory=list)
     commands: list[str] = attrs.field(factory=list)  # each event's name, in order
     connections: int = 0
@@ -65,7 +73,10 @@ class FakeMX:
         spec = self.hosts[host]
         if spec.down:
             raise ConnectionRefusedError(f"{host} refuses")
-        client, server = trio.testing.memory_stream_pair()
+        pair = (
+            trio.testing.lockstep_stream_pair if spec.lockstep else trio.testing.memory_stream_pair
+        )
+        client, server = pair()
         self.nursery.start_soon(self._serve, server, host, spec)
         return client
 
@@ -125,6 +136,8 @@ class FakeMX:
                 await stream.send_all(out)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
+            if spec.stall_after_354 and reply.code == 354:
+                await trio.sleep_forever()
 
 
 @asynccontextmanager
@@ -230,6 +243,34 @@ async def test_rset_only_where_the_last_transaction_was_left_open(pipelining: bo
         *("MailFrom", "EndOfMessage"),
         *("MailFrom",),
     ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "limit"),
+    [
+        (Host(delay=DATA_END_TIMEOUT + 60), DATA_END_TIMEOUT),  # no reply to the end of data
+        (Host(lockstep=True, stall_after_354=True), DATA_BLOCK_TIMEOUT),  # body never read
+    ],
+    ids=["final-reply", "data-block"],
+)
+async def test_a_remote_that_stops_defers_once_its_rfc_5321_timeout_passes(
+    spec: Host, limit: float, autojump_clock: trio.testing.MockClock
+) -> None:
+    """RFC 5321 4.5.3.2: each wait on the remote has its own limit. A remote that stops
+    answering, or stops reading the content, defers every recipient when that limit has
+    passed (virtual time), and the connection is not reused."""
+    async with fake_mx(mx1=spec) as mx:
+        remote = await open_remote(dest("mx1"), helo="relay.test", tls=tls(), connect=mx.connect)
+        start = trio.current_time()
+        with trio.fail_after(2 * DATA_END_TIMEOUT):  # no limit at all: the test fails here
+            outcomes = await remote.send(ENV, MESSAGE)
+        waited = trio.current_time() - start
+        assert not remote.usable
+        await remote.aclose()
+    assert limit <= waited < limit + 1
+    assert {(o.outcome, o.status, o.reply) for o in outcomes} == {
+        ("deferred", "4.4.2", "timeout talking to mx1")
+    }
 
 
 async def test_next_mx_on_connection_failure_or_refusing_greeting() -> None:
