@@ -89,10 +89,13 @@ def test_kill_9_under_http_load_loses_no_200(tmp_path: Path) -> None:
             tmp_path,
             config_path,
             acked,
-            lambda server, seconds, tag: clients_then_signal(
+            lambda server, seconds, tag, answered: clients_then_signal(
                 server,
-                lambda stop, i: _load(http_port(server), key, acked, lock, stop, f"{tag}-{i}"),
+                lambda stop, i: _load(
+                    http_port(server), key, acked, lock, stop, f"{tag}-{i}", answered
+                ),
                 seconds,
+                answered=answered,
             ),
             ROUNDS,
         )

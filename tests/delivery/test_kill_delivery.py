@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -58,8 +59,9 @@ def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path, processes: in
             server = Server(tmp_path, config_path, round_)
             couriers = delivery_pids(server.text())
             assert len(couriers) == processes
+            first = threading.Event() if round_ == 0 else None  # its clock from the first 250
             load_then_signal(
-                server, ctx, key, acked, rng.uniform(0.3, 1.2), f"r{round_}", signal.SIGKILL
+                server, ctx, key, acked, rng.uniform(0.3, 1.2), f"r{round_}", signal.SIGKILL, first
             )
             # the owner is gone: its delivery processes read end of file and exit
             assert exited(couriers, 15), f"delivery processes outlived the relay: {couriers}"
@@ -100,7 +102,8 @@ def test_sigterm_drains_then_the_restart_delivers_the_rest(tmp_path: Path, proce
     with aiosmtpd_sink() as sink:
         config_path, ctx, key = write_config(tmp_path, delivery_settings(sink, processes))
         server = Server(tmp_path, config_path, 0)
-        status = load_then_signal(server, ctx, key, acked, 1.0, "term", signal.SIGTERM)
+        answered = threading.Event()
+        status = load_then_signal(server, ctx, key, acked, 1.0, "term", signal.SIGTERM, answered)
         assert status == 0, server.err.read_text()
         text = server.finished()
         assert "deliveries:" in text and "journal closed" in text, text

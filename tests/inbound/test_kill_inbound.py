@@ -30,10 +30,15 @@ def inbound_port(server: Server) -> int:
 
 
 def remote(
-    port: int, acked: dict[str, str], lock: threading.Lock, stop: threading.Event, tag: str
+    port: int,
+    acked: dict[str, str],
+    lock: threading.Lock,
+    stop: threading.Event,
+    tag: str,
+    answered: threading.Event | None = None,
 ) -> None:
     """A remote MX handing the relay abuse reports until stopped; ``acked`` maps each
-    inbound id answered 250 to its Subject."""
+    inbound id answered 250 to its Subject, and ``answered`` is set at the first 250."""
     n = 0
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
@@ -47,6 +52,8 @@ def remote(
                 if code == 250:
                     with lock:
                         acked[reply.decode().rsplit(" ", 1)[1]] = subject
+                    if answered is not None:
+                        answered.set()
     except (smtplib.SMTPException, OSError):
         pass  # the relay was killed: that is the point
 
@@ -65,10 +72,11 @@ def test_kill_9_during_inbound_acceptance_loses_nothing_that_got_250(tmp_path: P
         tmp_path,
         config_path,
         {},  # no submission here: the queue's own check has nothing to hold
-        lambda server, seconds, tag: clients_then_signal(
+        lambda server, seconds, tag, answered: clients_then_signal(
             server,
-            lambda stop, i: remote(inbound_port(server), acked, lock, stop, f"{tag}-{i}"),
+            lambda stop, i: remote(inbound_port(server), acked, lock, stop, f"{tag}-{i}", answered),
             seconds,
+            answered=answered,
         ),
         rounds=ROUNDS,
     )
