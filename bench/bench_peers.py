@@ -52,7 +52,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -69,18 +68,13 @@ from atmosrelay.accounts.store import Store
 from atmosrelay.message.dkim import Signer, SigningKey
 from bench.bench_accept import Server
 from bench.bench_delivery import queue_in_journal
+from bench.postfix import Postfix, free_port, reachable, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DID = "did:plc:abcdefghijklmnopqrstuvwx"
 SENDER, RCPT = "bench@example.org", "sink@example.net"
 CONCURRENCY = 20  # connections per destination, both servers (Postfix's default)
 KIB = 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _load() -> float:
@@ -174,7 +168,7 @@ class Sink:
     """smtp-sink on a free port, counting what arrives (its -c counter, read live)."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.count = 0
         self.first: float | None = None
         self.changed = threading.Condition()
@@ -184,7 +178,7 @@ class Sink:
             stderr=subprocess.STDOUT,
         )
         threading.Thread(target=self._read, daemon=True).start()
-        _wait_port(self.port)
+        wait_port(self.port)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -213,27 +207,6 @@ class Sink:
         self.proc.wait()
 
 
-def _reachable(directory: Path) -> None:
-    """Let other users (postfix, opendkim) traverse to ``directory`` (a temporary
-    directory is 0700)."""
-    for p in (directory, *directory.parents):
-        if p == Path("/"):
-            break
-        p.chmod(p.stat().st_mode | 0o055)
-
-
-def _wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def smtp_source_command(
     port: int, messages: int, sessions: int, size: int, keep_open: bool
 ) -> list[str]:
@@ -255,113 +228,6 @@ def smtp_source(port: int, messages: int, sessions: int, size: int, keep_open: b
     return took
 
 
-# -- the peer: a throwaway Postfix --------------------------------------------------------------
-
-MASTER_CF = """\
-127.0.0.1:{port} inet n - n - - smtpd
-pickup unix n - n 60 1 pickup
-cleanup unix n - n - 0 cleanup
-qmgr unix n - n 300 1 qmgr
-rewrite unix - - n - - trivial-rewrite
-bounce unix - - n - 0 bounce
-defer unix - - n - 0 bounce
-trace unix - - n - 0 bounce
-verify unix - - n - 1 verify
-flush unix n - n 1000? 0 flush
-proxymap unix - - n - - proxymap
-proxywrite unix - - n - 1 proxymap
-smtp unix - - n - - smtp
-relay unix - - n - - smtp
-showq unix n - n - - showq
-error unix - - n - - error
-retry unix - - n - - error
-discard unix - - n - - discard
-anvil unix - - n - 1 anvil
-scache unix - - n - 1 scache
-postlog unix-dgram n - n - 1 postlogd
-"""
-
-
-class Postfix:
-    """A Postfix instance under ``directory``: smtpd on a free loopback port, relaying all
-    mail to ``sink_port``; ``hold`` keeps every accepted message in the hold queue."""
-
-    def __init__(
-        self, directory: Path, sink_port: int, *, hold: bool, milter: Path | None = None
-    ) -> None:
-        self.dir = directory
-        self.conf = directory / "conf"
-        self.port = _free_port()
-        for sub in ("conf", "queue", "data"):
-            (directory / sub).mkdir(parents=True, exist_ok=True)
-        shutil.chown(directory / "data", "postfix")
-        _reachable(directory)  # the postfix user must reach it
-        settings = {
-            "compatibility_level": "3.6",
-            "queue_directory": directory / "queue",
-            "data_directory": directory / "data",
-            "mail_owner": "postfix",
-            "setgid_group": "postdrop",
-            "myhostname": "peer.localhost",
-            "mydestination": "",
-            "inet_interfaces": "127.0.0.1",
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
-            "smtpd_relay_restrictions": "permit_mynetworks, reject",
-            "alias_maps": "",
-            "alias_database": "",
-            "local_recipient_maps": "",
-            "relayhost": f"[127.0.0.1]:{sink_port}",
-            "disable_dns_lookups": "yes",
-            "smtp_host_lookup": "native",
-            "maillog_file": directory / "maillog",
-            "maillog_file_prefixes": directory,
-            "syslog_name": "benchpeer",
-            "default_process_limit": "300",
-            "smtpd_client_connection_count_limit": "0",
-            "default_destination_concurrency_limit": str(CONCURRENCY),
-            "biff": "no",
-        }
-        if hold:
-            settings["smtpd_end_of_data_restrictions"] = "check_client_access static:HOLD"
-        if milter is not None:
-            settings["smtpd_milters"] = f"unix:{milter}"
-            settings["milter_default_action"] = "tempfail"
-        (self.conf / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
-        (self.conf / "master.cf").write_text(MASTER_CF.format(port=self.port))
-        self._postfix("start")
-        _wait_port(self.port)
-        self.pid = int((directory / "queue" / "pid" / "master.pid").read_text().split()[0])
-
-    def _postfix(self, *action: str) -> None:
-        done = subprocess.run(
-            ["postfix", "-c", str(self.conf), *action], capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            log = (self.dir / "maillog").read_text() if (self.dir / "maillog").exists() else ""
-            raise RuntimeError(f"postfix {' '.join(action)} failed: {log[-800:]}")
-
-    def release_held(self) -> None:
-        """Release the hold queue; released mail lands in the deferred queue, which qmgr
-        would only scan after queue_run_delay (300 s), so flush it at once."""
-        subprocess.run(["postsuper", "-c", str(self.conf), "-H", "ALL"], check=True)
-        subprocess.run(["postqueue", "-c", str(self.conf), "-f"], check=True)
-
-    def queued(self) -> int:
-        q = self.dir / "queue"
-        return sum(
-            len(files)
-            for sub in ("incoming", "active", "deferred", "hold", "maildrop")
-            for _, _, files in os.walk(q / sub)
-        )
-
-    def stop(self) -> None:
-        self._postfix("stop")
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{self.pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-
 class OpenDkim:
     """opendkim signing example.org (one RSA-2048 signature) as a milter on a unix socket,
     as packaged setups run it (over a loopback TCP socket, libmilter's small writes meet
@@ -369,7 +235,7 @@ class OpenDkim:
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        _reachable(directory)
+        reachable(directory)
         subprocess.run(
             [
                 "opendkim-genkey",
@@ -471,7 +337,7 @@ def run_accept(side: str, tmp: Path, n: int, sessions: int, size: int, keep: boo
             server.stop()
         return n / took, spent, used
     sink = Sink()
-    peer = Postfix(tmp, sink.port, hold=True)
+    peer = Postfix(tmp, sink.port, hold=True, concurrency=CONCURRENCY)
     try:
         machine = Machine()
         took = smtp_source(peer.port, n, sessions, size, keep)
@@ -489,7 +355,9 @@ def run_e2e(side: str, tmp: Path, n: int, sessions: int, size: int) -> Result:
         if side == "relay":
             server: Server | Postfix = relay(tmp, _delivering(sink))
         else:
-            server = Postfix(tmp, sink.port, hold=False, milter=milter and milter.socket)
+            server = Postfix(
+                tmp, sink.port, hold=False, milter=milter and milter.socket, concurrency=CONCURRENCY
+            )
         try:
             cpu = Cpu(server.proc.pid) if isinstance(server, Server) else None
             machine = Machine()
@@ -531,11 +399,11 @@ def run_restart(side: str, tmp: Path, n: int, *, killed: bool = False) -> dict[s
             finally:
                 server.stop()
         else:
-            held = Postfix(tmp, sink.port, hold=True)
+            held = Postfix(tmp, sink.port, hold=True, concurrency=CONCURRENCY)
             smtp_source(held.port, n, 50, KIB, keep_open=True)
             held.stop()
             t0 = time.time()
-            peer = Postfix(tmp, sink.port, hold=False)
+            peer = Postfix(tmp, sink.port, hold=False, concurrency=CONCURRENCY)
             peer.release_held()
             try:
                 t_all = sink.wait_for(n, 900)
