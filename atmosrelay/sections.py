@@ -361,6 +361,12 @@ class Delivery:
         "true to verify against the system's CAs (and ca_file, if given).",
     )
     ca_file: str = string("", empty=True)
+    chunking: bool = boolean(
+        True,
+        doc="Send a message's content with BDAT (RFC 3030) to servers that offer CHUNKING: not "
+        "dot-stuffed, and in the same write as its envelope where the server also offers "
+        "PIPELINING (one round trip a message instead of two). false: always DATA.",
+    )
     retry_initial: float = number(
         60.0, 1, note="seconds to the first retry, doubling each time ..."
     )

@@ -80,6 +80,7 @@ class CourierSettings:
     helo: str
     tls_verify: bool
     ca_file: str
+    chunking: bool = True  # BDAT to remotes that offer CHUNKING
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -187,7 +188,11 @@ class Courier:
 
     async def open(self, destination: Destination, require_tls: bool) -> Remote:
         return await open_remote(
-            destination, helo=self.settings.helo, tls=self.tls, require_tls=require_tls
+            destination,
+            helo=self.settings.helo,
+            tls=self.tls,
+            require_tls=require_tls,
+            chunking=self.settings.chunking,
         )
 
     def in_hand(self, job: Job) -> bool:

@@ -83,6 +83,7 @@ class DeliverySettings:
     policy: RetryPolicy = attrs.field(factory=RetryPolicy)
     concurrency: int = 4  # connections per destination
     require_tls: frozenset[str] = frozenset()  # recipient domains that must get TLS
+    chunking: bool = True  # BDAT to remotes that offer CHUNKING
     idle: float = 5.0  # a worker keeps its connection this long without work
     destination_ttl: float = 60.0  # a resolved destination is reused this long
     restart_spread: float = 60.0  # overdue retries after a restart spread over this
@@ -291,6 +292,7 @@ class Dispatcher:
             helo=self.settings.helo,
             tls=self.settings.tls,
             require_tls=require_tls,
+            chunking=self.settings.chunking,
             **kwargs,
         )
 

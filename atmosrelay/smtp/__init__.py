@@ -6,6 +6,7 @@ code that drives these objects lives in ``atmosrelay.server`` and ``atmosrelay.d
 
 from atmosrelay.smtp import _replies as replies
 from atmosrelay.smtp._client import ClientConnection
+from atmosrelay.smtp._dotstuff import whole_content
 from atmosrelay.smtp._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from atmosrelay.smtp._events import *  # noqa: F403 - the event vocabulary is the API
 from atmosrelay.smtp._events import __all__ as _event_names
@@ -39,5 +40,6 @@ __all__ = [
     "parse_path",
     "permissive_reply",
     "replies",
+    "whole_content",
     *_event_names,
 ]

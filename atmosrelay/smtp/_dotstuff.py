@@ -220,6 +220,17 @@ class BdatReader:
             self.limits.refuse(R.BARE_LINE_ENDING_IN_MESSAGE)
 
 
+def whole_content(message: bytes) -> bytes:
+    """A whole message as one BDAT LAST chunk carries it (RFC 3030): the same octets the
+    receiver keeps of it sent through ``DotStuffer`` (a CRLF added when the message does not
+    end with one), refused (LocalProtocolError) on a bare CR or LF as ``DotStuffer`` refuses
+    it: length-delimited content cannot be split here, but the server may pass it on with
+    DATA to one that would split it."""
+    if _bare_line_ending(message):
+        raise LocalProtocolError("message data has a bare CR or LF")
+    return message if not message or message.endswith(CRLF) else message + CRLF
+
+
 class DotStuffer:
     """Client side: dot-stuffs outgoing DATA content incrementally (RFC 5321 4.5.2) and
     refuses bare CR or LF rather than send a message another server could split."""

@@ -25,6 +25,7 @@ from atmosrelay.delivery.resolver import Destination
 from atmosrelay.queue.records import Outcome
 from atmosrelay.smtp import (
     NEED_DATA,
+    BdatChunk,
     Capabilities,
     ConnectionClosed,
     EndOfMessage,
@@ -47,7 +48,7 @@ CA = trustme.CA()
 
 @attrs.define
 class Host:
-    caps: Capabilities = attrs.field(factory=lambda: Capabilities(size=10_000))
+    caps: Capabilities = attrs.field(factory=lambda: Capabilities(size=10_000, chunking=False))
     greeting: Reply | None = None
     rcpt: dict[str, Reply] = attrs.field(factory=dict)
     final: Reply | None = None
@@ -57,7 +58,9 @@ class Host:
     close_after: int | None = None  # hang up silently after this many transactions
     lockstep: bool = False  # a write waits until the other side has read it
     stall_after_354: bool = False  # stop reading once DATA is answered 354
+    stall_at_bdat: bool = False  # stop reading once a BDAT command is read
     received: list[bytes] = attrs.field(factory=list)
+    octets: int = 0  # what the server read, all told
     commands: list[str] = attrs.field(factory=list)  # each event's name, in order
     connections: int = 0
     active: int = 0
@@ -97,9 +100,11 @@ class FakeMX:
             event = conn.next_event()
             if event is NEED_DATA:
                 try:
-                    conn.receive_data(bytes(await stream.receive_some(65536)))
+                    chunk = bytes(await stream.receive_some(65536))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
+                spec.octets += len(chunk)
+                conn.receive_data(chunk)
                 continue
             if isinstance(event, ConnectionClosed):
                 return
@@ -113,6 +118,8 @@ class FakeMX:
                 data += event.data
                 continue
             spec.commands.append(type(event).__name__)
+            if spec.stall_at_bdat and isinstance(event, BdatChunk):
+                await trio.sleep_forever()
             reply = answer(conn, event)
             if reply is None:
                 continue

@@ -30,11 +30,14 @@ Script = dict[str, bytes]  # "MAIL", "RCPT <address>", "DATA", "END" -> the repl
 
 @attrs.define
 class GroupingMX:
-    """An MX offering PIPELINING that holds its replies until a group ends (DATA or QUIT),
-    then answers the group's commands in order. ``groups`` records each group's verbs."""
+    """An MX offering PIPELINING that holds its replies until a group ends (DATA, QUIT, or
+    with ``chunking`` a BDAT and its chunk), then answers the group's commands in order.
+    ``groups`` records each group's verbs, ``chunks`` the octets of each BDAT chunk."""
 
     script: Script
+    chunking: bool = False  # offer CHUNKING (RFC 3030)
     groups: list[list[str]] = attrs.field(factory=list)
+    chunks: list[bytes] = attrs.field(factory=list)
 
     def reply(self, command: str) -> bytes:
         verb = command.split(" ", 1)[0].upper()
@@ -45,14 +48,16 @@ class GroupingMX:
         return self.script.get(verb, defaults.get(verb, b"250 ok\r\n"))
 
     def replies(self, group: list[str]) -> list[bytes]:
-        """Each command's reply; DATA, unless scripted, as a real server answers it: 354
-        when a recipient of the group was accepted, 554 when none was."""
+        """Each command's reply; DATA (or BDAT), unless scripted, as a real server answers it:
+        354 (250) when a recipient of the group was accepted, 554 when none was."""
         replies = [self.reply(g) for g in group]
-        if group[-1].upper() == "DATA" and "DATA" not in self.script:
+        verb = group[-1].split(" ", 1)[0].upper()
+        if verb in ("DATA", "BDAT") and verb not in self.script:
             taken = any(
                 r.startswith(b"2") for g, r in zip(group, replies, strict=True) if g[:4] == "RCPT"
             )
-            replies[-1] = b"354 go\r\n" if taken else b"554 5.5.1 no valid recipients\r\n"
+            go = b"354 go\r\n" if verb == "DATA" else b"250 2.0.0 queued\r\n"
+            replies[-1] = go if taken else b"554 5.5.1 no valid recipients\r\n"
         return replies
 
     async def serve(self, stream: trio.SocketStream) -> None:
@@ -75,10 +80,22 @@ class GroupingMX:
                     continue
                 verb = line.split(" ", 1)[0].upper()
                 if verb == "EHLO":
-                    await stream.send_all(b"250-mx\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                    offer = b"250-CHUNKING\r\n" if self.chunking else b""
+                    await stream.send_all(
+                        b"250-mx\r\n250-PIPELINING\r\n" + offer + b"250 8BITMIME\r\n"
+                    )
                     continue
                 group.append(line)
-                if verb not in ("DATA", "QUIT"):
+                if verb == "BDAT":  # its chunk follows at once, CRLFs and all
+                    size = int(line.split(" ")[1])
+                    while len(buf) < size:
+                        more = await stream.receive_some(65536)
+                        if not more:
+                            return
+                        buf += more
+                    self.chunks.append(buf[:size])
+                    buf = buf[size:]
+                elif verb not in ("DATA", "QUIT"):
                     continue  # held: the group is not over
                 self.groups.append([g.split(" ", 1)[0].upper() for g in group])
                 replies = self.replies(group)
@@ -226,6 +243,62 @@ async def test_a_421_mid_group_defers_the_rest_with_the_remote_words() -> None:
     mx = GroupingMX({"RCPT b@example.net": b"421 4.3.2 going down\r\n"})
     (outcomes,) = await deliver(mx, ("a@example.net", "b@example.net"))
     # a was accepted, but DATA never ran: both wait for the retry, with the 421's text
+    assert [(o.recipient, o.outcome) for o in outcomes] == [
+        ("a@example.net", "deferred"),
+        ("b@example.net", "deferred"),
+    ]
+    assert all("going down" in (o.reply or "") for o in outcomes)
+
+
+async def test_with_chunking_envelope_and_content_go_in_one_group() -> None:
+    """CHUNKING (RFC 3030) with PIPELINING: MAIL, every RCPT and BDAT LAST with the content
+    in one group, which this MX answers only once it has read the whole chunk; the content
+    arrives as it is, not dot-stuffed."""
+    mx = GroupingMX({}, chunking=True)
+    first, second = await deliver(mx, ("a@example.net", "b@example.net"), ("c@example.net",))
+    assert summary(first) == [
+        ("a@example.net", "sent", "2.0.0"),
+        ("b@example.net", "sent", "2.0.0"),
+    ]
+    assert summary(second) == [("c@example.net", "sent", "2.0.0")]
+    assert transactions(mx) == [["MAIL", "RCPT", "RCPT", "BDAT"], ["MAIL", "RCPT", "BDAT"]]
+    assert mx.chunks == [MESSAGE, MESSAGE]
+    assert b"\r\n.dot first" in MESSAGE  # what DATA would have stuffed
+
+
+async def test_with_chunking_a_transaction_left_open_is_reset_in_the_next_group() -> None:
+    mx = GroupingMX({"RCPT a@example.net": b"550 5.1.1 unknown\r\n"}, chunking=True)
+    first, second, third = await deliver(
+        mx, ("a@example.net",), ("c@example.net",), ("d@example.net",)
+    )
+    assert summary(first) == [("a@example.net", "bounced", "5.1.1")]
+    assert summary(second) == [("c@example.net", "sent", "2.0.0")]
+    assert summary(third) == [("d@example.net", "sent", "2.0.0")]
+    assert transactions(mx) == [
+        ["MAIL", "RCPT", "BDAT"],
+        ["RSET", "MAIL", "RCPT", "BDAT"],
+        ["MAIL", "RCPT", "BDAT"],
+    ]
+    assert "unknown" in (first[0].reply or "")  # the RCPT's words, not the chunk's 554
+
+
+async def test_with_chunking_a_refused_sender_decides_every_recipient() -> None:
+    mx = GroupingMX(
+        {
+            "MAIL": b"550 5.7.1 sender refused\r\n",
+            "RCPT a@example.net": b"503 5.5.1 MAIL first\r\n",
+            "BDAT": b"503 5.5.1 MAIL first\r\n",
+        },
+        chunking=True,
+    )
+    (outcomes,) = await deliver(mx, ("a@example.net",))
+    assert summary(outcomes) == [("a@example.net", "bounced", "5.7.1")]
+    assert "sender refused" in (outcomes[0].reply or "")
+
+
+async def test_with_chunking_a_421_mid_group_defers_the_rest_with_the_remote_words() -> None:
+    mx = GroupingMX({"RCPT b@example.net": b"421 4.3.2 going down\r\n"}, chunking=True)
+    (outcomes,) = await deliver(mx, ("a@example.net", "b@example.net"))
     assert [(o.recipient, o.outcome) for o in outcomes] == [
         ("a@example.net", "deferred"),
         ("b@example.net", "deferred"),
