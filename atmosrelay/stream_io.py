@@ -62,10 +62,13 @@ import contextlib
 import errno
 import math
 import os
+import socket
 import ssl
 from typing import Any, Final
 
 import trio
+
+_QUICKACK: Final = getattr(socket, "TCP_QUICKACK", None)
 
 
 class StreamIO:
@@ -142,6 +145,16 @@ class StreamIO:
     @property
     def unsent(self) -> bool:
         return bool(self._unsent) or (self.tls is not None and bool(self.tls.unsent))
+
+    def ack_now(self) -> None:
+        """Acknowledge what has arrived at once, where the kernel would delay it (Linux's
+        TCP_QUICKACK sends an ACK it has pending). For a peer with Nagle's algorithm on
+        that sent part of its answer and holds the rest until that part is acknowledged:
+        without this, the rest waits for our delayed ACK (40 ms on Linux). No-op elsewhere."""
+        sock = self.socket if self.tls is None else self.tls.socket
+        if sock is not None and _QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
     async def aclose(self) -> None:
         """Close at once, waiting for nothing. Plain TCP: the socket is closed here, without

@@ -132,10 +132,11 @@ class _Wire:
         # data. Anything else (MAIL taken, then every RCPT or DATA refused) needs an RSET.
         self.idle = True
 
-    async def reply(self, within: float = math.inf) -> ServerReply | TLSReady:
+    async def reply(self, within: float = math.inf, ack: bool = False) -> ServerReply | TLSReady:
         """The next reply, whole within ``within`` seconds (trio.TooSlowError) or the
         caller's own scope. A reply already received (pipelined replies often come in one
-        segment) costs no timer at all."""
+        segment) costs no timer at all. ``ack``: acknowledge what arrived before waiting
+        for more (``_group_replies``)."""
         deadline = math.inf
         while True:
             try:
@@ -144,6 +145,9 @@ class _Wire:
                 raw = printable(self.tail, MAX_RECORDED_REPLY)
                 raise _Failed("4.5.0", f"protocol error: {exc}; received: {raw}") from None
             if event is NEED_DATA:
+                if ack:
+                    self.io.ack_now()
+                    ack = False
                 if within == math.inf:
                     data = await self.io.read(BLOCK)
                 else:
@@ -352,8 +356,8 @@ def _check_reset(reply: ServerReply) -> None:
         raise _Failed("4.4.2", _reply_text(reply))
 
 
-async def _timed_reply(wire: _Wire, seconds: float) -> ServerReply:
-    event = await wire.reply(seconds)
+async def _timed_reply(wire: _Wire, seconds: float, ack: bool = False) -> ServerReply:
+    event = await wire.reply(seconds, ack)
     if not isinstance(event, ServerReply):
         raise _Failed("4.5.0", "unexpected TLS switch")
     return event
@@ -363,11 +367,17 @@ async def _group_replies(wire: _Wire, n: int, last: float = DATA_INIT_TIMEOUT) -
     """The replies to a pipelined group of ``n`` commands, the last within ``last`` seconds
     (DATA's, or BDAT LAST's), the others within COMMAND_TIMEOUT. A 421 closes the connection
     (RFC 5321 3.8): it stands for every reply still due, so the remote's own words reach the
-    outcomes rather than "connection closed"."""
+    outcomes rather than "connection closed".
+
+    Where part of the answer has come and the rest has not, what came is acknowledged at
+    once: a server that sends its first replies while it still reads the group (Postfix
+    does, when a BDAT chunk spans several reads) and has Nagle's algorithm on holds its
+    last reply until then, and a delayed ACK would cost 40 ms a message. Where the whole
+    answer comes in one segment, as it mostly does, this costs nothing."""
     replies: list[ServerReply] = []
     while len(replies) < n:
         timeout = last if len(replies) == n - 1 else COMMAND_TIMEOUT
-        reply = await _timed_reply(wire, timeout)
+        reply = await _timed_reply(wire, timeout, ack=bool(replies))
         replies.append(reply)
         if reply.reply.code == CLOSE_CODE:
             replies += [reply] * (n - len(replies))
