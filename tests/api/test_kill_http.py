@@ -16,6 +16,7 @@ import pytest
 
 from tests.relay.harness import ALICE
 from tests.relay.test_kill import (
+    Acks,
     Server,
     clients_then_signal,
     kill_rounds,
@@ -37,14 +38,11 @@ def http_port(server: Server) -> int:
 def _load(
     port: int,
     key: str,
-    acked: dict[str, str],
-    lock: threading.Lock,
+    acked: Acks,
     stop: threading.Event,
     tag: str,
-    answered: threading.Event | None = None,
 ) -> None:
-    """Send until stopped; ``acked`` maps each id answered 200 to its Message-ID, and
-    ``answered`` is set at the first 200."""
+    """Send until stopped; each id answered 200 goes in ``acked``, with its Message-ID."""
     headers = {"Authorization": f"Bearer {key}", "X-Atmos-DID": ALICE}
     n = 0
     try:
@@ -60,10 +58,7 @@ def _load(
                 }
                 r = client.post("/v1/send", json=body, headers=headers)
                 if r.status_code == 200:
-                    with lock:
-                        acked[r.json()["id"]] = r.json()["messageId"]
-                    if answered is not None:
-                        answered.set()
+                    acked.add(r.json()["id"], r.json()["messageId"])
     except httpx.HTTPError:
         pass  # the server went away (that is the point)
 
@@ -83,17 +78,14 @@ def test_kill_9_under_http_load_loses_no_200(tmp_path: Path) -> None:
         # Nothing is delivered while the kills go on (delivery off), then one start that
         # delivers everything: each 200 must reach the sink.
         config_path, _, key = write_config(tmp_path)
-        acked: dict[str, str] = {}
-        lock = threading.Lock()
+        acked = Acks()
         seed = kill_rounds(
             tmp_path,
             config_path,
             acked,
             lambda server, seconds, tag, answered: clients_then_signal(
                 server,
-                lambda stop, i: _load(
-                    http_port(server), key, acked, lock, stop, f"{tag}-{i}", answered
-                ),
+                lambda stop, i: _load(http_port(server), key, acked, stop, f"{tag}-{i}"),
                 seconds,
                 answered=answered,
             ),
@@ -153,13 +145,12 @@ def test_sigterm_under_http_load_answers_every_send_it_queued(tmp_path: Path) ->
     takes well under the grace (10 s here), which it once took in full one time in four."""
     config_path, _, key = write_config(tmp_path)
     server = Server(tmp_path, config_path, 0)
-    lock = threading.Lock()
-    acked: dict[str, str] = {}
+    acked = Acks()
     port = http_port(server)
-    answered = threading.Event()
+    answered = acked.timed(True)
     status = clients_then_signal(  # real load, from its first 200, then the stop
         server,
-        lambda stop, i: _load(port, key, acked, lock, stop, f"t{i}", answered),
+        lambda stop, i: _load(port, key, acked, stop, f"t{i}"),
         0.8,
         signal.SIGTERM,
         answered,

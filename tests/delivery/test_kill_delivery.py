@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import re
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tests.processes import delivery_pids, exited
 from tests.relay.test_kill import (
     CLIENTS,
     ROUNDS,
+    Acks,
     Server,
     load_then_signal,
     queue_states,
@@ -50,7 +50,7 @@ PROCESSES = pytest.mark.parametrize("processes", [0, 2], ids=["one", "couriers"]
 def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path, processes: int) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    acked: dict[str, str] = {}
+    acked = Acks()
     started = time.monotonic()
     with aiosmtpd_sink() as sink:
         config_path, ctx, key = write_config(tmp_path, delivery_settings(sink, processes))
@@ -59,7 +59,7 @@ def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path, processes: in
             server = Server(tmp_path, config_path, round_)
             couriers = delivery_pids(server.text())
             assert len(couriers) == processes
-            first = threading.Event() if round_ == 0 else None  # its clock from the first 250
+            first = acked.timed(round_ == 0)  # its clock from the first 250
             load_then_signal(
                 server, ctx, key, acked, rng.uniform(0.3, 1.2), f"r{round_}", signal.SIGKILL, first
             )
@@ -98,11 +98,11 @@ def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path, processes: in
 @pytest.mark.slow
 @PROCESSES
 def test_sigterm_drains_then_the_restart_delivers_the_rest(tmp_path: Path, processes: int) -> None:
-    acked: dict[str, str] = {}
+    acked = Acks()
     with aiosmtpd_sink() as sink:
         config_path, ctx, key = write_config(tmp_path, delivery_settings(sink, processes))
         server = Server(tmp_path, config_path, 0)
-        answered = threading.Event()
+        answered = acked.timed(True)
         status = load_then_signal(server, ctx, key, acked, 1.0, "term", signal.SIGTERM, answered)
         assert status == 0, server.err.read_text()
         text = server.finished()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.relay.test_kill import (
+    Acks,
     Server,
     cli_json,
     clients_then_signal,
@@ -31,14 +32,12 @@ def inbound_port(server: Server) -> int:
 
 def remote(
     port: int,
-    acked: dict[str, str],
-    lock: threading.Lock,
+    acked: Acks,
     stop: threading.Event,
     tag: str,
-    answered: threading.Event | None = None,
 ) -> None:
-    """A remote MX handing the relay abuse reports until stopped; ``acked`` maps each
-    inbound id answered 250 to its Subject, and ``answered`` is set at the first 250."""
+    """A remote MX handing the relay abuse reports until stopped; each inbound id answered
+    250 goes in ``acked``, with its Subject."""
     n = 0
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
@@ -50,10 +49,7 @@ def remote(
                 smtp.rcpt("abuse@relay.test")
                 code, reply = smtp.data(f"Subject: {subject}\r\n\r\na report\r\n".encode())
                 if code == 250:
-                    with lock:
-                        acked[reply.decode().rsplit(" ", 1)[1]] = subject
-                    if answered is not None:
-                        answered.set()
+                    acked.add(reply.decode().rsplit(" ", 1)[1], subject)
     except (smtplib.SMTPException, OSError):
         pass  # the relay was killed: that is the point
 
@@ -66,19 +62,19 @@ def test_kill_9_during_inbound_acceptance_loses_nothing_that_got_250(tmp_path: P
         'listeners = ["127.0.0.1:0 implicit", "127.0.0.1:0 inbound"]',
     )
     config_path.write_text(text + "[inbound]\nhourly_per_ip = 1000000\n")
-    acked: dict[str, str] = {}
-    lock = threading.Lock()
+    acked = Acks()
     seed = kill_rounds(
         tmp_path,
         config_path,
-        {},  # no submission here: the queue's own check has nothing to hold
+        acked,
         lambda server, seconds, tag, answered: clients_then_signal(
             server,
-            lambda stop, i: remote(inbound_port(server), acked, lock, stop, f"{tag}-{i}", answered),
+            lambda stop, i: remote(inbound_port(server), acked, stop, f"{tag}-{i}"),
             seconds,
             answered=answered,
         ),
         rounds=ROUNDS,
+        queued=False,  # inbound ids, not the queue's: its own check has nothing to hold
     )
     assert acked, "the remotes never got a 250"
     # a last start: whatever was fsynced but not processed is processed before "ready"
