@@ -153,6 +153,16 @@ async def test_a_large_message_waits_for_its_envelope_replies(pipelining: bool) 
         assert refused.octets < 10_000 or sent_with_envelope
 
 
+async def test_bdat_over_starttls() -> None:
+    spec = Host(caps=Capabilities(size=None, chunking=True, starttls=True))
+    async with fake_mx(mx1=spec) as mx:
+        for name in ("dot-lines", "large"):
+            _, outcomes = await go(mx, dest("mx1"), message=MESSAGES[name], require_tls=True)
+            assert {o.outcome for o in outcomes.values()} == {"sent"}
+    assert spec.received == [MESSAGES["dot-lines"], MESSAGES["large"]]
+    assert _verbs(spec) == ["MailFrom", "BdatChunk"] * 2
+
+
 async def test_chunking_off_sends_data_where_chunking_is_offered() -> None:
     spec = Host(caps=CHUNKING)
     async with fake_mx(mx1=spec) as mx:

@@ -42,7 +42,7 @@ async def test_one_delay_dsn_for_a_deferred_recipient_none_for_notify_never(
         sink.refuse.update({"bob@example.net": BUSY, "carol@example.net": BUSY})
         config = config_for(tmp_path, ca, dns_server, sink, more)
         async with running_relay(tmp_path, config=config, ca=ca) as relay:
-            publish(config, dns_server, sink)
+            publish(config, dns_server)
             await trio.to_thread.run_sync(
                 lambda: submit(relay, TRANSACTIONAL, "bob@example.net")  # no NOTIFY: DELAY too
             )

@@ -37,7 +37,7 @@ def dns_server() -> Iterator[DnsServer]:
         yield server
 
 
-def publish(config: Config, server: DnsServer, sink: Sink) -> None:
+def publish(config: Config, server: DnsServer) -> None:
     """MX records for both domains at the sink, and every DKIM key the relay signs with."""
     for domain in ("example.net", "example.org"):
         server.mx(domain, 10, "mx.example.net.")
@@ -113,7 +113,7 @@ async def delivering(
         sink.refuse.update(refuse or {})
         config = config_for(tmp, ca, dns_server, sink)
         async with running_relay(tmp, config=config, ca=ca) as relay:
-            publish(config, dns_server, sink)
+            publish(config, dns_server)
             yield relay, sink
 
 

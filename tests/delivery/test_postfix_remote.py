@@ -1,6 +1,8 @@
 """Delivery to a real Postfix, an MX that is not ours and offers CHUNKING (RFC 3030) and
 PIPELINING: the relay's SMTP client sends with BDAT, each recipient gets Postfix's own
-reply, and the message Postfix keeps is the one DATA delivers, octet for octet.
+reply, and the message Postfix keeps is the one DATA delivers, octet for octet; and the
+relay itself, a real process, delivers there with BDAT or DATA as ``delivery.chunking``
+says, from this process or from its delivery processes, three DKIM signatures intact.
 
 Postfix is a throwaway instance (bench/postfix.py) on a loopback port, holding what it
 accepts, so the test reads it back with ``postcat``. It needs Postfix installed and root, as
@@ -11,17 +13,25 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import smtplib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim
 import pytest
 import trio
 
+from atmosrelay.config import load_config
 from atmosrelay.delivery.client_session import INLINE_CHUNK, Envelope, open_remote
 from atmosrelay.delivery.courier import client_context
 from atmosrelay.delivery.destination import Destination
 from bench.postfix import Postfix, free_port
+from tests.accounts.dns_server import DnsServer
+from tests.delivery.test_end_to_end import dnsfunc, publish
+from tests.relay.harness import ALICE
+from tests.relay.test_kill import Server, queue_states, write_config
 
 pytestmark = pytest.mark.skipif(
     shutil.which("postfix") is None or os.geteuid() != 0,
@@ -83,10 +93,24 @@ def _commands(postfix: Postfix, sessions: int) -> list[str]:
         time.sleep(0.05)
 
 
+def _held(postfix: Postfix, n: int) -> list[str]:
+    """The hold queue once it has ``n`` messages (Postfix holds a message before its 250,
+    but the relay records the 250 after; this waits for the relay's side)."""
+    deadline = time.monotonic() + 30
+    while len(held := postfix.held()) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return held
+
+
 def _kept(postfix: Postfix, queue_id: str) -> bytes:
-    """The message as Postfix keeps it, without the Received header it put first."""
-    text = postfix.message(queue_id)
-    return text[text.index(b"\nDate: ") + 1 :]
+    """The message as Postfix keeps it, without the Received header it put first (its first
+    line and the folded lines after it)."""
+    lines = postfix.message(queue_id).split(b"\n")
+    assert lines[0].startswith(b"Received: "), lines[0]
+    rest = 1
+    while lines[rest][:1] in (b" ", b"\t"):
+        rest += 1
+    return b"\n".join(lines[rest:])
 
 
 async def test_postfix_takes_bdat_and_keeps_what_data_would_have_delivered(
@@ -116,3 +140,36 @@ async def test_postfix_takes_bdat_and_keeps_what_data_would_have_delivered(
     kept = sorted(_kept(postfix, q) for q in held)
     expected = sorted([SMALL, SMALL, LARGE, LARGE])
     assert kept == [m.replace(b"\r\n", b"\n") for m in expected]
+
+
+@pytest.mark.parametrize(
+    ("processes", "chunking"), [(0, True), (2, True), (2, False)], ids=["here", "couriers", "data"]
+)
+def test_the_relay_delivers_by_bdat_or_data_as_configured(
+    tmp_path: Path, postfix: Postfix, processes: int, chunking: bool
+) -> None:
+    settings = (
+        f'smarthost = "127.0.0.1:{postfix.port}"\nprocesses = {processes}\n'
+        f"chunking = {str(chunking).lower()}\n"
+    )
+    config_path, ctx, key = write_config(tmp_path, settings)
+    server = Server(tmp_path, config_path, 0)
+    try:
+        with smtplib.SMTP_SSL("127.0.0.1", server.port, context=ctx, timeout=10) as smtp:
+            smtp.login(ALICE, key)
+            smtp.sendmail("alice@example.org", ["bob@example.net"], SMALL)
+        (queue_id,) = _held(postfix, 1)
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+    assert list(queue_states(config_path).values()) == [["sent"]]
+    (session,) = _commands(postfix, 1)
+    assert ("bdat=1" in session) == chunking and ("data=1" in session) != chunking, session
+
+    # what Postfix keeps carries the relay's three signatures, and they verify
+    kept = _kept(postfix, queue_id).replace(b"\n", b"\r\n")
+    with DnsServer() as dns_server:
+        publish(load_config(str(config_path)), dns_server)
+        for idx in range(3):
+            assert dkim.DKIM(kept).verify(idx=idx, dnsfunc=dnsfunc(dns_server)), idx
+    assert b".a line that DATA would stuff\r\n..and another\r\n.\r\nthe end\r\n" in kept

@@ -54,7 +54,7 @@ async def delivering(
         config = config_for(tmp, ca, dns, sink, more)
         (tmp / "relay.toml").write_text(f'[relay]\ndata_dir = "{config.data_dir}"\n')
         async with running_relay(tmp, config=config, ca=ca) as relay:
-            publish(config, dns, sink)
+            publish(config, dns)
             dns.mx("remote.test", 10, "mx.example.net.")  # replies' senders, bounced back
             yield relay, sink
 
