@@ -70,6 +70,8 @@ BLOCK: Final = 64 * 1024
 # for the envelope's replies, so a refused one is not sent whole for nothing. Content goes
 # out in pieces of this size, each within DATA_BLOCK_TIMEOUT.
 INLINE_CHUNK: Final = 1024 * 1024
+# Replies that say a command was not understood (RFC 5321 4.2.4), never a message's verdict
+_NOT_UNDERSTOOD: Final = frozenset({500, 502})
 # A remote's reply is kept in the attempt record (and a DSN's Diagnostic-Code) up to this
 # many characters, escaped; RFC 5321 4.5.3.1.5 puts a reply line at 512 octets.
 MAX_RECORDED_REPLY: Final = 512
@@ -131,6 +133,7 @@ class _Wire:
         # No transaction open: greeted, or the last one ended with the reply to its end of
         # data. Anything else (MAIL taken, then every RCPT or DATA refused) needs an RSET.
         self.idle = True
+        self.confused = False  # the remote's replies can no longer be trusted to match
 
     async def reply(self, within: float = math.inf, ack: bool = False) -> ServerReply | TLSReady:
         """The next reply, whole within ``within`` seconds (trio.TooSlowError) or the
@@ -228,7 +231,8 @@ class Remote:
             outcomes = await _send(
                 self._wire, self.caps, envelope, message, reset=reset, chunking=self.chunking
             )
-            self.usable = not self._wire.conn.closed  # a 421 closes it (RFC 5321 3.8)
+            # a 421 closes it (RFC 5321 3.8)
+            self.usable = not (self._wire.conn.closed or self._wire.confused)
             return outcomes
         except _EXPECTED as exc:
             reason = _failure(exc, self.host)
@@ -565,7 +569,14 @@ async def _send_chunked(
             final = await _timed_reply(wire, DATA_END_TIMEOUT)
         # after a refused chunk the server's transaction may stand: the next one resets it
         wire.idle = final.reply.code < 300
-        _final_outcomes(outcomes, accepted, final)
+        if final.reply.code in _NOT_UNDERSTOOD:
+            # CHUNKING offered, BDAT unknown: the content was read as commands, whose replies
+            # are still coming. No verdict on the message, and the connection is done.
+            wire.confused = True
+            why = "BDAT unknown, though CHUNKING was offered: " + _reply_text(final)
+            outcomes.update((r, Outcome(r, DEFERRED, "4.5.0", why)) for r in accepted)
+        else:
+            _final_outcomes(outcomes, accepted, final)
     return tuple(outcomes[r] for r in recipients)
 
 

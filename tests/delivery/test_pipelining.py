@@ -304,3 +304,25 @@ async def test_with_chunking_a_421_mid_group_defers_the_rest_with_the_remote_wor
         ("b@example.net", "deferred"),
     ]
     assert all("going down" in (o.reply or "") for o in outcomes)
+
+
+async def test_bdat_refused_as_unknown_defers_and_the_connection_is_left() -> None:
+    """A remote that offers CHUNKING but answers BDAT as an unknown command (500, 502) has
+    given no verdict on the message, and may have read its content as commands: accepted
+    recipients are deferred (not bounced) with its words, refused ones keep their RCPT
+    reply, and the next message goes on a new connection (no RSET: nothing to reset)."""
+    mx = GroupingMX(
+        {
+            "BDAT": b"500 5.5.1 command unrecognized\r\n",
+            "RCPT b@example.net": b"550 5.1.1 unknown\r\n",
+        },
+        chunking=True,
+    )
+    first, second = await deliver(mx, ("a@example.net", "b@example.net"), ("c@example.net",))
+    assert summary(first) == [
+        ("a@example.net", "deferred", "4.5.0"),
+        ("b@example.net", "bounced", "5.1.1"),
+    ]
+    assert summary(second) == [("c@example.net", "deferred", "4.5.0")]
+    assert "CHUNKING was offered: 500 5.5.1 command unrecognized" in (first[0].reply or "")
+    assert transactions(mx) == [["MAIL", "RCPT", "RCPT", "BDAT"], ["MAIL", "RCPT", "BDAT"]]
