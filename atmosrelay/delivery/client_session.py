@@ -66,9 +66,8 @@ DATA_BLOCK_TIMEOUT: Final = 180.0  # 4.5.3.2.5: each data block, 3 minutes
 DATA_END_TIMEOUT: Final = 600.0  # 4.5.3.2.6: DATA termination, 10 minutes
 TLS_TIMEOUT: Final = 60.0
 BLOCK: Final = 64 * 1024
-# BDAT content up to this size goes in the same write as its envelope; a larger message waits
-# for the envelope's replies, so a refused one is not sent whole for nothing. Content goes
-# out in pieces of this size, each within DATA_BLOCK_TIMEOUT.
+# BDAT content up to this size goes in the write of its envelope; a larger one waits for the
+# envelope's replies (a refused one is not sent for nothing), and goes in pieces this size.
 INLINE_CHUNK: Final = 1024 * 1024
 # Replies that say a command was not understood (RFC 5321 4.2.4), never a message's verdict
 _NOT_UNDERSTOOD: Final = frozenset({500, 502})
@@ -447,13 +446,7 @@ async def _send(
             _check_reset(answers.pop(0))
         mail, replies, data = answers[0], answers[1:-1], answers[-1]
     else:
-        with trio.fail_after(COMMAND_TIMEOUT):
-            mail = await wire.command(mail_from)
-        replies = []
-        if mail.reply.code < 400:
-            for c in rcpts:
-                with trio.fail_after(COMMAND_TIMEOUT):
-                    replies.append(await wire.command(c))
+        mail, replies = await _envelope_in_turn(wire, mail_from, rcpts)
     if mail.reply.code >= 400:
         if data is not None and data.reply.code == 354:  # a server that took DATA anyway
             await _abandon_data(wire)
@@ -489,6 +482,20 @@ async def _send(
             wire.idle = True
             _final_outcomes(outcomes, accepted, final)
     return tuple(outcomes[r] for r in recipients)
+
+
+async def _envelope_in_turn(
+    wire: _Wire, mail_from: MailFrom, rcpts: list[RcptTo]
+) -> tuple[ServerReply, list[ServerReply]]:
+    """MAIL, then each RCPT after its reply (no PIPELINING); none after a refused MAIL."""
+    with trio.fail_after(COMMAND_TIMEOUT):
+        mail = await wire.command(mail_from)
+    replies = []
+    if mail.reply.code < 400:
+        for c in rcpts:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                replies.append(await wire.command(c))
+    return mail, replies
 
 
 def _rcpt_outcomes(
@@ -551,13 +558,7 @@ async def _send_chunked(
         mail, replies = answers[0], answers[1 : 1 + len(rcpts)]
         final = answers[-1] if inline else None
     else:
-        with trio.fail_after(COMMAND_TIMEOUT):
-            mail = await wire.command(mail_from)
-        replies = []
-        if mail.reply.code < 400:
-            for c in rcpts:
-                with trio.fail_after(COMMAND_TIMEOUT):
-                    replies.append(await wire.command(c))
+        mail, replies = await _envelope_in_turn(wire, mail_from, rcpts)
     if mail.reply.code >= 400:
         outcome = BOUNCED if mail.reply.code >= 500 else DEFERRED
         status = _enhanced(mail.reply.code, mail.reply.enhanced, "4.0.0")
@@ -581,8 +582,7 @@ async def _send_chunked(
 
 
 async def _write_pieces(wire: _Wire, out: bytes) -> None:
-    """Write ``out`` in pieces of INLINE_CHUNK, each taken within DATA_BLOCK_TIMEOUT (a
-    timer only where the kernel does not take it at once)."""
+    """Write ``out`` in pieces of INLINE_CHUNK, each taken within DATA_BLOCK_TIMEOUT."""
     if len(out) <= INLINE_CHUNK:
         await wire.io.write(out, DATA_BLOCK_TIMEOUT)
         return

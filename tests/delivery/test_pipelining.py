@@ -13,6 +13,7 @@ import functools
 import time
 
 import attrs
+import pytest
 import trio
 
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
@@ -177,10 +178,11 @@ async def test_the_envelope_goes_in_one_group_and_the_next_needs_no_rset() -> No
     assert transactions(mx) == [["MAIL", "RCPT", "RCPT", "DATA"], ["MAIL", "RCPT", "DATA"]]
 
 
-async def test_a_transaction_left_open_is_reset_in_the_next_group() -> None:
-    # every recipient of the first refused: MAIL stays taken and DATA is refused, so the
-    # transaction is still open when the second message uses the connection
-    mx = GroupingMX({"RCPT a@example.net": b"550 5.1.1 unknown\r\n"})
+@pytest.mark.parametrize("end", ["DATA", "BDAT"])
+async def test_a_transaction_left_open_is_reset_in_the_next_group(end: str) -> None:
+    # every recipient of the first refused: MAIL stays taken and DATA (or the chunk) is
+    # refused, so the transaction is still open when the second message uses the connection
+    mx = GroupingMX({"RCPT a@example.net": b"550 5.1.1 unknown\r\n"}, chunking=end == "BDAT")
     first, second, third = await deliver(
         mx, ("a@example.net",), ("c@example.net",), ("d@example.net",)
     )
@@ -188,10 +190,11 @@ async def test_a_transaction_left_open_is_reset_in_the_next_group() -> None:
     assert summary(second) == [("c@example.net", "sent", "2.0.0")]
     assert summary(third) == [("d@example.net", "sent", "2.0.0")]
     assert transactions(mx) == [
-        ["MAIL", "RCPT", "DATA"],
-        ["RSET", "MAIL", "RCPT", "DATA"],
-        ["MAIL", "RCPT", "DATA"],
+        ["MAIL", "RCPT", end],
+        ["RSET", "MAIL", "RCPT", end],
+        ["MAIL", "RCPT", end],
     ]
+    assert "unknown" in (first[0].reply or "")  # the RCPT's words, not the 554 after
 
 
 async def test_each_recipient_gets_its_own_reply() -> None:
@@ -239,8 +242,9 @@ async def test_every_recipient_refused_and_data_refused() -> None:
     assert "unknown" in (outcomes[0].reply or "")
 
 
-async def test_a_421_mid_group_defers_the_rest_with_the_remote_words() -> None:
-    mx = GroupingMX({"RCPT b@example.net": b"421 4.3.2 going down\r\n"})
+@pytest.mark.parametrize("end", ["DATA", "BDAT"])
+async def test_a_421_mid_group_defers_the_rest_with_the_remote_words(end: str) -> None:
+    mx = GroupingMX({"RCPT b@example.net": b"421 4.3.2 going down\r\n"}, chunking=end == "BDAT")
     (outcomes,) = await deliver(mx, ("a@example.net", "b@example.net"))
     # a was accepted, but DATA never ran: both wait for the retry, with the 421's text
     assert [(o.recipient, o.outcome) for o in outcomes] == [
@@ -266,22 +270,6 @@ async def test_with_chunking_envelope_and_content_go_in_one_group() -> None:
     assert b"\r\n.dot first" in MESSAGE  # what DATA would have stuffed
 
 
-async def test_with_chunking_a_transaction_left_open_is_reset_in_the_next_group() -> None:
-    mx = GroupingMX({"RCPT a@example.net": b"550 5.1.1 unknown\r\n"}, chunking=True)
-    first, second, third = await deliver(
-        mx, ("a@example.net",), ("c@example.net",), ("d@example.net",)
-    )
-    assert summary(first) == [("a@example.net", "bounced", "5.1.1")]
-    assert summary(second) == [("c@example.net", "sent", "2.0.0")]
-    assert summary(third) == [("d@example.net", "sent", "2.0.0")]
-    assert transactions(mx) == [
-        ["MAIL", "RCPT", "BDAT"],
-        ["RSET", "MAIL", "RCPT", "BDAT"],
-        ["MAIL", "RCPT", "BDAT"],
-    ]
-    assert "unknown" in (first[0].reply or "")  # the RCPT's words, not the chunk's 554
-
-
 async def test_with_chunking_a_refused_sender_decides_every_recipient() -> None:
     mx = GroupingMX(
         {
@@ -294,16 +282,6 @@ async def test_with_chunking_a_refused_sender_decides_every_recipient() -> None:
     (outcomes,) = await deliver(mx, ("a@example.net",))
     assert summary(outcomes) == [("a@example.net", "bounced", "5.7.1")]
     assert "sender refused" in (outcomes[0].reply or "")
-
-
-async def test_with_chunking_a_421_mid_group_defers_the_rest_with_the_remote_words() -> None:
-    mx = GroupingMX({"RCPT b@example.net": b"421 4.3.2 going down\r\n"}, chunking=True)
-    (outcomes,) = await deliver(mx, ("a@example.net", "b@example.net"))
-    assert [(o.recipient, o.outcome) for o in outcomes] == [
-        ("a@example.net", "deferred"),
-        ("b@example.net", "deferred"),
-    ]
-    assert all("going down" in (o.reply or "") for o in outcomes)
 
 
 async def test_bdat_refused_as_unknown_defers_and_the_connection_is_left() -> None:
