@@ -394,7 +394,7 @@ async def _send(
     message: bytes,
     *,
     reset: bool,
-    chunking: bool = False,
+    chunking: bool,
 ) -> tuple[Outcome, ...]:
     """One transaction. Where the server offers PIPELINING (RFC 2920) the whole envelope
     goes in one write, RSET (``reset``) MAIL RCPT... DATA, and the replies are read in turn:
