@@ -106,6 +106,12 @@ def _children_peak_rss_mb(pid: int) -> float:
     return sum(_peak_rss_mb(child) for child in _children(pid))
 
 
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """The clock ticks of user and system CPU ``pid`` has used (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 class Cpu:
     """CPU seconds the relay's process (user, system) and its delivery processes (together)
     spend between ``__init__`` and ``stop()``: where a row's time goes, per message."""
@@ -116,13 +122,8 @@ class Cpu:
 
     def _read(self) -> tuple[float, float, float]:
         tick = os.sysconf("SC_CLK_TCK")
-
-        def times(pid: int) -> tuple[float, float]:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime
-
-        user, system = times(self.pid)
-        return user, system, sum(sum(times(child)) for child in self.children)
+        user, system = (t / tick for t in cpu_ticks(self.pid))
+        return user, system, sum(sum(cpu_ticks(child)) / tick for child in self.children)
 
     def stop(self, messages: int) -> dict[str, float]:
         """Milliseconds a message: ``user`` and ``sys`` of the accepting process,

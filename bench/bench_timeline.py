@@ -37,10 +37,9 @@ from bench.postfix import Postfix
 def _ticks(pid: int) -> int:
     """CPU ticks (user and system) ``pid`` has used; 0 once it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(peers.cpu_ticks(pid))
     except OSError:
         return 0
-    return int(fields[11]) + int(fields[12])
 
 
 def sample(
@@ -64,12 +63,11 @@ def sample(
             rows, sent_at = [], None
             before, machine, counted, at = [_ticks(p) for p in pids], peers.Machine._read(), 0, t0
             while sink.count < n and time.monotonic() - t0 < 300:
-                sending = True
                 while time.monotonic() - at < 1.0 and sink.count < n:  # a second, or the end
                     time.sleep(0.02)
                     if sent_at is None and source.poll() is not None:
                         sent_at = time.monotonic() - t0
-                    sending = sent_at is None
+                sending = sent_at is None  # the client sent throughout this sample
                 now, m, count = time.monotonic(), peers.Machine._read(), sink.count
                 ticks = [_ticks(p) for p in pids]
                 span = now - at
