@@ -155,7 +155,7 @@ async def _reply(stream: trio.abc.Stream, conn: ClientConnection) -> ServerReply
     while True:
         event = conn.next_event()
         if event is NEED_DATA:
-            data = await stream.receive_some(65536)
+            data = bytes(await stream.receive_some(65536))
             conn.receive_data(data)
             if not data:
                 raise ConnectionError("server closed")

@@ -148,7 +148,7 @@ def row(
     if way == "http":
         latencies, elapsed = trio.run(_drive_http, http, key, clients, seconds)
     else:
-        latencies, elapsed = trio.run(_drive, server.port, ctx, key, clients, 1024, seconds)
+        latencies, _, elapsed = trio.run(_drive, server.port, ctx, key, clients, 1024, seconds)
     cpu = _cpu_seconds(server.proc.pid) - cpu0
     after = trio.run(_scrape, http)
     n = len(latencies)

@@ -357,7 +357,11 @@ def run_e2e(side: str, tmp: Path, n: int, sessions: int, size: int) -> Result:
             server: Server | Postfix = relay(tmp, _delivering(sink))
         else:
             server = Postfix(
-                tmp, sink.port, hold=False, milter=milter and milter.socket, concurrency=CONCURRENCY
+                tmp,
+                sink.port,
+                hold=False,
+                milter=milter.socket if milter is not None else None,
+                concurrency=CONCURRENCY,
             )
         try:
             cpu = Cpu(server.proc.pid) if isinstance(server, Server) else None
@@ -686,7 +690,7 @@ def main() -> None:
                 },
             }
         )
-    restart = None
+    restart: dict[str, Any] | None = None
     if only is None or "restart" in only:
         n = args.restart or (10_000 if args.quick else 100_000)
         restart = {"queued": n}

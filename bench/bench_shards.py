@@ -73,7 +73,7 @@ def relays(k: int, n: int, sessions: int, keep: bool) -> float:
 def postfix(n: int, sessions: int, keep: bool) -> float:
     """bench_peers.py's accept row, Postfix's side: holding what it accepts."""
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as d:
-        rate, _ = run_accept("peer", Path(d), n, sessions, KIB, keep)
+        rate, _, _ = run_accept("peer", Path(d), n, sessions, KIB, keep)
     return rate
 
 
