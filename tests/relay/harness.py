@@ -60,7 +60,9 @@ def make_config(tmp: Path, ca: trustme.CA, extra: str = "", auth: str = "") -> C
         text += "[delivery]\nenabled = false\n"
     if "listeners" not in text:
         text = text.replace(
-            "[smtp]\n", '[smtp]\nlisteners = ["127.0.0.1:0 starttls", "127.0.0.1:0 implicit", "127.0.0.1:0 inbound"]\n', 1
+            "[smtp]\n",
+            '[smtp]\nlisteners = ["127.0.0.1:0 starttls", "127.0.0.1:0 implicit", "127.0.0.1:0 inbound"]\n',
+            1,
         )
     if "[http]" not in text:  # the HTTP API on a free port (tests/api use it)
         text += '[http]\nlisteners = ["127.0.0.1:0"]\n'
