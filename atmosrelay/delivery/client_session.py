@@ -566,7 +566,8 @@ async def _send_chunked(
     outcomes, accepted = _rcpt_outcomes(recipients, replies)
     if accepted:
         if final is None:
-            await _write_pieces(wire, wire.conn.send(Bdat(content, last=True)))
+            line, chunk = wire.conn.send_parts(Bdat(content, last=True))
+            await _write_pieces(wire, chunk, line)
             final = await _timed_reply(wire, DATA_END_TIMEOUT)
         # after a refused chunk the server's transaction may stand: the next one resets it
         wire.idle = final.reply.code < 300
@@ -581,14 +582,13 @@ async def _send_chunked(
     return tuple(outcomes[r] for r in recipients)
 
 
-async def _write_pieces(wire: _Wire, out: bytes) -> None:
-    """Write ``out`` in pieces of INLINE_CHUNK, each taken within DATA_BLOCK_TIMEOUT."""
-    if len(out) <= INLINE_CHUNK:
-        await wire.io.write(out, DATA_BLOCK_TIMEOUT)
-        return
-    view = memoryview(out)
-    for i in range(0, len(out), INLINE_CHUNK):
-        await wire.io.write(bytes(view[i : i + INLINE_CHUNK]), DATA_BLOCK_TIMEOUT)
+async def _write_pieces(wire: _Wire, out: bytes, head: bytes = b"") -> None:
+    """``head`` then ``out`` in pieces of INLINE_CHUNK, each taken within DATA_BLOCK_TIMEOUT
+    (a large chunk is never copied whole)."""
+    first = INLINE_CHUNK - len(head)  # a slice of all of ``out`` is ``out`` itself
+    await wire.io.write(head + out[:first] if head else out[:first], DATA_BLOCK_TIMEOUT)
+    for i in range(first, len(out), INLINE_CHUNK):
+        await wire.io.write(out[i : i + INLINE_CHUNK], DATA_BLOCK_TIMEOUT)
 
 
 async def _abandon_data(wire: _Wire) -> None:

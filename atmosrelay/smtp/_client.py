@@ -128,6 +128,13 @@ class ClientConnection:
     # -- commands out -----------------------------------------------------------------
     def send(self, command: Event) -> bytes:
         """The bytes for ``command``. Raises LocalProtocolError if it may not be sent now."""
+        line, content = self.send_parts(command)
+        return line + content if content else line
+
+    def send_parts(self, command: Event) -> tuple[bytes, bytes]:
+        """As ``send``, with a BDAT chunk's content apart from its command line (b"" for any
+        other command): the content is the object the command holds, not a copy, so a large
+        chunk goes out without first being joined to its line."""
         if self.closed or self.state is State.TLS:
             raise LocalProtocolError("connection is closed or switching to TLS")
         if self.state is State.DATA:
@@ -153,7 +160,7 @@ class ClientConnection:
         if inp not in _PIPELINABLE:
             self._barriers += 1
         wire = line.encode("utf-8") + b"\r\n"
-        return wire + command.data if isinstance(command, Bdat) else wire
+        return wire, command.data if isinstance(command, Bdat) else b""
 
     def _format_mail(self, c: MailFrom) -> str:
         if not c.sender.is_ascii and not c.params.smtputf8:

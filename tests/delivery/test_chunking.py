@@ -9,6 +9,8 @@ test_pipelining.py; a real Postfix as the remote in test_postfix_remote.py."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 import trio
 import trio.testing
@@ -151,6 +153,27 @@ async def test_a_large_message_waits_for_its_envelope_replies(pipelining: bool) 
         sent_with_envelope = pipelining and message is small
         assert (refused.octets > len(message)) == sent_with_envelope
         assert refused.octets < 10_000 or sent_with_envelope
+
+
+async def test_a_large_chunk_is_not_copied_whole_on_its_way_out() -> None:
+    """A message of many megabytes goes out as its chunk's line, then the message in pieces:
+    never joined to its line first, which would hold a second whole copy a connection (50 MB
+    at the default size limit). Measured as the peak of what Python allocated during the
+    transaction: the fake MX in this process takes about twice the message to receive it,
+    and a whole copy on the way out would bring the peak over three times (it did)."""
+    line = b"a line of a large message, seventy octets or so in all, as mail is\r\n"
+    message = b"Subject: big\r\n\r\n" + line * 150_000  # 10 MB
+    host = Host(caps=CHUNKING)
+    async with fake_mx(chunked=host) as mx:
+        tracemalloc.start()
+        try:
+            _, outcomes = await go(mx, dest("chunked"), message=message)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert {o.outcome for o in outcomes.values()} == {"sent"}
+    assert host.received == [message]
+    assert peak < 2.5 * len(message), f"peak {peak} for a message of {len(message)}"
 
 
 async def test_bdat_over_starttls() -> None:

@@ -119,6 +119,22 @@ def test_bdat_chunks_then_a_data_transaction_on_the_same_connection() -> None:
     assert codes(talk(client, server, client.send_data(b"second\r\n") + client.end_data())) == [250]
 
 
+def test_a_chunk_is_handed_over_apart_from_its_line_without_a_copy() -> None:
+    """``send_parts`` gives a BDAT chunk's line and its content apart, the content being the
+    very object the command holds (a chunk of many megabytes is not copied to be joined to
+    its line); the server reads the two written one after the other as ``send``'s bytes."""
+    client, server = pair()
+    content = b"Subject: parts\r\n\r\n" + b"a line of the chunk\r\n" * 1000
+    head = client.send(MailFrom(A)) + client.send(RcptTo(B))
+    line, data = client.send_parts(Bdat(content, last=True))
+    assert data is content
+    assert line == f"BDAT {len(content)} LAST\r\n".encode()
+    replies = talk(client, server, head + line + data)
+    assert codes(replies) == [250, 250, 250]
+    assert replies[2].reply.lines == ("Ok: queued as Q1",)
+    assert client.send_parts(Rset()) == (b"RSET\r\n", b"")  # any other command: no content
+
+
 def test_dsn_and_smtputf8_parameters_reach_the_server() -> None:
     client = ClientConnection()
     server = ServerConnection()
