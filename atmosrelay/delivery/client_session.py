@@ -12,9 +12,9 @@ deferred with the remote reply, bounced with the remote reply); no host answerin
     send: refuse to corrupt: 8-bit content to a server without 8BITMIME bounces 5.6.3, non-ASCII
     addresses without SMTPUTF8 bounce 5.6.7, a message over the server's SIZE bounces 5.3.4
     MAIL, then every RCPT (pipelined when offered); DATA if any recipient was accepted,
-    or, where the server offers CHUNKING (RFC 3030), the content as one BDAT LAST chunk:
-    undotted, and with PIPELINING in the same write as its envelope (one write and one
-    round trip a message instead of two)
+    or, where the server offers CHUNKING (RFC 3030) and did not lately fail to understand
+    BDAT (quirks.py), the content as one BDAT LAST chunk: undotted, and with PIPELINING in
+    the same write as its envelope (one write and one round trip a message instead of two)
     outcome per recipient from its RCPT reply and the final reply to the data
 
 Timeouts are the minimums of RFC 5321 section 4.5.3.2, as named constants.
@@ -33,6 +33,7 @@ import trio
 
 from atmosrelay._text import printable
 from atmosrelay.delivery.destination import Destination
+from atmosrelay.delivery.quirks import bdat_not_understood, bdat_works
 from atmosrelay.queue.records import Outcome, RecipientState
 from atmosrelay.smtp import (
     NEED_DATA,
@@ -215,7 +216,7 @@ class Remote:
         self.host = host
         self.caps = caps
         self.tls = tls
-        self.chunking = chunking and caps.has("CHUNKING")  # BDAT instead of DATA
+        self.chunking = chunking and caps.has("CHUNKING") and bdat_works(host, trio.current_time())
         self.usable = True
 
     async def send(self, envelope: Envelope, message: bytes) -> tuple[Outcome, ...]:
@@ -230,8 +231,9 @@ class Remote:
             outcomes = await _send(
                 self._wire, self.caps, envelope, message, reset=reset, chunking=self.chunking
             )
-            # a 421 closes it (RFC 5321 3.8)
-            self.usable = not (self._wire.conn.closed or self._wire.confused)
+            if self._wire.confused:  # BDAT not understood, though CHUNKING was offered
+                bdat_not_understood(self.host, trio.current_time())
+            self.usable = not (self._wire.conn.closed or self._wire.confused)  # 421: closed
             return outcomes
         except _EXPECTED as exc:
             reason = _failure(exc, self.host)
@@ -592,8 +594,7 @@ async def _write_pieces(wire: _Wire, out: bytes, head: bytes = b"") -> None:
 
 
 async def _abandon_data(wire: _Wire) -> None:
-    """End a message at once (an empty one) where the server said 354 though no recipient
-    was accepted (RFC 2920 section 3.1); its reply changes nothing."""
+    """An empty message ended at once after a 354 for no accepted recipient (RFC 2920 3.1)."""
     await wire.io.write(wire.conn.end_data())
     await _timed_reply(wire, DATA_END_TIMEOUT)
     wire.idle = True

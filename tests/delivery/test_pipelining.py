@@ -284,11 +284,12 @@ async def test_with_chunking_a_refused_sender_decides_every_recipient() -> None:
     assert "sender refused" in (outcomes[0].reply or "")
 
 
-async def test_bdat_refused_as_unknown_defers_and_the_connection_is_left() -> None:
+async def test_bdat_refused_as_unknown_defers_and_the_next_message_goes_by_data() -> None:
     """A remote that offers CHUNKING but answers BDAT as an unknown command (500, 502) has
     given no verdict on the message, and may have read its content as commands: accepted
     recipients are deferred (not bounced) with its words, refused ones keep their RCPT
-    reply, and the next message goes on a new connection (no RSET: nothing to reset)."""
+    reply, and the next message goes on a new connection (no RSET: nothing to reset), by
+    DATA: the host is remembered as not understanding BDAT (delivery/quirks.py)."""
     mx = GroupingMX(
         {
             "BDAT": b"500 5.5.1 command unrecognized\r\n",
@@ -301,6 +302,6 @@ async def test_bdat_refused_as_unknown_defers_and_the_connection_is_left() -> No
         ("a@example.net", "deferred", "4.5.0"),
         ("b@example.net", "bounced", "5.1.1"),
     ]
-    assert summary(second) == [("c@example.net", "deferred", "4.5.0")]
+    assert summary(second) == [("c@example.net", "sent", "2.0.0")]
     assert "CHUNKING was offered: 500 5.5.1 command unrecognized" in (first[0].reply or "")
-    assert transactions(mx) == [["MAIL", "RCPT", "RCPT", "BDAT"], ["MAIL", "RCPT", "BDAT"]]
+    assert transactions(mx) == [["MAIL", "RCPT", "RCPT", "BDAT"], ["MAIL", "RCPT", "DATA"]]
