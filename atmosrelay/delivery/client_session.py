@@ -231,7 +231,7 @@ class Remote:
             outcomes = await _send(
                 self._wire, self.caps, envelope, message, reset=reset, chunking=self.chunking
             )
-            if self._wire.confused:  # BDAT not understood, though CHUNKING was offered
+            if self.chunking and self._wire.confused:  # BDAT not understood, CHUNKING offered
                 bdat_not_understood(self.host, trio.current_time())
             self.usable = not (self._wire.conn.closed or self._wire.confused)  # 421: closed
             return outcomes
