@@ -428,6 +428,7 @@ async def _serve(
             await services.start(
                 serve_control, socket_path(config.data_dir), control_handler(queue, dispatcher)
             )
+            await services.start(ctx.watch)  # ends the sessions' waits at their deadlines
             await _sessions(config, announce, ctx, signals, task_status, dispatcher, extras)
             if dispatcher is not None:
                 grace = config.delivery.drain_grace

@@ -135,6 +135,10 @@ class Session:
         self._data_started: float | None = None  # set when a DATA or BDAT phase starts
         self._data_ended: float | None = None  # a message's end of data, until its reply goes
         self._data_bytes = 0
+        self.wait_deadline: float | None = None  # while waiting for the peer (the watch's)
+        self.waiting_for_command = False
+        self._expiry = R.IDLE_TIMEOUT  # what the wait's deadline answers
+        self._waits = trio.CancelScope()  # cancelled by the watch: a wait ends the session
         self.conn = self._new_connection(after_starttls=False)
 
     def _new_connection(self, *, after_starttls: bool) -> ServerConnection:
@@ -172,10 +176,14 @@ class Session:
     async def run(self) -> None:
         """Serve until QUIT, EOF, a timeout, a protocol breach or shutdown. Closes the stream."""
         self._log("connect", self.mode)
+        self.ctx.sessions.add(self)
         try:
             if self.mode is ListenerMode.TRUSTED:
                 await self._load_member()  # no AUTH here: the member is known from the start
-            await self._loop()
+            with self._waits:
+                await self._loop()
+            if self._waits.cancel_called:  # a wait for the peer ended by the watch
+                await self._wait_ended()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._log("disconnected", type(exc).__name__)
         except trio.TooSlowError:
@@ -183,6 +191,7 @@ class Session:
         except Exception:  # the session's outermost edge: log it, never tell the peer
             log.exception("%s %s session failed", self.id, self.peer)
         finally:
+            self.ctx.sessions.discard(self)
             self._end_transaction()
             await self.io.aclose()
             self._log("close")
@@ -250,28 +259,37 @@ class Session:
 
     async def _receive(self) -> bytes | None:
         """Bytes from the peer, or None when the session must end (EOF is b"" and goes on
-        to the protocol object; None means a timeout or shutdown, already answered)."""
+        to the protocol object; None means shutdown, already answered, or the wait's end
+        by the watch, answered by ``run``). The wait is cancelled by the context's watch at
+        its deadline (server/context.py), or at shutdown if it is for a command."""
         in_data = self._data_started is not None
         if self.ctx.shutdown.is_set() and not in_data:
             await self._send(R.SHUTTING_DOWN)
             return None
-        deadline, expired = self._deadline(in_data)
-        with trio.move_on_at(deadline) as scope:
-            if not in_data:
-                self.ctx.waiting.add(scope)
-            try:
-                data = await self.io.read(RECEIVE_SIZE)
-            finally:
-                self.ctx.waiting.discard(scope)
-            self._data_bytes += len(data) if in_data else 0
-            return data
-        if self.ctx.shutdown.is_set() and not in_data:
+        deadline, self._expiry = self._deadline(in_data)
+        self.ctx.wait_until(deadline)
+        self.wait_deadline, self.waiting_for_command = deadline, not in_data
+        try:
+            data = await self.io.read(RECEIVE_SIZE)
+        finally:
+            self.wait_deadline = None
+        if self._waits.cancel_called:  # expired as the bytes came: the deadline wins
+            return None
+        self._data_bytes += len(data) if in_data else 0
+        return data
+
+    def expire(self) -> None:
+        """The watch's: the wait for the peer is past its deadline, or shutdown came."""
+        self._waits.cancel()
+
+    async def _wait_ended(self) -> None:
+        """Answer a wait the watch ended (the session then closes)."""
+        if self.ctx.shutdown.is_set() and self._data_started is None:
             self._log("shutdown")
             await self._send(R.SHUTTING_DOWN)
         else:
-            self._log("timeout", expired.lines[0], self.conn.state.value)
-            await self._send(expired)
-        return None
+            self._log("timeout", self._expiry.lines[0], self.conn.state.value)
+            await self._send(self._expiry)
 
     async def _send(self, reply: Reply) -> None:
         """Queue a reply and write it at once (for replies that end the session)."""

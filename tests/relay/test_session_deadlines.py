@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 import trustme
@@ -20,7 +21,7 @@ import trustme
 from atmosrelay.accounts.store import Store
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.runtime import make_context
-from atmosrelay.server.context import SessionContext
+from atmosrelay.server.context import NotWatched, SessionContext
 from atmosrelay.server.session import Session
 from journal import open_journal
 from journal.testing import CrashableMemFS
@@ -33,8 +34,11 @@ NO_FROM = b"554 5.6.0 Failed to parse message: no From header\r\n"
 
 
 @asynccontextmanager
-async def context(tmp_path: Path, **limits: float) -> AsyncIterator[SessionContext]:
-    """What sessions share, from the test config, with ``limits`` set on it."""
+async def context(
+    tmp_path: Path, watch: bool = True, **limits: float
+) -> AsyncIterator[SessionContext]:
+    """What sessions share, from the test config, with ``limits`` set on it, and its watch
+    running (as the runtime runs it) unless ``watch`` is False."""
     ca = trustme.CA()
     config = make_config(tmp_path, ca)
     enroll(config)
@@ -47,7 +51,11 @@ async def context(tmp_path: Path, **limits: float) -> AsyncIterator[SessionConte
             ctx.trusted_did = ALICE
             for name, value in limits.items():
                 setattr(ctx, name, value)
-            yield ctx
+            async with trio.open_nursery() as watching:
+                if watch:
+                    await watching.start(ctx.watch)
+                yield ctx
+                watching.cancel_scope.cancel()
     finally:
         store.close()
 
@@ -100,6 +108,44 @@ async def test_idle_timeout(tmp_path: Path, autojump_clock: trio.testing.MockClo
         assert await peer.reply() == IDLE
         assert trio.current_time() - start == 60.0
         assert await peer.reply() == b""
+
+
+async def test_a_deadline_earlier_than_the_watch_expects_is_kept(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The watch sleeps until the earliest deadline it knows; a wait that starts later with
+    an earlier deadline (here: a shorter idle limit, as a reload may set) moves its wake."""
+    with trio.fail_after(3600):  # (a wait the watch never ends would hang the test)
+        await _two_idle_limits(tmp_path)
+
+
+async def _two_idle_limits(tmp_path: Path) -> None:
+    async with context(tmp_path) as ctx, session(ctx) as first:
+        await first.cmd(b"EHLO c")
+        start = trio.current_time()
+        await trio.sleep(1.5)  # the first session waits until start + 60
+        ctx.idle_timeout = 5.0
+        async with session(ctx) as second:
+            await second.cmd(b"EHLO c")
+            second_start = trio.current_time()
+            assert await second.reply() == IDLE
+            assert trio.current_time() - second_start == 5.0
+        assert await first.reply() == IDLE
+        assert trio.current_time() - start == 60.0
+
+
+async def test_a_session_does_not_wait_without_the_watch(tmp_path: Path) -> None:
+    """Nothing would end its waits: the session fails at its first, and closes."""
+    async with context(tmp_path, watch=False) as ctx:
+        with pytest.raises(NotWatched):
+            ctx.wait_until(trio.current_time() + 60)
+        client, server = trio.testing.memory_stream_pair()
+        with trio.fail_after(5):
+            await Session(server, "192.0.2.1", "trusted", ctx).run()
+        peer = Peer(client)
+        assert (await peer.reply()).startswith(b"220 ")
+        assert await peer.reply() == b""  # closed, having waited for nothing
+        assert not ctx.sessions
 
 
 async def test_a_dribbled_command_is_timed_from_the_start_of_the_wait(
