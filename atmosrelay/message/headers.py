@@ -63,6 +63,7 @@ _FIELD_NAME: Final = re.compile(
     rb"[\x21-\x39\x3b-\x7e]+"
 )  # printable ASCII but ":" (RFC 5322 3.6.8)
 _TAG: Final = re.compile(r"[A-Za-z0-9_.\-]+")
+_FOLD: Final = re.compile(r"\r\n([ \t])")  # a fold: the CRLF goes, the space stays
 
 
 class MessageError(ValueError):
@@ -129,7 +130,9 @@ class Field:
     @property
     def value(self) -> str:
         text = self.raw.split(b":", 1)[1].decode("utf-8", "replace")
-        return re.sub(r"\r\n([ \t])", r"\1", text).strip()
+        if text.find("\r\n") in (-1, len(text) - 2):  # one line: nothing to unfold
+            return text.strip()
+        return _FOLD.sub(r"\1", text).strip()
 
 
 def split_header(message: bytes) -> tuple[list[Field], bytes]:
