@@ -75,7 +75,11 @@ def new_queue_id(now: float | None = None) -> str:
     """26 characters, Crockford base32 of 48 bits of milliseconds and 80 random bits (the
     ULID layout): sortable by acceptance time, unguessable, safe in a reply line."""
     ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
-    r = int.from_bytes(RANDOM.take(10), "big")
+    return ulid(ms, int.from_bytes(RANDOM.take(10), "big"))
+
+
+def ulid(ms: int, r: int) -> str:
+    """The 26 characters of 48 bits of ``ms`` then 80 bits of ``r``, most significant first."""
     p = _PAIRS  # two characters a lookup: one for every message accepted, so 13, not 26
     return (
         p[ms >> 40] + p[(ms >> 30) & 1023] + p[(ms >> 20) & 1023] + p[(ms >> 10) & 1023]

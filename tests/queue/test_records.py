@@ -27,7 +27,9 @@ from atmosrelay.queue.records import (
     decode_delivery,
     encode_accepted,
     encode_delivery,
+    new_queue_id,
     shared,
+    ulid,
 )
 from tests.queue.factories import accepted_record
 
@@ -236,3 +238,26 @@ def test_an_idempotency_key_is_an_array_in_the_head() -> None:
     assert head["idem"] == ["k", "d", [["x@example.net", "RECIPIENT_SUPPRESSED", "why"]]]
     assert decode_accepted(payload)[0].idem == record.idem
     assert _HEAD.decode(payload[_LEN.size :]).idem == record.idem  # without the long way
+
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+@given(st.integers(0, 2**48 - 1), st.integers(0, 2**80 - 1))
+def test_a_queue_id_is_the_ulid_of_its_time_and_random_bits(ms: int, r: int) -> None:
+    """Five bits a character, the most significant first (read here one at a time, as the
+    ULID layout defines it), whatever the encoder does to be quick."""
+    value = (ms << 80) | r
+    assert ulid(ms, r) == "".join(CROCKFORD[(value >> (5 * i)) & 31] for i in range(25, -1, -1))
+
+
+def test_queue_ids_carry_their_millisecond_and_sort_by_it() -> None:
+    ids = [new_queue_id(1_800_000_000.0 + k / 1000) for k in range(0, 3000, 7)]
+    for k, qid in zip(range(0, 3000, 7), ids, strict=True):
+        assert len(qid) == 26 and set(qid) <= set(CROCKFORD)
+        decoded = 0
+        for c in qid:
+            decoded = decoded * 32 + CROCKFORD.index(c)
+        assert decoded >> 80 == int((1_800_000_000.0 + k / 1000) * 1000)
+    assert ids == sorted(ids)
+    assert len({new_queue_id(1_800_000_000.0) for _ in range(100)}) == 100  # random bits differ
