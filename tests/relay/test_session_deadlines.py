@@ -114,7 +114,8 @@ async def test_a_deadline_earlier_than_the_watch_expects_is_kept(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """The watch sleeps until the earliest deadline it knows; a wait that starts later with
-    an earlier deadline (here: a shorter idle limit, as a reload may set) moves its wake."""
+    an earlier deadline (here: a shorter idle limit set on the context meanwhile) moves its
+    wake."""
     with trio.fail_after(3600):  # (a wait the watch never ends would hang the test)
         await _two_idle_limits(tmp_path)
 
