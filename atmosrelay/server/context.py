@@ -5,15 +5,16 @@ limits they keep, the in-flight byte budget, and the watch on their waits.
 enter a cancel scope with that deadline for every read: about 6 us of trio's bookkeeping a
 read (the scope, its cancel status, the deadline heap), four reads a message on a kept
 connection, seven a connection for one message per connection. Without them the accepting
-process spent a sixth less CPU a message and accepted 1.16x as fast at 50 sessions
-(bench/README.md, "twenty-first"). Now a session enters one cancel scope for its whole
-life and, before each read, notes the read's deadline on itself (``Waiting``); one task,
-``watch``, sleeps until the earliest deadline noted and cancels the scope of every session
-still waiting past its own. A session cancelled there is always parked in that read (the
-deadline is noted only around it), so only reads are ever cancelled, as before. Deadlines
-are exact: a read whose deadline is earlier than the watch's next wake moves the wake
-(``wait_until``); otherwise a read costs two attribute stores and a comparison. The watch
-runs for as long as the sessions do (runtime.py); a session refuses to wait without it.
+process spent a sixth less CPU a message and accepted 1.16x as fast at 50 sessions of a
+client that does not pipeline (bench/README.md, "twenty-first"). Now a session enters one
+cancel scope for its whole life and, before each read, notes the read's deadline on itself
+(``Waiting``); one task, ``watch``, sleeps until the earliest deadline noted and cancels the
+scope of every session still waiting past its own. A session cancelled there is always
+parked in that read (the deadline is noted only around it), so only reads are ever
+cancelled, as before. Deadlines are exact: a read whose deadline is earlier than the
+watch's next wake moves the wake (``wait_until``); otherwise a read costs two attribute
+stores and a comparison. The watch runs for as long as the sessions do (runtime.py); a
+session refuses to wait without it.
 """
 
 from __future__ import annotations
