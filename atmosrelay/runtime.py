@@ -3,7 +3,8 @@
     trio.run(run_relay)
     └── journal (recovery and the queue fold finish before anything listens; closes last)
         └── services: the API-key revocation watcher, the policy's writer and counter
-            │         flush, the status index's writer, the compactor, the control socket
+            │         flush, the status index's writer, the compactor, the control socket,
+            │         the sessions' watch (ends their waits at their deadlines)
             └── delivery: the dispatcher and its lanes (delivery/dispatcher.py, lane.py),
                 │   and the delivery processes it carries attempts through (courier_link.py)
                 └── sessions (one task per connection; a grace deadline on shutdown)
