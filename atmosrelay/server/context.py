@@ -44,7 +44,10 @@ class Waiting(Protocol):
     """A session as the watch sees it."""
 
     wait_deadline: float | None  # while it waits for its peer: until when
-    waiting_for_command: bool  # that wait is for a command (not inside DATA or BDAT)
+
+    @property
+    def waiting_for_command(self) -> bool:
+        """Its wait is for a command (not inside DATA or BDAT)."""
 
     def expire(self) -> None:
         """End the wait now (cancels it; the session answers and closes)."""

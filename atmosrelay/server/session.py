@@ -136,7 +136,6 @@ class Session:
         self._data_ended: float | None = None  # a message's end of data, until its reply goes
         self._data_bytes = 0
         self.wait_deadline: float | None = None  # while waiting for the peer (the watch's)
-        self.waiting_for_command = False
         self._expiry = R.IDLE_TIMEOUT  # what the wait's deadline answers
         self._waits = trio.CancelScope()  # cancelled by the watch: a wait ends the session
         self.conn = self._new_connection(after_starttls=False)
@@ -268,7 +267,7 @@ class Session:
             return None
         deadline, self._expiry = self._deadline(in_data)
         self.ctx.wait_until(deadline)
-        self.wait_deadline, self.waiting_for_command = deadline, not in_data
+        self.wait_deadline = deadline
         try:
             data = await self.io.read(RECEIVE_SIZE)
         finally:
@@ -278,13 +277,18 @@ class Session:
         self._data_bytes += len(data) if in_data else 0
         return data
 
+    @property
+    def waiting_for_command(self) -> bool:
+        """Not inside DATA or BDAT (which no wait begins or ends)."""
+        return self._data_started is None
+
     def expire(self) -> None:
         """The watch's: the wait for the peer is past its deadline, or shutdown came."""
         self._waits.cancel()
 
     async def _wait_ended(self) -> None:
         """Answer a wait the watch ended (the session then closes)."""
-        if self.ctx.shutdown.is_set() and self._data_started is None:
+        if self.ctx.shutdown.is_set() and self.waiting_for_command:
             self._log("shutdown")
             await self._send(R.SHUTTING_DOWN)
         else:
