@@ -252,6 +252,7 @@ class Dispatcher:
             msg = self.queue.state.messages.get(work.queue_id)
             if msg is None:  # deleted meanwhile
                 recorded = True
+                await trio.lowlevel.checkpoint()  # a schedule point on every path (lane.py)
                 return remote
             job = Job(
                 work.queue_id,
