@@ -365,13 +365,13 @@ class Session:
         if isinstance(event, Greet):
             if self.ctx.journal_failed():
                 return R.JOURNAL_FAILED  # a 421: the connection closes
-            return R.GREETING.format(hostname=self.ctx.hostname)
+            return R.for_host(R.GREETING, self.ctx.hostname)
         if isinstance(event, Hello):
             self.helo = event.hostname
             self._end_transaction()
             if event.extended:
                 return self.conn.ehlo_reply(self.ctx.hostname)
-            return R.HELO_OK.format(hostname=self.ctx.hostname)
+            return R.for_host(R.HELO_OK, self.ctx.hostname)
         if isinstance(event, StartTLS):
             return R.READY_TO_START_TLS
         if isinstance(event, AuthCredentials):

@@ -8,6 +8,8 @@ Reply text never carries exception text or unsanitised peer input.
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 
 
@@ -61,6 +63,13 @@ class Reply:
             sep = " " if i == last else "-"
             out.append(f"{self.code}{sep}{prefix}{line}\r\n")
         return "".join(out).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=64)
+def for_host(reply: Reply, hostname: str) -> Reply:
+    """``reply`` naming the relay's own host (the greeting, HELO's reply): the same on every
+    connection, so filled, and its bytes encoded, once rather than once a connection."""
+    return attrs.evolve(reply.format(hostname=hostname), cacheable=True)
 
 
 # Bounded all the same: a caller may build replies by hand.
