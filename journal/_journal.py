@@ -14,6 +14,22 @@ cross-thread wake-ups either way, but ``to_thread`` adds its own bookkeeping on 
 ``bench/bench_journal.py``). The thread also takes the next batch straight after an fsync
 without a round trip through trio when appends are waiting.
 
+**Waiting for the others (``gather``).** Where records come one at a time from many
+appenders, as when each message has its own connection, the owner thread woke for nearly
+every record: about one fsync a record, and each batch costs the event loop's thread more
+than its fsync, because the owner thread needs the GIL four or five times a batch (to take
+it, around the write and the fsync, to wake the loop) and the event loop's thread waits to
+get it back each time. So the owner may wait, before it takes a batch, for records the
+caller says are on their way: ``gather`` (None: never) is asked, in the owner thread, each
+time it wakes for records, and returns how long it may wait (0: write at once); the caller
+ends the wait sooner with ``gathered()`` once nothing more is coming. The relay answers
+with ``journal.group_wait`` while other sessions are reading a message (their data phase)
+and 0 otherwise, and calls ``gathered()`` when the last of them has read its end: a lone
+sender's record is never held, and a held one waits only for messages already arriving
+(server/context.py). The wait releases the GIL and never lasts more than ``MAX_GATHER``
+(10 ms), whatever ``gather`` says; closing ends it. Measured in bench/README.md (the
+twenty-second run).
+
 Between batches the owner thread runs *jobs* (rotation, compaction steps); waiting batches
 always go first, so a long compaction never stalls acceptance.
 
@@ -78,6 +94,9 @@ T = TypeVar("T")
 # How long closing may wait for the owner thread to write what it holds. Bounded so that a
 # hung disk cannot hang shutdown forever; whatever was not acknowledged was never promised.
 CLOSE_TIMEOUT: Final = 30.0
+
+# The longest ``gather`` may hold a batch: whatever it answers, a record is written soon.
+MAX_GATHER: Final = 0.01
 
 
 @attrs.define(eq=False)
@@ -161,6 +180,11 @@ class Journal:
         # batch's size and the seconds its write and fsync took (metrics; must be quick and
         # thread-safe, and never raise).
         self.on_batch: Callable[[int, float], None] | None = None
+        # Asked in the writer thread when it wakes for records, before it takes them: how
+        # many seconds to wait for more to join the batch (0: none). See the module's notes;
+        # must be quick, must only read, and must never raise.
+        self.gather: Callable[[], float] | None = None
+        self._gathering = False  # the writer waits for records on their way (cv guards it)
 
     @property
     def directory(self) -> str:
@@ -321,6 +345,7 @@ class Journal:
                 with self._cv:
                     while not self._open.items and not self._jobs and not self._closing:
                         self._cv.wait()
+                    self._gather()
                     batch: _Batch | None = None
                     job: _Job | None = None
                     if self._open.items:
@@ -339,6 +364,35 @@ class Journal:
             except JournalError as exc:
                 self._close_error = exc
             self._notify(self._stopped)
+
+    def gathered(self) -> None:
+        """No more records are on their way: a writer waiting for them (``gather``) writes
+        what it has now. From any thread; a no-op when the writer is not waiting."""
+        with self._cv:
+            if self._gathering:
+                self._gathering = False
+                self._cv.notify()
+
+    def _gather(self) -> None:
+        """Wait, as ``gather`` says, for more records to join the open batch, until the time
+        is up or ``gathered`` is called (cv held; the wait releases it)."""
+        if self.gather is None or not self._open.items or self._closing:
+            return
+        try:
+            wait = max(0.0, min(float(self.gather()), MAX_GATHER))
+        except Exception:  # a waiting policy's bug must not stop the writer
+            log.exception("journal: gather raised; writing at once")
+            return
+        if wait <= 0:
+            return
+        deadline = time.monotonic() + wait
+        self._gathering = True
+        while self._gathering and not self._closing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cv.wait(left)
+        self._gathering = False
 
     def _write(self, batch: _Batch) -> None:
         took = 0.0
