@@ -325,7 +325,7 @@ def make_context(
         max_message_size=config.smtp.max_message_size,
         enforce_limits=enforce_limits,
     )
-    return SessionContext(
+    ctx = SessionContext(
         hostname=config.smtp.hostname,
         operator_domain=config.operator.domain,
         capabilities=Capabilities(size=config.smtp.max_message_size),
@@ -342,7 +342,10 @@ def make_context(
         auto_tls_window=config.smtp.auto_tls_window,
         max_recipients=config.smtp.max_recipients,
         trusted_did=config.smtp.trusted_did,
+        group_wait=config.journal.group_wait,
     )
+    queue.journal.gather = ctx.gather  # messages under way share a batch (server/context.py)
+    return ctx
 
 
 async def _serve(

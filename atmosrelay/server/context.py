@@ -98,12 +98,31 @@ class SessionContext:
     on_data_reply: Callable[[float], None] = lambda s: None  # end of data -> reply written, s
     shutdown: trio.Event = attrs.field(factory=trio.Event)
     sessions: set[Waiting] = attrs.field(factory=set)  # every session running
+    # Sessions in a data phase (DATA's 354 sent, or a first BDAT chunk) whose end of data
+    # is not read yet: their records are on their way to the journal (``gather``).
+    in_data: int = 0
+    group_wait: float = 0.0
     watched: bool = False  # ``watch`` is running
     _wake_at: float = math.inf  # when ``watch`` looks at the waits next
     _alarm: trio.CancelScope | None = None  # its sleep until then
 
     journal_failure_reported: bool = False
     tls_failures: int = 0  # handshakes that failed or timed out (implicit and STARTTLS)
+
+    def gather(self) -> float:
+        """The journal's ``gather`` (journal/_journal.py): how long its writer may wait for
+        more records before it writes the batch it woke for. ``group_wait`` while other
+        sessions are in a data phase (a session counts itself out when it has read its end
+        of data, before it appends), else 0: a lone sender's record goes at once. The wait
+        ends early when the last of them has read its end (``data_arrived``). Called in the
+        writer thread: it reads one int."""
+        return self.group_wait if self.in_data > 0 else 0.0
+
+    def data_arrived(self) -> None:
+        """A session's data phase is over (its end read, or the transaction ended)."""
+        self.in_data -= 1
+        if self.in_data == 0:
+            self.queue.journal.gathered()  # nothing more on its way: write what waits
 
     def journal_failed(self) -> bool:
         """True once the journal is poisoned; the first caller to see it logs it, once."""
