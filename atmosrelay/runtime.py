@@ -344,7 +344,7 @@ def make_context(
         trusted_did=config.smtp.trusted_did,
         group_wait=config.journal.group_wait,
     )
-    queue.journal.gather = ctx.gather  # messages under way share a batch (server/context.py)
+    queue.journal.gather = ctx.gather  # messages being read share a batch (server/context.py)
     return ctx
 
 
