@@ -134,7 +134,6 @@ class Session:
         self._command_deadline: float | None = None  # set when the wait for a command starts
         self._data_started: float | None = None  # set when a DATA or BDAT phase starts
         self._data_ended: float | None = None  # a message's end of data, until its reply goes
-        self._in_data = False  # counted in ctx.in_data: a data phase whose end is not read
         self._data_bytes = 0
         self.wait_deadline: float | None = None  # while waiting for the peer (the watch's)
         self._expiry = R.IDLE_TIMEOUT  # what the wait's deadline answers
@@ -242,16 +241,15 @@ class Session:
                 return
 
     def _start_data_phase(self) -> None:
+        if self._data_started is None:
+            self.ctx.in_data += 1  # its message is on its way to the journal (ctx.gather)
         self._data_started, self._data_bytes = trio.current_time(), 0
-        if not self._in_data:
-            self._in_data = True
-            self.ctx.in_data += 1
 
-    def _data_arrived(self) -> None:
-        """The end of data is read (before the append: the journal need not wait for it), or
-        the transaction ended without it."""
-        if self._in_data:
-            self._in_data = False
+    def _end_data_phase(self) -> None:
+        """The end of data is read (before the append: the journal need not wait for this
+        message), or the transaction ended without it."""
+        if self._data_started is not None:
+            self._data_started = None
             self.ctx.data_arrived()
 
     def _deadline(self, in_data: bool) -> tuple[float, Reply]:
@@ -400,7 +398,7 @@ class Session:
             return R.CHUNK_OK.format(size=event.size)
         if isinstance(event, EndOfMessage):
             self._data_ended = trio.current_time()
-            self._data_arrived()
+            self._end_data_phase()
             try:
                 return await self._accept()
             finally:
@@ -525,8 +523,7 @@ class Session:
                 tx.data = bytearray()  # drop what we hold; the rest is drained unkept
 
     def _end_transaction(self) -> None:
-        self._data_started = None
-        self._data_arrived()
+        self._end_data_phase()
         if self.tx is not None:
             self.ctx.budget.release(self.tx.held)
             self.tx = None
