@@ -11,6 +11,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 import journal._journal as journal_module
 from journal import open_journal
@@ -58,8 +59,9 @@ async def test_records_appended_while_the_writer_waits_share_its_batch() -> None
                 await asked.wait()
                 nursery.start_soon(append, "second")
                 nursery.start_soon(append, "third")
-                for _ in range(20):  # the writer holds them all: nothing is durable
-                    await trio.sleep(0.001)
+                # both have joined the open batch (each task is blocked in its append), and
+                # the writer holds it: nothing is durable
+                await trio.testing.wait_all_tasks_blocked()
                 assert done == []
                 assert journal.batches == batches
                 journal.gathered()
