@@ -119,4 +119,13 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     INSERT INTO counter_seq (one, seq) VALUES (1, 0);
     """,
+    # 6 -> 7: which relay last added to the counters, and at which sequence number: a relay
+    # and its own session processes (docs/sessions.md) share a name, so a relay says
+    # another shares the file only when a process of another relay adds to it.
+    """
+    CREATE TABLE counter_writers (
+        relay TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL
+    );
+    """,
 )

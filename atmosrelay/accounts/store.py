@@ -468,31 +468,47 @@ class Store(InboundLog):
 
     # -- counters (policy/counters.py) ----------------------------------------------------------
     def exchange_counts(
-        self, deltas: dict[tuple[str, float], int], after: int, *, journal: str, until: float
-    ) -> tuple[list[tuple[str, float, int]], int]:
-        """Add each ``(key, bucket start) -> n`` of ``deltas`` (key ``kind|subject``; several
-        processes add to the same rows) and mark this ``journal``'s records counted up to
-        ``until`` (``flushed_until``), when there is anything to add; then, in the same
-        transaction, every row any process added to after sequence number ``after``, as
-        (key, bucket start, total), and the sequence number reached. Writers take the
-        database's write lock in turn, so the sequence numbers follow the commits: no row
-        is missed."""
-        if not deltas:
-            with self._snapshot() as db:  # the rows and the number agree
-                return self._counts_after(db, after)
-        with self._tx() as db:
-            self._add_counts(db, deltas, journal, until)
-            return self._counts_after(db, after)
-
-    def _add_counts(
         self,
-        db: sqlite3.Connection,
         deltas: dict[tuple[str, float], int],
+        after: int,
+        *,
         journal: str,
         until: float,
+        mark: bool = False,
+        relay: str = "",
+    ) -> tuple[list[tuple[str, float, int]], int, bool]:
+        """Add each ``(key, bucket start) -> n`` of ``deltas`` (key ``kind|subject``; several
+        processes add to the same rows) and mark this ``journal``'s records counted up to
+        ``until`` (``flushed_until``; no ``journal``, no mark), when there is anything to
+        add or ``mark`` says so; then, in the same transaction, every row any process added
+        to after sequence number ``after``, as (key, bucket start, total), the sequence
+        number reached, and whether a relay other than ``relay`` added any of them. Writers
+        take the database's write lock in turn, so the sequence numbers follow the commits:
+        no row is missed."""
+        if not deltas and not (mark and journal):
+            with self._snapshot() as db:  # the rows and the number agree
+                return self._counts_after(db, after, relay)
+        with self._tx() as db:
+            if deltas:
+                self._add_counts(db, deltas, relay)
+            if journal:
+                db.execute(
+                    "INSERT INTO counter_marks (journal, flushed_until) VALUES (?, ?)"
+                    " ON CONFLICT (journal) DO UPDATE SET flushed_until = excluded.flushed_until",
+                    (journal, until),
+                )
+            return self._counts_after(db, after, relay)
+
+    def _add_counts(
+        self, db: sqlite3.Connection, deltas: dict[tuple[str, float], int], relay: str
     ) -> None:
         db.execute("UPDATE counter_seq SET seq = seq + 1")
         (seq,) = db.execute("SELECT seq FROM counter_seq").fetchone()
+        db.execute(
+            "INSERT INTO counter_writers (relay, seq) VALUES (?, ?)"
+            " ON CONFLICT (relay) DO UPDATE SET seq = excluded.seq",
+            (relay, seq),
+        )
         rows = []
         for (key, start), n in deltas.items():
             kind, _, subject = key.partition("|")
@@ -503,22 +519,19 @@ class Store(InboundLog):
             " SET value = value + excluded.value, seq = excluded.seq",
             rows,
         )
-        if journal:
-            db.execute(
-                "INSERT INTO counter_marks (journal, flushed_until) VALUES (?, ?)"
-                " ON CONFLICT (journal) DO UPDATE SET flushed_until = excluded.flushed_until",
-                (journal, until),
-            )
 
     @staticmethod
     def _counts_after(
-        db: sqlite3.Connection, after: int
-    ) -> tuple[list[tuple[str, float, int]], int]:
+        db: sqlite3.Connection, after: int, relay: str
+    ) -> tuple[list[tuple[str, float, int]], int, bool]:
         (seq,) = db.execute("SELECT seq FROM counter_seq").fetchone()
         rows = db.execute(
             "SELECT name, did, window_start, value FROM counters WHERE seq > ?", (after,)
         ).fetchall()
-        return [(f"{r[0]}|{r[1]}", r[2], r[3]) for r in rows], int(seq)
+        foreign = db.execute(
+            "SELECT 1 FROM counter_writers WHERE seq > ? AND relay != ? LIMIT 1", (after, relay)
+        ).fetchone()
+        return [(f"{r[0]}|{r[1]}", r[2], r[3]) for r in rows], int(seq), foreign is not None
 
     def counts_and_seq_since(self, since: float) -> tuple[list[tuple[str, float, int]], int]:
         """``counts_since`` and the sequence number they reflect, from one snapshot: what a

@@ -71,8 +71,17 @@ class CounterSync:
     # Called once, the first time another process's additions are counted here (the relay
     # says so on its standard output: the operator learns the store is shared).
     on_shared: Callable[[], None] | None = None
+    # With session processes (server/workers.py), the owner's: the time up to which every
+    # process accepting for this journal has flushed its counts (they count what they accept,
+    # and mark nothing: their ``journal`` is ""). The mark written is never past it, so a
+    # restart recounts what they may not have flushed, and the mark moves with it even when
+    # this process has nothing to add.
+    counted_until: Callable[[], float] | None = None
+    relay: str = ""  # whose counts these are: ``journal`` unless set (a session process's)
+    flushed: float = 0.0  # the ``now`` of the last flush that reached the store
     _lock: trio.Lock = attrs.field(factory=trio.Lock)  # one exchange at a time, applied in turn
     _pruned: float = 0.0
+    _marked: float = 0.0  # the mark this process last wrote
 
     def load(self, state: QueueState, now: float, own_domain: str = "") -> tuple[int, int, float]:
         """Fill the policy's counters from the store, then from the journal's records past
@@ -101,11 +110,21 @@ class CounterSync:
         async with self._lock:
             # the deltas are taken on the event loop (no send can interleave)
             deltas = self.policy.counters.take_unflushed()
+            until, mark = now, False
+            if self.counted_until is not None:
+                until = min(now, self.counted_until())
+                mark = until > self._marked
             exchange = partial(
-                self.store.sync.exchange_counts, deltas, self.seq, journal=self.journal, until=now
+                self.store.sync.exchange_counts,
+                deltas,
+                self.seq,
+                journal=self.journal,
+                until=until,
+                mark=mark,
+                relay=self.relay or self.journal,
             )
             try:
-                rows, seq = await self.store.run(exchange)
+                rows, seq, foreign = await self.store.run(exchange)
             except trio.Cancelled:  # waiting for the store's thread: the exchange never ran
                 self.policy.counters.restore_unflushed(deltas)
                 raise
@@ -113,7 +132,10 @@ class CounterSync:
                 self.policy.counters.restore_unflushed(deltas)
                 log.exception("could not write the policy counters; they are kept for the next try")
                 return
-            self._apply(rows, seq, deltas, now)
+            self._apply(rows, seq, deltas, foreign)
+            self.flushed = now
+            if deltas or mark:
+                self._marked = until
             if now - self._pruned > PRUNE_EVERY:
                 await self._prune(now)
 
@@ -122,7 +144,7 @@ class CounterSync:
         rows: list[tuple[str, float, int]],
         seq: int,
         mine: dict[tuple[str, float], int],
-        now: float,
+        foreign: bool,  # another relay (not this one's session processes) added some
     ) -> None:
         counters, seen = self.policy.counters, self.seen
         shared = False
@@ -134,7 +156,7 @@ class CounterSync:
                 counters.load(key, start, others)
                 shared = True
         self.seq = seq
-        if shared and self.on_shared is not None:
+        if shared and foreign and self.on_shared is not None:
             self.on_shared()
             self.on_shared = None
 
@@ -169,11 +191,17 @@ class CounterSync:
 
 
 def recount(
-    policy: Policy, messages: Iterable[QueuedMessage], mark: float, own_domain: str = ""
+    policy: Policy,
+    messages: Iterable[QueuedMessage],
+    mark: float,
+    own_domain: str = "",
+    *,
+    deliveries: bool = True,
 ) -> int:
     """Count what ``messages`` hold past ``mark`` (the last flush) into ``policy``'s
-    counters: each accepted message's recipients, each delivery outcome. Returns how many
-    messages were accepted past it."""
+    counters: each accepted message's recipients, each delivery outcome (unless not
+    ``deliveries``: a session process's acceptances, whose deliveries this process counted
+    as they came; server/workers.py). Returns how many messages were accepted past it."""
     counted: list[tuple[str, float, int]] = []
     replayed = 0
     # a deep queue holds many messages of few senders and members: each one's domain and
@@ -201,7 +229,7 @@ def recount(
                 member_key = keys[record.did] = recipients_key(record.did)
             counted.append((member_key, record.accepted_at, n))
             replayed += 1
-        for delivery in msg.history:
+        for delivery in msg.history if deliveries else ():
             if delivery.at <= mark:
                 continue
             for o in delivery.outcomes:

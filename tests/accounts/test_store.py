@@ -24,7 +24,7 @@ DID = "did:plc:abcdefghijklmnopqrstuvwx"
 
 def test_migrates_an_empty_file(tmp_path: Path) -> None:
     store = Store(tmp_path / "a.sqlite3")
-    assert store.version == SCHEMA_VERSION == 6
+    assert store.version == SCHEMA_VERSION == 7
     tables = {r[0] for r in store._rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"members", "handles", "domains", "api_keys", "suppressions", "counters"} <= tables
     assert "counter_marks" in tables

@@ -131,6 +131,40 @@ async def test_each_process_sees_what_the_others_added_and_its_own_once(tmp_path
     assert sum(n for k, _, n in a.store.sync.counts_since(0) if k == KEY) == 6
 
 
+async def test_with_session_processes_the_mark_waits_for_the_slowest_of_them(
+    tmp_path: Path,
+) -> None:
+    """Session processes (server/workers.py) count what they accept and mark nothing; the
+    owner marks its journal counted only up to where every one of them has flushed, even
+    with nothing of its own to add, so a restart recounts what they may not have written,
+    and nothing they had not."""
+    owner = _process(tmp_path / "accounts.db", "j")
+    one, two = (_process(tmp_path / "accounts.db", "") for _ in range(2))
+    one.relay = two.relay = "j"  # its own: not another relay sharing the store
+    told: list[str] = []
+    owner.on_shared = lambda: told.append("owner")
+    flushed = {"one": NOW - 50.0, "two": NOW - 50.0}
+    owner.counted_until = lambda: min(flushed.values())
+    one.policy.counters.add(KEY, NOW - 40, 2)  # accepted after the owner's last mark
+    await one.flush(NOW - 20)
+    flushed["one"] = one.flushed
+    assert one.flushed == NOW - 20
+    assert owner.store.sync.flushed_until("j") == 0.0  # a session process marks nothing
+    await owner.flush(NOW)  # nothing of its own: the mark moves to the slowest one's flush
+    assert owner.store.sync.flushed_until("j") == NOW - 50
+    await two.flush(NOW - 10)
+    flushed["two"] = two.flushed
+    await owner.flush(NOW)
+    assert owner.store.sync.flushed_until("j") == NOW - 20
+    flushed["one"] = flushed["two"] = NOW + 5
+    await owner.flush(NOW)  # never past the owner's own flush
+    assert owner.store.sync.flushed_until("j") == NOW
+    assert _total(owner) == 2  # and the counts came back to it as another's ...
+    assert told == []  # ... but not another relay's
+    for sync in (owner, one, two):
+        sync.store.sync.close()
+
+
 async def test_a_process_started_later_loads_the_totals_and_then_only_what_is_new(
     tmp_path: Path,
 ) -> None:
