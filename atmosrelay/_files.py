@@ -1,9 +1,12 @@
-"""Small files the relay must not lose or expose: keys and secrets it generates once."""
+"""Small files the relay must not lose or expose: keys and secrets it generates once, and
+the data directory's lock."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
+from typing import IO
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -23,3 +26,26 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class DataDirLocked(Exception):
+    """Another relay runs on this data directory (two writers would corrupt the journal)."""
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Hold ``<data_dir>/relay.lock`` (flock, released by the kernel even on kill -9)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "relay.lock"
+    f = path.open("a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise DataDirLocked(
+            f"another relay is running on {data_dir} (it holds {path}); stop it first"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f

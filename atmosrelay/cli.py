@@ -23,6 +23,7 @@ import trio
 from tqdm import tqdm
 
 from atmosrelay import __version__, logs
+from atmosrelay._files import DataDirLocked
 from atmosrelay._text import print_error
 from atmosrelay.accounts.cli import register as register_accounts
 from atmosrelay.config import DEFAULTS_TOML, Config, ConfigError, load_config
@@ -32,7 +33,8 @@ from atmosrelay.inbound.cli import register as register_inbound
 from atmosrelay.queue.checkpoint import CheckpointUnusable
 from atmosrelay.queue.cli import register as register_queue
 from atmosrelay.queue.records import RecordError
-from atmosrelay.runtime import DataDirLocked, ListenError, run_relay
+from atmosrelay.runtime import ListenError, run_relay
+from atmosrelay.server.workers import fork_session_processes
 from journal import CorruptJournalError, JournalError, check_journal, dump_journal
 
 EXIT_USAGE = 64  # sysexits EX_USAGE: bad config or arguments
@@ -55,15 +57,20 @@ def _run_unwrapped(config: Config) -> None:
     The delivery processes are forked here, before the event loop and its threads exist:
     each starts with this process's modules loaded (delivery/forked.py)."""
     forked = fork_couriers(config.delivery.processes if config.delivery.enabled else 0)
+    sessions = fork_session_processes(config)  # server/workers.py
     try:
-        trio.run(lambda: run_relay(config, announce=logs.announce, forked=forked))
+        trio.run(
+            lambda: run_relay(
+                config, announce=logs.announce, forked=forked, session_processes=sessions
+            )
+        )
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
         if len(leaves) == 1 and isinstance(leaves[0], Exception):
             raise leaves[0] from None
         raise
     finally:
-        release(forked)  # the ones a failed start never took over
+        release([*sessions, *forked])  # the ones a failed start never took over
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -35,22 +35,20 @@ start folds it back into the queue and resumes delivering.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
-import os
 import sqlite3
 import ssl
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from atmosrelay import systemd
+from atmosrelay._files import lock_data_dir
 from atmosrelay.accounts.api_keys import KeyChecker
 from atmosrelay.accounts.dkim_keys import ensure_operator_key
 from atmosrelay.accounts.store import AsyncStore, Store
@@ -77,12 +75,14 @@ from atmosrelay.sections import ListenerMode
 from atmosrelay.server.context import Budget, SessionContext
 from atmosrelay.server.listeners import ConnectionLimits, serve_listener
 from atmosrelay.server.tls import server_context
+from atmosrelay.server.workers import SessionProcesses
 from atmosrelay.signals import Signals, watch_signals
 from atmosrelay.smtp import Capabilities
 from atmosrelay.submission import Pipeline
 from atmosrelay.submission.actions import PolicyActions
 from atmosrelay.submission.counting import CounterSync, recount
 from atmosrelay.submission.members import MemberDirectory
+from atmosrelay.submission.pipeline import Queue
 from journal import FS, OsFS, open_journal
 
 if TYPE_CHECKING:
@@ -124,17 +124,27 @@ async def run_relay(
     handle_signals: bool = True,
     enforce_limits: bool = True,
     forked: Sequence[Forked] = (),
+    session_processes: Sequence[Forked] = (),
     task_status: trio.TaskStatus[RelayHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``RelayHandle.stop()``), then shut down in order.
     ``enforce_limits=False`` is for one bench row only (bench/bench_accept.py); ``forked``:
-    delivery processes the serve command forked before the event loop (delivery/forked.py).
+    delivery processes the serve command forked before the event loop (delivery/forked.py);
+    ``session_processes``: its session processes (server/workers.py).
 
     Raises ``journal.CorruptJournalError`` (before anything listens) when the journal holds
     damaged acknowledged records, and ``journal.JournalFatalError`` when the disk fails.
     """
     with await trio.to_thread.run_sync(lock_data_dir, config.data_dir):
-        await _run(config, announce, fs, handle_signals, enforce_limits, forked, task_status)
+        await _run(
+            config,
+            announce,
+            fs,
+            handle_signals,
+            enforce_limits,
+            (forked, session_processes),
+            task_status,
+        )
 
 
 class ListenError(Exception):
@@ -149,38 +159,16 @@ class ListenError(Exception):
         )
 
 
-class DataDirLocked(Exception):
-    """Another relay runs on this data directory (two writers would corrupt the journal)."""
-
-
-def lock_data_dir(data_dir: Path) -> IO[str]:
-    """Hold ``<data_dir>/relay.lock`` (flock, released by the kernel even on kill -9)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / "relay.lock"
-    f = path.open("a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise DataDirLocked(
-            f"another relay is running on {data_dir} (it holds {path}); stop it first"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
 async def _run(
     config: Config,
     announce: Callable[[str], None],
     fs: FS | None,
     handle_signals: bool,
     enforce_limits: bool,
-    forked: Sequence[Forked],
+    processes: tuple[Sequence[Forked], Sequence[Forked]],  # delivery's, the sessions'
     task_status: trio.TaskStatus[RelayHandle],
 ) -> None:
+    forked, session_processes = processes
     directory = str(config.journal_dir)
     operator, created = await trio.to_thread.run_sync(
         ensure_operator_key, config.dkim_dir, config.operator.domain
@@ -255,7 +243,7 @@ async def _run(
                 handle_signals,
                 enforce_limits,
                 task_status,
-                _Extras(status, metrics, unsubscribe_secret),
+                _Extras(status, metrics, unsubscribe_secret, session_processes),
             )
             if not journal.poisoned:  # stopped cleanly: nothing appends any more
                 announce(
@@ -299,7 +287,7 @@ async def _compactor(queue: QueueStore, status: StatusIndex, interval: float) ->
 def make_context(
     config: Config,
     store: Store,
-    queue: QueueStore,
+    queue: Queue,
     tls_context: ssl.SSLContext,
     *,
     enforce_limits: bool = True,
@@ -363,6 +351,7 @@ async def _serve(
     ctx = make_context(config, store, queue, tls_context, enforce_limits=enforce_limits)
     ctx.on_data_reply = extras.metrics.data_reply_seconds.observe
     keys = ctx.keys
+    workers = extras.workers = SessionProcesses(extras.session_processes, queue, ctx)
     counting = CounterSync(
         ctx.store,
         ctx.pipeline.policy,
@@ -372,6 +361,8 @@ async def _serve(
             "count against the limits here too"
         ),
     )
+    if workers.forked:
+        counting.counted_until = workers.handoff.counted_until
     ctx.inbound, extras.inbound = make_inbound(
         config,
         ctx,
@@ -445,6 +436,11 @@ async def _serve(
         services.cancel_scope.cancel()
 
 
+async def _reload(reloader: Reloader, workers: SessionProcesses) -> bool:
+    workers.reload()  # each session process reloads as this one does
+    return await reloader.reload()
+
+
 async def _commit_policy(ctx: SessionContext, counting: CounterSync) -> None:
     """The policy's writes queued so far, then its counters, on disk."""
     await ctx.pipeline.actions.settled()
@@ -458,6 +454,8 @@ class _Extras:
     status: StatusIndex
     metrics: RelayMetrics
     unsubscribe_secret: bytes
+    session_processes: Sequence[Forked] = ()  # forked, not yet handed the listeners
+    workers: SessionProcesses | None = None  # the owner's side of them (server/workers.py)
     inbound: InboundProcessor | None = None  # set once the sessions' context exists
     listening: bool = False  # the SMTP listeners are up and not closing (/readyz)
 
@@ -568,12 +566,16 @@ async def _sessions(
             for host, port, use_tls in bound:
                 handle.http.append((host, port, use_tls))
                 announce(f"listening on {host}:{port} (http{'s' if use_tls else ''})")
+        workers = extras.workers
+        assert workers is not None  # made with the context (_serve)
+        serve = partial(serve_listener, ctx=ctx, sessions=sessions, limits=limits)
         async with trio.open_nursery() as acceptors:
-            for listener, mode in listeners:
-                acceptors.start_soon(
-                    serve_listener, listener, mode, ctx, sessions, limits, networks
-                )
-            signals.reload = reloader.reload
+            await workers.start(
+                listeners, partial(serve, trusted_networks=networks), acceptors, sessions
+            )
+            if workers.pids:
+                announce(f"session processes started (pid {', '.join(map(str, workers.pids))})")
+            signals.reload = partial(_reload, reloader, workers)
             extras.listening = True
             announce("ready; SIGTERM or Ctrl-C stops, SIGHUP reloads")
             systemd.notify("READY=1", f"STATUS=accepting mail on {len(addresses)} listener(s)")
@@ -581,11 +583,13 @@ async def _sessions(
             await handle._stop.wait()
             systemd.notify("STOPPING=1", "STATUS=draining")
             extras.listening = False
+            workers.drain()  # theirs close and their sessions finish, as ours below
             acceptors.cancel_scope.cancel()
         for listener, _ in listeners:
             await listener.aclose()
-        grace = config.smtp.shutdown_grace
-        announce(f"listeners closed; {limits.active} session(s) get {grace:g} s to finish")
+        grace, active = config.smtp.shutdown_grace, limits.active + ctx.sessions_elsewhere
+        announce(f"listeners closed; {active} session(s) get {grace:g} s to finish")
         ctx.request_shutdown()
         sessions.cancel_scope.deadline = trio.current_time() + grace
         signals.hurry.append(partial(setattr, sessions.cancel_scope, "deadline", -math.inf))
+        signals.hurry.append(partial(workers.drain, True))

@@ -265,6 +265,15 @@ class Smtp:
         4096, 1, note="bytes per second: a 50 MB message gets at most ~3.6 h"
     )
     max_session_time: float = number(3600.0, 1, note="seconds")
+    processes: int = integer(
+        2,
+        0,
+        16,
+        doc="Session processes: each serves the submission listeners' SMTP sessions (TLS, "
+        "AUTH, the policy) and hands its messages to this process, which journals them and "
+        "answers each 250 once its record is fsynced (docs/sessions.md), so acceptance uses more "
+        "than one core. 0: every session in this process.",
+    )
     max_connections: int = integer(1000, 1)
     max_connections_per_ip: int = integer(50, 1)
     inflight_budget: int = integer(

@@ -120,6 +120,7 @@ class _Relay(Collector):
 
     def collect(self) -> Iterator[Metric]:
         pipeline, queue = self.ctx.pipeline, self.ctx.queue
+        assert isinstance(queue, QueueStore)  # the owner's context: the queue itself
         accepted = CounterMetricFamily(
             "atmosrelay_messages_accepted", "Messages accepted (fsynced)", labels=["via"]
         )
@@ -143,8 +144,11 @@ class _Relay(Collector):
         yield from _journal(queue)
         yield _depth(queue)
         limits = self.limits()
+        here = limits.active if limits else 0
         yield GaugeMetricFamily(
-            "atmosrelay_smtp_sessions", "SMTP sessions open", value=limits.active if limits else 0
+            "atmosrelay_smtp_sessions",
+            "SMTP sessions open",
+            value=here + self.ctx.sessions_elsewhere,  # the session processes' too
         )
         yield CounterMetricFamily(
             "atmosrelay_tls_handshakes_failed",

@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -102,6 +102,14 @@ class Forked:
 def fork_couriers(count: int) -> list[Forked]:
     """``count`` delivery processes forked now, waiting for the owner's hello; none when
     this process already has more than one thread or cannot watch a child by pidfd."""
+    return fork_processes(count, lambda fd: courier.main([str(fd)]))
+
+
+def fork_processes(count: int, run: Callable[[int], None]) -> list[Forked]:
+    """``count`` children forked now, each running ``run`` on the descriptor of its end of
+    a socketpair (the owner keeps the other, ``Forked.sock``); none when this process
+    already has more than one thread or cannot watch a child by pidfd. The session
+    processes (server/workers.py) are forked the same way."""
     if count <= 0 or threading.active_count() != 1 or not hasattr(os, "pidfd_open"):
         return []
     sys.stdout.flush()  # or a child would write the owner's buffered lines again
@@ -111,13 +119,15 @@ def fork_couriers(count: int) -> list[Forked]:
         ours, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:
-            _child(theirs, [ours] + [f.sock for f in forked if f.sock is not None])
+            _child(theirs, [ours] + [f.sock for f in forked if f.sock is not None], run)
         theirs.close()
         forked.append(Forked(pid, ours))
     return forked
 
 
-def _child(sock: socket.socket, owners: Sequence[socket.socket]) -> None:
+def _child(
+    sock: socket.socket, owners: Sequence[socket.socket], run: Callable[[int], None]
+) -> None:
     code = 1
     try:
         for s in owners:
@@ -128,7 +138,7 @@ def _child(sock: socket.socket, owners: Sequence[socket.socket]) -> None:
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
-        courier.main([str(sock.detach())])
+        run(sock.detach())
         code = 0
     except BaseException:  # whatever it was, this child ends here
         traceback.print_exc()

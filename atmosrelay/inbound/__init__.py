@@ -16,6 +16,7 @@ from atmosrelay.inbound.addresses import ReturnPath, Srs, derive_key
 from atmosrelay.inbound.processor import InboundProcessor
 from atmosrelay.inbound.session import InboundSettings
 from atmosrelay.queue.status import StatusIndex
+from atmosrelay.queue.store import QueueStore
 from atmosrelay.server.context import SessionContext
 
 
@@ -41,6 +42,7 @@ def make_inbound(
         role_forward=config.inbound.role_forward,
         hourly_per_ip=config.inbound.hourly_per_ip,
     )
+    assert isinstance(ctx.queue, QueueStore)  # inbound runs in the owner: the queue itself
     processor = InboundProcessor(
         ctx.queue,
         ctx.store,

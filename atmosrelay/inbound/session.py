@@ -41,6 +41,7 @@ from atmosrelay.inbound.addresses import (
 from atmosrelay.policy.counters import Counters
 from atmosrelay.policy.limits import HOUR
 from atmosrelay.queue.records import Inbound, InboundRecipient, new_queue_id
+from atmosrelay.queue.store import QueueStore
 from atmosrelay.sections import ListenerMode
 from atmosrelay.server.context import SessionContext
 from atmosrelay.server.session import Session, _Transaction
@@ -181,8 +182,10 @@ class InboundSession(Session):
             client={"ip": self.peer, "tls": self.tls_version, "helo": self.helo},
             size=len(data),
         )
+        queue = self.ctx.queue
+        assert isinstance(queue, QueueStore)  # inbound runs in the owner: the queue itself
         try:
-            await self.ctx.queue.receive(record, data)
+            await queue.receive(record, data)
         except JournalFullError:
             self._log("inbound-refused", "journal disk full")
             return R.QUEUE_FULL

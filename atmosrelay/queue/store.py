@@ -192,11 +192,23 @@ class QueueStore:
         Raises the journal's errors (JournalFullError, JournalFatalError, ...) unchanged,
         and whatever adding the message to the state raised (``then`` is not called then)."""
         payload = encode_accepted(record, message)
+        return await self.accept_payload(record, payload, len(payload) - len(message), then)
+
+    async def accept_payload(
+        self,
+        record: Accepted,
+        payload: bytes,
+        body_offset: int,
+        then: Callable[[], None] | None = None,
+    ) -> Position:
+        """``accept`` of a payload already encoded (``encode_accepted``; ``record`` is its
+        head and ``body_offset`` where its message starts): a session process's hand-off
+        (server/handoff.py), which the owner appends as it came."""
         failed: list[Exception] = []
 
         def durable(position: Position) -> None:
             try:
-                self.state.add_accepted(record, position, len(payload) - len(message))
+                self.state.add_accepted(record, position, body_offset)
                 self.events.publish(MessageAccepted(record))
                 if self.on_accept is not None:
                     self.on_accept()

@@ -30,9 +30,9 @@ import trio
 
 from atmosrelay.accounts.api_keys import KeyChecker
 from atmosrelay.accounts.store import AsyncStore
-from atmosrelay.queue.store import QueueStore
 from atmosrelay.smtp import Capabilities
 from atmosrelay.submission import Pipeline
+from atmosrelay.submission.pipeline import Queue
 
 if TYPE_CHECKING:
     from atmosrelay.inbound.session import InboundSettings
@@ -84,7 +84,7 @@ class SessionContext:
     tls_context: ssl.SSLContext
     keys: KeyChecker
     store: AsyncStore
-    queue: QueueStore
+    queue: Queue  # the QueueStore; in a session process, the hand-off (server/handoff.py)
     pipeline: Pipeline
     budget: Budget
     idle_timeout: float = 60.0
@@ -102,6 +102,9 @@ class SessionContext:
     # is not read yet: their records are on their way to the journal (``gather``).
     in_data: int = 0
     group_wait: float = 0.0
+    # in a session process: tell the owner, whose journal waits (server/handoff.py)
+    on_first_data: Callable[[], None] | None = None
+    sessions_elsewhere: int = 0  # in the owner: its session processes' (their last reports)
     watched: bool = False  # ``watch`` is running
     _wake_at: float = math.inf  # when ``watch`` looks at the waits next
     _alarm: trio.CancelScope | None = None  # its sleep until then
@@ -117,6 +120,12 @@ class SessionContext:
         ends early when the last of them has read its end (``data_arrived``). Called in the
         writer thread: it reads one int."""
         return self.group_wait if self.in_data > 0 else 0.0
+
+    def data_started(self) -> None:
+        """A session's data phase began (DATA's 354 sent, or a first BDAT chunk)."""
+        self.in_data += 1
+        if self.in_data == 1 and self.on_first_data is not None:
+            self.on_first_data()
 
     def data_arrived(self) -> None:
         """A session's data phase is over (its end read, or the transaction ended)."""

@@ -242,7 +242,7 @@ class Session:
 
     def _start_data_phase(self) -> None:
         if self._data_started is None:
-            self.ctx.in_data += 1  # its message is on its way to the journal (ctx.gather)
+            self.ctx.data_started()  # its message is on its way to the journal (ctx.gather)
         self._data_started, self._data_bytes = trio.current_time(), 0
 
     def _end_data_phase(self) -> None:

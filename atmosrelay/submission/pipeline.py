@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 from msgspec.structs import replace
@@ -37,12 +38,39 @@ from atmosrelay.policy.sender import (
     check_sender_domain,
     unsubscribed,
 )
+from atmosrelay.queue.events import EventFeed
 from atmosrelay.queue.records import Accepted, Idempotency, Recipient, new_queue_id
-from atmosrelay.queue.store import QueueStore
 from atmosrelay.refusals import Code, Refusal, refuse
 from atmosrelay.submission.actions import PolicyActions
 from atmosrelay.submission.members import MemberDirectory
 from journal import JournalError, JournalFullError
+
+
+class Journaling(Protocol):
+    """What sessions ask of the journal behind ``Queue``: its writer's ``gather`` (set by
+    the relay), ``gathered`` and whether it is poisoned."""
+
+    gather: Callable[[], float] | None
+
+    @property
+    def poisoned(self) -> bool: ...
+
+    def gathered(self) -> None: ...
+
+
+class Queue(Protocol):
+    """Where accepted messages go: the queue itself (``QueueStore``), or in a session
+    process, the hand-off to the process that owns it (server/handoff.py)."""
+
+    @property
+    def journal(self) -> Journaling: ...
+
+    @property
+    def events(self) -> EventFeed: ...
+
+    async def accept(
+        self, record: Accepted, message: bytes, then: Callable[[], None] | None = None
+    ) -> object: ...
 
 
 @attrs.frozen
@@ -81,7 +109,7 @@ class Queued:
 
 @attrs.define(eq=False)
 class Pipeline:
-    queue: QueueStore
+    queue: Queue
     members: MemberDirectory
     policy: Policy
     actions: PolicyActions

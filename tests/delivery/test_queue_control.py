@@ -15,7 +15,8 @@ import pytest
 import trio
 import trustme
 
-from atmosrelay.runtime import DataDirLocked, run_relay
+from atmosrelay._files import DataDirLocked
+from atmosrelay.runtime import run_relay
 from tests.delivery.test_end_to_end import TRANSACTIONAL, submit
 from tests.relay.harness import ALICE, MALLORY, Relay, make_config, running_relay
 from tests.sink import aiosmtpd_sink

@@ -211,10 +211,11 @@ def cli_json(config_path: Path, *args: str) -> Any:
 
 
 def write_config(
-    tmp_path: Path, delivery: str = "enabled = false\n"
+    tmp_path: Path, delivery: str = "enabled = false\n", smtp: str = ""
 ) -> tuple[Path, ssl.SSLContext, str]:
     """The harness's settings as a file for the real process; ``delivery`` is the body of
-    its [delivery] section (off by default: these rounds test acceptance)."""
+    its [delivery] section (off by default: these rounds test acceptance); ``smtp``, more
+    lines for [smtp]."""
     ca = trustme.CA()
     config = make_config(tmp_path, ca, '[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\n')
     key, _ = enroll(config)
@@ -224,7 +225,7 @@ def write_config(
         f'[relay]\ndata_dir = "{tmp_path / "var"}"\nlog_level = "warning"\n'
         '[operator]\ndomain = "relay.test"\n[auth]\nbcrypt_cost = 4\n'
         f'[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\nhostname = "mx.test"\n'
-        f'tls_cert = "{cert}"\ntls_key = "{cert}"\nshutdown_grace = 10.0\n'
+        f'tls_cert = "{cert}"\ntls_key = "{cert}"\nshutdown_grace = 10.0\n{smtp}'
         f"[delivery]\n{delivery}"
         '[http]\nlisteners = ["127.0.0.1:0"]\n'
     )
