@@ -288,7 +288,8 @@ def relay(tmp: Path, delivery: str) -> Server:
         f'[relay]\ndata_dir = "{tmp / "var"}"\nlog_level = "warning"\n'
         '[smtp]\nlisteners = ["127.0.0.1:0 trusted"]\nhostname = "bench.test"\n'
         f'trusted_did = "{DID}"\nmax_connections_per_ip = 1000\n'
-        f"[http]\nlisteners = []\n[delivery]\n{delivery}"
+        + ("" if SESSION_PROCESSES[0] is None else f"processes = {SESSION_PROCESSES[0]}\n")
+        + f"[http]\nlisteners = []\n[delivery]\n{delivery}"
     )
     if not (tmp / "var" / "accounts.sqlite3").exists():
         _member(tmp / "var")
@@ -312,6 +313,8 @@ def _member(var: Path) -> None:
 
 # delivery.processes for the relay's rows; None: the relay's default
 DELIVERY_PROCESSES: list[int | None] = [None]
+# smtp.processes (session processes) for the relay's rows; None: the relay's default
+SESSION_PROCESSES: list[int | None] = [None]
 
 
 def _delivering(sink: Sink) -> str:
@@ -602,8 +605,14 @@ def main() -> None:
         type=int,
         help="the relay's delivery.processes (default: its own default)",
     )
+    parser.add_argument(
+        "--session-processes",
+        type=int,
+        help="the relay's smtp.processes (default: its own default)",
+    )
     args = parser.parse_args()
     DELIVERY_PROCESSES[0] = args.delivery_processes
+    SESSION_PROCESSES[0] = args.session_processes
     rounds = args.rounds or (1 if args.quick else 3)
     only = set(args.only.split(",")) if args.only else None
     why = postfix_missing()
