@@ -33,7 +33,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -48,6 +48,8 @@ from atmosrelay.submission.counting import recount
 log = logging.getLogger("atmosrelay.smtp")
 
 Serve = Callable[[trio.SocketListener, ListenerMode], Awaitable[None]]
+
+EXIT_WAIT: Final = 2.0  # seconds a session process whose link closed gets to exit
 
 
 def fork_session_processes(config: Config) -> list[Forked]:
@@ -124,6 +126,8 @@ class SessionProcesses:
             left[0] -= 1
             if self.draining:
                 return
+            with trio.move_on_after(EXIT_WAIT):  # its end of the link closes as it exits
+                await f.wait()
             code = f.poll()
             log.error(
                 "session process %d ended (%s); %s",
