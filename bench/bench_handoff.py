@@ -11,7 +11,8 @@ and sessions in K processes that hand each message, once its data is in and the 
 passed it, to the one process that owns the journal, and answer 250 when it says the
 record is durable. That is Postfix's own split (``smtpd`` processes, one queue manager);
 it keeps one journal, one ``queue``, one ``crashtest`` and the delivery processes as they
-are. Before building it, this measures what it would leave the owner to do.
+are. Before building it, this measured what it would leave the owner to do; it is built
+since (``smtp.processes``, server/handoff.py, docs/sessions.md).
 
 **The owner** is this process: the relay's own ``QueueStore`` on a real journal (group
 commit, fsync before each acknowledgement), reading frames from K socketpairs. A frame is
