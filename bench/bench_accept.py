@@ -262,6 +262,11 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
+# smtp.processes for our relay (None: its default); --policy-cost starts it through
+# run_relay (relay_process.py), which forks no session process whatever this says
+SESSION_PROCESSES: list[int | None] = [None]
+
+
 def _ours(
     tmp: Path,
     cert: Path,
@@ -278,8 +283,9 @@ def _ours(
     config.write_text(
         f'[relay]\ndata_dir = "{tmp / "var"}"\nlog_level = "warning"\n[auth]\nbcrypt_cost = 4\n'
         f'[smtp]\nlisteners = ["127.0.0.1:0 implicit"]\nhostname = "bench.test"\n'
-        f'tls_cert = "{cert}"\ntls_key = "{cert}"\nmax_connections_per_ip = 200\n'
-        f"[http]\nlisteners = {HTTP_ON if http else '[]'}\n"
+        f'tls_cert = "{cert}"\ntls_key = "{cert}"\nmax_connections_per_ip = 1000\n'
+        + ("" if SESSION_PROCESSES[0] is None else f"processes = {SESSION_PROCESSES[0]}\n")
+        + f"[http]\nlisteners = {HTTP_ON if http else '[]'}\n"
         f"[delivery]\n{delivery}"
     )
     store = Store(tmp / "var" / "accounts.sqlite3")
@@ -411,7 +417,11 @@ def main() -> None:
         action="store_true",
         help="a new connection (TLS, EHLO, AUTH) for every message",
     )
+    parser.add_argument(
+        "--session-processes", type=int, help="our relay's smtp.processes (default: its own)"
+    )
     args = parser.parse_args()
+    SESSION_PROCESSES[0] = args.session_processes
     unknown = [size for size in args.sizes.split(",") if size not in SIZES]
     if unknown:
         parser.error(f"--sizes: unknown {', '.join(unknown)}; choose from {', '.join(SIZES)}")
