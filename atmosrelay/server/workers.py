@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, Final
@@ -50,6 +51,7 @@ log = logging.getLogger("atmosrelay.smtp")
 Serve = Callable[[trio.SocketListener, ListenerMode], Awaitable[None]]
 
 EXIT_WAIT: Final = 2.0  # seconds a session process whose link closed gets to exit
+HELLO: Final = struct.Struct("<H")  # the length of the hello's text (the listeners' modes)
 
 
 def fork_session_processes(config: Config) -> list[Forked]:
@@ -67,9 +69,13 @@ def _session_child(fd: int, config: Config, processes: int) -> None:
         signal.signal(signum, signal.SIG_IGN)  # the owner stops and reloads us
     os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears from the owner only
     link = socket.socket(fileno=fd)
-    hello, fds, _, _ = socket.recv_fds(link, 4096, 64)
-    if not hello:
+    # the hello's length, with the descriptors; then exactly its text: a frame the owner
+    # sends right after it (a DRAIN) stays in the socket for the event loop to read
+    head, fds, _, _ = socket.recv_fds(link, HELLO.size, 64, socket.MSG_WAITALL)
+    if len(head) < HELLO.size:
         return  # the owner never took us over (its start failed)
+    (length,) = HELLO.unpack(head)
+    hello = link.recv(length, socket.MSG_WAITALL)
     modes = [ListenerMode(m) for m in hello.decode("ascii").split(",")]
     listeners = [(socket.socket(fileno=f), m) for f, m in zip(fds, modes, strict=True)]
     from atmosrelay.server import session_process
@@ -101,7 +107,8 @@ class SessionProcesses:
         ]
         theirs = [(lst, mode) for lst, mode in listeners if mode is not ListenerMode.INBOUND]
         if theirs and self.forked:
-            hello = ",".join(str(mode) for _, mode in theirs).encode("ascii")
+            text = ",".join(str(mode) for _, mode in theirs).encode("ascii")
+            hello = HELLO.pack(len(text)) + text
             fds = [lst.socket.fileno() for lst, _ in theirs]
             for f in self.forked:
                 sock = f.claim()
