@@ -74,7 +74,7 @@ from atmosrelay.replay import describe, progress_bar
 from atmosrelay.sections import ListenerMode
 from atmosrelay.server.context import Budget, SessionContext
 from atmosrelay.server.listeners import ConnectionLimits, serve_listener
-from atmosrelay.server.tls import server_context
+from atmosrelay.server.tls import smtp_context
 from atmosrelay.server.workers import SessionProcesses
 from atmosrelay.signals import Signals, watch_signals
 from atmosrelay.smtp import Capabilities
@@ -179,15 +179,7 @@ async def _run(
             f"{operator.selector}._domainkey.{operator.domain} TXT "
             f'"v=DKIM1; k=rsa; p={operator.key.public_b64}"'
         )
-    tls_context, warning = await trio.to_thread.run_sync(
-        partial(
-            server_context,
-            config.smtp.tls_cert,
-            config.smtp.tls_key,
-            data_dir=config.data_dir,
-            hostname=config.smtp.hostname,
-        )
-    )
+    tls_context, warning = await trio.to_thread.run_sync(smtp_context, config)
     if warning:
         announce(f"warning: {warning}")
     unsubscribe_secret = await trio.to_thread.run_sync(
@@ -495,12 +487,7 @@ def api_context(
 def _http_tls(config: Config) -> ssl.SSLContext | None:
     if not any(tls for _, _, tls in config.http.listeners):
         return None
-    context, _ = server_context(
-        config.smtp.tls_cert,
-        config.smtp.tls_key,
-        data_dir=config.data_dir,
-        hostname=config.smtp.hostname,
-    )
+    context, _ = smtp_context(config)  # the same certificate as the SMTP listeners
     context.set_alpn_protocols(["h2", "http/1.1"])
     return context
 

@@ -47,7 +47,7 @@ from atmosrelay.sections import ListenerMode
 from atmosrelay.server.context import Budget, SessionContext
 from atmosrelay.server.handoff import RemoteQueue
 from atmosrelay.server.listeners import ConnectionLimits, serve_listener
-from atmosrelay.server.tls import server_context
+from atmosrelay.server.tls import smtp_context
 from atmosrelay.stream_io import StreamIO
 from atmosrelay.submission.counting import CounterSync
 
@@ -100,15 +100,7 @@ async def serve(
     """Serve ``listeners`` until the owner says DRAIN (or goes away)."""
     from atmosrelay.runtime import make_context  # the owner's module: after the fork
 
-    tls_context, _ = await trio.to_thread.run_sync(
-        partial(
-            server_context,
-            config.smtp.tls_cert,
-            config.smtp.tls_key,
-            data_dir=config.data_dir,
-            hostname=config.smtp.hostname,
-        )
-    )
+    tls_context, _ = await trio.to_thread.run_sync(smtp_context, config)
     store = await trio.to_thread.run_sync(Store, config.accounts_db)
     io = StreamIO(trio.SocketStream(trio.socket.from_stdlib_socket(link)))
     remote = RemoteQueue(io)

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from atmosrelay._files import write_private
+from atmosrelay.config import Config
 
 
 def names_for(hostname: str) -> list[x509.GeneralName]:
@@ -69,6 +70,15 @@ def generate_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
+
+
+def smtp_context(config: Config) -> tuple[ssl.SSLContext, str | None]:
+    """``server_context`` for the SMTP listeners of ``config`` (the relay's process and each
+    session process make theirs so)."""
+    smtp = config.smtp
+    return server_context(
+        smtp.tls_cert, smtp.tls_key, data_dir=config.data_dir, hostname=smtp.hostname
+    )
 
 
 def server_context(

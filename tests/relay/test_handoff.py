@@ -47,10 +47,8 @@ def _stream(sock: trio.socket.SocketType) -> StreamIO:
 
 
 @asynccontextmanager
-async def linked(
-    tmp_path: Path, fs: FS
-) -> AsyncIterator[tuple[SessionContext, QueueStore, RemoteQueue]]:
-    """A session process's queue (``RemoteQueue``) linked to an owner on ``fs``."""
+async def owner(tmp_path: Path, fs: FS) -> AsyncIterator[tuple[SessionContext, QueueStore]]:
+    """The owner's context and queue, on a journal in ``fs``."""
     ca = trustme.CA()
     config = make_config(tmp_path, ca)
     enroll(config)
@@ -59,18 +57,26 @@ async def linked(
     try:
         async with open_journal("/j", fs=fs) as journal:
             queue = QueueStore(journal)
-            ctx = make_context(config, store, queue, tls)
-            ours, theirs = trio.socket.socketpair()
-            with ours, theirs:
-                remote = RemoteQueue(_stream(theirs))
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(Handoff(queue, ctx).serve, 0, _stream(ours))
-                    nursery.start_soon(remote.out.run)
-                    nursery.start_soon(remote.run)
-                    yield ctx, queue, remote
-                    nursery.cancel_scope.cancel()
+            yield make_context(config, store, queue, tls), queue
     finally:
         store.close()
+
+
+@asynccontextmanager
+async def linked(
+    tmp_path: Path, fs: FS
+) -> AsyncIterator[tuple[SessionContext, QueueStore, RemoteQueue]]:
+    """A session process's queue (``RemoteQueue``) linked to an owner on ``fs``."""
+    async with owner(tmp_path, fs) as (ctx, queue):
+        ours, theirs = trio.socket.socketpair()
+        with ours, theirs:
+            remote = RemoteQueue(_stream(theirs))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(Handoff(queue, ctx).serve, 0, _stream(ours))
+                nursery.start_soon(remote.out.run)
+                nursery.start_soon(remote.run)
+                yield ctx, queue, remote
+                nursery.cancel_scope.cancel()
 
 
 def _counted(fs: FaultFS, op: str) -> int:
@@ -138,28 +144,19 @@ class RawPeer:
 @asynccontextmanager
 async def raw_peer(tmp_path: Path) -> AsyncIterator[RawPeer]:
     """An owner whose session process is this test, writing frames by hand."""
-    ca = trustme.CA()
-    config = make_config(tmp_path, ca)
-    enroll(config)
-    store = Store(config.accounts_db)
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        async with open_journal("/j", fs=CrashableMemFS()) as journal:
-            queue = QueueStore(journal)
-            ours, theirs = trio.socket.socketpair()
-            peer = RawPeer(make_context(config, store, queue, tls), queue, theirs)
+    async with owner(tmp_path, CrashableMemFS()) as (ctx, queue):
+        ours, theirs = trio.socket.socketpair()
+        peer = RawPeer(ctx, queue, theirs)
 
-            async def serve() -> None:
-                await peer.handoff.serve(0, _stream(ours))
-                peer.ended.set()
+        async def serve() -> None:
+            await peer.handoff.serve(0, _stream(ours))
+            peer.ended.set()
 
-            with ours, theirs:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(serve)
-                    yield peer
-                    nursery.cancel_scope.cancel()
-    finally:
-        store.close()
+        with ours, theirs:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve)
+                yield peer
+                nursery.cancel_scope.cancel()
 
 
 async def _answer(sock: trio.socket.SocketType) -> tuple[int, int, bytes]:
