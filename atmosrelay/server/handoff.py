@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+import attrs
 import trio
 
 from atmosrelay.queue.events import EventFeed
@@ -254,6 +255,23 @@ class RemoteQueue:
 # -- the owner's side --------------------------------------------------------------------
 
 
+@attrs.define(eq=False)
+class _Link:
+    """What the owner knows of one session process."""
+
+    out: Outbox
+    # up to when it has flushed its policy counts (its reports; from the link's start until
+    # the first): the owner marks the journal counted up to the earliest of them
+    # (submission/counting.py, ``counted_until``)
+    counted: float
+    in_data: int = 0  # its sessions in a data phase, as its last frame said
+    sessions: int = 0  # its sessions open, at its last report
+    final: bool = False  # its last report came after its last flush
+    # what it handed over since its last report (accepted at, queue id): had it died before
+    # its last flush, it had counted those in memory only
+    pending: collections.deque[tuple[float, str]] = attrs.field(factory=collections.deque)
+
+
 class Handoff:
     """The owner's end of every session process's link: appends what they hand over and
     answers. Their sessions in a data phase count in the owner's ``ctx.in_data``, so its
@@ -262,102 +280,87 @@ class Handoff:
     def __init__(self, queue: Any, ctx: SessionContext) -> None:
         self.queue = queue  # the QueueStore (typed loosely: session processes import this)
         self.ctx = ctx
-        self.counts: dict[int, int] = {}
-        self.links: dict[int, Outbox] = {}
-        self.sessions: dict[int, int] = {}  # sessions each process had at its last report
-        # up to when each live process has flushed its policy counts (its reports; from
-        # its link's start until the first): the owner marks the journal counted up to the
-        # earliest (submission/counting.py, ``counted_until``)
-        self.counted: dict[int, float] = {}
-        # the records each process handed over since its last report (accepted at, queue
-        # id): a process that dies before its last flush (``final``) had counted those in
-        # memory only, and ``on_lost`` gives the owner those it had not flushed to count
-        self.pending: dict[int, collections.deque[tuple[float, str]]] = {}
-        self.final: set[int] = set()
+        self.links: dict[int, _Link] = {}
+        # the owner counts what a process that died before its last flush had not flushed
         self.on_lost: Callable[[list[str], float], None] = lambda ids, since: None
 
     def counted_until(self) -> float:
-        return min(self.counted.values(), default=math.inf)
+        return min((link.counted for link in self.links.values()), default=math.inf)
 
-    def _count(self, link: int, n: int) -> None:
+    def _count(self, link: _Link, n: int) -> None:
         ctx = self.ctx
-        delta = n - self.counts.get(link, 0)
+        delta = n - link.in_data
         if not delta:
             return
-        self.counts[link] = n
+        link.in_data = n
         ctx.in_data += delta
         if ctx.in_data == 0 and delta < 0:
             ctx.queue.journal.gathered()  # nothing more on its way: write what waits
 
-    def send_all(self, kind: int, number: int = 0) -> None:
-        for out in self.links.values():
-            out.put(DOWN.pack(0, kind, number))
+    def _sessions(self) -> None:
+        self.ctx.sessions_elsewhere = sum(link.sessions for link in self.links.values())
 
-    async def serve(self, link: int, io: StreamIO) -> None:
+    def send_all(self, kind: int, number: int = 0) -> None:
+        for link in self.links.values():
+            link.out.put(DOWN.pack(0, kind, number))
+
+    async def serve(self, index: int, io: StreamIO) -> None:
         """Serve one session process until it closes its end (or the link breaks, or it
         sends what no session process would); then close ours."""
-        out = Outbox(io)
-        self.links[link] = out
-        self.counted[link] = time.time()  # it has accepted nothing before now
-        self.pending[link] = collections.deque()
+        link = self.links[index] = _Link(Outbox(io), counted=time.time())
         frames = Frames(io, UP)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(out.run)
+                nursery.start_soon(link.out.run)
                 try:
                     while batch := await frames.batch():
                         for kind, number, in_data, body in batch:
                             if kind == ACCEPT:
-                                nursery.start_soon(self._append, link, out, number, body)
+                                nursery.start_soon(self._append, link, number, body)
                             elif kind == STATS:
-                                self._stats(link, body)
+                                self._stats(index, link, body)
                             self._count(link, in_data)
                 except ValueError as exc:
-                    log.error("session process %d sent a malformed frame (%s)", link, exc)
+                    log.error("session process %d sent a malformed frame (%s)", index, exc)
                 except trio.BrokenResourceError:
                     pass
-                self.links.pop(link, None)
                 nursery.cancel_scope.cancel()  # its outbox; appends in hand are shielded
         finally:
-            self.links.pop(link, None)
-            self.sessions.pop(link, None)
-            self.ctx.sessions_elsewhere = sum(self.sessions.values())
-            since = self.counted.pop(link, 0.0)  # it flushed on its way out ...
-            pending = self.pending.pop(link, ())
-            if link not in self.final:  # ... unless it died first
-                lost = [qid for at, qid in pending if at > since]
+            del self.links[index]
+            self._sessions()
+            if not link.final:  # it flushed on its way out, unless it died first
+                lost = [qid for at, qid in link.pending if at > link.counted]
                 if lost:
-                    self.on_lost(lost, since)
+                    self.on_lost(lost, link.counted)
             self._count(link, 0)
             with trio.CancelScope(shield=True):
                 await io.aclose()
 
-    def _stats(self, link: int, body: bytes) -> None:
+    def _stats(self, index: int, link: _Link, body: bytes) -> None:
         try:
             stats = pickle.loads(body)
             refused = dict(stats["refused"])
             tls = int(stats["tls_failures"])
             seconds = [float(s) for s in stats["data_reply"]]
-            self.sessions[link] = int(stats["sessions"])
-            self.ctx.sessions_elsewhere = sum(self.sessions.values())
+            sessions = int(stats["sessions"])
             counted = float(stats["counted"])
         except Exception:  # a bad frame is logged, never raised into the loop
-            log.error("session process %d sent unreadable statistics", link)
+            log.error("session process %d sent unreadable statistics", index)
             return
-        if link in self.counted:
-            self.counted[link] = max(self.counted[link], counted)
-            pending = self.pending[link]
-            while pending and pending[0][0] <= counted:
-                pending.popleft()  # in the store: its flush had it
-            if stats.get("final"):
-                self.final.add(link)
+        link.sessions = sessions
+        self._sessions()
+        link.counted = max(link.counted, counted)
+        while link.pending and link.pending[0][0] <= counted:
+            link.pending.popleft()  # in the store: its flush had it
+        link.final = bool(stats.get("final"))
         ctx = self.ctx
         ctx.pipeline.refused.update(refused)
         ctx.tls_failures += tls
         for s in seconds:
             ctx.on_data_reply(s)
 
-    async def _append(self, link: int, out: Outbox, number: int, payload: bytes) -> None:
+    async def _append(self, link: _Link, number: int, payload: bytes) -> None:
+        out = link.out
         try:
             record, offset = decode_accepted(payload)
         except ValueError as exc:  # RecordError among them
@@ -368,9 +371,7 @@ class Handoff:
         def durable() -> None:
             self.ctx.pipeline.accepted["smtp"] += 1
             out.put(DOWN.pack(0, OK, number))
-            pending = self.pending.get(link)
-            if pending is not None:
-                pending.append((record.accepted_at, record.id))
+            link.pending.append((record.accepted_at, record.id))
 
         with trio.CancelScope(shield=True):  # appended is appended: finish and answer
             try:

@@ -80,8 +80,8 @@ class Stats:
         delta = refused - self._refused
         self._refused = collections.Counter(refused)
         tls, self._tls = self.ctx.tls_failures - self._tls, self.ctx.tls_failures
-        seconds, self.seconds = self.seconds, []
-        self.ctx.on_data_reply = self.seconds.append
+        seconds = self.seconds[:]
+        self.seconds.clear()
         return {
             "refused": dict(delta),
             "tls_failures": tls,

@@ -92,6 +92,7 @@ class SessionProcesses:
         self.handoff.on_lost = partial(_count_lost, queue, ctx)
         self.draining = False
         self._links: list[tuple[Forked, socket.socket]] = []
+        self._left = 0  # links still open
 
     async def start(
         self,
@@ -125,12 +126,12 @@ class SessionProcesses:
             mine = list(listeners)
         for lst, mode in mine:
             acceptors.start_soon(serve, lst, mode)
-        left = [len(self._links)]
+        self._left = len(self._links)
 
         async def link(index: int, f: Forked, sock: socket.socket) -> None:
             io = StreamIO(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
             await self.handoff.serve(index, io)  # until it closes (or dies)
-            left[0] -= 1
+            self._left -= 1
             if self.draining:
                 return
             with trio.move_on_after(EXIT_WAIT):  # its end of the link closes as it exits
@@ -141,12 +142,12 @@ class SessionProcesses:
                 f.pid,
                 "still running" if code is None else f"exit code {code}",
                 "the others serve its listeners"
-                if left[0]
+                if self._left
                 else "no session process is left: this process serves the listeners",
             )
             if code is None:
                 f.kill()
-            if not left[0]:
+            if not self._left:
                 for lst, mode in theirs:
                     acceptors.start_soon(serve, lst, mode)
 
