@@ -30,6 +30,15 @@ sender's record is never held, and a held one waits only for messages already ar
 (10 ms), whatever ``gather`` says; closing ends it. Measured in bench/README.md (the
 twenty-second run).
 
+**Records nobody waits for (``patient``).** ``append(..., patient=True)`` says the appender
+does not wait on this record's fsync to go on with its work: the relay's delivery outcomes,
+appended by a task of their own while the lane's worker starts its next transaction
+(delivery/dispatcher.py). A batch of patient records only is held up to ``patience`` (5 ms)
+for more to join it; the first record appended without ``patient`` ends the wait (and the
+batch then waits only as ``gather`` says), so a 250 never waits for outcomes. Draining a deep
+queue, outcomes come one every 0.6 ms or so: they shared an fsync about seven at a time, held
+up 15-16 at a time (docs/delivery.md).
+
 Between batches the owner thread runs *jobs* (rotation, compaction steps); waiting batches
 always go first, so a long compaction never stalls acceptance.
 
@@ -97,6 +106,8 @@ CLOSE_TIMEOUT: Final = 30.0
 
 # The longest ``gather`` may hold a batch: whatever it answers, a record is written soon.
 MAX_GATHER: Final = 0.01
+# How long a batch of patient records only is held for more (``append``'s ``patient``).
+PATIENCE: Final = 0.005
 
 
 @attrs.define(eq=False)
@@ -108,6 +119,7 @@ class _Batch:
     # (index in items, callback): run on the event loop when the batch is durable, before
     # its appenders are woken (``append``'s ``durable``)
     callbacks: list[tuple[int, Callable[[Position], None]]] = attrs.field(factory=list)
+    impatient: int = 0  # records appended without ``patient``
 
 
 class _Waker(trio.abc.Instrument):
@@ -185,6 +197,9 @@ class Journal:
         # must be quick, must only read, and must never raise.
         self.gather: Callable[[], float] | None = None
         self._gathering = False  # the writer waits for records on their way (cv guards it)
+        # How long a batch of patient records only waits for more (0: not at all).
+        self.patience = PATIENCE
+        self._waiting_patiently = False  # (cv guards it)
 
     @property
     def directory(self) -> str:
@@ -204,7 +219,12 @@ class Journal:
 
     # -- the trio side -------------------------------------------------------------
     async def append(
-        self, rtype: int, payload: bytes, durable: Callable[[Position], None] | None = None
+        self,
+        rtype: int,
+        payload: bytes,
+        durable: Callable[[Position], None] | None = None,
+        *,
+        patient: bool = False,
     ) -> Position:
         """Append one record; return its position once an fsync has covered it.
 
@@ -219,6 +239,9 @@ class Journal:
         ``durable``: called with the position on the event loop, outside any task, once the
         record is durable and before this returns; even if this task is cancelled meanwhile.
         Never called when the batch failed (this raises instead). See the module's notes.
+
+        ``patient``: nobody waits on this record but this call; its batch may be held up to
+        ``patience`` for more records, until one comes that is not patient.
         """
         check_record(rtype, payload, self._log.max_record_size)  # before it joins a batch
         with self._cv:
@@ -229,6 +252,10 @@ class Journal:
             batch.items.append((rtype, payload))
             if durable is not None:
                 batch.callbacks.append((index, durable))
+            if not patient:
+                batch.impatient += 1
+                if batch.impatient == 1 and self._waiting_patiently:
+                    self._cv.notify()  # it waits for nobody's records: write now
             if index == 0:
                 self._cv.notify()
         await batch.done.wait()
@@ -375,8 +402,13 @@ class Journal:
 
     def _gather(self) -> None:
         """Wait, as ``gather`` says, for more records to join the open batch, until the time
-        is up or ``gathered`` is called (cv held; the wait releases it)."""
-        if self.gather is None or not self._open.items or self._closing:
+        is up or ``gathered`` is called; a batch of patient records only, as ``patience``
+        says (cv held; the waits release it)."""
+        if not self._open.items or self._closing:
+            return
+        if not self._open.impatient and self.patience > 0:
+            self._wait_patiently()
+        if self.gather is None or not self._open.impatient or self._closing:
             return
         try:
             wait = max(0.0, min(float(self.gather()), MAX_GATHER))
@@ -393,6 +425,20 @@ class Journal:
                 break
             self._cv.wait(left)
         self._gathering = False
+
+    def _wait_patiently(self) -> None:
+        """Hold a batch of patient records only for more, until ``patience`` is up, a record
+        comes that is not patient, or the journal closes (cv held; the wait releases it)."""
+        deadline = time.monotonic() + min(self.patience, MAX_GATHER)
+        self._waiting_patiently = True
+        try:
+            while not self._open.impatient and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+        finally:
+            self._waiting_patiently = False
 
     def _write(self, batch: _Batch) -> None:
         took = 0.0

@@ -28,6 +28,7 @@ on trio's clock.
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import ssl
@@ -60,6 +61,7 @@ from atmosrelay.queue.records import PENDING, Delivery, Outcome
 from atmosrelay.queue.schedule import Schedule
 from atmosrelay.queue.state import QueuedMessage, domain_of
 from atmosrelay.queue.store import QueueStore
+from journal import JournalError
 
 log = logging.getLogger("atmosrelay.delivery")
 
@@ -71,6 +73,11 @@ MAX_BACKLOG: Final = 2000
 CRASH_RETRY: Final = 60.0  # recipients of a crashed attempt are tried again after this
 
 LOST_RETRY: Final = 2.0  # recipients in hand when the delivery process went away
+
+
+class RecordFailed(Exception):
+    """A worker's attempt is refused because an earlier outcome could not be recorded."""
+
 
 OpenRemote = Callable[..., Awaitable[Remote]]
 
@@ -134,6 +141,14 @@ class Dispatcher:
         self._destinations: dict[str, tuple[float, Destination]] = {}
         self._wake = trio.Event()
         self._overdue: list[tuple[str, str]] = []  # from ``loaded``, for ``all_loaded``
+        # A worker's carried attempt whose outcome is not recorded yet, set when it is: the
+        # worker may start its next attempt meanwhile, but waits for it before handing that
+        # one's outcome on. So a journal slow to write holds the lanes back, and a kill
+        # leaves at most two messages a connection delivered but not recorded (delivered
+        # again after the restart), where a worker recording in line left one.
+        self._unrecorded: dict[trio.lowlevel.Task, trio.Event] = {}
+        self._recorders: trio.Nursery | None = None  # where those are recorded (``run``)
+        self._record_failures: collections.deque[Exception] = collections.deque()
 
     @property
     def lanes(self) -> dict[str, Lane]:
@@ -188,6 +203,7 @@ class Dispatcher:
         self._spread(self.schedule.spread_overdue(self.clock(), self._window, self.rng))
         async with trio.open_nursery() as carrying:  # outside the lanes' drain deadline
             await carrying.start(self.carrier.run)
+            self._recorders = carrying  # outcomes recorded after the lanes stopped, too
             async with trio.open_nursery() as nursery:
                 self._lanes.nursery = nursery
                 task_status.started()
@@ -246,12 +262,18 @@ class Dispatcher:
             self.schedule.put(work.queue_id, rcpt, at)
 
     async def _attempt(self, work: Work, remote: Connection | None) -> Connection | None:
-        """Deliver ``work``, on ``remote`` if it still fits; returns the connection to keep."""
-        recorded = False
+        """Deliver ``work``, on ``remote`` if it still fits; returns the connection to keep.
+        Its outcomes are recorded by a task of their own (``_record_attempt``), so the
+        worker goes on to its next transaction while the journal gathers them."""
+        settled = False  # nothing goes back on the schedule: deleted, or lost (postponed)
+        handed = False  # the recording task settles it
         try:
+            if self._record_failures:
+                self._record_failures.popleft()
+                raise RecordFailed("an earlier attempt's outcome could not be recorded")
             msg = self.queue.state.messages.get(work.queue_id)
             if msg is None:  # deleted meanwhile
-                recorded = True
+                settled = True
                 await trio.lowlevel.checkpoint()  # a schedule point on every path (lane.py)
                 return remote
             job = Job(
@@ -270,21 +292,70 @@ class Dispatcher:
                 carried = await self.carrier.carry(job, remote)
             except CarrierLost:
                 # the delivery process went away (it is started again): try soon, uncounted
-                recorded = True
+                settled = True
                 self._postpone(work, self.clock() + LOST_RETRY)
                 return None
             self.connections += carried.opened
-            await self._record(work.queue_id, carried.mta, carried.outcomes)
-            recorded = True
+            assert self._recorders is not None  # lanes run only inside ``run``
+            worker = trio.lowlevel.current_task()
+            earlier = self._unrecorded.get(worker)
+            if earlier is not None:  # one outcome of a worker's waits, at most
+                with trio.CancelScope(shield=True):  # what was delivered gets recorded
+                    await earlier.wait()
+            done = self._unrecorded[worker] = trio.Event()
+            self._recorders.start_soon(
+                self._record_attempt, work, carried.mta, carried.outcomes, (worker, done)
+            )
+            handed = True
             return carried.remote
         finally:
-            for rcpt in work.recipients:
-                self.in_flight.discard((work.queue_id, rcpt))
-                if not recorded and not self.draining:  # a crash: back on the schedule
-                    msg = self.queue.state.messages.get(work.queue_id)
-                    if msg is not None and msg.recipient_states.get(rcpt) in PENDING:
-                        self.schedule.put(work.queue_id, rcpt, self.clock() + CRASH_RETRY)
-            self._wake.set()
+            if not handed:
+                self._settle(work, settled)
+
+    async def _record_attempt(
+        self,
+        work: Work,
+        mta: str | None,
+        outcomes: Sequence[Outcome],
+        worker: tuple[trio.lowlevel.Task, trio.Event],
+    ) -> None:
+        """Record what an attempt did (a patient append: the journal may hold it a few
+        milliseconds for others to share its fsync), then let its recipients go and its
+        worker record its next attempt (``_unrecorded``). A failure
+        (a full disk) puts them back on the schedule and fails the next attempt a worker
+        starts, as the worker itself failed when it recorded in line: lanes whose outcomes
+        cannot be recorded crash, and rest (lane.py), rather than deliver on unrecorded."""
+        recorded = False
+        try:
+            await self._record(work.queue_id, mta, outcomes, patient=True)
+            recorded = True
+        except Exception as exc:
+            log.error(
+                "%s: the outcome of its attempt could not be recorded (%s); tried again in %gs",
+                work.queue_id,
+                exc,
+                CRASH_RETRY,
+                exc_info=not isinstance(exc, JournalError),
+                extra=fields("delivery", queue_id=work.queue_id),
+            )
+            self._record_failures.append(exc)
+        finally:
+            task, done = worker
+            done.set()
+            if self._unrecorded.get(task) is done:
+                del self._unrecorded[task]
+            self._settle(work, recorded)
+
+    def _settle(self, work: Work, settled: bool) -> None:
+        """``work`` is no longer in hand; unless ``settled``, its pending recipients go back
+        on the schedule (an attempt that crashed)."""
+        for rcpt in work.recipients:
+            self.in_flight.discard((work.queue_id, rcpt))
+            if not settled and not self.draining:  # a crash: back on the schedule
+                msg = self.queue.state.messages.get(work.queue_id)
+                if msg is not None and msg.recipient_states.get(rcpt) in PENDING:
+                    self.schedule.put(work.queue_id, rcpt, self.clock() + CRASH_RETRY)
+        self._wake.set()
 
     async def _open(self, destination: Destination, require_tls: bool) -> Remote:
         kwargs = {"connect": self.connect} if self.connect is not None else {}
@@ -297,7 +368,14 @@ class Dispatcher:
             **kwargs,
         )
 
-    async def _record(self, queue_id: str, mta: str | None, outcomes: Sequence[Outcome]) -> None:
+    async def _record(
+        self,
+        queue_id: str,
+        mta: str | None,
+        outcomes: Sequence[Outcome],
+        *,
+        patient: bool = False,
+    ) -> None:
         """Decide retry times and expiry (delivery/outcomes.py), make the attempt durable
         and apply it; then queue the DSN a bounce may owe."""
         msg = self.queue.state.messages.get(queue_id)
@@ -306,7 +384,7 @@ class Dispatcher:
         now = self.clock()
         final = finalize(outcomes, msg, now, self.settings.policy, self.rng)
         mta = None if mta is None else sys.intern(mta)  # a few hosts, kept per outcome
-        await self.queue.record(Delivery(queue_id, now, mta, final))
+        await self.queue.record(Delivery(queue_id, now, mta, final), patient=patient)
         for o in final:
             log.info(
                 "%s %s %s %s via %s: %s",

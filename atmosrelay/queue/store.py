@@ -223,9 +223,12 @@ class QueueStore:
             raise failed[0]
         return position
 
-    async def record(self, delivery: Delivery) -> None:
-        """Append and fsync one attempt's outcomes, then apply them."""
-        position = await self.journal.append(RecordType.DELIVERY, encode_delivery(delivery))
+    async def record(self, delivery: Delivery, *, patient: bool = False) -> None:
+        """Append and fsync one attempt's outcomes, then apply them. ``patient``: the
+        journal may hold the record a few milliseconds for others to share its fsync
+        (nothing waits on it but this call: journal/_journal.py)."""
+        payload = encode_delivery(delivery)
+        position = await self.journal.append(RecordType.DELIVERY, payload, patient=patient)
         msg = self.state.messages.get(delivery.id)
         states = msg.recipient_states if msg is not None else {}
         before = {o.recipient: states.get(o.recipient) for o in delivery.outcomes}

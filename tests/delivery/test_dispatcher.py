@@ -4,6 +4,7 @@ own ServerConnection, the real journal on a crashable FS."""
 from __future__ import annotations
 
 import email
+import errno
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+import journal._journal as journal_module
 from atmosrelay.delivery.backoff import RetryPolicy
 from atmosrelay.delivery.client_session import open_remote
 from atmosrelay.delivery.dispatcher import DeliverySettings, Dispatcher
@@ -21,7 +23,7 @@ from atmosrelay.queue.records import Delivery, Outcome, RecordType, decode_deliv
 from atmosrelay.queue.store import QueueStore
 from atmosrelay.smtp import Reply
 from journal import open_journal
-from journal.testing import CrashableMemFS
+from journal.testing import CrashableMemFS, FaultFS
 from tests.delivery.test_client_session import MESSAGE, FakeMX, Host, fake_mx, tls
 from tests.queue.factories import accepted_record
 
@@ -58,7 +60,8 @@ async def world(
 ) -> AsyncIterator[World]:
     open_fn = settings.pop("open_fn", open_remote)
     before = settings.pop("before", None)  # fills the queue before the dispatcher starts
-    async with open_journal("/q", fs=CrashableMemFS()) as journal, fake_mx(**hosts) as mx:
+    fs = settings.pop("fs", None) or CrashableMemFS()
+    async with open_journal("/q", fs=fs) as journal, fake_mx(**hosts) as mx:  # type: ignore[arg-type]
         queue = QueueStore(journal)
         if before is not None:
             await before(queue)  # type: ignore[operator]
@@ -331,3 +334,56 @@ async def test_no_dsn_for_a_dsn(autojump_clock: trio.testing.MockClock) -> None:
         assert len(w.queue.state.messages) == 2  # the bounced DSN made no DSN of its own
         assert w.queue.state.messages[dsn_id].recipient_states == {"alice@example.org": "bounced"}
         assert w.queue.state.messages[dsn_id].dead and w.queue.state.messages[qid].dead
+
+
+async def test_a_worker_hands_on_one_outcome_at_a_time_while_the_journal_holds_it(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outcomes are patient appends (journal/_journal.py): the worker goes on to its next
+    message while the journal holds the last outcome for others to share its fsync, but
+    hands on no second outcome before the first is durable. Here the journal holds patient
+    records until an impatient one comes (its patience far beyond the test)."""
+    monkeypatch.setattr(journal_module, "MAX_GATHER", 3600.0)
+    mx = Host()
+    async with world({"mx1": mx}, {"example.net": MX1}, concurrency=1) as w:
+        w.queue.journal.patience = 3600.0
+        ids = [await accept(w.queue, f"r{i}@example.net") for i in range(4)]
+        w.dispatcher.notify()
+        await until(lambda: len(mx.received) == 2)
+        await trio.sleep(600)
+        # the first outcome is held; the second message went out meanwhile; no third
+        assert len(mx.received) == 2
+        assert deliveries(w) == []
+        assert not any(w.queue.state.messages[q].terminal for q in ids)
+        await accept(w.queue, "later@example.net")  # a message's record: written at once
+        await until(lambda: len(mx.received) == 3)
+        assert [o for _, _, o in deliveries(w)] == ["sent"]  # the first one's only
+        assert sum(w.queue.state.messages[q].terminal for q in ids) == 1
+        await trio.sleep(600)
+        assert len(mx.received) == 3  # the second outcome is held now
+
+
+async def test_an_outcome_that_cannot_be_recorded_is_tried_again_and_crashes_the_next_attempt(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The disk is full when the first outcome is written: its recipient goes back on the
+    schedule a minute later, and the next attempt a worker starts fails (a lane crash,
+    supervised) instead of delivering mail whose outcomes cannot be recorded; once the
+    disk has room, the message is delivered and recorded. The remote got it twice (the
+    first delivery was never recorded): at least once, never lost."""
+    fs = FaultFS(CrashableMemFS(), only="append", error=errno.ENOSPC)
+    mx = Host()
+    async with world({"mx1": mx}, {"example.net": MX1}, concurrency=1, fs=fs) as w:
+        t0 = trio.current_time()
+        qid = await accept(w.queue, "bob@example.net")
+        fs.fail_at = fs._counted  # the next write: the outcome's
+        w.dispatcher.notify()
+        await until(lambda: w.queue.state.messages[qid].terminal)
+        ((at, rcpt, outcome),) = deliveries(w)
+        assert (rcpt, outcome) == ("bob@example.net", "sent")
+        # tried again a minute later: refused (the failure), then a minute later delivered
+        assert at - t0 == pytest.approx(120, abs=10)
+        assert len(mx.received) == 2
+    text = caplog.text
+    assert f"{qid}: the outcome of its attempt could not be recorded" in text
+    assert "an earlier attempt's outcome could not be recorded" in text

@@ -89,8 +89,9 @@ def test_kill_9_while_delivering_loses_no_delivery(tmp_path: Path, processes: in
     assert all(re.fullmatch(r"r\d+-\d+-\d+", s) for s in counts), "mail nobody sent"
     assert len(unseen) <= ROUNDS * CLIENTS, report  # at most one per client per kill
     # A duplicate needs a kill between the remote's 250 and our fsync of the outcome: at
-    # most one per connection in flight per kill.
-    assert duplicates <= ROUNDS * CLIENTS, report
+    # most two per connection per kill (the attempt in hand, and the one before it, whose
+    # outcome the journal may still hold for others to share its fsync).
+    assert duplicates <= ROUNDS * CLIENTS * 2, report
     states = queue_states(config_path)
     assert all(s == "sent" for q in acked for s in states[q]), report
 
