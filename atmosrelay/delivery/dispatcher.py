@@ -270,6 +270,7 @@ class Dispatcher:
         try:
             if self._record_failures:
                 self._record_failures.popleft()
+                await trio.lowlevel.checkpoint()
                 raise RecordFailed("an earlier attempt's outcome could not be recorded")
             msg = self.queue.state.messages.get(work.queue_id)
             if msg is None:  # deleted meanwhile
