@@ -198,7 +198,8 @@ class Journal:
         "messages other sessions are reading at that moment, so that they share one write and "
         "fsync; the wait ends when the last of them has arrived. It adds at most this to a "
         "250, never delays a lone sender's, and saves the event loop CPU when many sessions "
-        "send one message each (docs/journal.md). 0 writes every record at once.",
+        "send one message each (docs/journal.md). 0 writes every message at once (a "
+        "delivery's outcome, which nobody waits for, may still be held up to 5 ms for others).",
         note="2 ms",
         convert=float,
     )
