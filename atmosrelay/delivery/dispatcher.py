@@ -28,7 +28,6 @@ on trio's clock.
 
 from __future__ import annotations
 
-import collections
 import logging
 import random
 import ssl
@@ -148,7 +147,7 @@ class Dispatcher:
         # again after the restart), where a worker recording in line left one.
         self._unrecorded: dict[trio.lowlevel.Task, trio.Event] = {}
         self._recorders: trio.Nursery | None = None  # where those are recorded (``run``)
-        self._record_failures: collections.deque[Exception] = collections.deque()
+        self._record_failures = 0  # each fails the next attempt a worker starts
 
     @property
     def lanes(self) -> dict[str, Lane]:
@@ -269,7 +268,7 @@ class Dispatcher:
         handed = False  # the recording task settles it
         try:
             if self._record_failures:
-                self._record_failures.popleft()
+                self._record_failures -= 1
                 await trio.lowlevel.checkpoint()
                 raise RecordFailed("an earlier attempt's outcome could not be recorded")
             msg = self.queue.state.messages.get(work.queue_id)
@@ -332,14 +331,14 @@ class Dispatcher:
             recorded = True
         except Exception as exc:
             log.error(
-                "%s: the outcome of its attempt could not be recorded (%s); tried again in %gs",
+                "%s: recording its attempt's outcome failed (%s); tried again in %gs",
                 work.queue_id,
                 exc,
                 CRASH_RETRY,
                 exc_info=not isinstance(exc, JournalError),
                 extra=fields("delivery", queue_id=work.queue_id),
             )
-            self._record_failures.append(exc)
+            self._record_failures += 1
         finally:
             task, done = worker
             done.set()

@@ -385,5 +385,5 @@ async def test_an_outcome_that_cannot_be_recorded_is_tried_again_and_crashes_the
         assert at - t0 == pytest.approx(120, abs=10)
         assert len(mx.received) == 2
     text = caplog.text
-    assert f"{qid}: the outcome of its attempt could not be recorded" in text
+    assert f"{qid}: recording its attempt's outcome failed" in text
     assert "an earlier attempt's outcome could not be recorded" in text
