@@ -14,8 +14,9 @@ import ssl
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -33,18 +34,23 @@ from tests.relay.test_kill import (
 PROCESSES = "processes = 2\n"
 
 
+class Relay(NamedTuple):
+    config_path: Path
+    ctx: ssl.SSLContext
+    key: str
+    server: Server
+    pids: list[int]  # its session processes'
+
+
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[[Path], Server]]:
-    """Start the relay; whatever a test leaves running is killed at its end (its session
-    processes follow their owner out)."""
-    started: list[Server] = []
-
-    def starting(config_path: Path) -> Server:
-        started.append(Server(tmp_path, config_path, len(started)))
-        return started[-1]
-
-    yield starting
-    for server in started:
+def relay(tmp_path: Path) -> Iterator[Relay]:
+    """The relay with two session processes, started; killed at the test's end if it still
+    runs (its session processes follow their owner out)."""
+    config_path, ctx, key = write_config(tmp_path, smtp=PROCESSES)
+    server = Server(tmp_path, config_path, 0)
+    try:
+        yield Relay(config_path, ctx, key, server, session_pids(server.text()))
+    finally:
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait(30)
@@ -92,11 +98,9 @@ def metric(server: Server, name: str) -> float:
 
 
 def test_sessions_in_processes_answer_250_only_for_what_the_owner_journaled(
-    tmp_path: Path, start: Callable[[Path], Server]
+    relay: Relay,
 ) -> None:
-    config_path, ctx, key = write_config(tmp_path, smtp=PROCESSES)
-    server = start(config_path)
-    pids = session_pids(server.text())
+    config_path, ctx, key, server, pids = relay
     assert len(pids) == 2 and server.proc.pid not in pids
     acked = Acks()
     threads = [
@@ -154,11 +158,9 @@ def test_kill_9_of_the_owner_loses_no_250_and_ends_its_session_processes(
 
 
 def test_a_session_process_that_dies_leaves_the_others_then_the_owner_serving(
-    tmp_path: Path, start: Callable[[Path], Server]
+    relay: Relay,
 ) -> None:
-    config_path, ctx, key = write_config(tmp_path, smtp=PROCESSES)
-    server = start(config_path)
-    first, second = session_pids(server.text())
+    config_path, ctx, key, server, (first, second) = relay
     acked = Acks()
     send(server.port, ctx, key, "before", 2, acked)
     os.kill(first, signal.SIGKILL)
@@ -176,12 +178,8 @@ def test_a_session_process_that_dies_leaves_the_others_then_the_owner_serving(
     assert set(acked) == queue_ids(config_path)
 
 
-def test_sigterm_lets_a_session_in_data_finish(
-    tmp_path: Path, start: Callable[[Path], Server]
-) -> None:
-    config_path, ctx, key = write_config(tmp_path, smtp=PROCESSES)
-    server = start(config_path)
-    pids = session_pids(server.text())
+def test_sigterm_lets_a_session_in_data_finish(relay: Relay) -> None:
+    config_path, ctx, key, server, pids = relay
     smtp = smtplib.SMTP_SSL("127.0.0.1", server.port, context=ctx, timeout=30)
     try:
         smtp.login(ALICE, key)
