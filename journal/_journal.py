@@ -199,7 +199,6 @@ class Journal:
         self._gathering = False  # the writer waits for records on their way (cv guards it)
         # How long a batch of patient records only waits for more (0: not at all).
         self.patience = PATIENCE
-        self._waiting_patiently = False  # (cv guards it)
 
     @property
     def directory(self) -> str:
@@ -254,9 +253,9 @@ class Journal:
                 batch.callbacks.append((index, durable))
             if not patient:
                 batch.impatient += 1
-                if batch.impatient == 1 and self._waiting_patiently:
-                    self._cv.notify()  # it waits for nobody's records: write now
-            if index == 0:
+            if index == 0 or (not patient and batch.impatient == 1):
+                # the writer's first record; or the first a held batch of patient ones waits
+                # for (``_gather``): no waiting for nobody's records, write now
                 self._cv.notify()
         await batch.done.wait()
         if batch.error is not None:
@@ -407,7 +406,8 @@ class Journal:
         if not self._open.items or self._closing:
             return
         if not self._open.impatient and self.patience > 0:
-            self._wait_patiently()
+            # patient records only: held until one comes that is not, or the time is up
+            self._hold(min(self.patience, MAX_GATHER), lambda: not self._open.impatient)
         if self.gather is None or not self._open.impatient or self._closing:
             return
         try:
@@ -417,28 +417,19 @@ class Journal:
             return
         if wait <= 0:
             return
-        deadline = time.monotonic() + wait
         self._gathering = True
-        while self._gathering and not self._closing:
+        self._hold(wait, lambda: self._gathering)
+        self._gathering = False
+
+    def _hold(self, seconds: float, holding: Callable[[], bool]) -> None:
+        """Wait on the lock's condition up to ``seconds`` while ``holding()`` says so and the
+        journal is not closing (cv held; the wait releases it)."""
+        deadline = time.monotonic() + seconds
+        while holding() and not self._closing:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             self._cv.wait(left)
-        self._gathering = False
-
-    def _wait_patiently(self) -> None:
-        """Hold a batch of patient records only for more, until ``patience`` is up, a record
-        comes that is not patient, or the journal closes (cv held; the wait releases it)."""
-        deadline = time.monotonic() + min(self.patience, MAX_GATHER)
-        self._waiting_patiently = True
-        try:
-            while not self._open.impatient and not self._closing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-        finally:
-            self._waiting_patiently = False
 
     def _write(self, batch: _Batch) -> None:
         took = 0.0

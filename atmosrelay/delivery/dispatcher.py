@@ -304,7 +304,7 @@ class Dispatcher:
                     await earlier.wait()
             done = self._unrecorded[worker] = trio.Event()
             self._recorders.start_soon(
-                self._record_attempt, work, carried.mta, carried.outcomes, (worker, done)
+                self._record_attempt, work, carried.mta, carried.outcomes, worker, done
             )
             handed = True
             return carried.remote
@@ -317,7 +317,8 @@ class Dispatcher:
         work: Work,
         mta: str | None,
         outcomes: Sequence[Outcome],
-        worker: tuple[trio.lowlevel.Task, trio.Event],
+        worker: trio.lowlevel.Task,
+        done: trio.Event,
     ) -> None:
         """Record what an attempt did (a patient append: the journal may hold it a few
         milliseconds for others to share its fsync), then let its recipients go and its
@@ -340,10 +341,9 @@ class Dispatcher:
             )
             self._record_failures += 1
         finally:
-            task, done = worker
             done.set()
-            if self._unrecorded.get(task) is done:
-                del self._unrecorded[task]
+            if self._unrecorded.get(worker) is done:
+                del self._unrecorded[worker]
             self._settle(work, recorded)
 
     def _settle(self, work: Work, settled: bool) -> None:
