@@ -42,7 +42,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atmosrelay.accounts import dkim_keys
 from atmosrelay.message.dkim import Signer, SigningKey
 from atmosrelay.queue.records import Accepted, Recipient, RecordType, encode_accepted, new_queue_id
-from bench.bench_accept import DID, SIZES, Server, _cpu_seconds, _ours, _pct, _session
+from bench.bench_accept import (
+    DID,
+    SIZES,
+    Server,
+    _ours,
+    _pct,
+    _session,
+    children,
+    tree_cpu_seconds,
+)
 from journal import Log, OsFS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,14 +142,15 @@ def _run(sessions: int, size: int, seconds: float, ca: trustme.CA, deliver: bool
         ctx = ssl.create_default_context()
         ca.configure_trust(ctx)
         try:
-            cpu0 = _cpu_seconds(server.proc.pid)
+            tree = [server.proc.pid, *children(server.proc.pid)]
+            cpu0 = tree_cpu_seconds(tree)
             start = time.time()
             acked = trio.run(_drive, server.port, ctx, password, sessions, size, seconds)
             limit = time.monotonic() + 120
             arrivals: dict[str, list[float]] = {}
             while deliver and sink.count() < len(acked) and time.monotonic() < limit:
                 time.sleep(0.1)
-            cpu = _cpu_seconds(server.proc.pid) - cpu0
+            cpu = tree_cpu_seconds(tree) - cpu0
         finally:
             server.stop()
             arrivals = sink.stop()

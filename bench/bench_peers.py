@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atmosrelay.accounts import dkim_keys, domains
 from atmosrelay.accounts.store import Store
 from atmosrelay.message.dkim import Signer, SigningKey
-from bench.bench_accept import Server
+from bench.bench_accept import Server, children
 from bench.bench_delivery import queue_in_journal
 from bench.postfix import Postfix, free_port, reachable, wait_port
 
@@ -88,22 +88,9 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _children(pid: int) -> list[int]:
-    """``pid``'s children (the relay's delivery processes)."""
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            lines = status.read_text().splitlines()
-        except OSError:  # it exited meanwhile
-            continue
-        if f"PPid:\t{pid}" in lines:
-            found.append(int(status.parent.name))
-    return found
-
-
 def _children_peak_rss_mb(pid: int) -> float:
     """The peak resident memory of ``pid``'s children (the delivery processes), summed."""
-    return sum(_peak_rss_mb(child) for child in _children(pid))
+    return sum(_peak_rss_mb(child) for child in children(pid))
 
 
 def cpu_ticks(pid: int) -> tuple[int, int]:
@@ -117,7 +104,7 @@ class Cpu:
     spend between ``__init__`` and ``stop()``: where a row's time goes, per message."""
 
     def __init__(self, pid: int) -> None:
-        self.pid, self.children = pid, _children(pid)
+        self.pid, self.children = pid, children(pid)
         self.start = self._read()
 
     def _read(self) -> tuple[float, float, float]:

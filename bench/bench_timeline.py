@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import bench_peers as peers
+from bench.bench_accept import children
 from bench.postfix import Postfix
 
 
@@ -51,7 +52,7 @@ def sample(
         if side == "relay":
             peers.DELIVERY_PROCESSES[0] = processes
             server: Any = peers.relay(tmp, peers._delivering(sink))
-            pids = [server.proc.pid, *sorted(peers._children(server.proc.pid))]
+            pids = [server.proc.pid, *sorted(children(server.proc.pid))]
         else:
             server = Postfix(tmp, sink.port, hold=False, concurrency=peers.CONCURRENCY)
             pids = []
