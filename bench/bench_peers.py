@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atmosrelay.accounts import dkim_keys, domains
 from atmosrelay.accounts.store import Store
 from atmosrelay.message.dkim import Signer, SigningKey
-from bench.bench_accept import Server, children
+from bench.bench_accept import HTTP_ON, Server, children
 from bench.bench_delivery import queue_in_journal
 from bench.postfix import Postfix, free_port, reachable, wait_port
 
@@ -268,15 +268,16 @@ class OpenDkim:
 # -- our relay -----------------------------------------------------------------------------------
 
 
-def relay(tmp: Path, delivery: str) -> Server:
-    """The relay as a process with a trusted listener; ``delivery`` is its [delivery]."""
+def relay(tmp: Path, delivery: str, *, http: bool = False) -> Server:
+    """The relay as a process with a trusted listener; ``delivery`` is its [delivery];
+    ``http``: an HTTP listener too, for /metrics."""
     config = tmp / "relay.toml"
     config.write_text(
         f'[relay]\ndata_dir = "{tmp / "var"}"\nlog_level = "warning"\n'
         '[smtp]\nlisteners = ["127.0.0.1:0 trusted"]\nhostname = "bench.test"\n'
         f'trusted_did = "{DID}"\nmax_connections_per_ip = 1000\n'
         + ("" if SESSION_PROCESSES[0] is None else f"processes = {SESSION_PROCESSES[0]}\n")
-        + f"[http]\nlisteners = []\n[delivery]\n{delivery}"
+        + f"[http]\nlisteners = {HTTP_ON if http else '[]'}\n[delivery]\n{delivery}"
     )
     if not (tmp / "var" / "accounts.sqlite3").exists():
         _member(tmp / "var")
