@@ -42,7 +42,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 import trustme
@@ -329,26 +329,38 @@ def _ours(
     return server, key
 
 
-def _relay_clock(printed: str) -> tuple[float, float] | None:
+# a session process reports its sessions' figures to the owner's /metrics once a second
+REPORTS_WITHIN: Final = 10.0
+
+
+def read_relay_clock(printed: str, replies: int = 0) -> tuple[float, float] | None:
     """The relay's own p99 and mean from end of data to the reply written, in ms: the p99 is
     the upper bound of the /metrics histogram bucket that holds it, the mean its sum over its
-    count (None when the relay serves no /metrics). The client's figures include this
-    process's own scheduling on the shared cores."""
+    count (None when the relay serves no /metrics). Waits until the histogram counts at
+    least ``replies`` (the session processes report once a second; RuntimeError when they
+    have not within REPORTS_WITHIN seconds). The client's figures include this process's
+    own scheduling on the shared cores."""
     found = re.search(r"listening on 127\.0\.0\.1:(\d+) \(http\)", printed)
     if found is None:
         return None
-    with urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    buckets = [
-        (float(le), float(n))
-        for le, n in re.findall(
-            r'^atmosrelay_smtp_data_reply_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M
-        )
-    ]
-    total = buckets[-1][1] if buckets else 0.0
-    spent = re.search(r"^atmosrelay_smtp_data_reply_seconds_sum (\S+)$", text, re.M)
-    if not total or spent is None:
-        return None
+    deadline = time.monotonic() + REPORTS_WITHIN
+    while True:
+        url = f"http://127.0.0.1:{found.group(1)}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        buckets = [
+            (float(le), float(n))
+            for le, n in re.findall(
+                r'^atmosrelay_smtp_data_reply_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M
+            )
+        ]
+        total = buckets[-1][1] if buckets else 0.0
+        spent = re.search(r"^atmosrelay_smtp_data_reply_seconds_sum (\S+)$", text, re.M)
+        if total and total >= replies and spent is not None:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the relay reported {total:.0f} of {replies} end-of-data replies")
+        time.sleep(0.1)
     p99 = next(le for le, n in buckets if n >= 0.99 * total) * 1000
     return p99, float(spent.group(1)) / total * 1000
 
@@ -399,7 +411,7 @@ def measure(
                 per_connection,
             )
             cpu = tree_cpu_seconds(tree) - cpu0
-            relay_clock = _relay_clock(server.out.read_text())
+            relay_clock = read_relay_clock(server.out.read_text(), len(latencies))
         finally:
             out = server.stop()
         n = len(latencies)

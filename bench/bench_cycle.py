@@ -35,12 +35,10 @@ from typing import Any, Final
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import bench_peers as peers
-from bench.bench_accept import _relay_clock
+from bench.bench_accept import read_relay_clock
 from bench.postfix import Postfix
 
 STEPS: Final = ("mail", "rcpt", "data", "end")
-# a session process reports its sessions' figures to /metrics once a second
-REPORTED: Final = 1.5
 REPLY_WAIT: Final = 60.0
 
 
@@ -168,14 +166,16 @@ def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_side(side: str, messages: int, sessions: int, size: int) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix=f"cycle-{side}-"))
+def run_side(
+    side: str, messages: int, sessions: int, size: int, tmp: Path | None = None
+) -> dict[str, Any]:
+    """One round against one server, in ``tmp`` (a new temporary directory by default)."""
+    tmp = tmp or Path(tempfile.mkdtemp(prefix=f"cycle-{side}-"))
     if side == "relay":
         server: Any = peers.relay(tmp, "enabled = false\n", http=True)
         try:
             row = summary(side, cycle(server.port, messages, sessions, size))
-            time.sleep(REPORTED)
-            clock = _relay_clock((tmp / "relay.out").read_text())
+            clock = read_relay_clock((tmp / "relay.out").read_text(), messages)
         finally:
             server.stop()
         if clock is None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from bench import bench_cycle, bench_peers
-from bench.bench_accept import _relay_clock
 
 
 def test_the_figures_are_each_steps_mean_and_p99_and_the_cycle_is_littles_law() -> None:
@@ -36,28 +34,26 @@ def test_the_figures_are_each_steps_mean_and_p99_and_the_cycle_is_littles_law() 
 
 @pytest.fixture
 def relay(tmp_path: Path):
-    server = bench_peers.relay(tmp_path, "enabled = false\n", http=True)
-    yield server, tmp_path
+    server = bench_peers.relay(tmp_path, "enabled = false\n")
+    yield server
     server.stop()
 
 
-def test_every_step_of_every_message_is_timed_and_the_relay_reports_its_own(relay) -> None:
-    server, tmp = relay
-    run = bench_cycle.cycle(server.port, 30, 4, 2048)
+def test_every_step_of_every_message_is_timed(relay) -> None:
+    run = bench_cycle.cycle(relay.port, 30, 4, 2048)
     assert run["sessions"] == 4
     assert [len(t) for t in run["taken"]] == [30, 30, 30, 30]
     assert all(0 < s < 30 for t in run["taken"] for s in t)
     assert run["rate"] > 0
-    # the relay's own end-of-data figures reach /metrics with its session process's report
-    deadline = time.monotonic() + 10
-    while (clock := _relay_clock((tmp / "relay.out").read_text())) is None:
-        assert time.monotonic() < deadline, "no end-of-data figures on /metrics"
-        time.sleep(0.2)
-    p99, mean = clock
-    assert mean > 0 and p99 >= mean
+
+
+def test_the_relays_row_has_its_own_clock_within_what_the_client_saw(tmp_path: Path) -> None:
+    row = bench_cycle.run_side("relay", 40, 4, 2048, tmp_path)
+    assert row["side"] == "relay" and row["rate"] > 0
+    # end of data read to 250 written, inside the client's last octet written to 250 read
+    assert 0 < row["relay_end_ms"] <= row["end_ms"]
 
 
 def test_a_refusal_ends_the_run_rather_than_being_timed(relay) -> None:
-    server, _ = relay
     with pytest.raises(RuntimeError, match=r"^MAIL refused: b'5"):
-        bench_cycle.cycle(server.port, 5, 2, 1024, sender="someone@not-enrolled.test")
+        bench_cycle.cycle(relay.port, 5, 2, 1024, sender="someone@not-enrolled.test")
