@@ -39,7 +39,7 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_accept import DID, Server, _cpu_seconds, _drive, _ours, _pct
+from bench.bench_accept import DID, Server, _drive, _ours, _pct, children, tree_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "y" * 900 + "\n"  # with the headers the relay writes, about 1 KiB
@@ -144,12 +144,13 @@ def row(
     way: str, clients: int, seconds: float, server: Server, key: str, http: int, ctx: ssl.SSLContext
 ) -> dict[str, Any]:
     before = trio.run(_scrape, http)
-    cpu0 = _cpu_seconds(server.proc.pid)
+    tree = [server.proc.pid, *children(server.proc.pid)]  # the SMTP sessions' processes too
+    cpu0 = tree_cpu_seconds(tree)
     if way == "http":
         latencies, elapsed = trio.run(_drive_http, http, key, clients, seconds)
     else:
         latencies, _, elapsed = trio.run(_drive, server.port, ctx, key, clients, 1024, seconds)
-    cpu = _cpu_seconds(server.proc.pid) - cpu0
+    cpu = tree_cpu_seconds(tree) - cpu0
     after = trio.run(_scrape, http)
     n = len(latencies)
     appends = after["atmosrelay_journal_appends_total"] - before["atmosrelay_journal_appends_total"]
