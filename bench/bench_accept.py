@@ -343,9 +343,9 @@ def read_relay_clock(printed: str, replies: int = 0) -> tuple[float, float] | No
     found = re.search(r"listening on 127\.0\.0\.1:(\d+) \(http\)", printed)
     if found is None:
         return None
+    url = f"http://127.0.0.1:{found.group(1)}/metrics"
     deadline = time.monotonic() + REPORTS_WITHIN
     while True:
-        url = f"http://127.0.0.1:{found.group(1)}/metrics"
         with urllib.request.urlopen(url, timeout=10) as r:
             text = r.read().decode()
         buckets = [

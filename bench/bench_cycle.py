@@ -37,19 +37,12 @@ from typing import Any, Final
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import bench_peers as peers
-from bench.bench_accept import read_relay_clock
+from bench.bench_accept import _message, _pct, read_relay_clock
 from bench.postfix import Postfix
 
 STEPS: Final = ("mail", "rcpt", "data", "end")
 EXPECTED: Final = (b"2", b"2", b"3", b"2")  # each step's reply: 250, 250, 354, 250
 REPLY_WAIT: Final = 60.0
-
-
-def content(size: int) -> bytes:
-    """A message of about ``size`` octets from the bench's member, with its terminator."""
-    head = f"From: {peers.SENDER}\r\nTo: {peers.RCPT}\r\nSubject: cycle\r\n\r\n".encode()
-    lines = max(1, (size - len(head)) // 78)
-    return head + (b"y" * 76 + b"\r\n") * lines + b".\r\n"
 
 
 class _Session:
@@ -93,7 +86,7 @@ def cycle(
         f"MAIL FROM:<{sender}>\r\n".encode(),
         f"RCPT TO:<{peers.RCPT}>\r\n".encode(),
         b"DATA\r\n",
-        content(size),
+        _message(size) + b".\r\n",  # the bench's member's message, then the end
     ]
     live: list[_Session] = []
     try:
@@ -152,11 +145,8 @@ def summary(side: str, run: dict[str, Any]) -> dict[str, Any]:
     / rate; the four means add up to it, the client's own turn being within them)."""
     row: dict[str, Any] = {"side": side, "rate": round(run["rate"])}
     for step, seconds in zip(STEPS, run["taken"], strict=True):
-        ordered = sorted(seconds)
-        row[f"{step}_ms"] = round(1000 * statistics.fmean(ordered), 3)
-        row[f"{step}_p99_ms"] = round(
-            1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3
-        )
+        row[f"{step}_ms"] = round(1000 * statistics.fmean(seconds), 3)
+        row[f"{step}_p99_ms"] = round(_pct(seconds, 0.99), 3)
     row["cycle_ms"] = round(1000 * run["sessions"] / run["rate"], 3)
     return row
 
