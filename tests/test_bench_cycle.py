@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bench import bench_cycle, bench_peers
+from bench.bench_accept import Server
 
 
 def test_the_figures_are_each_steps_mean_and_p99_and_the_cycle_is_littles_law() -> None:
@@ -33,13 +35,13 @@ def test_the_figures_are_each_steps_mean_and_p99_and_the_cycle_is_littles_law() 
 
 
 @pytest.fixture
-def relay(tmp_path: Path):
+def relay(tmp_path: Path) -> Iterator[Server]:
     server = bench_peers.relay(tmp_path, "enabled = false\n")
     yield server
     server.stop()
 
 
-def test_every_step_of_every_message_is_timed(relay) -> None:
+def test_every_step_of_every_message_is_timed(relay: Server) -> None:
     run = bench_cycle.cycle(relay.port, 30, 4, 2048)
     assert run["sessions"] == 4
     assert [len(t) for t in run["taken"]] == [30, 30, 30, 30]
@@ -54,6 +56,6 @@ def test_the_relays_row_has_its_own_clock_within_what_the_client_saw(tmp_path: P
     assert 0 < row["relay_end_ms"] <= row["end_ms"]
 
 
-def test_a_refusal_ends_the_run_rather_than_being_timed(relay) -> None:
+def test_a_refusal_ends_the_run_rather_than_being_timed(relay: Server) -> None:
     with pytest.raises(RuntimeError, match=r"^MAIL refused: b'5"):
         bench_cycle.cycle(relay.port, 5, 2, 1024, sender="someone@not-enrolled.test")
